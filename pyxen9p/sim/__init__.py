@@ -1,0 +1,1 @@
+"""A simulated Xen, in pure Python, with the same interfaces as :mod:`pyxen9p.libs`."""
