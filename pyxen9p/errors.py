@@ -14,9 +14,13 @@ import errno as _errno
 import os
 
 __all__ = [
+    "BackendError",
     "HandleClosedError",
     "LibraryNotFoundError",
+    "RingProtocolError",
     "TransactionConflictError",
+    "TransportClosedError",
+    "TransportError",
     "XenLibraryError",
     "xen_error",
 ]
@@ -109,3 +113,19 @@ def xen_error(err: int, function: str, detail: str | None = None) -> XenLibraryE
     builtin = _BUILTIN.get(err)
     cls = _combined(builtin) if builtin is not None else XenLibraryError
     return cls(err, function, detail)
+
+
+class TransportError(ConnectionError):
+    """The 9pfs transport failed: the device is gone, closed or broken."""
+
+
+class TransportClosedError(TransportError):
+    """The transport was closed, or the backend left the Connected state."""
+
+
+class BackendError(TransportError):
+    """The backend broke the protocol (bad XenStore values, states or ring data)."""
+
+
+class RingProtocolError(BackendError):
+    """Shared-ring contents violate the protocol (indices, sizes, tags, types)."""

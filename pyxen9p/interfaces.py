@@ -107,7 +107,7 @@ class TransactionLike(XenStoreOps, Protocol):
 
     def __enter__(self) -> Self: ...
 
-    def __exit__(self, *exc: object) -> None: ...
+    def __exit__(self, *exc: object) -> bool | None: ...
 
 
 class WatchLike(Protocol):
@@ -139,9 +139,9 @@ class XenStoreLike(XenStoreOps, Protocol):
     def transaction(self, *, max_attempts: int = ...) -> Iterator[TransactionLike]:
         """Yield transaction attempts until one commits; use as::
 
-            for txn in store.transaction():
-                with txn:
-                    txn.write("a", b"1")
+        for txn in store.transaction():
+            with txn:
+                txn.write("a", b"1")
         """
         ...
 

@@ -1,0 +1,336 @@
+"""Shared ctypes machinery: declarative signatures, lazy loading, error checks, handles.
+
+Each binding module declares a :class:`LibrarySpec`: the SONAMEs to try, the
+override environment variable, the Debian package, and a table mapping every
+bound C function to a :class:`Signature` (argument types, return type and the
+function's error convention).  :meth:`LibrarySpec.load` opens the library on
+first use and returns a :class:`BoundLibrary` whose attributes are the C
+functions with their types and error checks installed.
+
+Error conventions (one ``errcheck`` each):
+
+* :func:`check_null`: a NULL pointer means failure, ``errno`` says why;
+* :func:`check_minus_one`: ``-1`` (any negative value) means failure;
+* :func:`check_false`: a false ``bool`` means failure;
+* :func:`check_zero`: ``0`` means failure (``xs_transaction_start``);
+* ``None``: the function cannot fail, or its caller interprets the result.
+
+Every call clears ``errno`` first, so a failure that does not set it is
+reported as ``EIO`` rather than with a stale value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+from typing_extensions import Self
+
+from pyxen9p.errors import HandleClosedError, LibraryNotFoundError, xen_error
+
+__all__ = [
+    "BoundLibrary",
+    "CHandle",
+    "LibraryArg",
+    "LibrarySpec",
+    "SharedMemoryView",
+    "Signature",
+    "check_false",
+    "check_minus_one",
+    "check_null",
+    "check_zero",
+    "free",
+]
+
+#: What may be passed as ``library=``: ``None`` (environment variable, then
+#: the SONAMEs), a path, or an already loaded :class:`ctypes.CDLL`.
+LibraryArg: TypeAlias = "str | os.PathLike[str] | ctypes.CDLL | None"
+
+ErrCheck = Callable[[Any, Any, tuple[Any, ...]], Any]
+
+
+def _raise_errno(func: Any, detail: str | None = None) -> None:
+    err = ctypes.get_errno()
+    if err == 0:
+        err = 5  # EIO: the library reported failure without errno
+        detail = detail or "the C function reported failure without setting errno"
+    raise xen_error(err, str(getattr(func, "__name__", func)), detail)
+
+
+def check_null(result: Any, func: Any, args: tuple[Any, ...]) -> Any:
+    """errcheck: a NULL (``None`` or ``0``) result is a failure."""
+    if not result:
+        _raise_errno(func)
+    return result
+
+
+def check_minus_one(result: Any, func: Any, args: tuple[Any, ...]) -> Any:
+    """errcheck: a negative integer result is a failure."""
+    if result < 0:
+        _raise_errno(func)
+    return result
+
+
+def check_false(result: Any, func: Any, args: tuple[Any, ...]) -> Any:
+    """errcheck: a false ``bool`` result is a failure."""
+    if not result:
+        _raise_errno(func)
+    return result
+
+
+def check_zero(result: Any, func: Any, args: tuple[Any, ...]) -> Any:
+    """errcheck: a zero result is a failure."""
+    if result == 0:
+        _raise_errno(func)
+    return result
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The C prototype of one function and its error convention."""
+
+    argtypes: tuple[Any, ...]
+    restype: Any
+    errcheck: ErrCheck | None = None
+
+
+_libc = ctypes.CDLL(None)
+_libc_free = _libc.free
+_libc_free.argtypes = [ctypes.c_void_p]
+_libc_free.restype = None
+
+
+def free(pointer: int | None) -> None:
+    """``free()`` memory that a Xen library returned (``NULL`` is allowed)."""
+    _libc_free(pointer)
+
+
+class _Missing:
+    """Stands in for a function this library version does not export."""
+
+    def __init__(self, name: str, soname: str) -> None:
+        self.__name__ = name
+        self._soname = soname
+
+    def __call__(self, *args: Any) -> Any:
+        raise xen_error(38, self.__name__, f"not exported by {self._soname}")  # ENOSYS
+
+
+class BoundLibrary:
+    """A loaded library whose attributes are its typed, error-checked C functions."""
+
+    def __init__(self, spec: LibrarySpec, cdll: ctypes.CDLL) -> None:
+        self.spec = spec
+        self.cdll = cdll
+        self.name = str(getattr(cdll, "_name", spec.sonames[0]))
+        self.missing: list[str] = []
+        for fname, sig in spec.signatures.items():
+            try:
+                fn = cdll[fname]  # __getitem__ makes a private function object
+            except AttributeError:
+                self.missing.append(fname)
+                setattr(self, fname, _Missing(fname, self.name))
+                continue
+            fn.argtypes = list(sig.argtypes)
+            fn.restype = sig.restype
+            if sig.errcheck is not None:
+                fn.errcheck = sig.errcheck
+            setattr(self, fname, _errno_cleared(fn))
+
+    def __getattr__(self, name: str) -> Any:  # only reached for unknown names
+        raise AttributeError(f"{self.spec.name} has no bound function {name!r}")
+
+
+def _errno_cleared(fn: Any) -> Callable[..., Any]:
+    set_errno = ctypes.set_errno
+
+    def call(*args: Any) -> Any:
+        set_errno(0)
+        return fn(*args)
+
+    call.__name__ = fn.__name__
+    call.__doc__ = f"The C function ``{fn.__name__}``."
+    return call
+
+
+@dataclass
+class LibrarySpec:
+    """How to find, load and type one Xen C library.
+
+    :ivar name: the library's name, e.g. ``"libxengnttab"``
+    :ivar sonames: the exact SONAMEs to try, in order
+    :ivar env_var: environment variable overriding the path
+    :ivar package: the Debian package that ships the library
+    :ivar signatures: the C function table
+    """
+
+    name: str
+    sonames: tuple[str, ...]
+    env_var: str
+    package: str
+    signatures: Mapping[str, Signature]
+    _default: BoundLibrary | None = field(default=None, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def load(self, library: str | os.PathLike[str] | ctypes.CDLL | None = None) -> BoundLibrary:
+        """Return the bound library, loading it if needed.
+
+        :param library: ``None`` loads (once, then cached) the path in
+            :attr:`env_var` if set, else the first loadable SONAME; a path loads
+            that file; a :class:`ctypes.CDLL` is used as it is (re-wrapped so
+            that ``errno`` is captured)
+        :raises LibraryNotFoundError: if the library cannot be loaded
+        """
+        if isinstance(library, ctypes.CDLL):
+            handle = library._handle
+            return BoundLibrary(
+                self, ctypes.CDLL(getattr(library, "_name", None), handle=handle, use_errno=True)
+            )
+        if library is not None:
+            return BoundLibrary(self, self._open((os.fspath(library),)))
+        with self._lock:
+            if self._default is None:
+                override = os.environ.get(self.env_var)
+                candidates = (override,) if override else self.sonames
+                self._default = BoundLibrary(self, self._open(candidates))
+            return self._default
+
+    def reset(self) -> None:
+        """Forget the cached default library (the next use loads it again)."""
+        with self._lock:
+            self._default = None
+
+    def _open(self, candidates: tuple[str, ...]) -> ctypes.CDLL:
+        errors = []
+        for candidate in candidates:
+            try:
+                return ctypes.CDLL(candidate, use_errno=True)
+            except OSError as exc:
+                errors.append(str(exc))
+        raise LibraryNotFoundError(" or ".join(candidates), self.package, "; ".join(errors))
+
+
+# Incremented in a forked child: handles opened before the fork may then only
+# be closed (the Xen libraries' rule).
+_fork_generation = 0
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class CHandle:
+    """Base of the objects that own a C handle.
+
+    Subclasses call :meth:`_adopt` with the pointer and implement
+    :meth:`_release` (free children, then the C close call).  Using a handle
+    after :meth:`close` raises :class:`~pyxen9p.errors.HandleClosedError`
+    instead of passing a dangling pointer to C; in a child process after
+    ``fork()`` only :meth:`close` is allowed.
+    """
+
+    _ptr: int | None = None
+    _generation: int = 0
+
+    def _adopt(self, pointer: int) -> None:
+        self._ptr = pointer
+        self._generation = _fork_generation
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (or the handle never opened)."""
+        return self._ptr is None
+
+    @property
+    def forked(self) -> bool:
+        """Whether this process is a fork child of the one that opened the handle."""
+        return self._generation != _fork_generation
+
+    def _handle(self) -> int:
+        """The C pointer, or an exception if the handle may not be used."""
+        ptr = self._ptr
+        if ptr is None:
+            raise HandleClosedError(f"{type(self).__name__} is closed")
+        if self._generation != _fork_generation:
+            raise HandleClosedError(
+                f"{type(self).__name__} was opened before fork(); the child may only close it"
+            )
+        return ptr
+
+    def close(self) -> None:
+        """Release the handle and everything it still holds (idempotent)."""
+        ptr = self._ptr
+        if ptr is None:
+            return
+        try:
+            self._release(ptr)
+        finally:
+            self._ptr = None
+
+    def _release(self, pointer: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._handle()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self._ptr is None or sys.is_finalizing():
+            return  # never call into C while the interpreter shuts down
+        warnings.warn(f"unclosed {type(self).__name__}", ResourceWarning, stacklevel=2)
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+class SharedMemoryView:
+    """A :class:`memoryview` over C memory (a grant mapping or shared pages).
+
+    :meth:`release` releases the view handed out and checks that no other
+    view derived from it (a slice, a ``numpy`` array...) is still alive; only
+    then may the memory be unmapped, since a surviving view would otherwise
+    point at unmapped memory.
+
+    :param address: start of the memory
+    :param length: its size in bytes
+    :param readonly: hand out a read-only view
+    """
+
+    def __init__(self, address: int, length: int, *, readonly: bool = False) -> None:
+        self._array: ctypes.Array[ctypes.c_ubyte] | None = (ctypes.c_ubyte * length).from_address(
+            address
+        )
+        self._baseline = sys.getrefcount(self._array)
+        base = memoryview(self._array).cast("B")
+        self.view: memoryview = base.toreadonly() if readonly else base
+        self._views = [base, self.view]
+
+    def release(self) -> None:
+        """Release the view.
+
+        :raises BufferError: if a view derived from it is still in use; the
+            memory must then stay mapped (call again once it is released)
+        """
+        if self._array is None:
+            return
+        for view in self._views:
+            view.release()  # raises BufferError if a buffer was exported from it
+        if sys.getrefcount(self._array) > self._baseline:
+            raise BufferError(
+                "a view of the shared memory is still in use (a slice or an exported"
+                " buffer); release it before unmapping"
+            )
+        self._array = None

@@ -1,0 +1,152 @@
+"""Bindings of ``libxenevtchn`` (``xenevtchn.h``): event channels.
+
+An :class:`EventChannel` is one handle on ``/dev/xen/evtchn``.  Ports bound
+through it are plain ``int``\\ s; the handle remembers them and unbinds what is
+left when it closes.  A pending port is reported by :meth:`EventChannel.pending`
+*masked*: handle the event, then :meth:`EventChannel.unmask` it.
+
+``pending()`` blocks while nothing is pending (even with a non-blocking
+descriptor, warns the header), so wait for :meth:`EventChannel.fileno` to be
+readable first: :meth:`EventChannel.wait` does exactly that, and the
+descriptor also works with :mod:`select`, :mod:`selectors` and
+:meth:`asyncio.loop.add_reader <asyncio.AbstractEventLoop.add_reader>`.
+"""
+
+from __future__ import annotations
+
+import select
+from ctypes import c_int, c_uint, c_uint16, c_uint32, c_void_p
+
+from pyxen9p.libs._ctypeslib import (
+    CHandle,
+    LibraryArg,
+    LibrarySpec,
+    Signature,
+    check_minus_one,
+    check_null,
+)
+
+__all__ = ["LIBRARY", "XENEVTCHN_NO_CLOEXEC", "EventChannel"]
+
+#: ``xenevtchn_open`` flag: keep the descriptor across ``exec``.
+XENEVTCHN_NO_CLOEXEC = 1 << 0
+
+_H = c_void_p
+
+LIBRARY = LibrarySpec(
+    name="libxenevtchn",
+    sonames=("libxenevtchn.so.1",),
+    env_var="PYXEN9P_LIBXENEVTCHN",
+    package="libxenevtchn1",
+    signatures={
+        "xenevtchn_open": Signature((c_void_p, c_uint), c_void_p, check_null),
+        "xenevtchn_fdopen": Signature((c_void_p, c_int, c_uint), c_void_p, check_null),
+        "xenevtchn_close": Signature((_H,), c_int, check_minus_one),
+        "xenevtchn_fd": Signature((_H,), c_int, check_minus_one),
+        "xenevtchn_notify": Signature((_H, c_uint32), c_int, check_minus_one),
+        "xenevtchn_bind_unbound_port": Signature((_H, c_uint32), c_int, check_minus_one),
+        "xenevtchn_bind_interdomain": Signature((_H, c_uint32, c_uint32), c_int, check_minus_one),
+        "xenevtchn_bind_virq": Signature((_H, c_uint), c_int, check_minus_one),
+        "xenevtchn_unbind": Signature((_H, c_uint32), c_int, check_minus_one),
+        "xenevtchn_pending": Signature((_H,), c_int, check_minus_one),
+        "xenevtchn_unmask": Signature((_H, c_uint32), c_int, check_minus_one),
+        "xenevtchn_restrict": Signature((_H, c_uint16), c_int, check_minus_one),
+    },
+)
+
+
+class EventChannel(CHandle):
+    """An event-channel handle (``xenevtchn_open``).
+
+    :param cloexec: close the descriptor on ``exec`` (clear to hand it to a
+        child, which can rebuild the handle with :meth:`fdopen`)
+    :param library: which ``libxenevtchn`` to use
+    :raises FileNotFoundError: without ``/dev/xen/evtchn``
+    """
+
+    def __init__(self, *, cloexec: bool = True, library: LibraryArg = None) -> None:
+        self._lib = LIBRARY.load(library)
+        self._ports: set[int] = set()
+        self._adopt(self._lib.xenevtchn_open(None, 0 if cloexec else XENEVTCHN_NO_CLOEXEC))
+
+    @classmethod
+    def fdopen(cls, fd: int, *, library: LibraryArg = None) -> EventChannel:
+        """``xenevtchn_fdopen``: a handle over an inherited evtchn descriptor."""
+        self = cls.__new__(cls)
+        self._lib = LIBRARY.load(library)
+        self._ports = set()
+        self._adopt(self._lib.xenevtchn_fdopen(None, fd, 0))
+        return self
+
+    def _release(self, pointer: int) -> None:
+        ports, self._ports = self._ports, set()
+        try:
+            for port in sorted(ports):
+                try:
+                    self._lib.xenevtchn_unbind(pointer, port)
+                except OSError:
+                    pass  # closing the handle releases the port anyway
+        finally:
+            self._lib.xenevtchn_close(pointer)
+
+    @property
+    def bound_ports(self) -> frozenset[int]:
+        """The local ports bound through this handle and not yet unbound."""
+        return frozenset(self._ports)
+
+    def fileno(self) -> int:
+        """``xenevtchn_fd``: readable when a port is pending."""
+        return int(self._lib.xenevtchn_fd(self._handle()))
+
+    def _bound(self, port: int) -> int:
+        self._ports.add(port)
+        return port
+
+    def bind_unbound_port(self, domid: int) -> int:
+        """``xenevtchn_bind_unbound_port``: a new local port that *domid* may bind."""
+        return self._bound(int(self._lib.xenevtchn_bind_unbound_port(self._handle(), domid)))
+
+    def bind_interdomain(self, domid: int, remote_port: int) -> int:
+        """``xenevtchn_bind_interdomain``: connect to *remote_port* of *domid*."""
+        return self._bound(
+            int(self._lib.xenevtchn_bind_interdomain(self._handle(), domid, remote_port))
+        )
+
+    def bind_virq(self, virq: int) -> int:
+        """``xenevtchn_bind_virq``: a local port for virtual IRQ *virq*."""
+        return self._bound(int(self._lib.xenevtchn_bind_virq(self._handle(), virq)))
+
+    def unbind(self, port: int) -> None:
+        """``xenevtchn_unbind``: release a local port of this handle."""
+        self._lib.xenevtchn_unbind(self._handle(), port)
+        self._ports.discard(port)
+
+    def notify(self, port: int) -> None:
+        """``xenevtchn_notify``: signal the peer of local *port*."""
+        self._lib.xenevtchn_notify(self._handle(), port)
+
+    def pending(self) -> int:
+        """``xenevtchn_pending``: the next pending port, now masked.
+
+        Blocks while nothing is pending: see :meth:`wait`.
+        """
+        return int(self._lib.xenevtchn_pending(self._handle()))
+
+    def unmask(self, port: int) -> None:
+        """``xenevtchn_unmask``: allow further events on *port*."""
+        self._lib.xenevtchn_unmask(self._handle(), port)
+
+    def restrict(self, domid: int) -> None:
+        """``xenevtchn_restrict``: limit this handle to ports of *domid*."""
+        self._lib.xenevtchn_restrict(self._handle(), domid)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait up to *timeout* seconds for a pending port.
+
+        :returns: the port (masked, like :meth:`pending`), or ``None`` on timeout
+        """
+        poller = select.poll()
+        poller.register(self.fileno(), select.POLLIN)
+        if not poller.poll(None if timeout is None else max(timeout, 0.0) * 1000):
+            return None
+        return self.pending()

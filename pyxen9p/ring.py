@@ -1,0 +1,322 @@
+"""The Xen 9pfs data rings (``xen/include/public/io/9pfs.h`` and ``ring.h``).
+
+One 9pfs *ring* is an interface page plus ``1 << order`` data pages.  The data
+pages hold two byte rings of ``ring_size(order)`` bytes each: ``in`` (backend
+to frontend) first, then ``out`` (frontend to backend).  Indices are
+free-running 32-bit counters; a position in the buffer is ``index & (size-1)``.
+
+Interface page layout (``struct xen_9pfs_data_intf``; the offsets of the C
+struct, not of the spec's diagram)::
+
+    0   in_cons     4   in_prod     8  pad
+    64  out_cons    68  out_prod    72 pad
+    128 ring_order  132 ref[1 << ring_order]
+
+Everything read from shared memory is untrusted.  :class:`Producer` and
+:class:`Consumer` keep *private* copies of the indices their side owns and
+never read them back from the shared page; every index the peer owns is
+checked (``(prod - cons) mod 2**32 <= ring size``) before use, and a violation
+raises :class:`RingProtocolError`.  Barriers follow the spec's "Ring Usage"
+order (see :mod:`pyxen9p.barrier`).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+from pyxen9p.barrier import Barriers
+from pyxen9p.errors import RingProtocolError
+
+__all__ = [
+    "HEADER",
+    "HEADER_SIZE",
+    "INTF_SIZE",
+    "MAX_REFS",
+    "MAX_RING_ORDER",
+    "MIN_RING_ORDER",
+    "XEN_PAGE_SIZE",
+    "ByteRing",
+    "Consumer",
+    "Interface",
+    "Producer",
+    "RingProtocolError",
+    "queued",
+    "ring_size",
+]
+
+XEN_PAGE_SHIFT = 12
+XEN_PAGE_SIZE = 1 << XEN_PAGE_SHIFT
+#: ``size[4] id[1] tag[2]``, little-endian; size includes the header
+HEADER = struct.Struct("<IBH")
+HEADER_SIZE = HEADER.size
+#: Smallest order the spec allows ("must be at least 1").
+MIN_RING_ORDER = 1
+#: Largest order whose ``ref[]`` fits the interface page as a power of two.
+MAX_RING_ORDER = 9
+#: Bytes of the fixed part of ``struct xen_9pfs_data_intf``.
+INTF_SIZE = 132
+#: Grant references that fit in the interface page.
+MAX_REFS = (XEN_PAGE_SIZE - INTF_SIZE) // 4
+
+_IN_CONS, _IN_PROD, _OUT_CONS, _OUT_PROD, _RING_ORDER = 0, 1, 16, 17, 32
+_REF0 = INTF_SIZE // 4
+_MASK32 = 0xFFFFFFFF
+
+
+def ring_size(order: int) -> int:
+    """``XEN_FLEX_RING_SIZE(order)``: bytes in each direction of a ring.
+
+    :raises ValueError: if *order* is outside ``0..MAX_RING_ORDER``
+    """
+    if not 0 <= order <= MAX_RING_ORDER:
+        raise ValueError(f"ring order {order} outside 0..{MAX_RING_ORDER}")
+    return 1 << (order + XEN_PAGE_SHIFT - 1)
+
+
+def queued(prod: int, cons: int, size: int) -> int:
+    """Bytes between *cons* and *prod* in a ring of *size* bytes.
+
+    Stricter than ``ring.h``'s ``_queued``: a distance larger than the ring
+    is a protocol violation, not a value to be masked.
+
+    :raises RingProtocolError: if ``(prod - cons) mod 2**32 > size``
+    """
+    distance = (prod - cons) & _MASK32
+    if distance > size:
+        raise RingProtocolError(
+            f"ring indices out of range: prod={prod:#x} cons={cons:#x} for a ring of {size} bytes"
+        )
+    return distance
+
+
+class Interface:
+    """Typed access to a shared interface page.
+
+    Each index is one aligned 32-bit load or store (``memoryview`` of format
+    ``I``), never split.
+
+    :param page: a writable view of exactly one page
+    """
+
+    def __init__(self, page: memoryview) -> None:
+        if page.nbytes != XEN_PAGE_SIZE:
+            raise ValueError(f"interface page must be {XEN_PAGE_SIZE} bytes, got {page.nbytes}")
+        self._u32 = page.cast("B").cast("I")
+
+    def release(self) -> None:
+        """Drop the view of the page (before the page is unshared)."""
+        self._u32.release()
+
+    @property
+    def in_cons(self) -> int:
+        """``in_cons`` (frontend-owned)."""
+        return int(self._u32[_IN_CONS])
+
+    @in_cons.setter
+    def in_cons(self, value: int) -> None:
+        self._u32[_IN_CONS] = value & _MASK32
+
+    @property
+    def in_prod(self) -> int:
+        """``in_prod`` (backend-owned)."""
+        return int(self._u32[_IN_PROD])
+
+    @in_prod.setter
+    def in_prod(self, value: int) -> None:
+        self._u32[_IN_PROD] = value & _MASK32
+
+    @property
+    def out_cons(self) -> int:
+        """``out_cons`` (backend-owned)."""
+        return int(self._u32[_OUT_CONS])
+
+    @out_cons.setter
+    def out_cons(self, value: int) -> None:
+        self._u32[_OUT_CONS] = value & _MASK32
+
+    @property
+    def out_prod(self) -> int:
+        """``out_prod`` (frontend-owned)."""
+        return int(self._u32[_OUT_PROD])
+
+    @out_prod.setter
+    def out_prod(self, value: int) -> None:
+        self._u32[_OUT_PROD] = value & _MASK32
+
+    @property
+    def ring_order(self) -> int:
+        """``ring_order`` as currently stored (untrusted when read by a peer)."""
+        return int(self._u32[_RING_ORDER])
+
+    @ring_order.setter
+    def ring_order(self, value: int) -> None:
+        self._u32[_RING_ORDER] = value
+
+    def ref(self, index: int) -> int:
+        """Read ``ref[index]`` (a backend reads the frontend's grant list)."""
+        if not 0 <= index < MAX_REFS:
+            raise IndexError(f"ref index {index} outside 0..{MAX_REFS - 1}")
+        return int(self._u32[_REF0 + index])
+
+    def set_refs(self, refs: tuple[int, ...] | list[int]) -> None:
+        """Write ``ref[0..len(refs)-1]``."""
+        if len(refs) > MAX_REFS:
+            raise ValueError(f"{len(refs)} refs do not fit the interface page")
+        for i, ref in enumerate(refs):
+            self._u32[_REF0 + i] = ref
+
+
+class ByteRing:
+    """One direction of a flex ring: a power-of-two byte buffer.
+
+    :param buffer: a view whose length is a power of two (it may be the
+        ``in`` or ``out`` half of the shared data pages)
+    """
+
+    def __init__(self, buffer: memoryview) -> None:
+        size = buffer.nbytes
+        if size <= 0 or size & (size - 1):
+            raise ValueError(f"ring buffer size {size} is not a power of two")
+        self.buffer = buffer.cast("B") if buffer.format != "B" else buffer
+        self.size = size
+
+    def write(self, index: int, data: bytes | bytearray | memoryview) -> None:
+        """Copy *data* into the ring starting at *index*, wrapping once."""
+        n = len(data)
+        if n > self.size:
+            raise ValueError(f"{n} bytes do not fit a ring of {self.size}")
+        start = index & (self.size - 1)
+        first = min(n, self.size - start)
+        self.buffer[start : start + first] = data[:first]
+        if first < n:
+            self.buffer[: n - first] = data[first:]
+
+    def read(self, index: int, n: int) -> bytes:
+        """Copy *n* bytes out of the ring starting at *index*, wrapping once."""
+        if not 0 <= n <= self.size:
+            raise ValueError(f"cannot read {n} bytes from a ring of {self.size}")
+        start = index & (self.size - 1)
+        first = min(n, self.size - start)
+        if first == n:
+            return bytes(self.buffer[start : start + n])
+        return bytes(self.buffer[start:]) + bytes(self.buffer[: n - first])
+
+    def release(self) -> None:
+        """Drop the view of the shared buffer."""
+        self.buffer.release()
+
+
+class Producer:
+    """The writing side of one :class:`ByteRing`.
+
+    :param ring: the byte ring written
+    :param load_cons: reads the peer's consumer index (untrusted)
+    :param store_prod: publishes this side's producer index
+    :param barriers: memory barriers for this CPU
+    :param prod: the initial private producer index
+    """
+
+    def __init__(
+        self,
+        ring: ByteRing,
+        load_cons: Callable[[], int],
+        store_prod: Callable[[int], None],
+        barriers: Barriers,
+        prod: int = 0,
+    ) -> None:
+        self.ring = ring
+        self._load_cons = load_cons
+        self._store_prod = store_prod
+        self._barriers = barriers
+        self.prod = prod & _MASK32
+
+    def free(self) -> int:
+        """Bytes that can be written now (validated against the peer's cons)."""
+        cons = self._load_cons()
+        self._barriers.mb()
+        return self.ring.size - queued(self.prod, cons, self.ring.size)
+
+    def put(self, message: bytes | bytearray | memoryview) -> bool:
+        """Write *message* whole and publish it with one index store.
+
+        :returns: ``False`` (writing nothing) if there is not enough room
+        """
+        if len(message) > self.ring.size:
+            raise ValueError(
+                f"a {len(message)}-byte message can never fit a {self.ring.size}-byte ring"
+            )
+        if self.free() < len(message):
+            return False
+        self.ring.write(self.prod, message)
+        self._barriers.wmb()
+        self.prod = (self.prod + len(message)) & _MASK32
+        self._store_prod(self.prod)
+        return True
+
+
+class Consumer:
+    """The reading side of one :class:`ByteRing`.
+
+    :param ring: the byte ring read
+    :param load_prod: reads the peer's producer index (untrusted)
+    :param store_cons: publishes this side's consumer index
+    :param barriers: memory barriers for this CPU
+    :param cons: the initial private consumer index
+    """
+
+    def __init__(
+        self,
+        ring: ByteRing,
+        load_prod: Callable[[], int],
+        store_cons: Callable[[int], None],
+        barriers: Barriers,
+        cons: int = 0,
+    ) -> None:
+        self.ring = ring
+        self._load_prod = load_prod
+        self._store_cons = store_cons
+        self._barriers = barriers
+        self.cons = cons & _MASK32
+
+    def available(self) -> int:
+        """Bytes the peer has published and this side has not consumed."""
+        prod = self._load_prod()
+        self._barriers.rmb()
+        return queued(prod, self.cons, self.ring.size)
+
+    def peek_header(self, max_size: int) -> tuple[int, int, int] | None:
+        """Return ``(size, type, tag)`` of the next message once it is queued whole.
+
+        :param max_size: the largest acceptable message (the negotiated msize)
+        :returns: ``None`` while fewer bytes than the header or than the whole
+            message are available
+        :raises RingProtocolError: if the header's size is below 7 or above
+            *max_size* (or the ring): the stream cannot be resynchronised
+        """
+        avail = self.available()
+        if avail < HEADER_SIZE:
+            return None
+        size, mtype, tag = HEADER.unpack(self.ring.read(self.cons, HEADER_SIZE))
+        if not HEADER_SIZE <= size <= min(max_size, self.ring.size):
+            raise RingProtocolError(
+                f"message header announces {size} bytes; allowed {HEADER_SIZE}.."
+                f"{min(max_size, self.ring.size)}"
+            )
+        if avail < size:
+            return None
+        return size, mtype, tag
+
+    def take(self, n: int) -> bytes:
+        """Read *n* already-validated bytes and advance the private index.
+
+        The new index is published by :meth:`publish`.
+        """
+        data = self.ring.read(self.cons, n)
+        self.cons = (self.cons + n) & _MASK32
+        return data
+
+    def publish(self) -> None:
+        """Publish the private consumer index, after the data was read."""
+        self._barriers.mb()
+        self._store_cons(self.cons)
