@@ -27,6 +27,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from types import TracebackType
 from ctypes import POINTER, c_bool, c_char_p, c_int, c_uint, c_ulong, c_void_p
 from typing import TypeVar
 
@@ -302,7 +303,11 @@ class Transaction(_NodeOps):
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+        /,
     ) -> bool:
         txid = self._txid()
         self.id = None
@@ -521,6 +526,7 @@ class XenStore(CHandle, _NodeOps):
 
     def _next_event(self, watch: Watch, timeout: float | None) -> WatchEvent | None:
         deadline = None if timeout is None else time.monotonic() + timeout
+        pumped = False
         with self._events:
             while True:
                 queue = self._queues.get(watch.token)
@@ -528,11 +534,12 @@ class XenStore(CHandle, _NodeOps):
                     return None
                 if queue:
                     return queue.popleft()
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
+                remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                if remaining == 0.0 and pumped:
                     return None
                 if self._reading:  # another thread reads the descriptor for us
                     self._events.wait(remaining)
+                    pumped = True
                     continue
                 self._reading = True
                 try:
@@ -544,6 +551,7 @@ class XenStore(CHandle, _NodeOps):
                 finally:
                     self._reading = False
                     self._events.notify_all()
+                pumped = True
 
     def _pump(self, timeout: float | None) -> None:
         """Wait for the descriptor, then dispatch every pending event."""

@@ -1,0 +1,825 @@
+"""The Xen 9pfs transport frontend, in user space (what Linux's ``trans_xen.c`` does).
+
+:class:`Frontend` finds a 9pfs device in XenStore, negotiates with its backend
+(QEMU's or any other speaking the "Xen transport for 9pfs" version 1), shares
+the rings, binds the event channels, walks the XenBus state machine, and then
+carries complete 9P messages: :meth:`Frontend.request` sends one and returns
+its reply.  Everything Xen comes from a :class:`~pyxen9p.interfaces.XenPlatform`:
+the real C libraries by default, or the simulated Xen of :mod:`pyxen9p.sim`.
+
+The backend is not trusted: every index, size, tag, type, state and XenStore
+value it provides is checked, the frontend never reads back from shared memory
+what it owns (``ring_order``, ``ref[]``, ``out_prod``, ``in_cons``), and every
+wait has a timeout.  See the transport page of the documentation for the
+layout, the state machine and the memory-ordering argument.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import select
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+
+from typing_extensions import Self
+
+from pyxen9p.barrier import Barriers, get_barriers
+from pyxen9p.errors import (
+    BackendError,
+    RingProtocolError,
+    TransportClosedError,
+    TransportError,
+)
+from pyxen9p.interfaces import (
+    EventChannelLike,
+    GrantSharerLike,
+    SharedPagesLike,
+    WatchLike,
+    XenPlatform,
+    XenStoreLike,
+)
+from pyxen9p.ring import (
+    HEADER,
+    HEADER_SIZE,
+    MAX_RING_ORDER,
+    MIN_RING_ORDER,
+    ByteRing,
+    Consumer,
+    Interface,
+    Producer,
+    ring_size,
+)
+from pyxen9p.xenbus import (
+    XenbusState,
+    parse_uint,
+    parse_versions,
+    read_state,
+    read_uint,
+    wait_for_state,
+)
+
+__all__ = [
+    "DEFAULT_GRANT_LIMIT",
+    "MIN_MSIZE",
+    "PROTOCOL_VERSION",
+    "DeviceBusyError",
+    "DeviceNotFoundError",
+    "Frontend",
+    "choose_layout",
+]
+
+log = logging.getLogger(__name__)
+
+#: The transport version this frontend speaks.
+PROTOCOL_VERSION = 1
+#: gntalloc's default system-wide limit of shared grants (``xen_gntalloc.limit``).
+DEFAULT_GRANT_LIMIT = 1024
+#: The smallest msize worth negotiating (Linux refuses less than 4 KiB too).
+MIN_MSIZE = 4096
+#: Default number of rings (Linux uses 2).
+DEFAULT_RINGS = 2
+#: Most rings a backend may offer that we accept to use (QEMU offers 8).
+MAX_RINGS = 64
+_RLERROR = 7
+_RERROR = 107
+_FREE_STATES = (XenbusState.UNKNOWN, XenbusState.INITIALISING, XenbusState.CLOSED)
+
+
+class DeviceNotFoundError(TransportError):
+    """No 9pfs device matches the device id, tag or path asked for."""
+
+
+class DeviceBusyError(TransportError):
+    """The device is already driven by another frontend (e.g. Linux's 9pnet_xen)."""
+
+
+def choose_layout(
+    max_rings: int,
+    max_order: int,
+    *,
+    rings: int | None = None,
+    order: int | None = None,
+    grant_limit: int | None = DEFAULT_GRANT_LIMIT,
+) -> tuple[int, int]:
+    """Choose ``(num_rings, ring_order)`` within the backend's limits.
+
+    Explicit *rings* / *order* are wishes capped by the backend's maxima.  By
+    default 2 rings (fewer if the backend offers fewer) and the largest order
+    such that all grants (one interface page plus ``1 << order`` data pages
+    per ring) stay within *grant_limit* (``None``: no limit).
+
+    :raises ValueError: if the wishes or the limit leave no usable layout
+    """
+    num_rings = min(rings if rings is not None else DEFAULT_RINGS, max_rings)
+    if num_rings < 1:
+        raise ValueError(f"cannot use {num_rings} rings")
+    if order is not None and not MIN_RING_ORDER <= order <= MAX_RING_ORDER:
+        raise ValueError(f"ring order {order} outside {MIN_RING_ORDER}..{MAX_RING_ORDER}")
+    top = min(order if order is not None else MAX_RING_ORDER, max_order)
+    for candidate in range(top, MIN_RING_ORDER - 1, -1):
+        if grant_limit is None or num_rings * (1 + (1 << candidate)) <= grant_limit:
+            chosen = candidate
+            break
+    else:
+        raise ValueError(f"{num_rings} rings do not fit within {grant_limit} grants")
+    if ring_size(chosen) // 2 < MIN_MSIZE:
+        raise ValueError(
+            f"ring order {chosen} gives an msize below {MIN_MSIZE} bytes"
+            f" (the backend allows order <= {max_order})"
+        )
+    return num_rings, chosen
+
+
+@dataclass
+class _Request:
+    """One message in flight on a ring."""
+
+    tag: int
+    type: int
+    future: Future[bytes] = field(default_factory=Future)
+    abandoned: bool = False
+
+
+class _Ring:
+    """One shared ring: interface page, data pages, event channel, and queues."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.intf_pages: SharedPagesLike | None = None
+        self.data_pages: SharedPagesLike | None = None
+        self.port: int | None = None
+        self.intf: Interface | None = None
+        self.producer: Producer | None = None
+        self.consumer: Consumer | None = None
+        self.views: list[ByteRing] = []
+        self.outstanding: dict[int, _Request] = {}
+        self.send_lock = threading.Lock()
+        self.space = threading.Condition()
+
+    def setup(
+        self,
+        sharer: GrantSharerLike,
+        evtchn: EventChannelLike,
+        backend_id: int,
+        order: int,
+        barriers: Barriers,
+    ) -> None:
+        self.intf_pages = sharer.share_pages(backend_id, 1)
+        self.data_pages = sharer.share_pages(backend_id, 1 << order)
+        intf = Interface(self.intf_pages.buffer)
+        self.intf = intf
+        intf.ring_order = order
+        intf.set_refs(self.data_pages.refs)
+        size = ring_size(order)
+        data = self.data_pages.buffer
+        in_ring, out_ring = ByteRing(data[:size]), ByteRing(data[size : 2 * size])
+        self.views = [in_ring, out_ring]
+
+        # the frontend owns out_prod and in_cons: private copies start at 0
+        def store_out_prod(value: int) -> None:
+            intf.out_prod = value
+
+        def store_in_cons(value: int) -> None:
+            intf.in_cons = value
+
+        # the frontend owns out_prod and in_cons: private copies start at 0
+        self.producer = Producer(out_ring, lambda: intf.out_cons, store_out_prod, barriers)
+        self.consumer = Consumer(in_ring, lambda: intf.in_prod, store_in_cons, barriers)
+        self.port = evtchn.bind_unbound_port(backend_id)
+
+    @property
+    def ref(self) -> int:
+        assert self.intf_pages is not None
+        return self.intf_pages.refs[0]
+
+    def release(self, evtchn: EventChannelLike | None) -> None:
+        """Give back everything (each step once, whatever failed before)."""
+        if self.port is not None and evtchn is not None:
+            port, self.port = self.port, None
+            try:
+                evtchn.unbind(port)
+            except OSError as exc:
+                log.warning("unbinding port %d failed: %s", port, exc)
+        for view in self.views:
+            view.release()
+        self.views = []
+        if self.intf is not None:
+            self.intf.release()
+            self.intf = None
+        self.producer = self.consumer = None
+        for attr in ("data_pages", "intf_pages"):
+            pages: SharedPagesLike | None = getattr(self, attr)
+            setattr(self, attr, None)
+            if pages is not None:
+                pages.close()
+
+
+class Frontend:
+    """A connected Xen 9pfs device.  Use :meth:`connect` to make one.
+
+    :ivar path: the frontend's XenStore directory
+    :ivar backend_path: the backend's XenStore directory
+    :ivar backend_id: the backend's domain id
+    :ivar tag: the device's mount tag (``None`` if the toolstack wrote none)
+    :ivar num_rings: rings in use
+    :ivar ring_order: the ring order in use (``1 << ring_order`` data pages)
+    :ivar msize: the largest 9P message this transport carries: half a ring
+    :ivar backend_versions: the versions the backend offered
+    :ivar backend_max_rings: the backend's ``max-rings``
+    :ivar backend_max_ring_order: the backend's ``max-ring-page-order``
+    """
+
+    path: str
+    backend_path: str
+    backend_id: int
+    tag: str | None
+    num_rings: int
+    ring_order: int
+    msize: int
+
+    def __init__(self) -> None:
+        raise TypeError("use Frontend.connect(...)")
+
+    # --- connection ------------------------------------------------------
+
+    @classmethod
+    def connect(
+        cls,
+        *,
+        devid: int | None = None,
+        tag: str | None = None,
+        path: str | None = None,
+        platform: XenPlatform | None = None,
+        rings: int | None = None,
+        ring_order: int | None = None,
+        grant_limit: int | None = DEFAULT_GRANT_LIMIT,
+        timeout: float = 30.0,
+    ) -> Frontend:
+        """Find a device and connect to its backend.
+
+        Give exactly one of *devid* (``device/9pfs/<devid>`` of this domain),
+        *tag* (the device whose ``tag`` node matches) or *path* (a frontend
+        directory anywhere in XenStore, as QEMU also serves).
+
+        :param platform: where the Xen objects come from (default: the real
+            libraries, :class:`pyxen9p.libs.RealXen`)
+        :param rings: wished number of rings (capped by the backend)
+        :param ring_order: wished ring order (capped by the backend)
+        :param grant_limit: keep all shared pages within this many grants
+        :param timeout: limit for each step of the negotiation
+        :raises DeviceNotFoundError: no such device
+        :raises DeviceBusyError: another frontend drives it
+        :raises BackendError: the backend published unusable values
+        :raises TimeoutError: the backend did not follow the state machine
+        """
+        if sum(x is not None for x in (devid, tag, path)) != 1:
+            raise ValueError("give exactly one of devid, tag or path")
+        if platform is None:
+            from pyxen9p.libs import RealXen
+
+            platform = RealXen()
+        self = cls.__new__(cls)
+        self._init_state(platform, timeout)
+        try:
+            self._store = platform.open_xenstore()
+            self.path = self._find_device(devid, tag, path)
+            self._negotiate(rings, ring_order, grant_limit)
+        except BaseException:
+            self._teardown(orderly=False)
+            raise
+        return self
+
+    def _init_state(self, platform: XenPlatform, timeout: float) -> None:
+        self._platform = platform
+        self._timeout = timeout
+        self._store: XenStoreLike | None = None
+        self._sharer: GrantSharerLike | None = None
+        self._evtchn: EventChannelLike | None = None
+        self._backend_watch: WatchLike | None = None
+        self._rings: list[_Ring] = []
+        self._by_port: dict[int, _Ring] = {}
+        self._lock = threading.Lock()
+        self._failure: TransportError | None = None
+        self._closed = False
+        self._connected = False
+        self._claimed = False
+        self._published = False
+        self._receiver: threading.Thread | None = None
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.tag = None
+        self.backend_versions: frozenset[int] = frozenset()
+        self.backend_max_rings = 0
+        self.backend_max_ring_order = 0
+        self.dropped_replies = 0
+
+    def _find_device(self, devid: int | None, tag: str | None, path: str | None) -> str:
+        store = self._require_store()
+        if path is not None:
+            if not path.startswith("/"):
+                raise ValueError("a frontend path must be absolute")
+            try:
+                store.directory(path)
+            except FileNotFoundError:
+                raise DeviceNotFoundError(errno.ENODEV, f"no frontend directory {path}") from None
+            return path.rstrip("/")
+        own = parse_uint(store.read("domid"), "domid")
+        base = f"{store.get_domain_path(own)}/device/9pfs"
+        if devid is not None:
+            candidate = f"{base}/{int(devid)}"
+            try:
+                store.directory(candidate)
+            except FileNotFoundError:
+                raise DeviceNotFoundError(
+                    errno.ENODEV, f"no 9pfs device {devid} at {base}"
+                ) from None
+            return candidate
+        try:
+            ids = store.directory(base)
+        except FileNotFoundError:
+            ids = []
+        matches = []
+        for name in ids:
+            try:
+                if store.read(f"{base}/{name}/tag").decode("utf-8", "replace") == tag:
+                    matches.append(f"{base}/{name}")
+            except FileNotFoundError:
+                continue
+        if not matches:
+            raise DeviceNotFoundError(errno.ENODEV, f"no 9pfs device with tag {tag!r} under {base}")
+        if len(matches) > 1:
+            raise DeviceNotFoundError(errno.ENODEV, f"tag {tag!r} names several devices: {matches}")
+        return matches[0]
+
+    def _negotiate(self, rings: int | None, order: int | None, grant_limit: int | None) -> None:
+        store = self._require_store()
+        fe = self.path
+        backend_path = store.read(f"{fe}/backend").decode("utf-8", "strict")
+        if not backend_path.startswith("/") or "\0" in backend_path:
+            raise BackendError(f"{fe}/backend: {backend_path!r} is not an absolute path")
+        self.backend_path = backend_path.rstrip("/")
+        self.backend_id = read_uint(store, f"{fe}/backend-id", 0, 0x7FEF)
+        try:
+            self.tag = store.read(f"{fe}/tag").decode("utf-8", "replace")
+        except FileNotFoundError:
+            self.tag = None
+
+        # claim the device: only a frontend in a free state may be taken over
+        for txn in store.transaction():
+            with txn:
+                mine = read_state(txn, f"{fe}/state")
+                if mine is not None and mine not in _FREE_STATES:
+                    raise DeviceBusyError(
+                        errno.EBUSY,
+                        f"{fe} is {mine.name}: another frontend (e.g. the kernel's"
+                        " 9pnet_xen) drives this device",
+                    )
+                txn.write(f"{fe}/state", str(int(XenbusState.INITIALISING)))
+        self._claimed = True
+
+        be_state = f"{self.backend_path}/state"
+        wait_for_state(
+            store,
+            be_state,
+            (XenbusState.INIT_WAIT,),
+            timeout=self._timeout,
+            describe=lambda: "the backend has not published its features",
+        )
+        be = self.backend_path
+        self.backend_versions = parse_versions(self._read_backend(f"{be}/versions"))
+        if PROTOCOL_VERSION not in self.backend_versions:
+            raise BackendError(
+                f"{be}/versions offers {sorted(self.backend_versions)}, not {PROTOCOL_VERSION}"
+            )
+        self.backend_max_rings = read_uint(store, f"{be}/max-rings", 1, 0xFFFFFFFF)
+        self.backend_max_ring_order = read_uint(store, f"{be}/max-ring-page-order", 1, 0xFFFFFFFF)
+        try:
+            self.num_rings, self.ring_order = choose_layout(
+                min(self.backend_max_rings, MAX_RINGS),
+                min(self.backend_max_ring_order, MAX_RING_ORDER),
+                rings=rings,
+                order=order,
+                grant_limit=grant_limit,
+            )
+        except ValueError as exc:
+            raise BackendError(str(exc)) from None
+        self.msize = ring_size(self.ring_order) // 2
+
+        barriers = get_barriers()
+        self._sharer = self._platform.open_grant_sharer()
+        self._evtchn = self._platform.open_event_channel()
+        for index in range(self.num_rings):
+            ring = _Ring(index)
+            self._rings.append(ring)
+            ring.setup(self._sharer, self._evtchn, self.backend_id, self.ring_order, barriers)
+            assert ring.port is not None
+            self._by_port[ring.port] = ring
+
+        for txn in store.transaction():
+            with txn:
+                txn.write(f"{fe}/version", str(PROTOCOL_VERSION))
+                txn.write(f"{fe}/num-rings", str(self.num_rings))
+                for ring in self._rings:
+                    txn.write(f"{fe}/ring-ref{ring.index}", str(ring.ref))
+                    txn.write(f"{fe}/event-channel-{ring.index}", str(ring.port))
+                txn.write(f"{fe}/state", str(int(XenbusState.INITIALISED)))
+        self._published = True
+
+        wait_for_state(
+            store,
+            be_state,
+            (XenbusState.CONNECTED,),
+            timeout=self._timeout,
+            fatal=(None, XenbusState.CLOSING, XenbusState.CLOSED),
+            describe=lambda: "the backend did not map the rings",
+        )
+        store.write(f"{fe}/state", str(int(XenbusState.CONNECTED)))
+        self._backend_watch = store.watch(be_state)
+        self._connected = True
+        self._receiver = threading.Thread(
+            target=self._receive_loop, name=f"pyxen9p-rx {fe}", daemon=True
+        )
+        self._receiver.start()
+
+    def _read_backend(self, path: str) -> bytes:
+        try:
+            return self._require_store().read(path)
+        except FileNotFoundError:
+            raise BackendError(f"{path}: missing") from None
+
+    def _require_store(self) -> XenStoreLike:
+        if self._store is None:
+            raise TransportClosedError(errno.ENOTCONN, "the frontend is closed")
+        return self._store
+
+    # --- public state ----------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether requests can be sent (connected, not failed, not closed)."""
+        return self._connected and self._failure is None and not self._closed
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "closed" if self._closed else "failed"
+        return (
+            f"<Frontend {getattr(self, 'path', '?')} {state} rings={getattr(self, 'num_rings', 0)}"
+            f" order={getattr(self, 'ring_order', 0)} msize={getattr(self, 'msize', 0)}>"
+        )
+
+    # --- sending ---------------------------------------------------------
+
+    def submit(
+        self, message: bytes | bytearray | memoryview, *, timeout: float | None = None
+    ) -> Future[bytes]:
+        """Put one complete 9P message on its ring; return a future of the reply.
+
+        The ring is ``tag % num_rings``.  If the ring is full the call waits
+        for room (up to *timeout*).  The tag stays reserved until its reply
+        (or the connection's end) even if the caller stops waiting.
+
+        :raises ValueError: malformed message, or its tag already in flight
+        :raises TransportClosedError: the transport is closed or failed
+        :raises TimeoutError: no room on the ring within *timeout*
+        """
+        data = bytes(message)
+        if len(data) < HEADER_SIZE:
+            raise ValueError(f"a 9P message needs at least {HEADER_SIZE} bytes")
+        size, mtype, tag = HEADER.unpack_from(data)
+        if size != len(data):
+            raise ValueError(f"header says {size} bytes, message has {len(data)}")
+        if size > self.msize:
+            raise ValueError(f"{size}-byte message exceeds the transport's msize {self.msize}")
+        self._check_usable()
+        ring = self._rings[tag % self.num_rings]
+        request = _Request(tag, mtype)
+        with self._lock:
+            self._check_usable()
+            if tag in ring.outstanding:
+                raise ValueError(f"tag {tag} is already in flight")
+            ring.outstanding[tag] = request
+        try:
+            self._send(ring, data, timeout)
+        except BaseException:
+            with self._lock:
+                if ring.outstanding.get(tag) is request:
+                    del ring.outstanding[tag]
+            raise
+        return request.future
+
+    def _send(self, ring: _Ring, data: bytes, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def remaining() -> float:
+            if deadline is None:
+                return 1.0
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(errno.ETIMEDOUT, "timed out waiting for room on the ring")
+            return min(left, 1.0)
+
+        # one sender at a time per ring, in order: a large message waiting for
+        # room is not overtaken by small ones
+        while not ring.send_lock.acquire(timeout=remaining()):
+            self._check_usable()
+        try:
+            while True:
+                self._check_usable()
+                producer = ring.producer
+                if producer is None:
+                    raise TransportClosedError(errno.ENOTCONN, "the frontend is closed")
+                try:
+                    published = producer.put(data)
+                except RingProtocolError as exc:
+                    self._fail(exc)
+                    raise
+                if published:
+                    break
+                with ring.space:
+                    ring.space.wait(min(remaining(), 0.05))
+        finally:
+            ring.send_lock.release()
+        evtchn, port = self._evtchn, ring.port
+        if evtchn is not None and port is not None:
+            try:
+                evtchn.notify(port)
+            except OSError as exc:
+                failure = TransportError(exc.errno or errno.EIO, f"notify failed: {exc}")
+                self._fail(failure)
+                raise failure from exc
+
+    def request(
+        self, message: bytes | bytearray | memoryview, *, timeout: float | None = 60.0
+    ) -> bytes:
+        """Send one complete 9P message and return its complete reply.
+
+        :param timeout: overall limit in seconds (``None``: wait as long as the
+            connection lives; a backend that leaves Connected ends it)
+        :raises TimeoutError: no reply in time (the tag stays reserved until
+            the reply arrives; a 9P client should send Tflush)
+        :raises TransportClosedError: the connection ended first
+        :raises RingProtocolError: the reply broke the protocol (wrong type)
+        """
+        start = time.monotonic()
+        future = self.submit(message, timeout=timeout)
+        left = None if timeout is None else max(timeout - (time.monotonic() - start), 0.0)
+        try:
+            return future.result(left)
+        except FutureTimeout:
+            self._abandon(future)
+            raise TimeoutError(errno.ETIMEDOUT, f"no reply within {timeout:g}s") from None
+
+    async def request_async(
+        self, message: bytes | bytearray | memoryview, *, timeout: float | None = None
+    ) -> bytes:
+        """:meth:`request` for asyncio: awaits the reply without blocking the loop."""
+        loop = asyncio.get_running_loop()
+        future = await loop.run_in_executor(None, lambda: self.submit(message, timeout=timeout))
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except asyncio.TimeoutError:
+            self._abandon(future)
+            raise TimeoutError(errno.ETIMEDOUT, f"no reply within {timeout}s") from None
+
+    def _abandon(self, future: Future[bytes]) -> None:
+        with self._lock:
+            for ring in self._rings:
+                for request in ring.outstanding.values():
+                    if request.future is future:
+                        request.abandoned = True
+
+    def outstanding_tags(self) -> set[int]:
+        """Tags sent and not yet answered (including abandoned ones)."""
+        with self._lock:
+            return {tag for ring in self._rings for tag in ring.outstanding}
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise TransportClosedError(errno.ENOTCONN, "the frontend is closed")
+        if self._failure is not None:
+            raise self._failure
+        if not self._connected:
+            raise TransportClosedError(errno.ENOTCONN, "the frontend is not connected")
+
+    # --- receiving -------------------------------------------------------
+
+    def _receive_loop(self) -> None:
+        evtchn, store = self._evtchn, self._store
+        assert evtchn is not None and store is not None
+        poller = select.poll()
+        ev_fd, xs_fd = evtchn.fileno(), store.fileno()
+        poller.register(ev_fd, select.POLLIN)
+        poller.register(xs_fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        try:
+            # replies may already be queued: look at every ring once
+            for ring in self._rings:
+                self._drain(ring)
+            while not self._closed and self._failure is None:
+                events = poller.poll(500)
+                readable = {fd for fd, _ in events}
+                if self._wake_r in readable:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                if self._closed:
+                    break
+                if ev_fd in readable:
+                    port = evtchn.pending()
+                    signalled = self._by_port.get(port)
+                    if signalled is not None:
+                        self._drain(signalled)
+                    evtchn.unmask(port)
+                if xs_fd in readable or not events:
+                    self._check_backend()
+        except TransportError as exc:
+            self._fail(exc)
+        except OSError as exc:
+            self._fail(TransportError(exc.errno or errno.EIO, f"receiver failed: {exc}"))
+        except Exception as exc:  # never die silently with callers waiting
+            log.exception("pyxen9p receiver crashed")
+            self._fail(TransportError(errno.EIO, f"receiver crashed: {exc!r}"))
+
+    def _check_backend(self) -> None:
+        watch, store = self._backend_watch, self._store
+        if watch is None or store is None:
+            return
+        while watch.get(0) is not None:
+            pass
+        state = read_state(store, f"{self.backend_path}/state")
+        if state != XenbusState.CONNECTED:
+            what = "vanished" if state is None else state.name
+            raise TransportClosedError(
+                errno.ECONNRESET, f"the backend left Connected: it is {what}"
+            )
+
+    def _drain(self, ring: _Ring) -> None:
+        consumer = ring.consumer
+        if consumer is None:
+            return
+        consumed = False
+        try:
+            while True:
+                header = consumer.peek_header(self.msize)
+                if header is None:
+                    break
+                size, mtype, tag = header
+                reply = consumer.take(size)
+                consumer.publish()
+                consumed = True
+                self._deliver(ring, mtype, tag, reply)
+        finally:
+            with ring.space:
+                ring.space.notify_all()
+            # the backend may wait for room in `in`, or for our notice at all
+            if consumed and self._evtchn is not None and ring.port is not None:
+                self._evtchn.notify(ring.port)
+
+    def _deliver(self, ring: _Ring, mtype: int, tag: int, reply: bytes) -> None:
+        with self._lock:
+            request = ring.outstanding.get(tag)
+            if request is None:
+                self.dropped_replies += 1
+                log.warning("dropping a reply for tag %d not in flight on ring %d", tag, ring.index)
+                return
+            del ring.outstanding[tag]
+        if mtype not in (request.type + 1, _RLERROR, _RERROR):
+            request.future.set_exception(
+                RingProtocolError(
+                    f"reply of type {mtype} to a request of type {request.type} (tag {tag})"
+                )
+            )
+        elif not request.future.done():
+            request.future.set_result(reply)
+
+    def _fail(self, exc: TransportError) -> None:
+        """Fail the connection: every waiter gets *exc*, later calls too."""
+        with self._lock:
+            if self._failure is None:
+                self._failure = exc
+            pending = [r for ring in self._rings for r in ring.outstanding.values()]
+            for ring in self._rings:
+                ring.outstanding.clear()
+        for request in pending:
+            if not request.future.done():
+                request.future.set_exception(self._failure)
+        for ring in self._rings:
+            with ring.space:
+                ring.space.notify_all()
+
+    # --- closing ---------------------------------------------------------
+
+    def close(self) -> None:
+        """Disconnect and release everything (idempotent).
+
+        Goes to Closing, waits (bounded) for the backend to unmap (Closing or
+        Closed), stops the receiver, unbinds the ports, unshares the pages,
+        closes the handles and goes to Closed.  Waiters get
+        :class:`~pyxen9p.errors.TransportClosedError`.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._fail(TransportClosedError(errno.ENOTCONN, "the frontend was closed"))
+        self._teardown(orderly=True)
+
+    def _teardown(self, *, orderly: bool) -> None:
+        self._closed = True
+        store = self._store
+        with ExitStack() as cleanup:
+            cleanup.callback(self._close_pipe)
+            if store is not None:
+                cleanup.callback(store.close)
+                if self._claimed:
+                    cleanup.callback(self._write_state, XenbusState.CLOSED)
+            if self._sharer is not None:
+                cleanup.callback(self._sharer.close)
+            if self._evtchn is not None:
+                cleanup.callback(self._evtchn.close)
+            for ring in reversed(self._rings):
+                cleanup.callback(ring.release, self._evtchn)
+            cleanup.callback(self._stop_receiver)
+            if self._backend_watch is not None:
+                cleanup.callback(self._backend_watch.close)
+            # first of all: tell the backend, and let it unmap the rings
+            if store is not None and self._claimed and self._rings:
+                self._write_state(XenbusState.CLOSING)
+                if self._published:
+                    self._wait_backend_closed(store)
+        self._store = self._sharer = self._evtchn = None
+        self._backend_watch = None
+        self._rings = []
+        self._by_port = {}
+
+    def _wait_backend_closed(self, store: XenStoreLike) -> None:
+        try:
+            wait_for_state(
+                store,
+                f"{self.backend_path}/state",
+                (
+                    XenbusState.CLOSING,
+                    XenbusState.CLOSED,
+                    XenbusState.INIT_WAIT,
+                    XenbusState.INITIALISING,
+                    XenbusState.UNKNOWN,
+                ),
+                timeout=min(self._timeout, 10.0),
+                fatal=(None,),
+            )
+        except TransportClosedError:
+            pass  # the backend's node vanished: nothing maps the rings any more
+        except (TimeoutError, OSError) as exc:
+            log.warning("backend %s did not release the rings: %s", self.backend_path, exc)
+
+    def _write_state(self, state: XenbusState) -> None:
+        store = self._store
+        if store is None:
+            return
+        try:
+            store.write(f"{self.path}/state", str(int(state)))
+        except OSError as exc:
+            log.warning("cannot set %s/state to %s: %s", self.path, state.name, exc)
+
+    def _stop_receiver(self) -> None:
+        receiver = self._receiver
+        if receiver is None:
+            return
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        if receiver is not threading.current_thread():
+            receiver.join(timeout=10.0)
+            if receiver.is_alive():
+                log.error("the receiver thread did not stop")
+        self._receiver = None
+
+    def _close_pipe(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True) or sys.is_finalizing():
+            return
+        try:
+            self.close()
+        except Exception:
+            pass
