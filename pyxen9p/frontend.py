@@ -600,6 +600,21 @@ class Frontend:
                     if request.future is future:
                         request.abandoned = True
 
+    def flushed(self, tag: int) -> None:
+        """Free *tag* after the 9P server answered a Tflush for it.
+
+        Until its reply arrives, a tag stays reserved even if the caller
+        stopped waiting; after Rflush the server sends no reply for it, so the
+        client hands the tag back here.  A waiter still attached gets
+        :class:`InterruptedError`.
+        """
+        with self._lock:
+            request = None
+            for ring in self._rings:
+                request = ring.outstanding.pop(tag, None) or request
+        if request is not None and not request.future.done():
+            request.future.set_exception(InterruptedError(errno.EINTR, f"tag {tag} was flushed"))
+
     def outstanding_tags(self) -> set[int]:
         """Tags sent and not yet answered (including abandoned ones)."""
         with self._lock:

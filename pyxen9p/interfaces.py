@@ -144,11 +144,15 @@ class XenStoreLike(XenStoreOps, Protocol):
     """A XenStore connection (``struct xs_handle``)."""
 
     def transaction(self, *, max_attempts: int = ...) -> Iterator[TransactionLike]:
-        """Yield transaction attempts until one commits; use as::
+        """Yield transaction attempts until one commits.
 
-        for txn in store.transaction():
-            with txn:
-                txn.write("a", b"1")
+        Use it as::
+
+            for txn in store.transaction():
+                with txn:
+                    txn.write("a", b"1")
+
+        A conflicting commit (``EAGAIN``) makes the loop run the body again.
         """
         ...
 

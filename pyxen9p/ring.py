@@ -40,7 +40,6 @@ __all__ = [
     "Consumer",
     "Interface",
     "Producer",
-    "RingProtocolError",
     "queued",
     "ring_size",
 ]
