@@ -371,6 +371,18 @@ class Frontend:
         except FileNotFoundError:
             self.tag = None
 
+        be_state = f"{self.backend_path}/state"
+        if read_state(store, be_state) == XenbusState.CLOSING:
+            # a previous connection is still being torn down: let it finish
+            wait_for_state(
+                store,
+                be_state,
+                tuple(s for s in XenbusState if s != XenbusState.CLOSING),
+                timeout=self._timeout,
+                fatal=(None,),
+                describe=lambda: "the backend is still closing a previous connection",
+            )
+
         # claim the device: only a frontend in a free state may be taken over
         for txn in store.transaction():
             with txn:
@@ -384,7 +396,6 @@ class Frontend:
                 txn.write(f"{fe}/state", str(int(XenbusState.INITIALISING)))
         self._claimed = True
 
-        be_state = f"{self.backend_path}/state"
         wait_for_state(
             store,
             be_state,
@@ -760,6 +771,8 @@ class Frontend:
             if store is not None:
                 cleanup.callback(store.close)
                 if self._claimed:
+                    if self._published:
+                        cleanup.callback(self._wait_backend_closed, store, final=True)
                     cleanup.callback(self._write_state, XenbusState.CLOSED)
             if self._sharer is not None:
                 cleanup.callback(self._sharer.close)
@@ -780,18 +793,23 @@ class Frontend:
         self._rings = []
         self._by_port = {}
 
-    def _wait_backend_closed(self, store: XenStoreLike) -> None:
+    def _wait_backend_closed(self, store: XenStoreLike, final: bool = False) -> None:
+        """Wait (bounded) for the backend to have released the rings: Closing,
+        or once the frontend is Closed (*final*), Closed; a backend that went
+        back to InitWait or Initialising (re-initialised) is done too."""
+        done = {
+            XenbusState.CLOSED,
+            XenbusState.INIT_WAIT,
+            XenbusState.INITIALISING,
+            XenbusState.UNKNOWN,
+        }
+        if not final:
+            done.add(XenbusState.CLOSING)
         try:
             wait_for_state(
                 store,
                 f"{self.backend_path}/state",
-                (
-                    XenbusState.CLOSING,
-                    XenbusState.CLOSED,
-                    XenbusState.INIT_WAIT,
-                    XenbusState.INITIALISING,
-                    XenbusState.UNKNOWN,
-                ),
+                tuple(done),
                 timeout=min(self._timeout, 10.0),
                 fatal=(None,),
             )
