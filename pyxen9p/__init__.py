@@ -1,9 +1,135 @@
 """pyxen9p: the Xen 9pfs transport and a 9P2000.L client, in user space.
 
+The one entry point is :func:`connect`::
+
+    import pyxen9p
+
+    with pyxen9p.connect(tag="share") as fs:          # on a Xen guest
+        print(fs.listdir("/"))
+
+    with pyxen9p.connect(simulate="/srv/data") as fs:  # anywhere: simulated Xen
+        fs.write_bytes("hello.txt", b"hello")
+
 Importing the package loads no C library; each Xen library is loaded on first
 use.
 """
 
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
 from pyxen9p._version import __version__
 
-__all__ = ["__version__"]
+if TYPE_CHECKING:
+    from pyxen9p.frontend import Frontend
+    from pyxen9p.interfaces import XenPlatform
+    from pyxen9p.p9.client import Client
+    from pyxen9p.sim.share import SimulatedShare
+
+__all__ = ["SimulatedTransport", "__version__", "connect"]
+
+_DEFAULT = object()
+
+
+class SimulatedTransport:
+    """A :class:`~pyxen9p.frontend.Frontend` on a simulated share that it owns.
+
+    Closing it closes the frontend, then the simulated host.  Every other
+    attribute is the frontend's (``num_rings``, ``ring_order``, ``path``...).
+
+    :ivar frontend: the frontend
+    :ivar share: the :class:`~pyxen9p.sim.share.SimulatedShare`
+    """
+
+    def __init__(self, frontend: Frontend, share: SimulatedShare) -> None:
+        self.frontend = frontend
+        self.share = share
+        #: the frontend's msize
+        self.msize = frontend.msize
+
+    def request(self, message: bytes, *, timeout: float | None = 60.0) -> bytes:
+        """:meth:`Frontend.request <pyxen9p.frontend.Frontend.request>`."""
+        return self.frontend.request(message, timeout=timeout)
+
+    def flushed(self, tag: int) -> None:
+        """:meth:`Frontend.flushed <pyxen9p.frontend.Frontend.flushed>`."""
+        self.frontend.flushed(tag)
+
+    def close(self) -> None:
+        """Close the frontend, then the simulated host (idempotent)."""
+        try:
+            self.frontend.close()
+        finally:
+            self.share.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.frontend, name)
+
+
+def connect(
+    *,
+    tag: str | None = None,
+    devid: int | None = None,
+    path: str | None = None,
+    simulate: str | os.PathLike[str] | None = None,
+    readonly: bool = False,
+    platform: XenPlatform | None = None,
+    rings: int | None = None,
+    ring_order: int | None = None,
+    grant_limit: Any = _DEFAULT,
+    timeout: float = 30.0,
+    **client_options: Any,
+) -> Client:
+    """Connect to a Xen 9pfs share and return a 9P2000.L :class:`~pyxen9p.p9.client.Client`.
+
+    Name the device by *tag*, *devid* (``device/9pfs/<devid>``) or XenStore
+    *path* (one of them; with *simulate*, none means device 0).
+
+    :param simulate: serve this local directory on a simulated Xen
+        (:class:`~pyxen9p.sim.share.SimulatedShare`) and connect to it through
+        the whole stack; no Xen, compiler or Xen library is needed
+    :param readonly: with *simulate*, export the directory read-only
+    :param platform: where the Xen objects come from (default: the real
+        libraries); ignored with *simulate*
+    :param rings: wished number of rings (see :func:`~pyxen9p.frontend.choose_layout`)
+    :param ring_order: wished ring order
+    :param grant_limit: keep all shared pages within this many grants
+        (default 1024, gntalloc's default; ``None``: no limit)
+    :param timeout: limit for each step of the connection
+    :param client_options: passed to :class:`~pyxen9p.p9.client.Client`
+        (``msize``, ``uname``, ``aname``, ``timeout`` of each request...)
+    :raises OSError: the device cannot be found or connected, or the 9P
+        session cannot be established
+    """
+    from pyxen9p.frontend import DEFAULT_GRANT_LIMIT, Frontend
+    from pyxen9p.p9.client import Client
+
+    limit = DEFAULT_GRANT_LIMIT if grant_limit is _DEFAULT else grant_limit
+
+    def open_frontend(on: XenPlatform | None, devid: int | None) -> Frontend:
+        return Frontend.connect(
+            tag=tag,
+            devid=devid,
+            path=path,
+            platform=on,
+            rings=rings,
+            ring_order=ring_order,
+            grant_limit=limit,
+            timeout=timeout,
+        )
+
+    if simulate is None:
+        return Client(open_frontend(platform, devid), **client_options)
+
+    from pyxen9p.sim.share import SimulatedShare
+
+    share = SimulatedShare(simulate, readonly=readonly, tag=tag or "share")
+    try:
+        if tag is None and devid is None and path is None:
+            devid = 0
+        frontend = open_frontend(share.guest, devid)
+    except BaseException:
+        share.close()
+        raise
+    return Client(SimulatedTransport(frontend, share), **client_options)
