@@ -80,6 +80,10 @@ class EventChannel(CHandle):
 
     def _release(self, pointer: int) -> None:
         ports, self._ports = self._ports, set()
+        if self.forked:
+            # the descriptor is shared with the parent: unbinding would take
+            # the parent's ports away; only free this process's handle
+            ports = set()
         try:
             for port in sorted(ports):
                 try:

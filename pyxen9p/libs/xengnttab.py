@@ -151,22 +151,29 @@ class _Region:
     @property
     def closed(self) -> bool:
         """Whether the memory was given back."""
-        return self._memory is None
+        return self._owner._regions.get(self.address) is not self
 
     def close(self) -> None:
         """Release :attr:`buffer`, then unmap (idempotent).
+
+        If the unmap fails the region stays registered with its handle, and
+        calling :meth:`close` again (or closing the handle) retries it.  In a
+        child process after ``fork()`` only the view is released: unmapping
+        through the inherited descriptor would act on the parent's grants.
 
         :raises BufferError: if a view derived from :attr:`buffer` is still in
             use; the memory then stays mapped until this is called again
         """
         memory = self._memory
-        if memory is None:
-            return
-        memory.release()
-        self._memory = None
+        if memory is not None:
+            memory.release()
+            self._memory = None
         owner = self._owner
-        if owner._regions.pop(self.address, None) is self and not owner.closed:
+        if owner._regions.get(self.address) is not self:
+            return  # already given back
+        if not owner.closed and not owner.forked:
             owner._give_back(self.address, self.count)
+        del owner._regions[self.address]
 
     def __enter__(self) -> Self:
         return self
@@ -182,17 +189,29 @@ class _RegionOwner(CHandle):
         raise NotImplementedError
 
     def _release_regions(self) -> None:
+        """Give back every region before the handle closes.
+
+        The handle's close is the last chance to unmap, so a region whose
+        unmap fails is tried once more; if it still fails (or a view of it is
+        still in use) its memory stays mapped until the process exits, and the
+        first error is raised after the others were released.
+        """
         first_error: BaseException | None = None
         for region in list(self._regions.values()):
-            try:
-                region.close()
-            except BufferError as exc:
-                # a view is still alive: leaving the memory mapped is the only
-                # safe choice; it goes when the process exits
-                self._regions.pop(region.address, None)
-                first_error = first_error or exc
-            except OSError as exc:
-                first_error = first_error or exc
+            for attempt in (1, 2):
+                try:
+                    region.close()
+                    break
+                except BufferError as exc:
+                    # a view is still alive: leaving the memory mapped is the
+                    # only safe choice
+                    self._regions.pop(region.address, None)
+                    first_error = first_error or exc
+                    break
+                except OSError as exc:
+                    if attempt == 2:
+                        self._regions.pop(region.address, None)
+                        first_error = first_error or exc
         if first_error is not None:
             raise first_error
 
