@@ -78,9 +78,8 @@ def test_missing_devices_are_reported() -> None:
 
 def test_a_device_driven_by_another_frontend_is_refused() -> None:
     with machine() as m:
-        with m.connect():
-            with pytest.raises(DeviceBusyError, match="CONNECTED"):
-                m.connect()
+        with m.connect(), pytest.raises(DeviceBusyError, match="CONNECTED"):
+            m.connect()
         # after a clean close the device can be taken again
         with m.connect() as fe:
             assert fe.request(tversion(), timeout=5)
@@ -375,7 +374,9 @@ def test_unknown_tags_and_wrong_types_from_the_backend() -> None:
         return echo(request)
 
     with machine(handler=hostile) as m, m.connect(rings=1) as fe:
-        assert fe.request(frame(TREAD, 1, b"unknown"), timeout=5) == echo(frame(TREAD, 1, b"unknown"))
+        assert fe.request(frame(TREAD, 1, b"unknown"), timeout=5) == echo(
+            frame(TREAD, 1, b"unknown")
+        )
         assert fe.dropped_replies == 1
         with pytest.raises(RingProtocolError, match="type 119"):
             fe.request(frame(TREAD, 2, b"wrongtype"), timeout=5)

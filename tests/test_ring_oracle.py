@@ -112,7 +112,9 @@ def test_write_and_read_packets_agree(oracle: ctypes.CDLL, start: int, data: byt
     assert bytes(ours) == bytes(theirs)
     # and each reads what the other wrote
     back = (ctypes.c_ubyte * len(data))()
-    oracle.oracle_read(back, ctypes.c_char_p(bytes(ours)), len(data), (start + len(data)) & U32, start, size)
+    oracle.oracle_read(
+        back, ctypes.c_char_p(bytes(ours)), len(data), (start + len(data)) & U32, start, size
+    )
     assert bytes(back) == data
     assert ByteRing(memoryview(bytearray(bytes(theirs)))).read(start, len(data)) == data
 

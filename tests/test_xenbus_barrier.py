@@ -25,7 +25,20 @@ def test_parse_uint_accepts_canonical_decimals(raw: bytes, value: int) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    [b"", b" 1", b"1 ", b"+1", b"-1", b"01", b"0x10", b"1\0", b"1a", b"4294967296", b"\xff", b"1.0"],
+    [
+        b"",
+        b" 1",
+        b"1 ",
+        b"+1",
+        b"-1",
+        b"01",
+        b"0x10",
+        b"1\0",
+        b"1a",
+        b"4294967296",
+        b"\xff",
+        b"1.0",
+    ],
 )
 def test_parse_uint_refuses_garbage(raw: bytes) -> None:
     with pytest.raises(BackendError, match="n"):
@@ -72,8 +85,8 @@ def test_choose_layout_default_fits_the_gntalloc_limit() -> None:
 
 
 def test_fence_encodings() -> None:
-    assert X86_64_FENCE == bytes([0x0F, 0xAE, 0xF0, 0xC3])  # mfence; ret
-    assert ARM64_FENCE == bytes.fromhex("bf3f03d5c0035fd6")  # dmb sy; ret
+    assert bytes([0x0F, 0xAE, 0xF0, 0xC3]) == X86_64_FENCE  # mfence; ret
+    assert bytes.fromhex("bf3f03d5c0035fd6") == ARM64_FENCE  # dmb sy; ret
 
 
 def test_barriers_for_this_machine_run() -> None:
