@@ -1,0 +1,1858 @@
+"""A 9P2000.L client with a Pythonic, path-based API.
+
+:class:`Client` speaks 9P2000.L over any :class:`~pyxen9p.p9.transport.Transport`:
+the Xen :class:`~pyxen9p.frontend.Frontend`, or a
+:class:`~pyxen9p.p9.transport.StreamTransport` over TCP, a Unix socket or a
+pair of file descriptors::
+
+    from pyxen9p.p9.client import Client
+
+    with Client.unix("/run/diod.sock", aname="/srv/export") as fs:
+        fs.makedirs("a/b", exist_ok=True)
+        fs.write_text("a/b/hello.txt", "hello\\n")
+        with fs.open("a/b/hello.txt") as f:      # a real io.TextIOWrapper
+            print(f.read())
+        for entry in fs.scandir("a/b"):
+            print(entry.name, entry.is_file(), entry.stat().st_size)
+
+Paths are ``str`` (or ``os.PathLike[str]``), ``/``-separated, relative to the
+attach root; a leading ``/`` means the same root.  ``.`` and ``..`` are
+resolved lexically and never climb above the root.  Symbolic links are
+resolved by the client (at most 40 of them per lookup), so an absolute link
+target also starts at the attach root, never at the server's own root.
+
+Errors the server reports (Rlerror, or a legacy Rerror) become the matching
+:class:`OSError` subclass (:class:`FileNotFoundError`,
+:class:`PermissionError`, :class:`FileExistsError`, ...) carrying ``errno``
+and the 9P path as ``filename``.  A reply of the wrong type raises
+:class:`~pyxen9p.p9.codec.ProtocolError`; a failed transport raises
+:class:`~pyxen9p.errors.TransportError` (a :class:`ConnectionError`).
+
+Each request gets a tag, handed out round-robin over ``0..0xFFFE`` (so
+consecutive requests spread over the rings of a Xen transport, whose ring is
+``tag % num_rings``) and reused only once free.  When a request times out (or
+the waiting thread is interrupted, e.g. by :class:`KeyboardInterrupt`) the
+client sends a Tflush for it and waits for the Rflush before the tag can be
+used again.  Fids are recycled, and always clunked: after an error too.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import functools
+import getpass
+import io
+import logging
+import os
+import posixpath
+import stat as stat_module
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass, replace
+from typing import IO, Any, BinaryIO, Literal, NamedTuple, TypeVar, cast, overload
+
+from typing_extensions import Self
+
+from pyxen9p.errors import TransportClosedError, TransportError
+from pyxen9p.p9 import codec as c
+from pyxen9p.p9.codec import ProtocolError
+from pyxen9p.p9.files import OpenMode, RemoteFileIO, parse_mode
+from pyxen9p.p9.transport import StreamTransport, Transport
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_WINDOW",
+    "MAXSYMLINKS",
+    "MIN_MSIZE",
+    "Client",
+    "DirEntry",
+    "ScandirIterator",
+    "StatFS",
+]
+
+log = logging.getLogger(__name__)
+
+#: The smallest msize the client accepts from a server (Linux's limit too).
+MIN_MSIZE = 4096
+#: Most symbolic links followed in one lookup (Linux's ``MAXSYMLINKS``).
+MAXSYMLINKS = 40
+#: Default limit, in seconds, for each request.
+DEFAULT_TIMEOUT = 60.0
+#: Default number of Tread / Twrite requests kept in flight for large transfers.
+DEFAULT_WINDOW = 8
+#: Highest tag given to requests (NOTAG, 0xFFFF, is Tversion's).
+_MAX_TAG = 0xFFFE
+_NTAGS = _MAX_TAG + 1
+_FALLBACK_ERRNOS = frozenset({errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+
+_R = TypeVar("_R", bound=c.Message)
+_T = TypeVar("_T")
+
+#: A remote path: ``str`` or ``os.PathLike[str]``, ``/``-separated.
+PathArg = str | os.PathLike[str]
+#: :meth:`Client.open` modes giving an :class:`io.TextIOWrapper`.
+OpenTextMode = Literal[
+    "r", "w", "x", "a", "r+", "w+", "x+", "a+",
+    "rt", "wt", "xt", "at", "r+t", "w+t", "x+t", "a+t", "rt+", "wt+", "xt+", "at+",
+]  # fmt: skip
+#: Binary modes giving an :class:`io.BufferedRandom`.
+OpenBinaryModeUpdating = Literal["r+b", "w+b", "x+b", "a+b", "rb+", "wb+", "xb+", "ab+"]
+#: Binary modes giving an :class:`io.BufferedWriter`.
+OpenBinaryModeWriting = Literal["wb", "xb", "ab"]
+#: Binary modes giving an :class:`io.BufferedReader`.
+OpenBinaryModeReading = Literal["rb"]
+#: Every binary mode.
+OpenBinaryMode = OpenBinaryModeUpdating | OpenBinaryModeWriting | OpenBinaryModeReading
+#: ``progress(bytes_done, bytes_total)`` of :meth:`Client.copy_in` / :meth:`Client.copy_out`.
+ProgressCallback = Callable[[int, int], None]
+
+
+class _Default(enum.Enum):
+    TOKEN = 0
+
+
+_DEFAULT = _Default.TOKEN
+_TimeoutArg = float | None | Literal[_Default.TOKEN]
+
+
+class StatFS(NamedTuple):
+    """File system statistics (Rstatfs), as ``statfs(2)`` returns them."""
+
+    #: File system type (e.g. ``0x01021997``, V9FS_MAGIC, from diod).
+    type: int
+    #: Block size.
+    bsize: int
+    #: Total blocks.
+    blocks: int
+    #: Free blocks.
+    bfree: int
+    #: Blocks available to unprivileged users.
+    bavail: int
+    #: Total inodes.
+    files: int
+    #: Free inodes.
+    ffree: int
+    #: File system id.
+    fsid: int
+    #: Longest file name.
+    namelen: int
+
+
+# --------------------------------------------------------------------------
+# Tags and fids
+
+
+class _TagPool:
+    """Tags ``0..0xFFFE`` handed out round-robin; a tag is reused only once released."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy: set[int] = set()
+        self._stuck: set[int] = set()
+        self._next = 0
+
+    def acquire(self, timeout: float | None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while len(self._busy) >= _NTAGS:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(errno.ETIMEDOUT, "no free 9P tag")
+                self._cond.wait(1.0 if left is None else min(left, 1.0))
+            tag = self._next
+            while tag in self._busy:
+                tag = (tag + 1) % _NTAGS
+            self._busy.add(tag)
+            self._next = (tag + 1) % _NTAGS
+            return tag
+
+    def release(self, tag: int) -> None:
+        with self._cond:
+            self._busy.discard(tag)
+            self._cond.notify()
+
+    def quarantine(self, tag: int) -> None:
+        """Never reuse *tag*: its reply may still come."""
+        with self._cond:
+            self._busy.add(tag)
+            self._stuck.add(tag)
+
+    @property
+    def in_use(self) -> int:
+        with self._cond:
+            return len(self._busy) - len(self._stuck)
+
+    @property
+    def stuck(self) -> frozenset[int]:
+        with self._cond:
+            return frozenset(self._stuck)
+
+
+class _FidPool:
+    """Fids, recycled most-recently-freed first."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[int] = []
+        self._next = 0
+        self._used: set[int] = set()
+        self.lost = 0
+
+    def acquire(self) -> int:
+        with self._lock:
+            if self._free:
+                fid = self._free.pop()
+            else:
+                if self._next >= c.NOFID:
+                    raise OSError(errno.EMFILE, "out of 9P fids")
+                fid = self._next
+                self._next += 1
+            self._used.add(fid)
+            return fid
+
+    def release(self, fid: int) -> None:
+        with self._lock:
+            if fid in self._used:
+                self._used.remove(fid)
+                self._free.append(fid)
+
+    def lose(self, fid: int) -> None:
+        """Forget *fid* without reusing it: the server's state for it is unknown."""
+        with self._lock:
+            if fid in self._used:
+                self._used.remove(fid)
+                self.lost += 1
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self._used)
+
+
+# --------------------------------------------------------------------------
+# Directory entries
+
+
+class DirEntry:
+    """One entry of :meth:`Client.scandir`, like :class:`os.DirEntry`.
+
+    The type comes from the Rreaddir entry; :meth:`stat` (and the ``is_*``
+    methods when the type is unknown, or a link must be followed) ask the
+    server with Tgetattr and cache the answer.
+
+    :ivar name: the entry's name
+    :ivar path: the scanned directory's path joined with :attr:`name`
+    :ivar d_type: the ``DT_*`` type the server gave
+    :ivar qid: the entry's qid
+    """
+
+    __slots__ = ("_client", "_lstat", "_stat", "d_type", "name", "path", "qid")
+
+    def __init__(self, client: Client, directory: str, dirent: c.Dirent) -> None:
+        self._client = client
+        self.name = dirent.name
+        self.path = posixpath.join(directory, dirent.name) if directory else dirent.name
+        self.d_type = dirent.type
+        self.qid = dirent.qid
+        self._stat: os.stat_result | None = None
+        self._lstat: os.stat_result | None = None
+
+    def inode(self) -> int:
+        """The inode number: the qid's path."""
+        return self.qid.path
+
+    def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+        """The entry's attributes (cached)."""
+        if follow_symlinks and not self.is_symlink():
+            follow_symlinks = False
+        if follow_symlinks:
+            if self._stat is None:
+                self._stat = self._client.stat(self.path)
+            return self._stat
+        if self._lstat is None:
+            self._lstat = self._client.lstat(self.path)
+        return self._lstat
+
+    def is_symlink(self) -> bool:
+        """Whether the entry is a symbolic link."""
+        if self.d_type != c.DT_UNKNOWN:
+            return self.d_type == c.DT_LNK
+        return stat_module.S_ISLNK(self.stat(follow_symlinks=False).st_mode)
+
+    def _is(self, dt: int, test: Callable[[int], bool], follow_symlinks: bool) -> bool:
+        if self.d_type != c.DT_UNKNOWN and not (follow_symlinks and self.d_type == c.DT_LNK):
+            return self.d_type == dt
+        try:
+            return test(self.stat(follow_symlinks=follow_symlinks).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def is_dir(self, *, follow_symlinks: bool = True) -> bool:
+        """Whether the entry is a directory (or a link to one, if *follow_symlinks*)."""
+        return self._is(c.DT_DIR, stat_module.S_ISDIR, follow_symlinks)
+
+    def is_file(self, *, follow_symlinks: bool = True) -> bool:
+        """Whether the entry is a regular file (or a link to one, if *follow_symlinks*)."""
+        return self._is(c.DT_REG, stat_module.S_ISREG, follow_symlinks)
+
+    def __fspath__(self) -> str:
+        return self.path
+
+    def __repr__(self) -> str:
+        return f"<DirEntry {self.name!r}>"
+
+
+class ScandirIterator(Iterator[DirEntry]):
+    """What :meth:`Client.scandir` returns: an iterator of :class:`DirEntry`.
+
+    The directory is read completely (and its fid clunked) before the first
+    entry is returned, so abandoning the iteration leaks nothing; it is a
+    context manager like :func:`os.scandir`'s iterator.
+    """
+
+    def __init__(self, entries: list[DirEntry]) -> None:
+        self._entries = deque(entries)
+
+    def __next__(self) -> DirEntry:
+        if not self._entries:
+            raise StopIteration
+        return self._entries.popleft()
+
+    def close(self) -> None:
+        """Drop the remaining entries."""
+        self._entries.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class _Progress:
+    total: int
+    callback: ProgressCallback | None
+    done: int = 0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+
+def _ns(value: float) -> tuple[int, int]:
+    total = round(value * 1_000_000_000)
+    return divmod(total, 1_000_000_000)
+
+
+def _is_server_error(exc: BaseException) -> bool:
+    """Whether *exc* is certainly an error reply (not a timeout or a broken transport)."""
+    return isinstance(exc, OSError) and not isinstance(
+        exc, (TimeoutError, TransportError, InterruptedError)
+    )
+
+
+# --------------------------------------------------------------------------
+# The client
+
+
+class Client:
+    """A 9P2000.L session over *transport*: version negotiation, attach, and file operations.
+
+    :param transport: carries the messages (:class:`~pyxen9p.frontend.Frontend`,
+        :class:`~pyxen9p.p9.transport.StreamTransport`...)
+    :param msize: the largest message wished (default and maximum:
+        ``transport.msize``); the server may lower it
+    :param uname: the user name of Tattach (default: the local user name)
+    :param aname: the tree to attach (diod: the absolute exported path)
+    :param n_uname: the numeric user of Tattach (default: the local uid)
+    :param gid: the group given to created files (default: the local gid)
+    :param timeout: limit in seconds for each request (``None``: no limit)
+    :param flush_timeout: limit for the Rflush after a request timed out
+    :param window: Tread / Twrite requests kept in flight by large transfers
+    :param umask: bits cleared from the permissions of created files and
+        directories (like the process umask for :func:`os.open`)
+    :param close_transport: close *transport* with the client (also when the
+        constructor fails)
+    :raises ~pyxen9p.p9.codec.ProtocolError: the server does not speak
+        9P2000.L, or answered with an unusable msize
+    :raises OSError: the server refused the attach
+
+    :ivar msize: the negotiated msize
+    :ivar version: the negotiated version (``"9P2000.L"``)
+    :ivar root_qid: the qid of the attach root
+    :ivar timeout: limit for each request (may be changed at any time)
+    :ivar flush_timeout: limit for each Rflush
+    :ivar window: requests in flight for large transfers
+    :ivar flushes_sent: how many Tflush requests were sent
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        msize: int | None = None,
+        uname: str | None = None,
+        aname: str = "",
+        n_uname: int | None = None,
+        gid: int | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        flush_timeout: float = 10.0,
+        window: int = DEFAULT_WINDOW,
+        umask: int = 0o022,
+        close_transport: bool = True,
+    ) -> None:
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self._transport = transport
+        self._close_transport = close_transport
+        self.timeout = timeout
+        self.flush_timeout = flush_timeout
+        self.window = window
+        self.umask = umask
+        self.gid = os.getgid() if gid is None else gid
+        self.uname = _default_user() if uname is None else uname
+        self.aname = aname
+        self.n_uname = os.getuid() if n_uname is None else n_uname
+        self.flushes_sent = 0
+        self._has_unlinkat = True
+        self._has_renameat = True
+        self._tags = _TagPool()
+        self._fids = _FidPool()
+        self._lock = threading.Lock()
+        self._deferred: list[int] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._closed = False
+        self._closing = False
+        self.msize = 0
+        self.version = ""
+        try:
+            self._negotiate(msize)
+            self._root_fid = self._fids.acquire()
+            try:
+                rattach = self._rpc(
+                    lambda t: c.Tattach(
+                        t, self._root_fid, c.NOFID, self.uname, self.aname, self.n_uname
+                    ),
+                    c.Rattach,
+                    aname or "/",
+                )
+            except BaseException:
+                self._fids.release(self._root_fid)
+                raise
+            self.root_qid = rattach.qid
+        except BaseException:
+            self._closed = True
+            if close_transport:
+                transport.close()
+            raise
+
+    @classmethod
+    def tcp(cls, host: str, port: int = 564, **kwargs: Any) -> Self:
+        """Connect over TCP (a :class:`~pyxen9p.p9.transport.StreamTransport`).
+
+        :param kwargs: passed to :class:`Client`
+        """
+        return cls(StreamTransport.tcp(host, port), **kwargs)
+
+    @classmethod
+    def unix(cls, path: str | os.PathLike[str], **kwargs: Any) -> Self:
+        """Connect to a server's Unix socket at *path*.
+
+        :param kwargs: passed to :class:`Client`
+        """
+        return cls(StreamTransport.unix(path), **kwargs)
+
+    def _negotiate(self, msize: int | None) -> None:
+        limit = int(self._transport.msize)
+        want = limit if msize is None else min(msize, limit)
+        if want < MIN_MSIZE:
+            raise ValueError(f"msize {want} is below the minimum {MIN_MSIZE}")
+        raw = self._transport.request(
+            c.encode(c.Tversion(c.NOTAG, want, c.VERSION_9P2000_L)), timeout=self.timeout
+        )
+        if len(raw) > want:
+            raise ProtocolError(f"Rversion of {len(raw)} bytes exceeds the msize {want}")
+        reply = c.decode(raw)
+        if isinstance(reply, (c.Rlerror, c.Rerror)):
+            err = reply.ecode if isinstance(reply, c.Rlerror) else reply.errno
+            raise ProtocolError(
+                f"the server refused {c.VERSION_9P2000_L}: {os.strerror(err) if err else 'error'}"
+            )
+        if not isinstance(reply, c.Rversion) or reply.tag != c.NOTAG:
+            raise ProtocolError(f"expected an Rversion with NOTAG, got {reply!r}")
+        if reply.version != c.VERSION_9P2000_L:
+            raise ProtocolError(
+                f"the server speaks {reply.version!r}, not {c.VERSION_9P2000_L!r}"
+            )
+        if reply.msize > want:
+            raise ProtocolError(f"the server raised the msize from {want} to {reply.msize}")
+        if reply.msize < MIN_MSIZE:
+            raise ProtocolError(f"the server's msize {reply.msize} is below {MIN_MSIZE}")
+        self.msize = reply.msize
+        self.version = reply.version
+
+    # --- state ---------------------------------------------------------------
+
+    @property
+    def transport(self) -> Transport:
+        """The transport carrying the messages."""
+        return self._transport
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    @property
+    def fid_count(self) -> int:
+        """Fids currently in use, the attach root's included (1 when idle)."""
+        return self._fids.count
+
+    @property
+    def lost_fids(self) -> int:
+        """Fids given up because a Tclunk timed out (the server may still hold them)."""
+        return self._fids.lost
+
+    @property
+    def tags_in_use(self) -> int:
+        """Requests currently in flight (stuck tags excluded)."""
+        return self._tags.in_use
+
+    @property
+    def stuck_tags(self) -> frozenset[int]:
+        """Tags never reused because not even their Tflush was answered in time."""
+        return self._tags.stuck
+
+    @property
+    def default_iounit(self) -> int:
+        """The I/O size used when a server announces none: ``msize - IOHDRSZ``."""
+        return self.msize - c.IOHDRSZ
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportClosedError(errno.ENOTCONN, "the 9P client is closed")
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"msize={self.msize}"
+        return f"<Client {self.aname or '/'!r} {state} fids={self.fid_count}>"
+
+    def close(self) -> None:
+        """Clunk every fid the client holds, close the transport if it owns it (idempotent)."""
+        with self._lock:
+            if self._closed or self._closing:
+                return
+            self._closing = True
+        try:
+            self._process_deferred()
+            self._clunk_quiet(self._root_fid)
+        finally:
+            self._closed = True
+            if self._close_transport:
+                self._transport.close()
+            if self._executor is not None:
+                self._executor.shutdown(wait=True, cancel_futures=True)
+                self._executor = None
+
+    # --- requests --------------------------------------------------------------
+
+    def rpc(self, message: c.Message, *, timeout: _TimeoutArg = _DEFAULT) -> c.Message:
+        """Send any T-message and return its reply: the low-level entry point.
+
+        The message's tag is replaced by a free one.  Fids in the message are
+        the caller's business.
+
+        :param timeout: limit in seconds (default: :attr:`timeout`)
+        :returns: the successful reply
+        :raises OSError: the server answered with an error
+        :raises TimeoutError: no reply in time (the request was flushed)
+        """
+        return self._rpc(
+            lambda t: replace(message, tag=t), c.reply_type_for(message), None, timeout=timeout
+        )
+
+    def _rpc(
+        self,
+        make: Callable[[int], c.Message],
+        rtype: type[_R],
+        path: str | None = None,
+        *,
+        timeout: _TimeoutArg = _DEFAULT,
+    ) -> _R:
+        self._check_open()
+        tmo = self.timeout if timeout is _DEFAULT else timeout
+        tag = self._tags.acquire(tmo)
+        reusable = True
+        try:
+            message = make(tag)
+            data = c.encode(message)
+            if len(data) > self.msize:
+                raise ProtocolError(
+                    f"{type(message).__name__} of {len(data)} bytes exceeds the msize {self.msize}"
+                )
+            try:
+                raw = self._transport.request(data, timeout=tmo)
+            except TimeoutError:
+                reusable = False
+                reusable = self._flush(tag)
+                raise TimeoutError(
+                    errno.ETIMEDOUT,
+                    f"{type(message).__name__}: no reply within {tmo:g}s (flushed)",
+                    path,
+                ) from None
+            except (TransportError, ValueError, InterruptedError, RuntimeError):
+                raise  # the transport is done with this tag
+            except BaseException:
+                # interrupted while waiting (KeyboardInterrupt...): flush the request
+                reusable = False
+                reusable = self._flush(tag)
+                raise
+        finally:
+            if reusable:
+                self._tags.release(tag)
+        return self._check_reply(raw, tag, message, rtype, path)
+
+    def _check_reply(
+        self, raw: bytes, tag: int, message: c.Message, rtype: type[_R], path: str | None
+    ) -> _R:
+        if len(raw) > self.msize:
+            raise ProtocolError(f"reply of {len(raw)} bytes exceeds the msize {self.msize}")
+        reply = c.decode(raw)
+        if reply.tag != tag:
+            raise ProtocolError(f"reply tagged {reply.tag} to a request tagged {tag}")
+        if isinstance(reply, c.Rlerror):
+            raise _server_error(reply.ecode, path)
+        if isinstance(reply, c.Rerror):
+            raise _server_error(reply.errno, path, reply.ename)
+        if type(reply) is not rtype:
+            raise ProtocolError(
+                f"{type(reply).__name__} in reply to {type(message).__name__}"
+                f" (expected {rtype.__name__})"
+            )
+        return reply
+
+    def _flush(self, oldtag: int) -> bool:
+        """Flush *oldtag*; return whether it may be reused."""
+        with self._lock:
+            self.flushes_sent += 1
+        try:
+            ftag = self._tags.acquire(self.flush_timeout)
+        except TimeoutError:
+            self._tags.quarantine(oldtag)
+            return False
+        try:
+            raw = self._transport.request(
+                c.encode(c.Tflush(ftag, oldtag)), timeout=self.flush_timeout
+            )
+            reply = c.decode(raw)
+        except TransportError:
+            self._tags.release(ftag)
+            return True  # the transport is gone: nothing will come for either tag
+        except BaseException as exc:
+            self._tags.quarantine(ftag)
+            self._tags.quarantine(oldtag)
+            log.warning("Tflush of tag %d failed (%s): both tags are retired", oldtag, exc)
+            if isinstance(exc, Exception):
+                return False
+            raise
+        self._tags.release(ftag)
+        if not isinstance(reply, c.Rflush) or reply.tag != ftag:
+            log.warning("unexpected reply to Tflush(%d): %r; the tag is retired", oldtag, reply)
+            self._tags.quarantine(oldtag)
+            return False
+        self._transport.flushed(oldtag)
+        return True
+
+    # --- fids --------------------------------------------------------------------
+
+    def _clunk_quiet(self, fid: int) -> None:
+        """Clunk *fid* and forget it, whatever happens (errors are only logged)."""
+        try:
+            self._rpc(lambda t: c.Tclunk(t, fid), c.Rclunk)
+        except TimeoutError:
+            self._fids.lose(fid)
+            log.warning("Tclunk of fid %d timed out: the fid is given up", fid)
+        except (OSError, ValueError) as exc:
+            # an error reply still clunks the fid; a dead transport leaves nothing to clunk
+            log.debug("Tclunk of fid %d: %s", fid, exc)
+            self._fids.release(fid)
+        except BaseException:
+            self._fids.lose(fid)
+            raise
+        else:
+            self._fids.release(fid)
+
+    def _defer_clunk(self, fid: int) -> None:
+        with self._lock:
+            self._deferred.append(fid)
+
+    def _process_deferred(self) -> None:
+        if not self._deferred:
+            return
+        with self._lock:
+            fids, self._deferred = self._deferred, []
+        for fid in fids:
+            self._clunk_quiet(fid)
+
+    def _walk(self, parts: Sequence[str], display: str) -> tuple[int | None, list[c.Qid]]:
+        """Walk from the root through *parts* (any number) to a new fid.
+
+        :returns: ``(fid, qids)``, or ``(None, qids)`` after a partial walk
+            (``qids`` then holds the qids of the names walked)
+        """
+        newfid = self._fids.acquire()
+        owned = True  # newfid still ours to dispose of
+        bound = False
+        qids: list[c.Qid] = []
+        src = self._root_fid
+        try:
+            chunks = [tuple(parts[i : i + c.MAXWELEM]) for i in range(0, len(parts), c.MAXWELEM)]
+            for names in chunks or [()]:
+                make = functools.partial(c.Twalk, fid=src, newfid=newfid, wnames=names)
+                reply = self._rpc(make, c.Rwalk, display)
+                if len(reply.wqids) > len(names):
+                    raise ProtocolError(
+                        f"Rwalk has {len(reply.wqids)} qids for {len(names)} names"
+                    )
+                qids.extend(reply.wqids)
+                if len(reply.wqids) < len(names):
+                    # Partial walk.  A conforming server leaves newfid as it was
+                    # (unbound after a first step); diod binds it anyway.  Clunk
+                    # in every case, as Linux does.
+                    owned = False
+                    self._clunk_quiet(newfid)
+                    return None, qids
+                bound = True
+                src = newfid
+            owned = False
+            return newfid, qids
+        except BaseException as exc:
+            if owned:
+                owned = False
+                if not bound and _is_server_error(exc):
+                    self._fids.release(newfid)  # the walk failed: newfid was not bound
+                else:
+                    self._clunk_quiet(newfid)
+            raise
+
+    def _resolve(self, parts: list[str], display: str, follow: bool) -> tuple[int, c.Qid]:
+        """Walk to *parts*, resolving symbolic links client-side; return ``(fid, qid)``."""
+        for _ in range(MAXSYMLINKS + 1):
+            fid, qids = self._walk(parts, display)
+            limit = len(parts) if follow else len(parts) - 1
+            link = next((i for i, q in enumerate(qids[:limit]) if q.type & c.QTSYMLINK), None)
+            if link is None:
+                if fid is None:
+                    if qids and not qids[-1].type & c.QTDIR:
+                        raise _local_error(errno.ENOTDIR, display)
+                    raise _local_error(errno.ENOENT, display)
+                return fid, (qids[-1] if qids else self.root_qid)
+            if fid is not None:
+                self._clunk_quiet(fid)
+            target = self._readlink_parts(parts[: link + 1], display)
+            base = [] if target.startswith("/") else parts[:link]
+            parts = _normalize([*base, *target.split("/")]) + parts[link + 1 :]
+        raise _local_error(errno.ELOOP, display)
+
+    def _readlink_parts(self, parts: list[str], display: str) -> str:
+        fid, _ = self._walk(parts, display)
+        if fid is None:
+            raise _local_error(errno.ENOENT, display)
+        try:
+            return self._rpc(lambda t: c.Treadlink(t, fid), c.Rreadlink, display).target
+        finally:
+            self._clunk_quiet(fid)
+
+    def _lookup(self, path: PathArg, *, follow: bool = True) -> tuple[int, c.Qid, str]:
+        """A new fid for *path*: ``(fid, qid, display_path)``."""
+        self._check_open()
+        self._process_deferred()
+        display = _display(path)
+        fid, qid = self._resolve(_normalize(display.split("/")), display, follow)
+        return fid, qid, display
+
+    def _lookup_parent(self, path: PathArg, root_errno: int) -> tuple[int, str, str]:
+        """A new fid for the directory holding *path*: ``(dirfid, name, display_path)``."""
+        self._check_open()
+        self._process_deferred()
+        display = _display(path)
+        parts = _normalize(display.split("/"))
+        if not parts:
+            raise _local_error(root_errno, display)
+        fid, qid = self._resolve(parts[:-1], display, True)
+        if not qid.type & c.QTDIR:
+            self._clunk_quiet(fid)
+            raise _local_error(errno.ENOTDIR, display)
+        return fid, parts[-1], display
+
+    def _with_fid(
+        self, path: PathArg, action: Callable[[int, c.Qid, str], _T], *, follow: bool = True
+    ) -> _T:
+        fid, qid, display = self._lookup(path, follow=follow)
+        try:
+            return action(fid, qid, display)
+        finally:
+            self._clunk_quiet(fid)
+
+    def _with_parent(
+        self, path: PathArg, root_errno: int, action: Callable[[int, str, str], _T]
+    ) -> _T:
+        dirfid, name, display = self._lookup_parent(path, root_errno)
+        try:
+            return action(dirfid, name, display)
+        finally:
+            self._clunk_quiet(dirfid)
+
+    # --- attributes ------------------------------------------------------------
+
+    def _getattr_fid(self, fid: int, path: str) -> os.stat_result:
+        r = self._rpc(lambda t: c.Tgetattr(t, fid, c.P9_GETATTR_BASIC), c.Rgetattr, path)
+        return _stat_result(r)
+
+    def _fid_size(self, fid: int, path: str) -> int:
+        return self._getattr_fid(fid, path).st_size
+
+    def _setattr_fid(
+        self,
+        fid: int,
+        path: str,
+        valid: int,
+        *,
+        mode: int = 0,
+        uid: int = 0,
+        gid: int = 0,
+        size: int = 0,
+        atime: tuple[int, int] = (0, 0),
+        mtime: tuple[int, int] = (0, 0),
+    ) -> None:
+        self._rpc(
+            lambda t: c.Tsetattr(t, fid, valid, mode, uid, gid, size, *atime, *mtime),
+            c.Rsetattr,
+            path,
+        )
+
+    def _fsync_fid(self, fid: int, path: str, datasync: bool) -> None:
+        self._rpc(lambda t: c.Tfsync(t, fid, int(datasync)), c.Rfsync, path)
+
+    def stat(self, path: PathArg = "", *, follow_symlinks: bool = True) -> os.stat_result:
+        """Return the attributes of *path* as an :class:`os.stat_result`.
+
+        ``st_ino`` is the qid path, ``st_dev`` is 0; times have nanoseconds
+        (``st_mtime_ns``...), and ``st_blksize``, ``st_blocks``, ``st_rdev``
+        are set.
+        """
+        return self._with_fid(
+            path, lambda fid, _q, p: self._getattr_fid(fid, p), follow=follow_symlinks
+        )
+
+    def lstat(self, path: PathArg) -> os.stat_result:
+        """:meth:`stat` without following a final symbolic link."""
+        return self.stat(path, follow_symlinks=False)
+
+    def exists(self, path: PathArg, *, follow_symlinks: bool = True) -> bool:
+        """Whether *path* exists (a dangling link does not, unless not following)."""
+        try:
+            fid, _, _ = self._lookup(path, follow=follow_symlinks)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return False
+            raise
+        self._clunk_quiet(fid)
+        return True
+
+    def is_dir(self, path: PathArg) -> bool:
+        """Whether *path* is a directory (following links)."""
+        try:
+            fid, qid, _ = self._lookup(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        self._clunk_quiet(fid)
+        return bool(qid.type & c.QTDIR)
+
+    def is_file(self, path: PathArg) -> bool:
+        """Whether *path* is a regular file (following links)."""
+        try:
+            return stat_module.S_ISREG(self.stat(path).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def is_symlink(self, path: PathArg) -> bool:
+        """Whether *path* is a symbolic link."""
+        try:
+            fid, qid, _ = self._lookup(path, follow=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        self._clunk_quiet(fid)
+        return bool(qid.type & c.QTSYMLINK)
+
+    def chmod(self, path: PathArg, mode: int, *, follow_symlinks: bool = True) -> None:
+        """Change the permission bits of *path* (``mode & 0o7777``)."""
+        self._with_fid(
+            path,
+            lambda fid, _q, p: self._setattr_fid(fid, p, c.P9_SETATTR_MODE, mode=mode & 0o7777),
+            follow=follow_symlinks,
+        )
+
+    def chown(self, path: PathArg, uid: int, gid: int, *, follow_symlinks: bool = True) -> None:
+        """Change the owner and group of *path* (``-1`` leaves one unchanged)."""
+        valid = (c.P9_SETATTR_UID if uid != -1 else 0) | (c.P9_SETATTR_GID if gid != -1 else 0)
+        if not valid:
+            return
+        self._with_fid(
+            path,
+            lambda fid, _q, p: self._setattr_fid(
+                fid, p, valid, uid=max(uid, 0), gid=max(gid, 0)
+            ),
+            follow=follow_symlinks,
+        )
+
+    def utime(
+        self,
+        path: PathArg,
+        times: tuple[float, float] | None = None,
+        *,
+        ns: tuple[int, int] | None = None,
+        follow_symlinks: bool = True,
+    ) -> None:
+        """Set the access and modification times of *path*, like :func:`os.utime`.
+
+        :param times: ``(atime, mtime)`` in seconds
+        :param ns: ``(atime_ns, mtime_ns)`` in nanoseconds
+        With neither, both become the server's current time.
+        """
+        if times is not None and ns is not None:
+            raise ValueError("utime: you may specify either 'times' or 'ns' but not both")
+        valid = c.P9_SETATTR_ATIME | c.P9_SETATTR_MTIME
+        atime = mtime = (0, 0)
+        if times is not None:
+            atime, mtime = _ns(times[0]), _ns(times[1])
+        elif ns is not None:
+            atime, mtime = divmod(ns[0], 1_000_000_000), divmod(ns[1], 1_000_000_000)
+        if times is not None or ns is not None:
+            valid |= c.P9_SETATTR_ATIME_SET | c.P9_SETATTR_MTIME_SET
+        self._with_fid(
+            path,
+            lambda fid, _q, p: self._setattr_fid(fid, p, valid, atime=atime, mtime=mtime),
+            follow=follow_symlinks,
+        )
+
+    def truncate(self, path: PathArg, length: int) -> None:
+        """Resize the file *path* to *length* bytes."""
+        if length < 0:
+            raise _local_error(errno.EINVAL, _display(path))
+        self._with_fid(
+            path, lambda fid, _q, p: self._setattr_fid(fid, p, c.P9_SETATTR_SIZE, size=length)
+        )
+
+    def statfs(self, path: PathArg = "") -> StatFS:
+        """Statistics of the file system holding *path*."""
+
+        def action(fid: int, _q: c.Qid, p: str) -> StatFS:
+            r = self._rpc(lambda t: c.Tstatfs(t, fid), c.Rstatfs, p)
+            return StatFS(
+                r.type, r.bsize, r.blocks, r.bfree, r.bavail, r.files, r.ffree, r.fsid, r.namelen
+            )
+
+        return self._with_fid(path, action)
+
+    # --- directories -----------------------------------------------------------
+
+    def _readdir(self, fid: int, path: str) -> list[c.Dirent]:
+        self._rpc(lambda t: c.Tlopen(t, fid, c.L_O_RDONLY), c.Rlopen, path)
+        count = self.msize - c.READDIRHDRSZ
+        offset = 0
+        entries: list[c.Dirent] = []
+        while True:
+            make = functools.partial(c.Treaddir, fid=fid, offset=offset, count=count)
+            reply = self._rpc(make, c.Rreaddir, path)
+            batch = reply.entries()
+            if not batch:
+                return entries
+            if batch[-1].offset == offset:
+                raise ProtocolError(f"Rreaddir for {path!r}: the offset {offset} did not advance")
+            entries.extend(e for e in batch if e.name not in (".", ".."))
+            offset = batch[-1].offset
+
+    def scandir(self, path: PathArg = "") -> ScandirIterator:
+        """Iterate over the entries of directory *path* (``.`` and ``..`` left out)."""
+
+        def action(fid: int, qid: c.Qid, p: str) -> list[c.Dirent]:
+            if not qid.type & c.QTDIR:
+                raise _local_error(errno.ENOTDIR, p)
+            return self._readdir(fid, p)
+
+        fid, qid, display = self._lookup(path)
+        try:
+            dirents = action(fid, qid, display)
+        finally:
+            self._clunk_quiet(fid)
+        return ScandirIterator([DirEntry(self, display, d) for d in dirents])
+
+    def listdir(self, path: PathArg = "") -> list[str]:
+        """The names in directory *path* (``.`` and ``..`` left out), in server order."""
+        with self.scandir(path) as entries:
+            return [e.name for e in entries]
+
+    def mkdir(self, path: PathArg, mode: int = 0o777) -> None:
+        """Create directory *path* (permissions ``mode & ~umask``)."""
+        perm = mode & 0o7777 & ~self.umask
+        self._with_parent(
+            path,
+            errno.EEXIST,
+            lambda dfid, name, p: self._rpc(
+                lambda t: c.Tmkdir(t, dfid, name, perm, self.gid), c.Rmkdir, p
+            ),
+        )
+
+    def makedirs(self, path: PathArg, mode: int = 0o777, exist_ok: bool = False) -> None:
+        """Create directory *path* and any missing parents, like :func:`os.makedirs`."""
+        display = _display(path)
+        parts = _normalize(display.split("/"))
+        if not parts:
+            if not exist_ok:
+                raise _local_error(errno.EEXIST, display)
+            return
+        head = "/".join(parts[:-1])
+        if head and not self.exists(head):
+            try:
+                self.makedirs(head, mode, exist_ok=True)
+            except FileExistsError:
+                pass  # created meanwhile
+        try:
+            self.mkdir("/".join(parts), mode)
+        except OSError:
+            if not exist_ok or not self.is_dir(display):
+                raise
+
+    def rmdir(self, path: PathArg) -> None:
+        """Remove the empty directory *path* (Tunlinkat, or Tremove for servers without it)."""
+        self._unlink(path, c.AT_REMOVEDIR)
+
+    def remove(self, path: PathArg) -> None:
+        """Remove the file (not directory) *path* (Tunlinkat, or Tremove for servers without it)."""
+        self._unlink(path, 0)
+
+    unlink = remove
+
+    def _unlink(self, path: PathArg, flags: int) -> None:
+        if self._has_unlinkat:
+
+            def action(dfid: int, name: str, p: str) -> bool:
+                try:
+                    self._rpc(lambda t: c.Tunlinkat(t, dfid, name, flags), c.Runlinkat, p)
+                except OSError as exc:
+                    if exc.errno not in _FALLBACK_ERRNOS:
+                        raise
+                    self._has_unlinkat = False
+                    return False
+                return True
+
+            if self._with_parent(path, errno.EBUSY, action):
+                return
+        fid, qid, display = self._lookup(path, follow=False)
+        try:
+            is_dir = bool(qid.type & c.QTDIR)
+            if flags & c.AT_REMOVEDIR and not is_dir:
+                raise _local_error(errno.ENOTDIR, display)
+            if not flags & c.AT_REMOVEDIR and is_dir:
+                raise _local_error(errno.EISDIR, display)
+            if not _normalize(display.split("/")):
+                raise _local_error(errno.EBUSY, display)
+        except BaseException:
+            self._clunk_quiet(fid)
+            raise
+        try:
+            self._rpc(lambda t: c.Tremove(t, fid), c.Rremove, display)
+        except (TimeoutError, TransportError):
+            self._clunk_quiet(fid)
+            raise
+        except BaseException:
+            self._fids.release(fid)  # Tremove clunks the fid even when it fails
+            raise
+        self._fids.release(fid)
+
+    def rename(self, src: PathArg, dst: PathArg) -> None:
+        """Rename *src* to *dst*, replacing *dst* if it exists (as :func:`os.rename` on POSIX).
+
+        Uses Trenameat, or Trename for servers without it.
+        """
+
+        def outer(odfid: int, oname: str, sp: str) -> None:
+            def inner(ndfid: int, nname: str, dp: str) -> None:
+                if self._has_renameat:
+                    try:
+                        self._rpc(
+                            lambda t: c.Trenameat(t, odfid, oname, ndfid, nname), c.Rrenameat, sp
+                        )
+                        return
+                    except OSError as exc:
+                        if exc.errno not in _FALLBACK_ERRNOS:
+                            raise
+                        self._has_renameat = False
+                self._with_fid(
+                    sp,
+                    lambda fid, _q, _p: self._rpc(
+                        lambda t: c.Trename(t, fid, ndfid, nname), c.Rrename, sp
+                    ),
+                    follow=False,
+                )
+
+            self._with_parent(dst, errno.EBUSY, inner)
+
+        self._with_parent(src, errno.EBUSY, outer)
+
+    replace = rename
+
+    def symlink(self, target: str, path: PathArg) -> None:
+        """Create a symbolic link *path* pointing to *target* (stored as given)."""
+        self._with_parent(
+            path,
+            errno.EEXIST,
+            lambda dfid, name, p: self._rpc(
+                lambda t: c.Tsymlink(t, dfid, name, target, self.gid), c.Rsymlink, p
+            ),
+        )
+
+    def readlink(self, path: PathArg) -> str:
+        """The target of the symbolic link *path*."""
+        return self._with_fid(
+            path,
+            lambda fid, _q, p: self._rpc(lambda t: c.Treadlink(t, fid), c.Rreadlink, p).target,
+            follow=False,
+        )
+
+    def link(self, src: PathArg, dst: PathArg) -> None:
+        """Create a hard link *dst* to the file *src* (a link *src* itself is not followed)."""
+
+        def outer(fid: int, _q: c.Qid, sp: str) -> None:
+            self._with_parent(
+                dst,
+                errno.EEXIST,
+                lambda dfid, name, p: self._rpc(lambda t: c.Tlink(t, dfid, fid, name), c.Rlink, p),
+            )
+
+        self._with_fid(src, outer, follow=False)
+
+    def walk(
+        self,
+        top: PathArg = "",
+        topdown: bool = True,
+        onerror: Callable[[OSError], object] | None = None,
+        followlinks: bool = False,
+    ) -> Iterator[tuple[str, list[str], list[str]]]:
+        """Walk the tree under *top* like :func:`os.walk`: ``(dirpath, dirnames, filenames)``.
+
+        With *topdown*, the caller may prune *dirnames* in place.
+        """
+        stack: list[str | tuple[str, list[str], list[str]]] = [_display(top)]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, tuple):
+                yield item
+                continue
+            here = item
+            try:
+                entries = list(self.scandir(here))
+            except OSError as exc:
+                if onerror is not None:
+                    onerror(exc)
+                continue
+            dirs: list[str] = []
+            files: list[str] = []
+            links: set[str] = set()
+            for entry in entries:
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    dirs.append(entry.name)
+                    if entry.is_symlink():
+                        links.add(entry.name)
+                else:
+                    files.append(entry.name)
+            if topdown:
+                yield here, dirs, files
+            else:
+                stack.append((here, dirs, files))
+            known = {e.name for e in entries}
+            for name in reversed(dirs):
+                sub = _join(here, name)
+                if followlinks:
+                    stack.append(sub)
+                elif name in known:
+                    if name not in links:
+                        stack.append(sub)
+                elif not self.is_symlink(sub):
+                    stack.append(sub)
+
+    # --- files -----------------------------------------------------------------
+
+    def _iounit(self, announced: int) -> int:
+        limit = self.default_iounit
+        return limit if announced == 0 or announced > limit else announced
+
+    def _open_fid(self, path: PathArg, mode: OpenMode, perm: int) -> tuple[int, c.Qid, int, str]:
+        """Open (or create) *path*: ``(fid, qid, iounit, display)``."""
+        flags = mode.flags
+        if mode.creating:
+            return self._create(path, flags, perm)
+        try:
+            fid, qid, display = self._lookup(path)
+        except FileNotFoundError:
+            if not mode.may_create:
+                raise
+            return self._create(path, flags, perm)
+        try:
+            if qid.type & c.QTDIR:
+                raise _local_error(errno.EISDIR, display)
+            reply = self._rpc(
+                lambda t: c.Tlopen(t, fid, flags & ~(c.L_O_CREAT | c.L_O_EXCL)), c.Rlopen, display
+            )
+        except BaseException:
+            self._clunk_quiet(fid)
+            raise
+        return fid, reply.qid, self._iounit(reply.iounit), display
+
+    def _create(self, path: PathArg, flags: int, perm: int) -> tuple[int, c.Qid, int, str]:
+        dfid, name, display = self._lookup_parent(path, errno.EISDIR)
+        try:
+            reply = self._rpc(
+                lambda t: c.Tlcreate(t, dfid, name, flags, perm, self.gid), c.Rlcreate, display
+            )
+        except BaseException:
+            self._clunk_quiet(dfid)
+            raise
+        return dfid, reply.qid, self._iounit(reply.iounit), display  # dfid now is the file
+
+    @overload
+    def open(
+        self,
+        path: PathArg,
+        mode: OpenTextMode = "r",
+        buffering: int = -1,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+        *,
+        perm: int = 0o666,
+    ) -> io.TextIOWrapper: ...
+
+    @overload
+    def open(  # type: ignore[overload-overlap]
+        self,
+        path: PathArg,
+        mode: OpenBinaryMode,
+        buffering: Literal[0],
+        encoding: None = None,
+        errors: None = None,
+        newline: None = None,
+        *,
+        perm: int = 0o666,
+    ) -> RemoteFileIO: ...
+
+    @overload
+    def open(
+        self,
+        path: PathArg,
+        mode: OpenBinaryModeUpdating,
+        buffering: Literal[-1, 1] = -1,
+        encoding: None = None,
+        errors: None = None,
+        newline: None = None,
+        *,
+        perm: int = 0o666,
+    ) -> io.BufferedRandom: ...
+
+    @overload
+    def open(
+        self,
+        path: PathArg,
+        mode: OpenBinaryModeWriting,
+        buffering: Literal[-1, 1] = -1,
+        encoding: None = None,
+        errors: None = None,
+        newline: None = None,
+        *,
+        perm: int = 0o666,
+    ) -> io.BufferedWriter: ...
+
+    @overload
+    def open(
+        self,
+        path: PathArg,
+        mode: OpenBinaryModeReading,
+        buffering: Literal[-1, 1] = -1,
+        encoding: None = None,
+        errors: None = None,
+        newline: None = None,
+        *,
+        perm: int = 0o666,
+    ) -> io.BufferedReader: ...
+
+    @overload
+    def open(
+        self,
+        path: PathArg,
+        mode: str,
+        buffering: int = -1,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+        *,
+        perm: int = 0o666,
+    ) -> IO[Any]: ...
+
+    def open(
+        self,
+        path: PathArg,
+        mode: str = "r",
+        buffering: int = -1,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+        *,
+        perm: int = 0o666,
+    ) -> Any:
+        """Open the file *path* like :func:`builtins.open`.
+
+        Returns the same layers: a :class:`~pyxen9p.p9.files.RemoteFileIO`
+        (``buffering=0``, binary only), wrapped in :class:`io.BufferedReader`,
+        :class:`io.BufferedWriter` or :class:`io.BufferedRandom`, and in an
+        :class:`io.TextIOWrapper` for text modes.  Modes ``r w x a + b t``.
+        The default buffer size is the fid's I/O unit.
+
+        :param perm: permissions of a created file (``perm & ~umask``)
+        """
+        parsed = parse_mode(mode)
+        if parsed.binary:
+            if encoding is not None:
+                raise ValueError("binary mode doesn't take an encoding argument")
+            if errors is not None:
+                raise ValueError("binary mode doesn't take an errors argument")
+            if newline is not None:
+                raise ValueError("binary mode doesn't take a newline argument")
+        if buffering == 0 and not parsed.binary:
+            raise ValueError("can't have unbuffered text I/O")
+        fid, qid, iounit, display = self._open_fid(
+            path, parsed, perm & 0o7777 & ~self.umask
+        )
+        position = 0
+        if parsed.appending:
+            try:
+                position = self._fid_size(fid, display)
+            except BaseException:
+                self._clunk_quiet(fid)
+                raise
+        raw = RemoteFileIO(
+            self, fid, name=display, mode=parsed, iounit=iounit, qid=qid, position=position
+        )
+        try:
+            line_buffering = buffering == 1
+            if buffering == 1 or buffering < 0:
+                buffering = max(iounit, io.DEFAULT_BUFFER_SIZE)
+            if buffering == 0:
+                return raw
+            buffer: io.BufferedIOBase
+            if parsed.updating:
+                buffer = io.BufferedRandom(raw, buffering)
+            elif parsed.writing:
+                buffer = io.BufferedWriter(raw, buffering)
+            else:
+                buffer = io.BufferedReader(raw, buffering)
+            if parsed.binary:
+                return buffer
+            text = io.TextIOWrapper(buffer, encoding, errors, newline, line_buffering)
+            text.mode = mode  # type: ignore[misc]
+            return text
+        except BaseException:
+            raw.close()
+            raise
+
+    def read_bytes(self, path: PathArg) -> bytes:
+        """The whole content of file *path*."""
+        with self.open(path, "rb") as f:
+            return f.read()
+
+    def write_bytes(self, path: PathArg, data: bytes | bytearray | memoryview) -> int:
+        """Create or truncate file *path* and write *data*; return its length."""
+        with memoryview(data) as view, self.open(path, "wb") as f:
+            f.write(view)
+            return view.nbytes
+
+    def read_text(
+        self, path: PathArg, encoding: str | None = None, errors: str | None = None
+    ) -> str:
+        """The whole content of file *path*, decoded."""
+        with self.open(path, "r", encoding=encoding, errors=errors) as f:
+            return f.read()
+
+    def write_text(
+        self,
+        path: PathArg,
+        data: str,
+        encoding: str | None = None,
+        errors: str | None = None,
+        newline: str | None = None,
+    ) -> int:
+        """Create or truncate file *path* and write the text *data*; return its length."""
+        if not isinstance(data, str):
+            raise TypeError(f"data must be str, not {type(data).__name__}")
+        with self.open(path, "w", encoding=encoding, errors=errors, newline=newline) as f:
+            return f.write(data)
+
+    # --- data transfer ---------------------------------------------------------
+
+    def _get_executor(self) -> ThreadPoolExecutor:
+        with self._lock:
+            self._check_open()
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    max_workers=self.window, thread_name_prefix="pyxen9p-io"
+                )
+            return self._executor
+
+    def _parallel(self, tasks: Sequence[Callable[[], _T]]) -> list[_T]:
+        """Run *tasks* with up to :attr:`window` in flight; results in order.
+
+        Waits for every task even when one fails (so none still uses a fid
+        the caller is about to clunk), then raises the first failure.
+        """
+        if len(tasks) == 1 or self.window == 1:
+            return [task() for task in tasks]
+        executor = self._get_executor()
+        futures: list[Future[_T]] = [executor.submit(task) for task in tasks]
+        try:
+            wait_futures(futures)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            wait_futures(futures)
+            raise
+        return [future.result() for future in futures]
+
+    def _read_at(self, fid: int, offset: int, count: int, path: str) -> bytes:
+        reply = self._rpc(lambda t: c.Tread(t, fid, offset, count), c.Rread, path)
+        if len(reply.data) > count:
+            raise ProtocolError(f"Rread of {len(reply.data)} bytes for a Tread of {count}")
+        return reply.data
+
+    def _write_at(self, fid: int, offset: int, data: memoryview, path: str) -> int:
+        # the codec copies a memoryview's bytes without an intermediate copy
+        payload = cast(bytes, data)
+        reply = self._rpc(lambda t: c.Twrite(t, fid, offset, payload), c.Rwrite, path)
+        if reply.count > data.nbytes:
+            raise ProtocolError(f"Rwrite of {reply.count} bytes for a Twrite of {data.nbytes}")
+        return reply.count
+
+    def _pread_chunks(
+        self, fid: int, offset: int, n: int, iounit: int, path: str
+    ) -> list[bytes]:
+        """Read *n* bytes at *offset* in I/O-unit chunks kept in flight together.
+
+        :returns: the chunks in order, up to and including the first short one
+        """
+        if n <= iounit:
+            return [self._read_at(fid, offset, n, path)]
+        spans = [(o, min(iounit, n - o)) for o in range(0, n, iounit)]
+        results = self._parallel(
+            [functools.partial(self._read_at, fid, offset + o, k, path) for o, k in spans]
+        )
+        chunks: list[bytes] = []
+        for (_, k), data in zip(spans, results, strict=True):
+            chunks.append(data)
+            if len(data) < k:
+                break
+        return chunks
+
+    def _pread_into(self, fid: int, offset: int, mv: memoryview, iounit: int, path: str) -> int:
+        """Read into *mv* at *offset*; return the byte count (short at EOF).
+
+        At most :attr:`window` I/O units are asked for at once (the caller
+        reads on).
+        """
+        n = min(mv.nbytes, iounit * self.window)
+        total = 0
+        for data in self._pread_chunks(fid, offset, n, iounit, path):
+            mv[total : total + len(data)] = data
+            total += len(data)
+        return total
+
+    def _pwrite_from(
+        self, fid: int, offset: int, mv: memoryview, iounit: int, path: str, *, parallel: bool
+    ) -> int:
+        """Write *mv* at *offset*; return the byte count (short if the server wrote less)."""
+        n = mv.nbytes
+        spans = [(o, min(iounit, n - o)) for o in range(0, n, iounit)]
+        total = 0
+        if not parallel or len(spans) == 1:
+            for o, k in spans:
+                w = self._write_at(fid, offset + o, mv[o : o + k], path)
+                total += w
+                if w < k:
+                    break
+            return total
+        results = self._parallel(
+            [functools.partial(self._write_at, fid, offset + o, mv[o : o + k], path)
+             for o, k in spans]
+        )
+        for (_, k), w in zip(spans, results, strict=True):
+            total += w
+            if w < k:
+                break
+        return total
+
+    def _download(
+        self,
+        fid: int,
+        iounit: int,
+        path: str,
+        out: BinaryIO,
+        progress: _Progress,
+        size: int | None = None,
+    ) -> int:
+        """Copy an open fid's data to *out* with a window of Treads in flight.
+
+        :param size: the file's size, if known: a short read ending there is
+            the end of the file (else only an empty read is)
+        """
+        executor = self._get_executor()
+        depth = 2 * self.window
+        inflight: deque[tuple[Future[bytes], int]] = deque()
+        offset = done = 0
+        eof = False
+
+        def take(data: bytes) -> None:
+            nonlocal done
+            out.write(data)
+            done += len(data)
+            progress.add(len(data))
+
+        try:
+            while True:
+                while not eof and len(inflight) < depth:
+                    inflight.append(
+                        (executor.submit(self._read_at, fid, offset, iounit, path), offset)
+                    )
+                    offset += iounit
+                if not inflight:
+                    return done
+                future, at = inflight.popleft()
+                data = future.result()
+                take(data)
+                got = len(data)
+                # a short read is the end of the file only when a read returns
+                # nothing, or when it ends where the file was known to end
+                while data and got < iounit and (size is None or at + got < size):
+                    data = self._read_at(fid, at + got, iounit - got, path)
+                    take(data)
+                    got += len(data)
+                if got < iounit:
+                    eof = True  # the reads already sent past the end are ignored
+                    for later, _ in inflight:
+                        later.cancel()
+                    wait_futures([f for f, _ in inflight])
+                    inflight.clear()
+        except BaseException:
+            for future, _ in inflight:
+                future.cancel()
+            wait_futures([f for f, _ in inflight])
+            raise
+
+    def _upload(
+        self, fid: int, iounit: int, path: str, src: BinaryIO, progress: _Progress
+    ) -> int:
+        """Copy *src* to an open fid with a window of Twrites in flight."""
+        executor = self._get_executor()
+        depth = 2 * self.window
+        inflight: deque[tuple[Future[int], int, memoryview]] = deque()
+        offset = done = 0
+        eof = False
+
+        def settle(future: Future[int], at: int, chunk: memoryview) -> None:
+            nonlocal done
+            written = future.result()
+            while written < chunk.nbytes:  # short write: send the rest in order
+                more = self._write_at(fid, at + written, chunk[written:], path)
+                if more == 0:
+                    raise _local_error(errno.EIO, path)
+                written += more
+            done += chunk.nbytes
+            progress.add(chunk.nbytes)
+
+        try:
+            while True:
+                while not eof and len(inflight) < depth:
+                    chunk = src.read(iounit)
+                    if not chunk:
+                        eof = True
+                        break
+                    view = memoryview(chunk)
+                    inflight.append((executor.submit(self._write_at, fid, offset, view, path),
+                                     offset, view))
+                    offset += len(chunk)
+                if not inflight:
+                    return done
+                settle(*inflight.popleft())
+        except BaseException:
+            for future, _, _ in inflight:
+                future.cancel()
+            wait_futures([f for f, _, _ in inflight])
+            raise
+
+    def copy_out(
+        self,
+        remote: PathArg,
+        local: str | os.PathLike[str],
+        *,
+        progress: ProgressCallback | None = None,
+        preserve: bool = True,
+    ) -> int:
+        """Copy the file or tree *remote* to the local path *local*.
+
+        A directory is copied recursively (existing local directories are
+        reused, files overwritten, symbolic links recreated as links).
+        Large files keep :attr:`window` Treads in flight.
+
+        :param progress: called as ``progress(bytes_done, bytes_total)`` after
+            each chunk
+        :param preserve: copy the permission bits and the times
+        :returns: the number of bytes copied
+        """
+        rpath = _display(remote)
+        lpath = os.fspath(local)
+        top = self.stat(rpath)
+        if not stat_module.S_ISDIR(top.st_mode):
+            state = _Progress(top.st_size, progress)
+            self._copy_file_out(rpath, lpath, state, preserve)
+            return state.done
+        plan: list[tuple[str, str, str]] = []  # (kind, remote, local)
+        dirs: list[tuple[str, str]] = []
+        total = 0
+        stack = [(rpath, lpath)]
+        while stack:
+            rdir, ldir = stack.pop()
+            dirs.append((rdir, ldir))
+            for entry in self.scandir(rdir):
+                lsub = os.path.join(ldir, entry.name)
+                if entry.is_symlink():
+                    plan.append(("link", entry.path, lsub))
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append((entry.path, lsub))
+                elif entry.is_file(follow_symlinks=False):
+                    plan.append(("file", entry.path, lsub))
+                    total += entry.stat(follow_symlinks=False).st_size
+                else:
+                    log.warning("copy_out: skipping %s (not a file, directory or link)", entry.path)
+        state = _Progress(total, progress)
+        for _, ldir in dirs:
+            os.makedirs(ldir, exist_ok=True)
+        for kind, rsub, lsub in plan:
+            if kind == "file":
+                self._copy_file_out(rsub, lsub, state, preserve)
+            else:
+                if os.path.lexists(lsub):
+                    os.unlink(lsub)
+                os.symlink(self.readlink(rsub), lsub)
+        if preserve:
+            for rdir, ldir in reversed(dirs):
+                st = self.stat(rdir)
+                os.chmod(ldir, stat_module.S_IMODE(st.st_mode))
+                os.utime(ldir, ns=(st.st_atime_ns, st.st_mtime_ns))
+        if progress is not None and total == 0:
+            progress(0, 0)
+        return state.done
+
+    def _copy_file_out(self, rpath: str, lpath: str, progress: _Progress, preserve: bool) -> None:
+        fid, _, iounit, display = self._open_fid(rpath, parse_mode("rb"), 0)
+        try:
+            st = self._getattr_fid(fid, display)
+            with open(lpath, "wb") as out:
+                self._download(fid, iounit, display, cast(BinaryIO, out), progress, st.st_size)
+            if preserve:
+                os.chmod(lpath, stat_module.S_IMODE(st.st_mode))
+                os.utime(lpath, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            self._clunk_quiet(fid)
+
+    def copy_in(
+        self,
+        local: str | os.PathLike[str],
+        remote: PathArg,
+        *,
+        progress: ProgressCallback | None = None,
+        preserve: bool = True,
+    ) -> int:
+        """Copy the local file or tree *local* to *remote*.
+
+        A directory is copied recursively (existing remote directories are
+        reused, files overwritten, symbolic links recreated as links; other
+        special files are skipped with a warning).  Large files keep
+        :attr:`window` Twrites in flight.
+
+        :param progress: called as ``progress(bytes_done, bytes_total)`` after
+            each chunk
+        :param preserve: copy the permission bits and the times
+        :returns: the number of bytes copied
+        """
+        lpath = os.fspath(local)
+        rpath = _display(remote)
+        top = os.stat(lpath)
+        if not stat_module.S_ISDIR(top.st_mode):
+            state = _Progress(top.st_size, progress)
+            self._copy_file_in(lpath, rpath, top, state, preserve)
+            return state.done
+        plan: list[tuple[str, str, str, os.stat_result]] = []
+        dirs: list[tuple[str, str, os.stat_result]] = []
+        total = 0
+        stack = [(lpath, rpath, top)]
+        while stack:
+            ldir, rdir, dst = stack.pop()
+            dirs.append((ldir, rdir, dst))
+            with os.scandir(ldir) as entries:
+                for entry in entries:
+                    rsub = _join(rdir, entry.name)
+                    st = entry.stat(follow_symlinks=False)
+                    if stat_module.S_ISLNK(st.st_mode):
+                        plan.append(("link", entry.path, rsub, st))
+                    elif stat_module.S_ISDIR(st.st_mode):
+                        stack.append((entry.path, rsub, st))
+                    elif stat_module.S_ISREG(st.st_mode):
+                        plan.append(("file", entry.path, rsub, st))
+                        total += st.st_size
+                    else:
+                        log.warning("copy_in: skipping %s (not a file, directory or link)",
+                                    entry.path)
+        state = _Progress(total, progress)
+        for _, rdir, _ in dirs:
+            self.makedirs(rdir, exist_ok=True)
+        for kind, lsub, rsub, st in plan:
+            if kind == "file":
+                self._copy_file_in(lsub, rsub, st, state, preserve)
+            else:
+                target = os.readlink(lsub)
+                try:
+                    self.symlink(target, rsub)
+                except FileExistsError:
+                    self.remove(rsub)
+                    self.symlink(target, rsub)
+        if preserve:
+            for _, rdir, st in reversed(dirs):
+                self._with_fid(rdir, functools.partial(self._set_preserved, st=st))
+        if progress is not None and total == 0:
+            progress(0, 0)
+        return state.done
+
+    def _set_preserved(
+        self, fid: int, _qid: c.Qid | None, path: str, *, st: os.stat_result
+    ) -> None:
+        """Give *fid* the permission bits and times of the local *st*."""
+        self._setattr_fid(
+            fid,
+            path,
+            c.P9_SETATTR_MODE
+            | c.P9_SETATTR_ATIME
+            | c.P9_SETATTR_MTIME
+            | c.P9_SETATTR_ATIME_SET
+            | c.P9_SETATTR_MTIME_SET,
+            mode=stat_module.S_IMODE(st.st_mode),
+            atime=divmod(st.st_atime_ns, 1_000_000_000),
+            mtime=divmod(st.st_mtime_ns, 1_000_000_000),
+        )
+
+    def _copy_file_in(
+        self, lpath: str, rpath: str, st: os.stat_result, progress: _Progress, preserve: bool
+    ) -> None:
+        perm = stat_module.S_IMODE(st.st_mode) if preserve else 0o666 & ~self.umask
+        with open(lpath, "rb") as src:
+            fid, _, iounit, display = self._open_fid(rpath, parse_mode("wb"), perm)
+            try:
+                self._upload(fid, iounit, display, cast(BinaryIO, src), progress)
+                if preserve:
+                    self._set_preserved(fid, None, display, st=st)
+            finally:
+                self._clunk_quiet(fid)
+
+
+# --------------------------------------------------------------------------
+# Helpers
+
+
+def _default_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return ""
+
+
+def _display(path: PathArg) -> str:
+    p = os.fspath(path)
+    if not isinstance(p, str):
+        raise TypeError(f"9P paths are str, not {type(p).__name__}")
+    if "\0" in p:
+        raise ValueError("embedded null character in path")
+    return p
+
+
+def _normalize(names: Sequence[str]) -> list[str]:
+    parts: list[str] = []
+    for name in names:
+        if name in ("", "."):
+            continue
+        if name == "..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(name)
+    return parts
+
+
+def _local_error(err: int, path: str) -> OSError:
+    return OSError(err, os.strerror(err), path)
+
+
+def _server_error(err: int, path: str | None, text: str | None = None) -> OSError:
+    if not 0 < err < 4096:
+        text = f"{text or 'error'} (the server sent the invalid error number {err})"
+        err = errno.EIO
+    message = text or os.strerror(err)
+    return OSError(err, message, path) if path is not None else OSError(err, message)
+
+
+def _join(directory: str, name: str) -> str:
+    return posixpath.join(directory, name) if directory else name
+
+
+def _stat_result(r: c.Rgetattr) -> os.stat_result:
+    atime_ns = r.atime_sec * 1_000_000_000 + r.atime_nsec
+    mtime_ns = r.mtime_sec * 1_000_000_000 + r.mtime_nsec
+    ctime_ns = r.ctime_sec * 1_000_000_000 + r.ctime_nsec
+    return os.stat_result(
+        (r.mode, r.qid.path, 0, r.nlink, r.uid, r.gid, r.size,
+         r.atime_sec, r.mtime_sec, r.ctime_sec),
+        {
+            "st_atime": r.atime_sec + r.atime_nsec * 1e-9,
+            "st_mtime": r.mtime_sec + r.mtime_nsec * 1e-9,
+            "st_ctime": r.ctime_sec + r.ctime_nsec * 1e-9,
+            "st_atime_ns": atime_ns,
+            "st_mtime_ns": mtime_ns,
+            "st_ctime_ns": ctime_ns,
+            "st_blksize": r.blksize,
+            "st_blocks": r.blocks,
+            "st_rdev": r.rdev,
+        },
+    )

@@ -1,0 +1,569 @@
+"""Message transports for the 9P client: the :class:`Transport` protocol and stream sockets.
+
+A transport carries complete 9P messages: :meth:`Transport.request` sends one
+and returns its reply, matching replies to requests by tag, with many requests
+in flight from many threads.  The Xen :class:`~pyxen9p.frontend.Frontend` is a
+transport; :class:`StreamTransport` is another, over a connected stream socket
+(TCP or Unix) or a pair of file descriptors (a pipe pair, an inherited
+socketpair), as used by servers such as diod::
+
+    from pyxen9p.p9.transport import StreamTransport
+    from pyxen9p.p9.client import Client
+
+    with Client(StreamTransport.unix("/run/diod.sock"), aname="/srv/export") as fs:
+        print(fs.listdir(""))
+
+The peer is not trusted: every frame is checked (``7 <= size <= msize``) and a
+malformed frame, an end of stream or a read error fails the transport: every
+waiter, and every later call, gets a :class:`~pyxen9p.errors.TransportError`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import struct
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from typing_extensions import Self
+
+from pyxen9p.errors import TransportClosedError, TransportError
+from pyxen9p.p9.codec import HEADER_SIZE, ProtocolError
+
+__all__ = [
+    "DEFAULT_STREAM_MSIZE",
+    "FramingError",
+    "StreamTransport",
+    "Transport",
+]
+
+log = logging.getLogger(__name__)
+
+#: The largest message a :class:`StreamTransport` carries unless told otherwise.
+DEFAULT_STREAM_MSIZE = 1024 * 1024 + 4096
+
+_HEADER = struct.Struct("<IBH")
+_RLERROR = 7
+_RERROR = 107
+_READ_CHUNK = 256 * 1024
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """What :class:`~pyxen9p.p9.client.Client` needs from a transport.
+
+    :class:`~pyxen9p.frontend.Frontend` and :class:`StreamTransport` satisfy it.
+
+    :ivar msize: the largest message, in bytes, the transport carries; the
+        client negotiates an msize no larger than this
+    """
+
+    msize: int
+
+    def request(self, message: bytes, *, timeout: float | None = ...) -> bytes:
+        """Send one complete 9P message and return its complete reply.
+
+        Thread-safe; many requests (with distinct tags) may be in flight.
+
+        :param message: the encoded request, header included
+        :param timeout: limit in seconds (``None``: as long as the transport lives)
+        :returns: the encoded reply carrying the same tag
+        :raises TimeoutError: no reply in time; the tag stays reserved in the
+            transport until its reply arrives or :meth:`flushed` frees it
+        :raises ~pyxen9p.errors.TransportError: the transport failed or was closed
+        """
+        ...
+
+    def flushed(self, tag: int) -> None:
+        """Free *tag*: the server answered a Tflush for it and will never reply."""
+        ...
+
+    def close(self) -> None:
+        """Release the transport (idempotent); waiters get a ``TransportClosedError``."""
+        ...
+
+
+if TYPE_CHECKING:  # mypy checks that the Xen frontend is a Transport
+    from pyxen9p.frontend import Frontend
+
+    def _frontend_is_a_transport(frontend: Frontend) -> Transport:
+        return frontend
+
+
+class FramingError(TransportError, ProtocolError):
+    """The peer sent a malformed frame (``size`` < 7 or larger than the msize).
+
+    It is both a :class:`~pyxen9p.errors.TransportError` (a
+    :class:`ConnectionError`: the stream cannot be resynchronised, the
+    transport has failed) and a :class:`~pyxen9p.p9.codec.ProtocolError`.
+    """
+
+
+@dataclass
+class _Pending:
+    """One request in flight."""
+
+    tag: int
+    type: int
+    future: Future[bytes] = field(default_factory=Future)
+    abandoned: bool = False
+
+
+class StreamTransport:
+    """9P messages over a byte stream: a connected socket or a pair of fds.
+
+    A reader thread splits the incoming stream into frames and hands each
+    reply to the caller waiting for its tag.  Writers take turns so each
+    message goes out whole.  Build one with :meth:`tcp`, :meth:`unix`,
+    :meth:`from_socket` or :meth:`from_fds`.
+
+    The file descriptors are switched to non-blocking mode (so that every
+    write can time out).
+
+    :param rfd: the descriptor replies are read from
+    :param wfd: the descriptor requests are written to (may equal *rfd*)
+    :param msize: the largest frame accepted or sent
+    :param owned: objects to close with the transport (sockets, or fds as ints)
+    :param name: a label for the reader thread and messages
+    :ivar msize: the largest message carried, in bytes
+    :ivar dropped_replies: replies received for tags nobody waits for
+    """
+
+    msize: int
+
+    def __init__(
+        self,
+        rfd: int,
+        wfd: int,
+        *,
+        msize: int = DEFAULT_STREAM_MSIZE,
+        owned: tuple[socket.socket | int, ...] = (),
+        name: str = "stream",
+    ) -> None:
+        if msize < HEADER_SIZE:
+            raise ValueError(f"msize {msize} is smaller than a 9P header")
+        self.msize = msize
+        self.name = name
+        self.dropped_replies = 0
+        self._rfd = rfd
+        self._wfd = wfd
+        self._owned = owned
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._pending: dict[int, _Pending] = {}
+        self._failure: TransportError | None = None
+        self._closed = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            os.set_blocking(rfd, False)
+            os.set_blocking(wfd, False)
+        except OSError:
+            self._close_fds()
+            raise
+        self._reader = threading.Thread(
+            target=self._read_loop, name=f"pyxen9p-9p-reader {name}", daemon=True
+        )
+        self._reader.start()
+
+    # --- construction ----------------------------------------------------
+
+    @classmethod
+    def from_socket(
+        cls, sock: socket.socket, *, msize: int = DEFAULT_STREAM_MSIZE, own: bool = True
+    ) -> Self:
+        """Use a connected stream socket.
+
+        :param own: close *sock* with the transport
+        """
+        fd = sock.fileno()
+        if fd < 0:
+            raise ValueError("the socket is closed")
+        try:
+            name = repr(sock.getpeername()) if sock.family != socket.AF_UNIX else "unix"
+        except OSError:
+            name = f"fd {fd}"
+        return cls(fd, fd, msize=msize, owned=(sock,) if own else (), name=name)
+
+    @classmethod
+    def from_fds(
+        cls, rfd: int, wfd: int, *, msize: int = DEFAULT_STREAM_MSIZE, own: bool = True
+    ) -> Self:
+        """Use a pair of file descriptors (e.g. two pipes, or one socket fd twice).
+
+        :param own: close the descriptors with the transport
+        """
+        owned: tuple[int, ...] = ()
+        if own:
+            owned = (rfd,) if rfd == wfd else (rfd, wfd)
+        return cls(rfd, wfd, msize=msize, owned=owned, name=f"fds {rfd}/{wfd}")
+
+    @classmethod
+    def tcp(
+        cls, host: str, port: int, *, timeout: float = 30.0, msize: int = DEFAULT_STREAM_MSIZE
+    ) -> Self:
+        """Connect to a 9P server over TCP.
+
+        :param timeout: limit for establishing the connection
+        """
+        sock = socket.create_connection((host, port), timeout=timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return cls.from_socket(sock, msize=msize)
+        except BaseException:
+            sock.close()
+            raise
+
+    @classmethod
+    def unix(
+        cls, path: str | os.PathLike[str], *, timeout: float = 30.0,
+        msize: int = DEFAULT_STREAM_MSIZE,
+    ) -> Self:
+        """Connect to a 9P server listening on a Unix stream socket at *path*.
+
+        :param timeout: limit for establishing the connection
+        """
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(os.fspath(path))
+            return cls.from_socket(sock, msize=msize)
+        except BaseException:
+            sock.close()
+            raise
+
+    # --- state -------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether requests can still be sent (not closed and not failed)."""
+        return not self._closed and self._failure is None
+
+    @property
+    def failure(self) -> TransportError | None:
+        """Why the transport failed, or ``None``."""
+        return self._failure
+
+    def outstanding_tags(self) -> set[int]:
+        """Tags sent and not yet answered (including those nobody waits for)."""
+        with self._lock:
+            return set(self._pending)
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise TransportClosedError(errno.ENOTCONN, f"the transport ({self.name}) is closed")
+        if self._failure is not None:
+            raise self._failure
+
+    # --- sending -----------------------------------------------------------
+
+    def submit(
+        self, message: bytes | bytearray | memoryview, *, timeout: float | None = None
+    ) -> Future[bytes]:
+        """Send one complete message; return a future of its reply.
+
+        :param timeout: limit for getting the message out (``None``: no limit
+            while the transport lives)
+        :raises ValueError: malformed message, too large, or its tag in flight
+        :raises TimeoutError: the message could not be written in time (nothing
+            was sent: if part of it was, the transport fails instead)
+        :raises ~pyxen9p.errors.TransportError: the transport failed or is closed
+        """
+        data = bytes(message)
+        if len(data) < HEADER_SIZE:
+            raise ValueError(f"a 9P message needs at least {HEADER_SIZE} bytes")
+        size, mtype, tag = _HEADER.unpack_from(data)
+        if size != len(data):
+            raise ValueError(f"header says {size} bytes, message has {len(data)}")
+        if size > self.msize:
+            raise ValueError(f"{size}-byte message exceeds the transport's msize {self.msize}")
+        pending = _Pending(tag, mtype)
+        with self._lock:
+            self._check_usable()
+            if tag in self._pending:
+                raise ValueError(f"tag {tag} is already in flight")
+            self._pending[tag] = pending
+        try:
+            self._send(data, timeout)
+        except BaseException:
+            with self._lock:
+                if self._pending.get(tag) is pending:
+                    del self._pending[tag]
+            raise
+        return pending.future
+
+    def _send(self, data: bytes, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def slice_left() -> float:
+            if deadline is None:
+                return 1.0
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(errno.ETIMEDOUT, f"could not send within {timeout:g}s")
+            return min(left, 1.0)
+
+        while not self._send_lock.acquire(timeout=slice_left()):
+            self._check_usable()
+        sent = 0
+        try:
+            view = memoryview(data)
+            poller = select.poll()
+            poller.register(self._wfd, select.POLLOUT)
+            while sent < len(data):
+                self._check_usable()
+                try:
+                    sent += os.write(self._wfd, view[sent:])
+                    continue
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError as exc:
+                    failure = TransportError(exc.errno or errno.EIO, f"write failed: {exc}")
+                    self._fail(failure)
+                    raise failure from exc
+                try:
+                    wait = slice_left()
+                except TimeoutError:
+                    if sent:
+                        failure = TransportError(
+                            errno.ETIMEDOUT,
+                            f"timed out after writing {sent} of {len(data)} bytes of a message",
+                        )
+                        self._fail(failure)
+                        raise failure from None
+                    raise
+                poller.poll(wait * 1000)
+        except BaseException as exc:
+            if 0 < sent < len(data) and not isinstance(exc, TransportError):
+                # interrupted in the middle of a message: the stream is out of step
+                self._fail(
+                    TransportError(errno.EIO, f"interrupted after {sent} bytes of a message")
+                )
+            raise
+        finally:
+            self._send_lock.release()
+
+    def request(
+        self, message: bytes | bytearray | memoryview, *, timeout: float | None = 60.0
+    ) -> bytes:
+        """Send one complete 9P message and return its complete reply.
+
+        :param timeout: overall limit in seconds (``None``: as long as the
+            transport lives)
+        :raises TimeoutError: no reply in time (the tag stays reserved until
+            its reply arrives or :meth:`flushed` frees it)
+        :raises ~pyxen9p.errors.TransportError: the transport failed or was closed
+        :raises ~pyxen9p.p9.codec.ProtocolError: the reply has the wrong type
+        """
+        if threading.current_thread() is self._reader:
+            raise RuntimeError("a request from the transport's own reader thread would deadlock")
+        start = time.monotonic()
+        future = self.submit(message, timeout=timeout)
+        left = None if timeout is None else max(timeout - (time.monotonic() - start), 0.0)
+        try:
+            return future.result(left)
+        except FutureTimeout:
+            self._abandon(future)
+            raise TimeoutError(errno.ETIMEDOUT, f"no reply within {timeout:g}s") from None
+        except BaseException:
+            # interrupted (KeyboardInterrupt...): nobody waits for this reply any more
+            if not future.done():
+                self._abandon(future)
+            raise
+
+    def _abandon(self, future: Future[bytes]) -> None:
+        with self._lock:
+            for pending in self._pending.values():
+                if pending.future is future:
+                    pending.abandoned = True
+
+    def flushed(self, tag: int) -> None:
+        """Free *tag* after the server answered a Tflush for it.
+
+        A waiter still attached gets :class:`InterruptedError`.
+        """
+        with self._lock:
+            pending = self._pending.pop(tag, None)
+        if pending is not None and not pending.future.done():
+            pending.future.set_exception(InterruptedError(errno.EINTR, f"tag {tag} was flushed"))
+
+    # --- receiving ---------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        # Small frames are cut out of a staging buffer; a frame larger than it
+        # is read straight into a buffer of its own.
+        buf = bytearray(_READ_CHUNK)
+        view = memoryview(buf)
+        start = end = 0
+        poller = select.poll()
+        poller.register(self._rfd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        try:
+            while not self._closed and self._failure is None:
+                avail = end - start
+                if avail >= HEADER_SIZE:
+                    size = self._check_frame(view[start : start + HEADER_SIZE])
+                    if avail >= size:
+                        frame = bytes(view[start : start + size])
+                        start += size
+                        self._deliver(frame)
+                        continue
+                    if size > len(buf):
+                        big = bytearray(size)
+                        big[:avail] = view[start:end]
+                        start = end = 0
+                        if not self._fill(memoryview(big), avail, poller):
+                            return
+                        self._deliver(bytes(big))
+                        continue
+                if (start and end == len(buf)) or start > len(buf) // 2:
+                    buf[:avail] = bytes(view[start:end])  # make room at the end
+                    start, end = 0, avail
+                n = self._read_into(view[end:], poller)
+                if n is None:
+                    return
+                if n == 0:
+                    detail = f" in the middle of a message ({avail} bytes)" if avail else ""
+                    raise TransportClosedError(
+                        errno.ECONNRESET, f"the peer ({self.name}) closed the connection{detail}"
+                    )
+                end += n
+        except TransportError as exc:
+            self._fail(exc)
+        except OSError as exc:
+            if not self._closed:
+                self._fail(TransportError(exc.errno or errno.EIO, f"read failed: {exc}"))
+        except Exception as exc:  # never die silently with callers waiting
+            log.exception("pyxen9p stream reader crashed")
+            self._fail(TransportError(errno.EIO, f"reader crashed: {exc!r}"))
+
+    def _read_into(self, target: memoryview, poller: select.poll) -> int | None:
+        """Read what is available into *target*: the byte count, 0 at EOF, None if closed."""
+        while not self._closed and self._failure is None:
+            try:
+                return os.readv(self._rfd, [target])
+            except (BlockingIOError, InterruptedError):
+                poller.poll(1000)
+        return None
+
+    def _fill(self, frame: memoryview, got: int, poller: select.poll) -> bool:
+        """Read the rest of a large frame into *frame*; False if the transport closed."""
+        while got < frame.nbytes:
+            n = self._read_into(frame[got:], poller)
+            if n is None:
+                return False
+            if n == 0:
+                raise TransportClosedError(
+                    errno.ECONNRESET,
+                    f"the peer ({self.name}) closed the connection in the middle of a"
+                    f" message ({got} of {frame.nbytes} bytes)",
+                )
+            got += n
+        return True
+
+    def _check_frame(self, buf: memoryview) -> int:
+        size, mtype, tag = _HEADER.unpack_from(buf)
+        if size < HEADER_SIZE:
+            raise FramingError(
+                errno.EPROTO, f"frame size {size} is smaller than the 9P header (type {mtype})"
+            )
+        if size > self.msize:
+            raise FramingError(
+                errno.EMSGSIZE,
+                f"frame of {size} bytes exceeds the msize {self.msize} (type {mtype}, tag {tag})",
+            )
+        return int(size)
+
+    def _deliver(self, frame: bytes) -> None:
+        _, mtype, tag = _HEADER.unpack_from(frame)
+        with self._lock:
+            pending = self._pending.pop(tag, None)
+            if pending is None:
+                self.dropped_replies += 1
+        if pending is None:
+            log.warning("%s: dropping a reply (type %d) for tag %d not in flight",
+                        self.name, mtype, tag)
+            return
+        if pending.future.done() or pending.abandoned:
+            return
+        if mtype not in (pending.type + 1, _RLERROR, _RERROR):
+            pending.future.set_exception(
+                ProtocolError(f"reply of type {mtype} to a request of type {pending.type}"
+                              f" (tag {tag})")
+            )
+        else:
+            pending.future.set_result(frame)
+
+    def _fail(self, exc: TransportError) -> None:
+        """Fail the transport: every waiter gets *exc*, later calls too."""
+        with self._lock:
+            if self._failure is None:
+                self._failure = exc
+            failure = self._failure
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for p in pending:
+            if not p.future.done():
+                p.future.set_exception(failure)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    # --- closing -----------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the reader, fail the waiters, close what the transport owns (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._fail(TransportClosedError(errno.ENOTCONN, f"the transport ({self.name}) was closed"))
+        if self._reader is not threading.current_thread():
+            self._reader.join(timeout=10.0)
+            if self._reader.is_alive():  # pragma: no cover - would be a bug
+                log.error("%s: the reader thread did not stop", self.name)
+        # take the write turn so no writer uses a closed descriptor
+        got = self._send_lock.acquire(timeout=10.0)
+        try:
+            self._close_fds()
+        finally:
+            if got:
+                self._send_lock.release()
+
+    def _close_fds(self) -> None:
+        for obj in self._owned:
+            try:
+                if isinstance(obj, int):
+                    os.close(obj)
+                else:
+                    obj.close()
+            except OSError:
+                pass
+        self._owned = ()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "open" if self.connected else "closed" if self._closed else "failed"
+        return f"<StreamTransport {self.name} {state} msize={self.msize}>"
