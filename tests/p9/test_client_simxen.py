@@ -7,19 +7,16 @@ Every test also checks that the guest domain holds nothing once closed.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from frontend_helpers import FE_DOMID, machine
 
 from pyxen9p.p9.client import Client
 from pyxen9p.p9.server import FileServer
 
-sys.path.insert(0, str(Path(__file__).parent.parent))
-from frontend_helpers import FE_DOMID, machine  # noqa: E402
-
-from .client_suite import *  # noqa: E402, F403
+from .client_suite import *  # noqa: F403
 
 
 @pytest.fixture
