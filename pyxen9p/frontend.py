@@ -27,10 +27,10 @@ import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 
 from typing_extensions import Self
 
+from pyxen9p._shared import InFlight
 from pyxen9p.barrier import Barriers, get_barriers
 from pyxen9p.errors import (
     BackendError,
@@ -138,16 +138,6 @@ def choose_layout(
     return num_rings, chosen
 
 
-@dataclass
-class _Request:
-    """One message in flight on a ring."""
-
-    tag: int
-    type: int
-    future: Future[bytes] = field(default_factory=Future)
-    abandoned: bool = False
-
-
 class _Ring:
     """One shared ring: interface page, data pages, event channel, and queues."""
 
@@ -160,7 +150,7 @@ class _Ring:
         self.producer: Producer | None = None
         self.consumer: Consumer | None = None
         self.views: list[ByteRing] = []
-        self.outstanding: dict[int, _Request] = {}
+        self.outstanding: dict[int, InFlight] = {}
         self.send_lock = threading.Lock()
         self.space = threading.Condition()
 
@@ -515,7 +505,7 @@ class Frontend:
             raise ValueError(f"{size}-byte message exceeds the transport's msize {self.msize}")
         self._check_usable()
         ring = self._rings[tag % self.num_rings]
-        request = _Request(tag, mtype)
+        request = InFlight(tag, mtype)
         with self._lock:
             self._check_usable()
             if tag in ring.outstanding:

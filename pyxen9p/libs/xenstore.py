@@ -27,12 +27,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from types import TracebackType
 from ctypes import POINTER, c_bool, c_char_p, c_int, c_uint, c_ulong, c_void_p
+from types import TracebackType
 from typing import TypeVar
 
 from typing_extensions import Self
 
+from pyxen9p._shared import Watch
 from pyxen9p.errors import TransactionConflictError, XenLibraryError, xen_error
 from pyxen9p.interfaces import Permission, PermissionFlag, WatchEvent
 from pyxen9p.libs._ctypeslib import (
@@ -329,45 +330,6 @@ class Transaction(_NodeOps):
             return False
         self.committed = True
         return False
-
-
-class Watch:
-    """A registered watch: iterate it, or :meth:`get` its next event.
-
-    The watch fires once when registered (so a waiter can check the current
-    state first) and again on changes at or below :attr:`path`; like
-    XenStore's own watches it may fire spuriously.
-    """
-
-    def __init__(self, store: XenStore, path: str, token: str) -> None:
-        self._store = store
-        self.path = path
-        self.token = token
-        self.closed = False
-
-    def get(self, timeout: float | None = None) -> WatchEvent | None:
-        """The next event, waiting up to *timeout* seconds (``None``: forever).
-
-        :returns: the event, or ``None`` on timeout or once the watch is closed
-        """
-        return self._store._next_event(self, timeout)
-
-    def __iter__(self) -> Iterator[WatchEvent]:
-        while True:
-            event = self.get()
-            if event is None:
-                return
-            yield event
-
-    def close(self) -> None:
-        """``xs_unwatch`` (idempotent; also done when the store closes)."""
-        self._store._unwatch(self)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class XenStore(CHandle, _NodeOps):

@@ -30,11 +30,11 @@ import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from typing_extensions import Self
 
+from pyxen9p._shared import InFlight
 from pyxen9p.errors import TransportClosedError, TransportError
 from pyxen9p.p9.codec import HEADER_SIZE, ProtocolError
 
@@ -107,16 +107,6 @@ class FramingError(TransportError, ProtocolError):
     """
 
 
-@dataclass
-class _Pending:
-    """One request in flight."""
-
-    tag: int
-    type: int
-    future: Future[bytes] = field(default_factory=Future)
-    abandoned: bool = False
-
-
 class StreamTransport:
     """9P messages over a byte stream: a connected socket or a pair of fds.
 
@@ -158,7 +148,7 @@ class StreamTransport:
         self._owned = owned
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, InFlight] = {}
         self._failure: TransportError | None = None
         self._closed = False
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -284,7 +274,7 @@ class StreamTransport:
             raise ValueError(f"header says {size} bytes, message has {len(data)}")
         if size > self.msize:
             raise ValueError(f"{size}-byte message exceeds the transport's msize {self.msize}")
-        pending = _Pending(tag, mtype)
+        pending = InFlight(tag, mtype)
         with self._lock:
             self._check_usable()
             if tag in self._pending:

@@ -43,6 +43,7 @@ from typing import TypeVar
 
 from typing_extensions import Self
 
+from pyxen9p._shared import Watch
 from pyxen9p.errors import HandleClosedError, TransactionConflictError
 from pyxen9p.interfaces import Permission, PermissionFlag, WatchEvent
 
@@ -1048,47 +1049,12 @@ class SimTransaction(_SimNodeOps):
         return False
 
 
-class SimWatch:
-    """A registered watch of a :class:`SimXenStore`.
-
-    It fires once when registered, then on changes at or below :attr:`path`.
-    Iterating it yields its events until it is closed.
-
-    :ivar path: the watched path as given
-    :ivar token: the watch's token
-    :ivar closed: whether :meth:`close` was called
-    """
+class SimWatch(Watch):
+    """A watch of a :class:`SimXenStore` (see :class:`pyxen9p._shared.Watch`)."""
 
     def __init__(self, store: SimXenStore, path: str, token: str) -> None:
-        self._store = store
-        self.path = path
-        self.token = token
-        self.closed = False
+        super().__init__(store, path, token)
         self._registration: WatchRegistration | None = None
-
-    def get(self, timeout: float | None = None) -> WatchEvent | None:
-        """The next event, waiting up to *timeout* seconds (``None``: forever).
-
-        :returns: the event, or ``None`` on timeout or once the watch is closed
-        """
-        return self._store._next_event(self, timeout)
-
-    def __iter__(self) -> Iterator[WatchEvent]:
-        while True:
-            event = self.get()
-            if event is None:
-                return
-            yield event
-
-    def close(self) -> None:
-        """Unregister the watch (idempotent; also done when the store closes)."""
-        self._store._unwatch(self)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _close_fds(fds: list[int]) -> None:
@@ -1325,7 +1291,8 @@ class SimXenStore(_SimNodeOps):
             except BlockingIOError:
                 pass
 
-    def _unwatch(self, watch: SimWatch) -> None:
+    def _unwatch(self, watch: Watch) -> None:
+        assert isinstance(watch, SimWatch)
         with self._cond:
             if watch.closed:
                 return
@@ -1338,7 +1305,7 @@ class SimXenStore(_SimNodeOps):
         if watch._registration is not None:
             self._tree.remove_watch(watch._registration)
 
-    def _next_event(self, watch: SimWatch, timeout: float | None) -> WatchEvent | None:
+    def _next_event(self, watch: Watch, timeout: float | None) -> WatchEvent | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
