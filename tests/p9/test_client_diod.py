@@ -69,6 +69,7 @@ def client(diod: str, root: Path, tmp_path: Path) -> Iterator[Client]:
         proc = subprocess.Popen(
             _diod_command(diod, root, "--rfdno", fd, "--wfdno", fd),
             pass_fds=(theirs.fileno(),),
+            cwd=tmp_path,  # a crashing diod leaves its core there
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=logf,
@@ -104,6 +105,7 @@ def test_diod_unix_socket_listener(diod: str, root: Path, tmp_path: Path) -> Non
     with open(log, "wb") as logf:
         proc = subprocess.Popen(
             _diod_command(diod, root, "-l", str(sock_path)),
+            cwd=tmp_path,  # a crashing diod leaves its core there
             stdin=subprocess.DEVNULL,
             stdout=logf,
             stderr=logf,
@@ -135,6 +137,7 @@ def test_diod_wrong_aname_is_refused(diod: str, root: Path, tmp_path: Path) -> N
     proc = subprocess.Popen(
         _diod_command(diod, root, "--rfdno", fd, "--wfdno", fd),
         pass_fds=(theirs.fileno(),),
+        cwd=tmp_path,  # a crashing diod leaves its core there
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

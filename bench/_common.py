@@ -1,0 +1,305 @@
+"""Shared machinery of the pyxen9p benchmarks: paired measurement and output.
+
+Every benchmark measures a *subject* (something pyxen9p does) and a
+*reference* (the same work done the plainest way) in the same process, in
+alternating repetitions, and reports the median rate of each and their ratio
+``subject / reference``.  Absolute rates depend on the machine; the ratio is
+what can be compared between machines and between versions.
+
+Output: one line per benchmark, in the form::
+
+    <name>: <label>=<rate> <unit> <label>=<rate> <unit> ratio=<ratio>
+
+plus comment lines starting with ``#`` (parameters, process CPU time per
+unit).  With ``--json PATH`` the same results are also written as one JSON
+document (``-``: standard output, and the text lines go to standard error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+# Running ``python bench/<script>.py`` from a checkout without installing the
+# package: make the repository root importable (harmless when installed).
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
+
+__all__ = [
+    "MB",
+    "Options",
+    "Result",
+    "Sample",
+    "Timer",
+    "base_parser",
+    "comment",
+    "environment",
+    "measure_pair",
+    "options_from",
+    "report",
+    "timed",
+]
+
+#: Bytes in the megabyte of the ``MB/s`` figures (decimal, as ``dd`` prints).
+MB = 1_000_000
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One timed repetition.
+
+    :ivar units: what was done (megabytes, round trips)
+    :ivar wall: elapsed seconds (``time.perf_counter``)
+    :ivar cpu: CPU seconds of the whole process meanwhile, all threads
+        (``time.process_time``); less sensitive than *wall* to other load on
+        the machine
+    """
+
+    units: float
+    wall: float
+    cpu: float
+
+    @property
+    def rate(self) -> float:
+        """Units per second of wall-clock time."""
+        return self.units / max(self.wall, 1e-9)
+
+    @property
+    def cpu_per_unit(self) -> float:
+        """CPU seconds per unit."""
+        return self.cpu / self.units
+
+
+#: ``() -> Sample``: one timed repetition (see :class:`timed`).
+Timer = Callable[[], Sample]
+
+
+class timed:
+    """Time a block in wall-clock and process CPU time::
+
+        with timed(units) as t:
+            work()
+        return t.sample
+
+    :param units: what the block does (megabytes, round trips)
+    """
+
+    def __init__(self, units: float) -> None:
+        self.units = units
+        self._wall = self._cpu = 0.0
+        #: The measurement, set when the block ends.
+        self.sample = Sample(units, 0.0, 0.0)
+
+    def __enter__(self) -> timed:
+        self._cpu = time.process_time()
+        self._wall = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self._wall
+        cpu = time.process_time() - self._cpu
+        self.sample = Sample(self.units, wall, cpu)
+
+
+@dataclass
+class Options:
+    """Settings common to every benchmark.
+
+    :ivar quick: tiny sizes and counts (for the smoke test; figures meaningless)
+    :ivar repeat: timed repetitions of each side (the median is reported)
+    :ivar warmup: untimed repetitions of each side first
+    """
+
+    quick: bool
+    repeat: int
+    warmup: int
+
+
+@dataclass
+class Result:
+    """One benchmark's outcome.
+
+    :ivar name: the benchmark's name (the start of its output line)
+    :ivar subject: label of the measured pyxen9p path
+    :ivar reference: label of the reference measured in the same run
+    :ivar per: the unit counted (``MB``, ``rt``): rates are ``<per>/s``
+    :ivar subject_runs: the timed repetitions of the subject
+    :ivar reference_runs: the timed repetitions of the reference
+    :ivar params: what was measured (sizes, counts, threads)
+    """
+
+    name: str
+    subject: str
+    reference: str
+    per: str
+    subject_runs: list[Sample]
+    reference_runs: list[Sample]
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def unit(self) -> str:
+        """Unit of the rates, e.g. ``MB/s``."""
+        return f"{self.per}/s"
+
+    @property
+    def subject_median(self) -> float:
+        """Median rate of the subject."""
+        return statistics.median(s.rate for s in self.subject_runs)
+
+    @property
+    def reference_median(self) -> float:
+        """Median rate of the reference."""
+        return statistics.median(s.rate for s in self.reference_runs)
+
+    @property
+    def ratio(self) -> float:
+        """``subject_median / reference_median`` (above 1: the subject is faster)."""
+        return self.subject_median / self.reference_median
+
+    @property
+    def subject_cpu(self) -> float:
+        """Median process CPU seconds per unit of the subject."""
+        return statistics.median(s.cpu_per_unit for s in self.subject_runs)
+
+    @property
+    def reference_cpu(self) -> float:
+        """Median process CPU seconds per unit of the reference."""
+        return statistics.median(s.cpu_per_unit for s in self.reference_runs)
+
+    def line(self) -> str:
+        """The result as one ``name: a=... unit b=... unit ratio=...`` line."""
+        return (
+            f"{self.name}: {self.subject}={self.subject_median:.1f} {self.unit}"
+            f" {self.reference}={self.reference_median:.1f} {self.unit}"
+            f" ratio={self.ratio:.3f}"
+        )
+
+    def cpu_line(self) -> str:
+        """A ``#`` comment with the median process CPU time per unit of each side."""
+        return (
+            f"# {self.name}: CPU per {self.per} (all threads): {self.subject}="
+            f"{self.subject_cpu * 1e6:.1f} us {self.reference}={self.reference_cpu * 1e6:.1f} us"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The result as JSON-ready data, medians and ratio included."""
+        data = asdict(self)
+        data.update(
+            unit=self.unit,
+            subject_median=self.subject_median,
+            reference_median=self.reference_median,
+            ratio=self.ratio,
+            subject_cpu_per_unit=self.subject_cpu,
+            reference_cpu_per_unit=self.reference_cpu,
+        )
+        return data
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark script takes.
+
+    :param description: the script's description for ``--help``
+    :returns: a parser with ``--quick``, ``--repeat``, ``--warmup`` and ``--json``
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes, 2 repetitions: checks that the benchmark runs (figures meaningless)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="timed repetitions (default 11; 2 with --quick)"
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="untimed repetitions first (default 1)"
+    )
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        default=None,
+        help="also write the results as JSON to PATH ('-': standard output)",
+    )
+    return parser
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    """Build :class:`Options` from parsed :func:`base_parser` arguments.
+
+    :raises SystemExit: if ``--repeat`` is below 1 or ``--warmup`` below 0
+    """
+    repeat = args.repeat if args.repeat is not None else (2 if args.quick else 11)
+    if repeat < 1 or args.warmup < 0:
+        raise SystemExit("--repeat must be >= 1 and --warmup >= 0")
+    return Options(quick=bool(args.quick), repeat=repeat, warmup=args.warmup)
+
+
+def measure_pair(
+    subject: Timer, reference: Timer, options: Options
+) -> tuple[list[Sample], list[Sample]]:
+    """Run *subject* and *reference* alternately: warm-up, then timed repetitions.
+
+    Alternating (subject, reference, subject, ...) spreads any drift of the
+    machine (frequency scaling, other load) over both sides.
+
+    :param subject: one repetition of the measured path
+    :param reference: one repetition of the reference
+    :returns: the timed repetitions of each side
+    """
+    for _ in range(options.warmup):
+        subject()
+        reference()
+    subject_runs: list[Sample] = []
+    reference_runs: list[Sample] = []
+    for _ in range(options.repeat):
+        subject_runs.append(subject())
+        reference_runs.append(reference())
+    return subject_runs, reference_runs
+
+
+def environment() -> dict[str, Any]:
+    """Describe the machine and interpreter the figures were measured on."""
+    try:
+        load: list[float] | None = list(os.getloadavg())
+    except OSError:
+        load = None
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "loadavg": load,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def comment(text: str, out: TextIO) -> None:
+    """Print a ``#`` comment line (parameters, notes) and flush it."""
+    print(f"# {text}", file=out, flush=True)
+
+
+def report(results: list[Result], json_path: str | None, out: TextIO) -> None:
+    """Write *results* as JSON if asked (the text lines were printed already).
+
+    :param json_path: a file name, ``-`` for standard output, or ``None``
+    :param out: where the text lines go (a note is printed there)
+    """
+    if json_path is None:
+        return
+    document = {"environment": environment(), "results": [r.as_dict() for r in results]}
+    text = json.dumps(document, indent=2, sort_keys=True)
+    if json_path == "-":
+        print(text, flush=True)
+    else:
+        Path(json_path).write_text(text + "\n", encoding="utf-8")
+        comment(f"results written to {json_path}", out)
