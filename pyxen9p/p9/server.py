@@ -1,0 +1,1292 @@
+"""A pure-Python 9P2000.L file server exporting one local directory.
+
+:class:`FileServer` answers 9P2000.L requests against a directory tree.  It
+is used as the backend of the simulated Xen 9pfs device, and can serve any
+byte stream (a socket, a pair of pipes)::
+
+    server = FileServer("/srv/export", readonly=True)
+    reply = server.handle(request_bytes)          # one request in, one reply out
+    threading.Thread(target=server.serve_socket, args=(sock,)).start()
+
+Sessions
+    Fids live in a :class:`Session`.  :meth:`FileServer.handle` uses one
+    default session shared by all its callers; :meth:`FileServer.session`
+    makes an independent one (one per connection), and each call of
+    :meth:`FileServer.serve_socket` / :meth:`FileServer.serve_fds` uses its
+    own.  :meth:`Session.handle` is thread-safe: requests on different fids
+    run concurrently, requests on the same fid one after the other.
+
+Confinement
+    Nothing outside the export root can be reached or changed through the
+    server, whatever the client sends and however it races its own
+    requests:
+
+    * every fid holds an ``O_PATH | O_NOFOLLOW`` file descriptor of its
+      file, obtained by walking one validated name at a time from the root
+      with ``openat()``; every later operation uses that descriptor, or the
+      descriptor of the directory it was found in plus one validated name,
+      with ``*at()`` calls that never follow a symbolic link.  Renaming or
+      replacing a path component after a walk cannot redirect a fid;
+    * names sent by the client must be single path components: ``""``,
+      ``"."``, ``".."`` and names containing ``"/"`` or NUL are refused with
+      ``EINVAL`` (Twalk alone accepts ``"."`` and ``".."``; ``".."`` at the
+      root stays at the root);
+    * files are reopened for I/O through ``/proc/self/fd/N`` of the fid's
+      own descriptor (never for symbolic links), so ``/proc`` must be
+      mounted;
+    * only regular files and FIFOs can be created by Tmknod (``EPERM``
+      otherwise), device nodes are not opened (``EACCES``), FIFOs are opened
+      non-blocking so that no request can block the server;
+    * by default (``symlinks="confined"``) a new symbolic link must have a
+      relative target without any ``..`` component, so that no link created
+      through the server points outside the export for a host program that
+      follows links (``EPERM`` otherwise); ``symlinks="any"`` lifts this,
+      ``symlinks="none"`` refuses all new links;
+    * set-user-ID bits, and set-group-ID bits on non-directories, are
+      removed from modes set by the client unless ``allow_setid=True``;
+    * ``readonly=True`` refuses every modification with ``EROFS``.
+
+    The gid in Tlcreate/Tmkdir/Tsymlink/Tmknod and the user names of
+    Tattach are ignored: files are created with the server's credentials,
+    and the kernel's permission checks apply to the server process (chown
+    works only if the server process may do it).
+
+Other behaviour
+    Tauth, Txattrwalk and Txattrcreate answer ``EOPNOTSUPP``.  Tlock and
+    Tgetlock emulate POSIX record locks in the server (advisory, shared by
+    all sessions of one :class:`FileServer`, released when a session ends);
+    a conflicting lock request answers ``P9_LOCK_BLOCKED``.  Treaddir
+    offsets are stable cookies derived from entry names (``.`` is 1,
+    ``..`` is 2), so a listing can be resumed from any offset the server
+    returned even if the directory changed meanwhile.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import hashlib
+import logging
+import os
+import select
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from typing import Literal
+
+from typing_extensions import Self
+
+from pyxen9p.p9 import codec as c
+
+__all__ = ["DEFAULT_MSIZE", "MIN_MSIZE", "FileServer", "Session"]
+
+_log = logging.getLogger(__name__)
+
+#: The msize a :class:`FileServer` offers by default.
+DEFAULT_MSIZE = 512 * 1024
+#: The smallest msize the server accepts (Linux requires 4096 too).
+MIN_MSIZE = 4096
+#: f_type reported by Rstatfs (V9FS_MAGIC).
+_V9FS_MAGIC = 0x01021997
+_U64 = (1 << 64) - 1
+_RREAD_OVERHEAD = c.HEADER_SIZE + 4  # size[4] type[1] tag[2] count[4]
+_FLUSH_TIMEOUT = 30.0
+_CLOSE_TIMEOUT = 30.0
+
+_O_PATH = getattr(os, "O_PATH", 0)
+_PATH_FLAGS = _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_PATH_FLAGS = _PATH_FLAGS | os.O_DIRECTORY
+
+#: The ``symlinks`` policies of :class:`FileServer`.
+SymlinkPolicy = Literal["confined", "any", "none"]
+
+
+class _Err(Exception):
+    """Abort the current request with Rlerror(errno)."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__(err)
+        self.errno = err
+
+
+def _proc(fd: int) -> str:
+    return f"/proc/self/fd/{fd}"
+
+
+def _component(name: str) -> bytes:
+    """Validate a client-supplied name as one path component; return its bytes."""
+    raw = name.encode("utf-8", "surrogateescape")
+    if raw in (b"", b".", b"..") or b"/" in raw or b"\0" in raw:
+        raise _Err(errno.EINVAL)
+    return raw
+
+
+def _qid_type(mode: int) -> int:
+    if stat.S_ISDIR(mode):
+        return c.QTDIR
+    if stat.S_ISLNK(mode):
+        return c.QTSYMLINK
+    return c.QTFILE
+
+
+def _dt_type(mode: int) -> int:
+    fmt = stat.S_IFMT(mode)
+    return {
+        stat.S_IFDIR: c.DT_DIR,
+        stat.S_IFREG: c.DT_REG,
+        stat.S_IFLNK: c.DT_LNK,
+        stat.S_IFIFO: c.DT_FIFO,
+        stat.S_IFCHR: c.DT_CHR,
+        stat.S_IFBLK: c.DT_BLK,
+        stat.S_IFSOCK: c.DT_SOCK,
+    }.get(fmt, c.DT_UNKNOWN)
+
+
+def _cookie(name: bytes) -> int:
+    """Stable readdir offset of entry *name*: never 0, 1 or 2, below 2**63."""
+    h = int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little")
+    h &= (1 << 63) - 1
+    return h if h > 2 else h + 3
+
+
+def _close(fd: int) -> None:
+    if fd >= 0:
+        with suppress(OSError):
+            os.close(fd)
+
+
+@dataclass
+class _Loc:
+    """Where a fid points: its O_PATH fd, and the directory + name it was found under.
+
+    ``parent`` is -1 for the root and for directories reached through
+    ``..`` (their parent and name are then found again when needed).
+    All fds are owned by the location.
+    """
+
+    fd: int
+    parent: int
+    name: bytes
+    mode: int  # st_mode at walk time (the file type of an inode never changes)
+    is_root: bool
+
+    def close(self) -> None:
+        _close(self.fd)
+        _close(self.parent)
+        self.fd = self.parent = -1
+
+    def dup(self) -> _Loc:
+        fd = os.dup(self.fd)
+        try:
+            parent = os.dup(self.parent) if self.parent >= 0 else -1
+        except OSError:
+            _close(fd)
+            raise
+        return _Loc(fd, parent, self.name, self.mode, self.is_root)
+
+
+class _Fid:
+    __slots__ = ("closed", "dirents", "loc", "lock", "open_fd", "open_write", "serial")
+
+    def __init__(self, loc: _Loc, serial: int) -> None:
+        self.loc = loc
+        self.serial = serial
+        self.lock = threading.Lock()
+        self.open_fd = -1
+        self.open_write = False
+        self.dirents: tuple[list[int], list[bytes]] | None = None
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        self.loc.close()
+        _close(self.open_fd)
+        self.open_fd = -1
+        self.dirents = None
+
+
+_INF = 1 << 64
+
+
+@dataclass
+class _Lock:
+    owner: tuple[int, str, int]  # session serial, client_id, proc_id
+    type: int
+    start: int
+    end: int  # exclusive; _INF for "to end of file"
+
+
+class FileServer:
+    """Serve the directory *root* over 9P2000.L.
+
+    :param root: the directory to export (resolved once, at construction)
+    :param readonly: refuse every modification with ``EROFS``
+    :param msize: the largest message size the server offers (at least
+        :data:`MIN_MSIZE`); a client's Tversion negotiates it down
+    :param symlinks: policy for new symbolic links: ``"confined"`` (relative
+        targets without ``..``), ``"any"`` or ``"none"``
+    :param allow_setid: keep set-user-ID / set-group-ID bits in modes set by
+        clients
+    :param max_fids: the most fids one session may hold (``EMFILE`` beyond)
+    :raises NotADirectoryError: *root* is not a directory
+    :raises ValueError: a parameter is out of range
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        readonly: bool = False,
+        msize: int = DEFAULT_MSIZE,
+        symlinks: SymlinkPolicy = "confined",
+        allow_setid: bool = False,
+        max_fids: int = 4096,
+    ) -> None:
+        if not MIN_MSIZE <= msize <= 0xFFFFFFFF:
+            raise ValueError(f"msize must be in [{MIN_MSIZE}, 2**32-1], got {msize}")
+        if symlinks not in ("confined", "any", "none"):
+            raise ValueError(f"symlinks must be 'confined', 'any' or 'none', got {symlinks!r}")
+        if max_fids < 1:
+            raise ValueError("max_fids must be positive")
+        if not _O_PATH:
+            raise OSError(errno.ENOSYS, "O_PATH is needed (Linux only)")
+        self._root_path = os.path.realpath(os.fspath(root))
+        # Tattach anames naming the root (besides "" and "/").
+        self._anames = (self._root_path, os.path.abspath(os.fspath(root)))
+        self._root_fd = os.open(self._root_path, _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        st = os.fstat(self._root_fd)
+        self._root_id = (st.st_dev, st.st_ino)
+        #: Whether every modification is refused.
+        self.readonly = readonly
+        #: The largest msize offered.
+        self.msize = msize
+        #: The policy for new symbolic links.
+        self.symlinks: SymlinkPolicy = symlinks
+        #: Whether set-user-ID / set-group-ID bits are kept.
+        self.allow_setid = allow_setid
+        #: The most fids one session may hold.
+        self.max_fids = max_fids
+        self._lock = threading.Lock()
+        self._sessions: set[Session] = set()
+        self._streams: set[socket.socket] = set()
+        self._serial = 0
+        self._devs: dict[int, int] = {st.st_dev: 0}
+        self._locks: dict[tuple[int, int], list[_Lock]] = {}
+        self._locks_mutex = threading.Lock()
+        self._closed = False
+        self._default = self.session()
+
+    # -- public API ----------------------------------------------------------
+
+    @property
+    def root(self) -> str:
+        """The exported directory (an absolute, resolved path)."""
+        return self._root_path
+
+    def session(self) -> Session:
+        """Return a new, independent session (its own fids and msize).
+
+        :raises ValueError: the server is closed
+        """
+        with self._lock:
+            if self._closed:
+                raise ValueError("FileServer is closed")
+            self._serial += 1
+            s = Session(self, self._serial)
+            self._sessions.add(s)
+            return s
+
+    def handle(self, request: bytes | bytearray | memoryview) -> bytes:
+        """Answer one complete request with one complete reply, in the default session.
+
+        Thread-safe; see :meth:`Session.handle`.
+        """
+        return self._default.handle(request)
+
+    def serve_socket(self, sock: socket.socket, *, idle_timeout: float | None = None) -> None:
+        """Serve a stream socket in a new session until the peer closes it.
+
+        Requests are read and answered in order.  Returns at end of stream, on
+        a framing error (a size field out of range), on a socket error, after
+        *idle_timeout* seconds without a request, or when the server is
+        closed (:meth:`close` shuts the socket down).  On return the socket
+        is shut down in both directions, so the peer sees the end of the
+        stream, but not closed.  Shut it down from another thread to stop
+        serving.
+
+        :param sock: a connected stream socket
+        :param idle_timeout: seconds to wait for each request (``None``: no limit)
+        """
+        old_timeout = sock.gettimeout()
+        sock.settimeout(idle_timeout)
+        with self._lock:
+            closed = self._closed
+            self._streams.add(sock)
+
+        def recv(n: int) -> bytes:
+            return sock.recv(n)
+
+        try:
+            if not closed:
+                self._serve(recv, sock.sendall)
+        finally:
+            with self._lock:
+                self._streams.discard(sock)
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with suppress(OSError):
+                sock.settimeout(old_timeout)
+
+    def serve_fds(self, rfd: int, wfd: int, *, idle_timeout: float | None = None) -> None:
+        """Serve requests read from file descriptor *rfd*, replies written to *wfd*.
+
+        Same behaviour as :meth:`serve_socket` (:meth:`close` is noticed
+        within half a second); the descriptors are neither shut down nor
+        closed.
+
+        :param rfd: readable end (a pipe, a socket...)
+        :param wfd: writable end (may equal *rfd*)
+        :param idle_timeout: seconds to wait for each request (``None``: no limit)
+        """
+        poller = select.poll()
+        poller.register(rfd, select.POLLIN)
+
+        def recv(n: int) -> bytes:
+            deadline = None if idle_timeout is None else time.monotonic() + idle_timeout
+            while not self._closed:
+                wait = 0.5
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        raise TimeoutError("idle timeout")
+                if poller.poll(wait * 1000):
+                    return os.read(rfd, n)
+            return b""
+
+        def send(data: bytes) -> None:
+            view = memoryview(data)
+            while view:
+                n = os.write(wfd, view)
+                view = view[n:]
+
+        self._serve(recv, send)
+
+    def close(self) -> None:
+        """Close every session (waiting for running requests) and the root.
+
+        Idempotent.
+        """
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            sessions = list(self._sessions)
+            streams = list(self._streams)
+        for sock in streams:
+            with suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for s in sessions:
+            s.close()
+        _close(self._root_fd)
+        self._root_fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- helpers used by sessions -------------------------------------------
+
+    def _serve(self, recv: Callable[[int], bytes], send: Callable[[bytes], None]) -> None:
+        try:
+            session = self.session()
+        except ValueError:
+            return
+        try:
+            while not session.closed:
+                hdr = _recv_exact(recv, c.HEADER_SIZE)
+                if hdr is None:
+                    return
+                size, _, _ = c.peek_header(hdr)
+                limit = session.msize if session.msize else self.msize
+                if size > limit:
+                    _log.warning("9P request of %d bytes exceeds msize %d: closing", size, limit)
+                    return
+                body = _recv_exact(recv, size - c.HEADER_SIZE)
+                if body is None:
+                    _log.warning("9P stream ended inside a message")
+                    return
+                send(session.handle(hdr + body))
+        except c.ProtocolError as exc:
+            _log.warning("9P framing error: %s", exc)
+        except (OSError, TimeoutError) as exc:
+            _log.debug("9P stream closed: %s", exc)
+        finally:
+            session.close()
+
+    def _forget(self, session: Session) -> None:
+        with self._lock:
+            self._sessions.discard(session)
+        with self._locks_mutex:
+            for key in list(self._locks):
+                kept = [lk for lk in self._locks[key] if lk.owner[0] != session.serial]
+                if kept:
+                    self._locks[key] = kept
+                else:
+                    del self._locks[key]
+
+    def _qid(self, st: os.stat_result) -> c.Qid:
+        return c.Qid(_qid_type(st.st_mode), 0, self._qid_path(st.st_dev, st.st_ino))
+
+    def _qid_path(self, dev: int, ino: int) -> int:
+        index = self._devs.get(dev)
+        if index is None:
+            with self._lock:
+                index = self._devs.setdefault(dev, len(self._devs))
+        if index == 0:
+            return ino & _U64
+        return ((index << 48) | (ino & ((1 << 48) - 1))) & _U64
+
+    def _is_root(self, st: os.stat_result) -> bool:
+        return (st.st_dev, st.st_ino) == self._root_id
+
+
+def _recv_exact(recv: Callable[[int], bytes], n: int) -> bytes | None:
+    """Read exactly *n* bytes; None at end of stream (even mid-way)."""
+    chunks: list[bytes] = []
+    left = n
+    while left:
+        chunk = recv(min(left, 1 << 20))
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+class Session:
+    """One 9P session: a fid table and a negotiated msize.
+
+    Obtain sessions from :meth:`FileServer.session`.  A session starts
+    un-negotiated: every request but Tversion answers ``EPROTO`` until a
+    Tversion offering "9P2000.L" succeeds.
+    """
+
+    def __init__(self, server: FileServer, serial: int) -> None:
+        self._server = server
+        #: A number identifying the session within its server.
+        self.serial = serial
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._fids: dict[int, _Fid] = {}
+        self._fid_serial = 0
+        self._inflight: dict[int, threading.Event] = {}
+        self._active = 0
+        #: The negotiated msize (0 before a successful Tversion).
+        self.msize = 0
+        #: True once :meth:`close` has been called.
+        self.closed = False
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- entry points --------------------------------------------------------
+
+    def handle(self, request: bytes | bytearray | memoryview) -> bytes:
+        """Answer one complete request message with one complete reply message.
+
+        Safe to call from several threads at once.  A request that decodes
+        but is invalid, or that fails, gets an :class:`~pyxen9p.p9.codec.Rlerror`
+        (``EOPNOTSUPP`` for an unknown message type, ``EPROTO`` for a
+        malformed body).
+
+        :param request: exactly one message, header included
+        :returns: the encoded reply
+        :raises ~pyxen9p.p9.codec.ProtocolError: *request* is not even a
+            well-framed message (shorter than 7 bytes, or its size field
+            differs from its length)
+        """
+        size, mtype, tag = c.peek_header(request)
+        if size != memoryview(request).nbytes:
+            raise c.ProtocolError(
+                f"size field says {size} bytes but {memoryview(request).nbytes} were given"
+            )
+        with self._lock:
+            if self.closed:
+                return c.encode(c.Rlerror(tag, errno.EIO))
+            self._active += 1
+            event = threading.Event()
+            self._inflight[tag] = event
+        try:
+            reply = self._dispatch(request, mtype, tag)
+        finally:
+            with self._lock:
+                if self._inflight.get(tag) is event:
+                    del self._inflight[tag]
+                event.set()
+                self._active -= 1
+                if self._active == 0:
+                    self._idle.notify_all()
+        return reply
+
+    def close(self) -> None:
+        """Clunk every fid, release this session's locks, and refuse further requests.
+
+        Waits (up to 30 s) for requests still running.  Idempotent.
+        """
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            deadline = time.monotonic() + _CLOSE_TIMEOUT
+            while self._active:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    _log.warning("closing a 9P session with %d requests running", self._active)
+                    break
+                self._idle.wait(left)
+        self._clunk_all()
+        self._server._forget(self)
+
+    # -- plumbing --------------------------------------------------------------
+
+    def _dispatch(self, request: bytes | bytearray | memoryview, mtype: int, tag: int) -> bytes:
+        try:
+            msg = c.decode(request)
+        except c.ProtocolError as exc:
+            known = mtype in c.message_classes()
+            _log.debug("bad 9P request (type %d): %s", mtype, exc)
+            return c.encode(c.Rlerror(tag, errno.EPROTO if known else errno.EOPNOTSUPP))
+        method = _HANDLERS.get(type(msg))
+        if method is None:  # an R-message sent as a request
+            return c.encode(c.Rlerror(tag, errno.EOPNOTSUPP))
+        handler: Callable[[c.Message], c.Message] = getattr(self, method)
+        if self.msize == 0 and not isinstance(msg, c.Tversion):
+            return c.encode(c.Rlerror(tag, errno.EPROTO))
+        try:
+            reply = handler(msg)
+        except _Err as exc:
+            reply = c.Rlerror(tag, exc.errno)
+        except OSError as exc:
+            reply = c.Rlerror(tag, exc.errno or errno.EIO)
+        except (ValueError, OverflowError) as exc:
+            _log.debug("9P request %r: %s", msg, exc)
+            reply = c.Rlerror(tag, errno.EINVAL)
+        except Exception:
+            _log.exception("9P request %r failed", msg)
+            reply = c.Rlerror(tag, errno.EIO)
+        try:
+            raw = c.encode(reply)
+        except c.ProtocolError:
+            _log.exception("cannot encode the reply %r", reply)
+            return c.encode(c.Rlerror(tag, errno.EIO))
+        if self.msize and len(raw) > self.msize:
+            return c.encode(c.Rlerror(tag, errno.EMSGSIZE))
+        return raw
+
+    def _clunk_all(self) -> None:
+        with self._lock:
+            fids = list(self._fids.values())
+            self._fids.clear()
+        for f in fids:
+            with f.lock:
+                f.close()
+
+    def _new_fid(self, num: int, loc: _Loc) -> _Fid:
+        """Insert a fid for *loc* (ownership moves to the fid, even on failure)."""
+        with self._lock:
+            if num == c.NOFID:
+                loc.close()
+                raise _Err(errno.EINVAL)
+            if num in self._fids:
+                loc.close()
+                raise _Err(errno.EBADF)
+            if len(self._fids) >= self._server.max_fids:
+                loc.close()
+                raise _Err(errno.EMFILE)
+            self._fid_serial += 1
+            fid = _Fid(loc, self._fid_serial)
+            self._fids[num] = fid
+            return fid
+
+    def _pop(self, num: int) -> _Fid:
+        with self._lock:
+            fid = self._fids.pop(num, None)
+        if fid is None:
+            raise _Err(errno.EBADF)
+        return fid
+
+    @contextmanager
+    def _using(self, *nums: int) -> Iterator[list[_Fid]]:
+        """Lock the fids numbered *nums* (in a fixed order) for one operation."""
+        with self._lock:
+            fids = []
+            for n in nums:
+                f = self._fids.get(n)
+                if f is None:
+                    raise _Err(errno.EBADF)
+                fids.append(f)
+        unique = sorted({id(f): f for f in fids}.values(), key=lambda f: f.serial)
+        held: list[_Fid] = []
+        try:
+            for f in unique:
+                f.lock.acquire()
+                held.append(f)
+                if f.closed:
+                    raise _Err(errno.EBADF)
+            yield fids
+        finally:
+            for f in reversed(held):
+                f.lock.release()
+
+    def _writable(self) -> None:
+        if self._server.readonly:
+            raise _Err(errno.EROFS)
+
+    def _mode(self, mode: int, *, is_dir: bool) -> int:
+        mode &= 0o7777
+        if not self._server.allow_setid:
+            mode &= ~stat.S_ISUID
+            if not is_dir:
+                mode &= ~stat.S_ISGID
+        return mode
+
+    @staticmethod
+    def _dir(fid: _Fid) -> int:
+        """The O_PATH fd of directory fid *fid* (ENOTDIR otherwise)."""
+        if not stat.S_ISDIR(fid.loc.mode):
+            raise _Err(errno.ENOTDIR)
+        return fid.loc.fd
+
+    def _locate(self, fid: _Fid) -> tuple[int, bytes]:
+        """Return (parent dir fd, name) currently naming *fid*'s file (borrowed fd)."""
+        if fid.loc.is_root:
+            raise _Err(errno.EBUSY)
+        st = os.fstat(fid.loc.fd)
+        if self._server._is_root(st):
+            raise _Err(errno.EBUSY)
+        if fid.loc.parent < 0:
+            # A directory reached through "..": find its parent and name again.
+            parent = os.open(b"..", _DIR_PATH_FLAGS, dir_fd=fid.loc.fd)
+            try:
+                name = _find_name(parent, st)
+            except BaseException:
+                _close(parent)
+                raise
+            fid.loc.parent, fid.loc.name = parent, name
+        try:
+            cur = os.stat(fid.loc.name, dir_fd=fid.loc.parent, follow_symlinks=False)
+        except FileNotFoundError:
+            raise _Err(errno.ENOENT) from None
+        if (cur.st_dev, cur.st_ino) != (st.st_dev, st.st_ino):
+            raise _Err(errno.ENOENT)  # renamed or replaced since the walk
+        return fid.loc.parent, fid.loc.name
+
+    # -- operations --------------------------------------------------------------
+
+    def _op_version(self, m: c.Tversion) -> c.Message:
+        self._clunk_all()
+        if m.version != c.VERSION_9P2000_L:
+            self.msize = 0
+            return c.Rversion(m.tag, min(m.msize, self._server.msize), c.VERSION_UNKNOWN)
+        msize = min(m.msize, self._server.msize)
+        if msize < MIN_MSIZE:
+            self.msize = 0
+            raise _Err(errno.EINVAL)
+        self.msize = msize
+        return c.Rversion(m.tag, msize, c.VERSION_9P2000_L)
+
+    def _op_auth(self, m: c.Tauth) -> c.Message:
+        raise _Err(errno.EOPNOTSUPP)
+
+    def _op_attach(self, m: c.Tattach) -> c.Message:
+        if m.afid != c.NOFID:
+            raise _Err(errno.EINVAL)
+        aname = os.path.normpath(m.aname) if m.aname.startswith("/") else m.aname
+        if aname not in ("", "/", *self._server._anames):
+            raise _Err(errno.ENOENT)
+        fd = os.dup(self._server._root_fd)
+        st = os.fstat(fd)
+        self._new_fid(m.fid, _Loc(fd, -1, b"", st.st_mode, True))
+        return c.Rattach(m.tag, self._server._qid(st))
+
+    def _op_flush(self, m: c.Tflush) -> c.Message:
+        with self._lock:
+            event = self._inflight.get(m.oldtag)
+            mine = self._inflight.get(m.tag)
+        if event is not None and event is not mine:
+            event.wait(_FLUSH_TIMEOUT)
+        return c.Rflush(m.tag)
+
+    def _op_walk(self, m: c.Twalk) -> c.Message:
+        with self._using(m.fid) as (fid,):
+            if m.newfid == m.fid and m.wnames and fid.open_fd >= 0:
+                raise _Err(errno.EBUSY)
+            cur = fid.loc
+            owned: _Loc | None = None
+            qids: list[c.Qid] = []
+            try:
+                for i, name in enumerate(m.wnames):
+                    try:
+                        nxt = self._step(cur, name)
+                    except (_Err, OSError, ValueError) as exc:
+                        if i == 0:
+                            raise
+                        _log.debug("partial walk after %d names: %s", i, exc)
+                        return c.Rwalk(m.tag, tuple(qids))
+                    if owned is not None:
+                        owned.close()
+                    owned = cur = nxt
+                    qids.append(self._server._qid(os.fstat(cur.fd)))
+                if owned is None:
+                    owned = cur.dup()
+                if m.newfid == m.fid:
+                    old = fid.loc
+                    fid.loc = owned
+                    fid.dirents = None
+                    owned = None
+                    old.close()
+                else:
+                    new, owned = owned, None
+                    self._new_fid(m.newfid, new)
+                return c.Rwalk(m.tag, tuple(qids))
+            finally:
+                if owned is not None:
+                    owned.close()
+
+    def _step(self, cur: _Loc, name: str) -> _Loc:
+        """Walk one name from *cur*; return a new location (owned by the caller)."""
+        if not stat.S_ISDIR(cur.mode):
+            raise _Err(errno.ENOTDIR)
+        srv = self._server
+        if name == ".":
+            return cur.dup()
+        if name == "..":
+            if cur.is_root or srv._is_root(os.fstat(cur.fd)):
+                root = cur.dup() if cur.is_root else _root_loc(srv)
+                return root
+            fd = os.open(b"..", _DIR_PATH_FLAGS, dir_fd=cur.fd)
+            st = os.fstat(fd)
+            return _Loc(fd, -1, b"", st.st_mode, srv._is_root(st))
+        raw = _component(name)
+        fd = os.open(raw, _PATH_FLAGS, dir_fd=cur.fd)
+        try:
+            st = os.fstat(fd)
+            parent = os.dup(cur.fd)
+        except BaseException:
+            _close(fd)
+            raise
+        return _Loc(fd, parent, raw, st.st_mode, False)
+
+    def _op_lopen(self, m: c.Tlopen) -> c.Message:
+        with self._using(m.fid) as (fid,):
+            if fid.open_fd >= 0:
+                raise _Err(errno.EBADF)
+            flags, writes = self._open_flags(m.flags)
+            mode = fid.loc.mode
+            if m.flags & c.L_O_DIRECTORY and not stat.S_ISDIR(mode):
+                raise _Err(errno.ENOTDIR)
+            if stat.S_ISDIR(mode):
+                if writes:
+                    raise _Err(errno.EISDIR)
+                ofd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fid.loc.fd)
+            elif stat.S_ISREG(mode):
+                ofd = os.open(_proc(fid.loc.fd), flags)
+            elif stat.S_ISFIFO(mode):
+                ofd = os.open(_proc(fid.loc.fd), flags | os.O_NONBLOCK)
+            elif stat.S_ISLNK(mode):
+                raise _Err(errno.ELOOP)
+            elif stat.S_ISSOCK(mode):
+                raise _Err(errno.ENXIO)
+            else:
+                raise _Err(errno.EACCES)  # device nodes are never opened
+            try:
+                st = os.fstat(ofd)
+                if (st.st_dev, st.st_ino) != _ident(os.fstat(fid.loc.fd)):
+                    raise _Err(errno.ESTALE)
+            except BaseException:
+                _close(ofd)
+                raise
+            fid.open_fd = ofd
+            fid.open_write = writes
+            fid.dirents = None
+            return c.Rlopen(m.tag, self._server._qid(st), self._iounit())
+
+    def _iounit(self) -> int:
+        return max(0, self.msize - c.IOHDRSZ)
+
+    def _open_flags(self, lflags: int) -> tuple[int, bool]:
+        """Translate ``L_O_*`` flags to host open flags; returns (flags, writes)."""
+        acc = lflags & c.L_O_ACCMODE
+        if acc == c.L_O_NOACCESS:
+            raise _Err(errno.EINVAL)
+        flags = {c.L_O_RDONLY: os.O_RDONLY, c.L_O_WRONLY: os.O_WRONLY, c.L_O_RDWR: os.O_RDWR}[acc]
+        flags |= os.O_CLOEXEC
+        if lflags & c.L_O_TRUNC:
+            flags |= os.O_TRUNC
+        if lflags & c.L_O_APPEND:
+            flags |= os.O_APPEND
+        if lflags & c.L_O_SYNC:
+            flags |= os.O_SYNC
+        elif lflags & c.L_O_DSYNC:
+            flags |= os.O_DSYNC
+        writes = acc != c.L_O_RDONLY or bool(lflags & c.L_O_TRUNC)
+        if writes:
+            self._writable()
+        return flags, writes
+
+    def _op_lcreate(self, m: c.Tlcreate) -> c.Message:
+        self._writable()
+        with self._using(m.fid) as (fid,):
+            dfd = self._dir(fid)
+            if fid.open_fd >= 0:
+                raise _Err(errno.EBADF)
+            name = _component(m.name)
+            flags, _ = self._open_flags(m.flags)
+            flags |= os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+            if m.flags & c.L_O_EXCL:
+                flags |= os.O_EXCL
+            ofd = os.open(name, flags, self._mode(m.mode, is_dir=False), dir_fd=dfd)
+            try:
+                st = os.fstat(ofd)
+                if not stat.S_ISREG(st.st_mode):
+                    raise _Err(errno.EEXIST)
+                os.set_blocking(ofd, True)
+                pfd = os.open(_proc(ofd), _O_PATH | os.O_CLOEXEC)
+            except BaseException:
+                _close(ofd)
+                raise
+            old = fid.loc
+            fid.loc = _Loc(pfd, old.fd, name, st.st_mode, False)
+            _close(old.parent)
+            fid.open_fd = ofd
+            fid.open_write = True
+            fid.dirents = None
+            return c.Rlcreate(m.tag, self._server._qid(st), self._iounit())
+
+    def _op_read(self, m: c.Tread) -> c.Message:
+        with self._using(m.fid) as (fid,):
+            if fid.open_fd < 0:
+                raise _Err(errno.EBADF)
+            count = min(m.count, self.msize - _RREAD_OVERHEAD)
+            if stat.S_ISFIFO(fid.loc.mode):
+                data = os.read(fid.open_fd, count)
+            else:
+                data = os.pread(fid.open_fd, count, m.offset)
+            return c.Rread(m.tag, data)
+
+    def _op_write(self, m: c.Twrite) -> c.Message:
+        self._writable()
+        with self._using(m.fid) as (fid,):
+            if fid.open_fd < 0 or not fid.open_write:
+                raise _Err(errno.EBADF)
+            if stat.S_ISFIFO(fid.loc.mode):
+                n = os.write(fid.open_fd, m.data)
+            else:
+                n = os.pwrite(fid.open_fd, m.data, m.offset)
+            return c.Rwrite(m.tag, n)
+
+    def _op_clunk(self, m: c.Tclunk) -> c.Message:
+        fid = self._pop(m.fid)
+        with fid.lock:
+            fid.close()
+        return c.Rclunk(m.tag)
+
+    def _op_remove(self, m: c.Tremove) -> c.Message:
+        fid = self._pop(m.fid)
+        with fid.lock:
+            try:
+                self._writable()
+                parent, name = self._locate(fid)
+                if stat.S_ISDIR(fid.loc.mode):
+                    os.rmdir(name, dir_fd=parent)
+                else:
+                    os.unlink(name, dir_fd=parent)
+            finally:
+                fid.close()
+        return c.Rremove(m.tag)
+
+    def _op_statfs(self, m: c.Tstatfs) -> c.Message:
+        with self._using(m.fid) as (fid,):
+            sv = os.fstatvfs(fid.loc.fd)
+        return c.Rstatfs(
+            m.tag,
+            _V9FS_MAGIC,
+            sv.f_bsize & 0xFFFFFFFF,
+            sv.f_blocks,
+            sv.f_bfree,
+            sv.f_bavail,
+            sv.f_files,
+            sv.f_ffree,
+            sv.f_fsid & _U64,
+            sv.f_namemax & 0xFFFFFFFF,
+        )
+
+    def _op_symlink(self, m: c.Tsymlink) -> c.Message:
+        self._writable()
+        with self._using(m.fid) as (fid,):
+            dfd = self._dir(fid)
+            name = _component(m.name)
+            target = m.symtgt.encode("utf-8", "surrogateescape")
+            if not target or b"\0" in target:
+                raise _Err(errno.EINVAL)
+            policy = self._server.symlinks
+            if policy == "none" or (
+                policy == "confined"
+                and (target.startswith(b"/") or b".." in target.split(b"/"))
+            ):
+                raise _Err(errno.EPERM)
+            os.symlink(target, name, dir_fd=dfd)
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            return c.Rsymlink(m.tag, self._server._qid(st))
+
+    def _op_mknod(self, m: c.Tmknod) -> c.Message:
+        self._writable()
+        with self._using(m.dfid) as (fid,):
+            dfd = self._dir(fid)
+            name = _component(m.name)
+            kind = stat.S_IFMT(m.mode)
+            if kind == 0:
+                kind = stat.S_IFREG
+            if kind not in (stat.S_IFREG, stat.S_IFIFO):
+                raise _Err(errno.EPERM)
+            os.mknod(name, kind | self._mode(m.mode, is_dir=False), 0, dir_fd=dfd)
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            return c.Rmknod(m.tag, self._server._qid(st))
+
+    def _op_rename(self, m: c.Trename) -> c.Message:
+        self._writable()
+        with self._using(m.fid, m.dfid) as (fid, dfid):
+            newdir = self._dir(dfid)
+            newname = _component(m.name)
+            parent, name = self._locate(fid)
+            os.rename(name, newname, src_dir_fd=parent, dst_dir_fd=newdir)
+            newparent = os.dup(newdir)
+            _close(fid.loc.parent)
+            fid.loc.parent, fid.loc.name = newparent, newname
+            return c.Rrename(m.tag)
+
+    def _op_readlink(self, m: c.Treadlink) -> c.Message:
+        with self._using(m.fid) as (fid,):
+            if not stat.S_ISLNK(fid.loc.mode):
+                raise _Err(errno.EINVAL)
+            target = os.readlink(b"", dir_fd=fid.loc.fd)
+            return c.Rreadlink(m.tag, target.decode("utf-8", "surrogateescape"))
+
+    def _op_getattr(self, m: c.Tgetattr) -> c.Message:
+        with self._using(m.fid) as (fid,):
+            st = os.fstat(fid.loc.fd)
+        a_s, a_ns = divmod(st.st_atime_ns, 10**9)
+        m_s, m_ns = divmod(st.st_mtime_ns, 10**9)
+        c_s, c_ns = divmod(st.st_ctime_ns, 10**9)
+        return c.Rgetattr(
+            m.tag,
+            c.P9_GETATTR_BASIC,
+            self._server._qid(st),
+            st.st_mode,
+            st.st_uid,
+            st.st_gid,
+            st.st_nlink,
+            st.st_rdev & _U64,
+            st.st_size,
+            st.st_blksize,
+            st.st_blocks,
+            a_s & _U64,
+            a_ns,
+            m_s & _U64,
+            m_ns,
+            c_s & _U64,
+            c_ns,
+            0,
+            0,
+            0,
+            0,
+        )
+
+    def _op_setattr(self, m: c.Tsetattr) -> c.Message:
+        v = m.valid
+        if v & 0x1FF == 0:
+            return c.Rsetattr(m.tag)
+        self._writable()
+        with self._using(m.fid) as (fid,):
+            mode = fid.loc.mode
+            link = stat.S_ISLNK(mode)
+            where = _proc(fid.loc.fd)
+            if v & c.P9_SETATTR_MODE:
+                if link:
+                    raise _Err(errno.EOPNOTSUPP)
+                os.chmod(where, self._mode(m.mode, is_dir=stat.S_ISDIR(mode)))
+            if v & (c.P9_SETATTR_UID | c.P9_SETATTR_GID):
+                uid = m.uid if v & c.P9_SETATTR_UID else -1
+                gid = m.gid if v & c.P9_SETATTR_GID else -1
+                if link:
+                    parent, name = self._locate(fid)
+                    os.chown(name, uid, gid, dir_fd=parent, follow_symlinks=False)
+                else:
+                    os.chown(where, uid, gid)
+            if v & c.P9_SETATTR_SIZE:
+                if stat.S_ISDIR(mode):
+                    raise _Err(errno.EISDIR)
+                if not stat.S_ISREG(mode):
+                    raise _Err(errno.EINVAL)
+                if m.size >= 1 << 63:
+                    raise _Err(errno.EFBIG)
+                if fid.open_fd >= 0 and fid.open_write:
+                    os.ftruncate(fid.open_fd, m.size)
+                else:
+                    os.truncate(where, m.size)
+            if v & (c.P9_SETATTR_ATIME | c.P9_SETATTR_MTIME):
+                st = os.fstat(fid.loc.fd)
+                now = time.time_ns()
+                atime = st.st_atime_ns
+                mtime = st.st_mtime_ns
+                if v & c.P9_SETATTR_ATIME:
+                    atime = _ns(m.atime_sec, m.atime_nsec) if v & c.P9_SETATTR_ATIME_SET else now
+                if v & c.P9_SETATTR_MTIME:
+                    mtime = _ns(m.mtime_sec, m.mtime_nsec) if v & c.P9_SETATTR_MTIME_SET else now
+                if link:
+                    parent, name = self._locate(fid)
+                    os.utime(name, ns=(atime, mtime), dir_fd=parent, follow_symlinks=False)
+                else:
+                    os.utime(where, ns=(atime, mtime))
+        return c.Rsetattr(m.tag)
+
+    def _op_xattrwalk(self, m: c.Txattrwalk) -> c.Message:
+        with self._using(m.fid):
+            raise _Err(errno.EOPNOTSUPP)
+
+    def _op_xattrcreate(self, m: c.Txattrcreate) -> c.Message:
+        self._writable()
+        with self._using(m.fid):
+            raise _Err(errno.EOPNOTSUPP)
+
+    def _op_readdir(self, m: c.Treaddir) -> c.Message:
+        with self._using(m.fid) as (fid,):
+            if not stat.S_ISDIR(fid.loc.mode):
+                raise _Err(errno.ENOTDIR)
+            if fid.open_fd < 0:
+                raise _Err(errno.EBADF)
+            if m.offset == 0 or fid.dirents is None:
+                fid.dirents = self._list(fid)
+            cookies, packed = fid.dirents
+            count = min(m.count, self.msize - _RREAD_OVERHEAD)
+            i = bisect.bisect_right(cookies, m.offset)
+            out: list[bytes] = []
+            used = 0
+            while i < len(packed) and used + len(packed[i]) <= count:
+                out.append(packed[i])
+                used += len(packed[i])
+                i += 1
+            if not out and i < len(packed):
+                raise _Err(errno.EINVAL)  # count too small for one entry
+            return c.Rreaddir(m.tag, b"".join(out))
+
+    def _list(self, fid: _Fid) -> tuple[list[int], list[bytes]]:
+        """Snapshot a directory: entries sorted by cookie, each packed."""
+        srv = self._server
+        here = os.fstat(fid.loc.fd)
+        if fid.loc.is_root or srv._is_root(here):
+            up = here
+        else:
+            pfd = os.open(b"..", _DIR_PATH_FLAGS, dir_fd=fid.loc.fd)
+            try:
+                up = os.fstat(pfd)
+            finally:
+                _close(pfd)
+        entries = [
+            (1, c.Dirent(srv._qid(here), 1, c.DT_DIR, ".")),
+            (2, c.Dirent(srv._qid(up), 2, c.DT_DIR, "..")),
+        ]
+        dfd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fid.loc.fd)
+        try:
+            with os.scandir(dfd) as it:
+                for e in it:
+                    raw = os.fsencode(e.name)
+                    try:
+                        if e.is_symlink():
+                            dt = c.DT_LNK
+                        elif e.is_dir(follow_symlinks=False):
+                            dt = c.DT_DIR
+                        elif e.is_file(follow_symlinks=False):
+                            dt = c.DT_REG
+                        else:
+                            dt = _dt_type(e.stat(follow_symlinks=False).st_mode)
+                    except OSError:
+                        continue  # vanished meanwhile
+                    qtype = {c.DT_DIR: c.QTDIR, c.DT_LNK: c.QTSYMLINK}.get(dt, c.QTFILE)
+                    qid = c.Qid(qtype, 0, srv._qid_path(here.st_dev, e.inode()))
+                    cookie = _cookie(raw)
+                    name = raw.decode("utf-8", "surrogateescape")
+                    entries.append((cookie, c.Dirent(qid, cookie, dt, name)))
+        finally:
+            _close(dfd)
+        entries.sort(key=lambda t: (t[0], t[1].name))
+        return [k for k, _ in entries], [d.pack() for _, d in entries]
+
+    def _op_fsync(self, m: c.Tfsync) -> c.Message:
+        with self._using(m.fid) as (fid,):
+            if fid.open_fd < 0:
+                raise _Err(errno.EBADF)
+            if m.datasync:
+                os.fdatasync(fid.open_fd)
+            else:
+                os.fsync(fid.open_fd)
+        return c.Rfsync(m.tag)
+
+    def _op_lock(self, m: c.Tlock) -> c.Message:
+        with self._using(m.fid) as (fid,):
+            key = _ident(os.fstat(fid.loc.fd))
+        if m.type not in (c.P9_LOCK_TYPE_RDLCK, c.P9_LOCK_TYPE_WRLCK, c.P9_LOCK_TYPE_UNLCK):
+            raise _Err(errno.EINVAL)
+        start, end = _range(m.start, m.length)
+        owner = (self.serial, m.client_id, m.proc_id)
+        srv = self._server
+        with srv._locks_mutex:
+            held = srv._locks.get(key, [])
+            if m.type != c.P9_LOCK_TYPE_UNLCK:
+                for lk in held:
+                    if lk.owner != owner and _conflicts(lk, m.type, start, end):
+                        return c.Rlock(m.tag, c.P9_LOCK_BLOCKED)
+            kept: list[_Lock] = []
+            for lk in held:
+                if lk.owner != owner or lk.end <= start or lk.start >= end:
+                    kept.append(lk)
+                    continue
+                if lk.start < start:
+                    kept.append(_Lock(owner, lk.type, lk.start, start))
+                if lk.end > end:
+                    kept.append(_Lock(owner, lk.type, end, lk.end))
+            if m.type != c.P9_LOCK_TYPE_UNLCK:
+                kept.append(_Lock(owner, m.type, start, end))
+            if kept:
+                srv._locks[key] = kept
+            else:
+                srv._locks.pop(key, None)
+        return c.Rlock(m.tag, c.P9_LOCK_SUCCESS)
+
+    def _op_getlock(self, m: c.Tgetlock) -> c.Message:
+        with self._using(m.fid) as (fid,):
+            key = _ident(os.fstat(fid.loc.fd))
+        if m.type not in (c.P9_LOCK_TYPE_RDLCK, c.P9_LOCK_TYPE_WRLCK):
+            raise _Err(errno.EINVAL)
+        start, end = _range(m.start, m.length)
+        owner = (self.serial, m.client_id, m.proc_id)
+        with self._server._locks_mutex:
+            for lk in self._server._locks.get(key, []):
+                if lk.owner != owner and _conflicts(lk, m.type, start, end):
+                    length = 0 if lk.end == _INF else lk.end - lk.start
+                    return c.Rgetlock(m.tag, lk.type, lk.start, length, lk.owner[2], lk.owner[1])
+        return c.Rgetlock(m.tag, c.P9_LOCK_TYPE_UNLCK, m.start, m.length, m.proc_id, m.client_id)
+
+    def _op_link(self, m: c.Tlink) -> c.Message:
+        self._writable()
+        with self._using(m.dfid, m.fid) as (dfid, fid):
+            dfd = self._dir(dfid)
+            name = _component(m.name)
+            mode = fid.loc.mode
+            if stat.S_ISDIR(mode):
+                raise _Err(errno.EPERM)
+            if stat.S_ISLNK(mode):
+                parent, old = self._locate(fid)
+                os.link(old, name, src_dir_fd=parent, dst_dir_fd=dfd, follow_symlinks=False)
+            else:
+                os.link(_proc(fid.loc.fd), name, dst_dir_fd=dfd, follow_symlinks=True)
+        return c.Rlink(m.tag)
+
+    def _op_mkdir(self, m: c.Tmkdir) -> c.Message:
+        self._writable()
+        with self._using(m.dfid) as (fid,):
+            dfd = self._dir(fid)
+            name = _component(m.name)
+            os.mkdir(name, self._mode(m.mode, is_dir=True), dir_fd=dfd)
+            st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+            return c.Rmkdir(m.tag, self._server._qid(st))
+
+    def _op_renameat(self, m: c.Trenameat) -> c.Message:
+        self._writable()
+        with self._using(m.olddirfid, m.newdirfid) as (old, new):
+            odfd = self._dir(old)
+            ndfd = self._dir(new)
+            oldname = _component(m.oldname)
+            newname = _component(m.newname)
+            os.rename(oldname, newname, src_dir_fd=odfd, dst_dir_fd=ndfd)
+        return c.Rrenameat(m.tag)
+
+    def _op_unlinkat(self, m: c.Tunlinkat) -> c.Message:
+        self._writable()
+        with self._using(m.dirfd) as (fid,):
+            dfd = self._dir(fid)
+            name = _component(m.name)
+            if m.flags & c.AT_REMOVEDIR:
+                os.rmdir(name, dir_fd=dfd)
+            else:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    raise _Err(errno.EISDIR)
+                os.unlink(name, dir_fd=dfd)
+        return c.Runlinkat(m.tag)
+
+
+def _ident(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _ns(sec: int, nsec: int) -> int:
+    if sec >= 1 << 63:
+        sec -= 1 << 64  # times before 1970 travel as two's complement
+    if nsec >= 10**9:
+        raise _Err(errno.EINVAL)
+    return sec * 10**9 + nsec
+
+
+def _range(start: int, length: int) -> tuple[int, int]:
+    if length == 0:
+        return start, _INF
+    return start, min(start + length, _INF)
+
+
+def _conflicts(lk: _Lock, type_: int, start: int, end: int) -> bool:
+    if lk.end <= start or lk.start >= end:
+        return False
+    return lk.type == c.P9_LOCK_TYPE_WRLCK or type_ == c.P9_LOCK_TYPE_WRLCK
+
+
+def _root_loc(srv: FileServer) -> _Loc:
+    fd = os.dup(srv._root_fd)
+    return _Loc(fd, -1, b"", os.fstat(fd).st_mode, True)
+
+
+def _find_name(parent: int, st: os.stat_result) -> bytes:
+    """Name of the entry of directory *parent* (O_PATH fd) that is *st*'s inode."""
+    dfd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent)
+    try:
+        with os.scandir(dfd) as it:
+            for e in it:
+                if e.inode() == st.st_ino:
+                    cand = os.fsencode(e.name)
+                    est = os.stat(cand, dir_fd=parent, follow_symlinks=False)
+                    if _ident(est) == _ident(st):
+                        return cand
+    finally:
+        _close(dfd)
+    raise _Err(errno.ENOENT)
+
+
+# Request class -> name of the Session method serving it.
+_HANDLERS: dict[type[c.Message], str] = {
+    cls: "_op_" + cls.__name__[1:]
+    for cls in (
+        c.Tversion, c.Tauth, c.Tattach, c.Tflush, c.Twalk, c.Tlopen, c.Tlcreate, c.Tread,
+        c.Twrite, c.Tclunk, c.Tremove, c.Tstatfs, c.Tsymlink, c.Tmknod, c.Trename,
+        c.Treadlink, c.Tgetattr, c.Tsetattr, c.Txattrwalk, c.Txattrcreate, c.Treaddir,
+        c.Tfsync, c.Tlock, c.Tgetlock, c.Tlink, c.Tmkdir, c.Trenameat, c.Tunlinkat,
+    )
+}  # fmt: skip
