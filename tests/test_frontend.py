@@ -163,7 +163,7 @@ def test_a_backend_that_never_reaches_initwait_times_out() -> None:
     store.set_permissions(be, [Permission(0, PermissionFlag.READ)])
     store.set_permissions(f"{be}/state", [Permission(0, PermissionFlag.READ)])
     start = time.monotonic()
-    with pytest.raises(TimeoutError, match="INIT_WAIT.*INITIALISING"):
+    with pytest.raises(TimeoutError, match=r"INIT_WAIT.*INITIALISING"):
         Frontend.connect(platform=guest, devid=0, timeout=0.5)
     assert time.monotonic() - start < 3
     assert xen.resources(FE_DOMID).clean

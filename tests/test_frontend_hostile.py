@@ -90,7 +90,7 @@ class Script:
 
 
 def _acceptable_reply(request: bytes, reply: bytes) -> bool:
-    size, mtype, tag = HEADER.unpack_from(request)
+    _size, mtype, tag = HEADER.unpack_from(request)
     rsize, rtype, rtag = HEADER.unpack_from(reply)
     return rtag == tag and rsize == len(reply) and rtype in (mtype + 1, 7, 107)
 

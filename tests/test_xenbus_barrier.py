@@ -47,7 +47,7 @@ def test_parse_uint_refuses_garbage(raw: bytes) -> None:
 
 def test_parse_uint_checks_the_range() -> None:
     assert parse_uint(b"9", "order", 1, 9) == 9
-    with pytest.raises(BackendError, match="outside 1..9"):
+    with pytest.raises(BackendError, match=r"outside 1\.\.9"):
         parse_uint(b"10", "order", 1, 9)
     with pytest.raises(BackendError):
         parse_uint(b"0", "order", 1, 9)
