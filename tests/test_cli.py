@@ -173,7 +173,7 @@ def test_semantic_usage_errors_exit_2(run: Run, share: Path) -> None:
     assert stat.S_IMODE((share / "a.txt").stat().st_mode) == 0o640  # untouched
     status, _, err = run(*sim(share, "demo"))
     assert status == 2
-    assert "demo serves its own temporary directory: --simulate does not apply" in err
+    assert "demo serves its own temporary directory: --simulate and --readonly do not apply" in err
 
 
 def test_global_options_after_the_command(run: Run, share: Path) -> None:
@@ -949,3 +949,32 @@ def test_progress_bar_disabled_draws_nothing(capsys: pytest.CaptureFixture[str])
         bar(1, 2)
         bar(2, 2)
     assert capsys.readouterr() == ("", "")
+
+
+def test_demo_on_a_real_share_only_reads(
+    run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a 9pfs device of its own (here: a simulated one standing in for
+    the real Xen), demo runs on it, read only; --simulated forces the
+    simulated demo."""
+    from pyxen9p import cli
+
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "a.txt").write_bytes(b"alpha")
+    (share / "sub").mkdir()
+    before = sorted(p.name for p in share.rglob("*"))
+    real_connect = pyxen9p.connect
+    monkeypatch.setattr(cli, "_real_share", lambda: {"tag": "share"})
+    monkeypatch.setattr(
+        cli.pyxen9p, "connect", lambda **kw: real_connect(**({"simulate": share} | kw))
+    )
+    status, out, err = run("demo")
+    assert status == 0, out + err
+    assert "a real Xen 9pfs share (read only)" in out
+    assert "a.txt: 5 B, sha256 8ed3f6ad685b959e..." in out
+    assert "sub/" in out
+    assert out.splitlines()[-1].startswith("demo passed on real Xen in ")
+    assert sorted(p.name for p in share.rglob("*")) == before  # nothing written
+    status, out, err = run("-q", "demo", "--simulated")
+    assert status == 0 and out.startswith("demo passed: 8 checks"), out + err
