@@ -79,6 +79,7 @@ def connect(
     ring_order: int | None = None,
     grant_limit: Any = _DEFAULT,
     timeout: float = 30.0,
+    request_timeout: float | None = 60.0,
     **client_options: Any,
 ) -> Client:
     """Connect to a Xen 9pfs share and return a 9P2000.L :class:`~pyxen9p.p9.client.Client`.
@@ -97,8 +98,10 @@ def connect(
     :param grant_limit: keep all shared pages within this many grants
         (default 1024, gntalloc's default; ``None``: no limit)
     :param timeout: limit for each step of the connection
+    :param request_timeout: limit for each 9P request afterwards (``None``:
+        none; a Tflush is sent when it expires)
     :param client_options: passed to :class:`~pyxen9p.p9.client.Client`
-        (``msize``, ``uname``, ``aname``, ``timeout`` of each request...)
+        (``msize``, ``uname``, ``aname``, ``window``...)
     :raises OSError: the device cannot be found or connected, or the 9P
         session cannot be established
     """
@@ -120,7 +123,7 @@ def connect(
         )
 
     if simulate is None:
-        return Client(open_frontend(platform, devid), **client_options)
+        return Client(open_frontend(platform, devid), timeout=request_timeout, **client_options)
 
     from pyxen9p.sim.share import SimulatedShare
 
@@ -132,4 +135,4 @@ def connect(
     except BaseException:
         share.close()
         raise
-    return Client(SimulatedTransport(frontend, share), **client_options)
+    return Client(SimulatedTransport(frontend, share), timeout=request_timeout, **client_options)

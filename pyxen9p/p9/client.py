@@ -930,9 +930,10 @@ class Client:
     ) -> None:
         """Set the access and modification times of *path*, like :func:`os.utime`.
 
+        With neither *times* nor *ns*, both become the server's current time.
+
         :param times: ``(atime, mtime)`` in seconds
         :param ns: ``(atime_ns, mtime_ns)`` in nanoseconds
-        With neither, both become the server's current time.
         """
         if times is not None and ns is not None:
             raise ValueError("utime: you may specify either 'times' or 'ns' but not both")

@@ -99,7 +99,7 @@ def permission_to_string(permission: Permission) -> str:
     """Format an access-list entry as on the wire: ``n0``, ``r5``, ``w7``, ``b3``.
 
     :param permission: the entry
-    :returns: the letter (``n``one, ``r``ead, ``w``rite, ``b``oth) and the domid
+    :returns: the letter (``n`` none, ``r`` read, ``w`` write, ``b`` both) and the domid
     """
     return f"{_LETTER_OF[int(permission.perms) & (_READ | _WRITE)]}{permission.domid}"
 
