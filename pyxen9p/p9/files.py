@@ -17,11 +17,11 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from typing_extensions import Buffer
-
 from pyxen9p.p9 import codec as c
 
 if TYPE_CHECKING:
+    from typing_extensions import Buffer  # typing-extensions 4.6; only for type checkers
+
     from pyxen9p.p9.client import Client
 
 __all__ = ["OpenMode", "RemoteFileIO", "parse_mode"]
