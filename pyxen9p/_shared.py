@@ -1,17 +1,15 @@
-"""Small pieces shared by the real bindings, the simulator and the transports."""
+"""The XenStore watch object shared by the real bindings and the simulator."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from typing_extensions import Self
 
 from pyxen9p.interfaces import WatchEvent
 
-__all__ = ["InFlight", "Watch", "WatchSource"]
+__all__ = ["Watch", "WatchSource"]
 
 
 class WatchSource(Protocol):
@@ -64,19 +62,3 @@ class Watch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@dataclass
-class InFlight:
-    """One 9P request sent and not yet answered.
-
-    :ivar tag: its tag
-    :ivar type: its message type (the reply must be ``type + 1`` or an error)
-    :ivar future: resolved with the reply's bytes, or an exception
-    :ivar abandoned: the caller stopped waiting (the tag stays reserved)
-    """
-
-    tag: int
-    type: int
-    future: Future[bytes] = field(default_factory=Future)
-    abandoned: bool = False

@@ -30,7 +30,7 @@ from contextlib import ExitStack
 
 from typing_extensions import Self
 
-from pyxen9p._shared import InFlight
+from pyxen9p._inflight import InFlight
 from pyxen9p.barrier import Barriers, get_barriers
 from pyxen9p.errors import (
     BackendError,

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from typing_extensions import Self
 
-from pyxen9p._shared import InFlight
+from pyxen9p._inflight import InFlight
 from pyxen9p.errors import TransportClosedError, TransportError
 from pyxen9p.p9.codec import HEADER_SIZE, ProtocolError
 
