@@ -1,1 +1,3 @@
+"""The version of pyxen9p."""
+
 __version__ = "0.1.0"
