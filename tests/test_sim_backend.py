@@ -129,7 +129,7 @@ class MiniFrontend:
         return self.backend_state()
 
     def set_state(self, state: int) -> None:
-        self.store.write(f"{self.path}/state", str(state))
+        self.store.write(f"{self.path}/state", str(int(state)))
 
     def setup(
         self, num_rings: int = 2, order: int = 1, start_index: int = 0,
