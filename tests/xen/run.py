@@ -1017,6 +1017,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-tests", type=int, default=None,
                         help="minimum number of tests that must run (default: counted statically)")
     parser.add_argument("--allow-skips", action="store_true", help="do not fail on skipped tests")
+    parser.add_argument("--bench", action="store_true",
+                        help="the kernel group runs the full bench/bench_realxen.py and prints "
+                        "its figures (see docs/realxen-benchmark.rst)")
     parser.add_argument("--boot-timeout", type=float, default=300.0,
                         help="seconds until dom0's test unit starts (default 300)")
     parser.add_argument("--test-timeout", type=float, default=900.0,
@@ -1125,6 +1128,7 @@ def _main(args: argparse.Namespace) -> int:
         "pytest_args": extra,
         "test_timeout": args.test_timeout,
         "per_test_timeout": args.per_test_timeout,
+        "bench": args.bench,
     }
     (share / "request.json").write_text(json.dumps(request, indent=2) + "\n")
     log(f"groups: {', '.join(groups)} (expect >= {expected} tests); run folder: {run_dir}")

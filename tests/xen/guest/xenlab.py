@@ -29,6 +29,7 @@ import itertools
 import os
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -698,3 +699,91 @@ def run_pv_domu(
         if domain_exists(name):
             sh(["xl", "destroy", name], check=False, timeout=60)
         shutil.rmtree(work, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- resources
+
+
+def gntdev_mapped_pages(pid: int) -> int:
+    """Pages that process *pid* maps through ``/dev/xen/gntdev`` (grants of other
+    domains or of dom0 itself), from ``/proc/<pid>/maps``.
+
+    :raises FileNotFoundError: if the process does not exist
+    """
+    pages = 0
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        if line.rstrip().endswith("/dev/xen/gntdev"):
+            start, _, end = line.split()[0].partition("-")
+            pages += (int(end, 16) - int(start, 16)) // 4096
+    return pages
+
+
+def evtchn_irqs(owner: str) -> int:
+    """Interrupt lines in ``/proc/interrupts`` bound through ``/dev/xen/evtchn``
+    by processes whose name starts with *owner* (``evtchn:<name>``)."""
+    text = Path("/proc/interrupts").read_text()
+    return sum(1 for line in text.splitlines() if f"evtchn:{owner}" in line)
+
+
+def open_xen_fds(pid: int | str = "self") -> list[str]:
+    """The ``/dev/xen/*`` files process *pid* holds open."""
+    found = []
+    for entry in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(entry)
+            if target.startswith("/dev/xen/"):
+                found.append(target)
+    return sorted(found)
+
+
+def process_argv(pid: int) -> list[str]:
+    """The command line of process *pid*."""
+    raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    return [arg.decode() for arg in raw.split(b"\0")[:-1]]
+
+
+def kill_dom0_qemu(pid: int, timeout: float = 30.0) -> None:
+    """SIGKILL dom0's QEMU *pid* and wait until it is gone.
+
+    :raises TimeoutError: if it is still there after *timeout* seconds
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout, f"QEMU {pid} to exit")
+
+
+def start_dom0_qemu(argv: Sequence[str], timeout: float = 60.0) -> int:
+    """Start dom0's QEMU again with *argv* (as ``/etc/init.d/xen`` does: it
+    daemonizes) and return its new PID once it runs.
+
+    :raises LabError: if it does not start
+    """
+    sh(list(argv), timeout=timeout)
+    return wait_until(dom0_qemu_pid, timeout, "dom0's QEMU to run")
+
+
+def restart_dom0_qemu(drop: Iterable[Dom0NinePDevice] = (), timeout: float = 60.0) -> int:
+    """Restart dom0's QEMU, removing the nodes of the devices in *drop* meanwhile.
+
+    Debian's QEMU 7.2 cannot have a 9pfs device removed once a frontend
+    connected to it: ``xen_9pfs_free`` then dereferences a NULL grant handle
+    and QEMU segfaults (fixed upstream in QEMU 8.0 by "9pfs/xen: Fix segfault
+    on shutdown").  Nor does it unmap a ring when the frontend disconnects,
+    only in that free.  Such devices are therefore left in place (Closed)
+    until this function kills QEMU (SIGKILL: the kernel then unmaps every
+    grant it held), removes their nodes, and starts QEMU again with the
+    command line it had (``/etc/init.d/xen`` starts it daemonized); a new
+    QEMU only takes backends in state Initialising, so stale ones must go.
+
+    :returns: the new QEMU's PID
+    :raises LabError: if QEMU is not running, or cannot be started again
+    """
+    pid = dom0_qemu_pid()
+    if pid is None:
+        raise LabError("dom0's QEMU (-xen-domid 0 -xen-attach) is not running")
+    argv = process_argv(pid)
+    kill_dom0_qemu(pid, timeout)
+    for dev in drop:
+        xs_rm(dev.backend)
+        xs_rm(dev.frontend)
+    return start_dom0_qemu(argv, timeout)
