@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""pyxen9p against the Linux kernel's own Xen 9pfs frontend, on a real Xen (run in dom0).
+
+Both frontends talk to the same backend type (dom0's QEMU, its Xen 9pfs
+backend) and reach the same files: one dom0 directory is exported twice, on
+a ``device/9pfs/<devid>`` device that the dom0 kernel's ``9pnet_xen`` takes
+and mounts (``mount -t 9p -o trans=xen,version=9p2000.L,cache=none``), and on
+a device whose frontend is outside ``device/``, driven by pyxen9p
+(``pyxen9p.connect(path=...)``).  Each benchmark alternates the two sides
+(see ``bench/_common.py``) and prints the median rate of each and the ratio
+``pyxen9p / kernel``::
+
+    seq_write: pyxen9p=... MB/s kernel=... MB/s ratio=...
+    seq_read: pyxen9p=... MB/s kernel=... MB/s ratio=...
+    stat: pyxen9p=... op/s kernel=... op/s ratio=...
+    small_read: pyxen9p=... op/s kernel=... op/s ratio=...
+
+``cache=none`` makes every ``read``/``write``/``stat`` on the kernel's mount
+a 9P request: the transport is measured, not the page cache.  The kernel is
+mounted with the msize pyxen9p negotiated (``--kernel-msize`` to change it).
+
+It needs dom0 of a real Xen with the lab's helpers: run it through the
+real-Xen harness (``docs/realxen-benchmark.rst``)::
+
+    python3 tests/xen/run.py --group kernel --bench --pytest-args "-k benchmark"
+
+or by hand in dom0: ``PYTHONPATH=<repo>:<repo>/tests/xen/guest python3
+bench/bench_realxen.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+for extra in (str(REPO), str(REPO / "tests" / "xen" / "guest"), str(HERE)):
+    if extra not in sys.path:
+        sys.path.append(extra)
+
+import kernel_helpers  # noqa: E402
+import xenlab  # noqa: E402
+from _common import (  # noqa: E402
+    MB,
+    Options,
+    Result,
+    Sample,
+    base_parser,
+    comment,
+    measure_pair,
+    options_from,
+    report,
+    timed,
+)
+
+#: Bytes per ``read``/``write`` call on both sides.
+CHUNK = 1 << 20
+#: Size of the file of the small-operation benchmarks.
+SMALL = 4096
+
+
+def _kernel_write(path: Path, data: memoryview) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for at in range(0, data.nbytes, CHUNK):
+            piece = data[at : at + CHUNK]
+            done = 0
+            while done < piece.nbytes:
+                done += os.write(fd, piece[done:])
+    finally:
+        os.close(fd)
+
+
+def _kernel_read(path: Path, buf: bytearray) -> int:
+    total = 0
+    view = memoryview(buf)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while True:
+            got = os.readv(fd, [view])
+            if not got:
+                return total
+            total += got
+    finally:
+        os.close(fd)
+
+
+def run(args_size_mib: int, ops: int, kernel_msize: int | None, options: Options) -> list[Result]:
+    """Set both frontends up on a fresh dom0 directory, measure, tear everything down.
+
+    :param args_size_mib: size of the sequential file in MiB
+    :param ops: operations per repetition of the small-operation benchmarks
+    :param kernel_msize: the kernel mount's msize (``None``: pyxen9p's)
+    :returns: the four results
+    """
+    out = sys.stdout
+    base = Path("/srv/share")
+    base.mkdir(parents=True, exist_ok=True)
+    share = Path(tempfile.mkdtemp(prefix="bench-", dir=base))
+    mnt = Path(tempfile.mkdtemp(prefix="bench-mnt-"))
+    loaded = kernel_helpers.load_kernel_9p()
+    size = args_size_mib << 20
+    data = memoryview(os.urandom(size))
+    buf = bytearray(CHUNK)
+    small = os.urandom(SMALL)
+    results: list[Result] = []
+    try:
+        with kernel_helpers.pyxen9p_client(share, tag="benchp") as (_, client):
+            msize = kernel_msize or client.msize
+            opts = f"{kernel_helpers.KERNEL_MOUNT_OPTIONS},msize={msize}"
+            with kernel_helpers.kernel_mount(share, mnt, "benchk", options=opts) as km:
+                comment(
+                    f"pyxen9p: msize={client.msize} rings={client.transport.num_rings}"  # type: ignore[attr-defined]
+                    f" ring_order={client.transport.ring_order}"  # type: ignore[attr-defined]
+                    f" window={client.window}; kernel: msize={km.msize}"
+                    f" options={kernel_helpers.mounted(mnt)}",
+                    out,
+                )
+                comment(
+                    f"file {size} bytes in {CHUNK}-byte calls; {ops} ops of each small kind;"
+                    f" {options.repeat} repetitions (median), {options.warmup} warm-up",
+                    out,
+                )
+                (share / "small").write_bytes(small)
+
+                def p_write() -> Sample:
+                    with timed(size / MB) as t, client.open("seq-p", "wb", buffering=0) as f:
+                        for at in range(0, size, CHUNK):
+                            f.write(data[at : at + CHUNK])
+                    return t.sample
+
+                def k_write() -> Sample:
+                    with timed(size / MB) as t:
+                        _kernel_write(mnt / "seq-k", data)
+                    return t.sample
+
+                def p_read() -> Sample:
+                    total = 0
+                    with timed(size / MB) as t, client.open("seq-p", "rb", buffering=0) as f:
+                        while n := f.readinto(buf):
+                            total += n
+                    if total != size:
+                        raise RuntimeError(f"pyxen9p read {total} bytes of {size}")
+                    return t.sample
+
+                def k_read() -> Sample:
+                    with timed(size / MB) as t:
+                        total = _kernel_read(mnt / "seq-k", buf)
+                    if total != size:
+                        raise RuntimeError(f"the kernel read {total} bytes of {size}")
+                    return t.sample
+
+                def p_stat() -> Sample:
+                    with timed(ops) as t:
+                        for _ in range(ops):
+                            client.stat("small")
+                    return t.sample
+
+                def k_stat() -> Sample:
+                    path = mnt / "small"
+                    with timed(ops) as t:
+                        for _ in range(ops):
+                            os.stat(path)
+                    return t.sample
+
+                def p_small() -> Sample:
+                    with timed(ops) as t:
+                        for _ in range(ops):
+                            got = client.read_bytes("small")
+                    if got != small:
+                        raise RuntimeError("pyxen9p read the small file wrong")
+                    return t.sample
+
+                def k_small() -> Sample:
+                    path = mnt / "small"
+                    with timed(ops) as t:
+                        for _ in range(ops):
+                            with open(path, "rb", buffering=0) as f:
+                                got = f.read()
+                    if got != small:
+                        raise RuntimeError("the kernel read the small file wrong")
+                    return t.sample
+
+                plan: list[tuple[str, str, Callable[[], Sample], Callable[[], Sample]]] = [
+                    ("seq_write", "MB", p_write, k_write),
+                    ("seq_read", "MB", p_read, k_read),
+                    ("stat", "op", p_stat, k_stat),
+                    ("small_read", "op", p_small, k_small),
+                ]
+                for name, per, subject, reference in plan:
+                    sub, ref = measure_pair(subject, reference, options)
+                    result = Result(
+                        name, "pyxen9p", "kernel", per, sub, ref,
+                        {"size": size, "chunk": CHUNK, "ops": ops, "small": SMALL,
+                         "pyxen9p_msize": client.msize, "kernel_msize": km.msize},
+                    )  # fmt: skip
+                    print(result.line(), file=out, flush=True)
+                    print(result.cpu_line(), file=out, flush=True)
+                    results.append(result)
+                    if name == "seq_write":
+                        # both files hold what was written (checked once, untimed)
+                        for written in ("seq-p", "seq-k"):
+                            if (share / written).read_bytes() != data:
+                                raise RuntimeError(f"{written} does not hold the data written")
+    finally:
+        kernel_helpers.unload_modules(loaded)
+        shutil.rmtree(share, ignore_errors=True)
+        shutil.rmtree(mnt, ignore_errors=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; see ``--help``."""
+    parser = base_parser(__doc__.splitlines()[0] if __doc__ else "")
+    parser.add_argument("--size-mib", type=int, default=None,
+                        help="sequential file size in MiB (default 16; 2 with --quick)")
+    parser.add_argument("--ops", type=int, default=None,
+                        help="small operations per repetition (default 100; 20 with --quick)")
+    parser.add_argument("--kernel-msize", type=int, default=None,
+                        help="msize of the kernel mount (default: the msize pyxen9p negotiated)")
+    parser.set_defaults(repeat=None)
+    args = parser.parse_args(argv)
+    if args.repeat is None:
+        args.repeat = 2 if args.quick else 5
+    options = options_from(args)
+    if not xenlab.is_dom0():
+        raise SystemExit("bench_realxen.py runs in dom0 of a real Xen (see its --help)")
+    size = args.size_mib or (2 if options.quick else 16)
+    ops = args.ops or (20 if options.quick else 100)
+    results = run(size, ops, args.kernel_msize, options)
+    report(results, args.json, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
