@@ -221,8 +221,13 @@ def dom0_qemu_pid() -> int | None:
         if b"-xen-attach" in args and b"-xen-domid" in args:
             index = args.index(b"-xen-domid") + 1
             if index < len(args) and args[index] == b"0":
+                _QEMU_ARGV[:] = [arg.decode() for arg in args[:-1]]
                 return int(entry.name)
     return None
+
+
+#: The command line dom0's QEMU was last seen with (to start it again).
+_QEMU_ARGV: list[str] = []
 
 
 # --------------------------------------------------------------------------- 9pfs in dom0
@@ -615,6 +620,7 @@ def run_pv_domu(
     extra_cmdline: str = "",
     extra_config: Mapping[str, str] | None = None,
     dom0_root: bool = False,
+    on_created: Callable[[str], object] | None = None,
 ) -> DomUResult:
     """Boot a PV domU running *script* in a busybox initramfs; wait until it is gone.
 
@@ -675,7 +681,12 @@ def run_pv_domu(
         with contextlib.suppress(FileNotFoundError):
             console_log.unlink()
         started = time.monotonic()
-        sh(["xl", "create", str(cfg)], timeout=min(timeout, 120.0))
+        if on_created is None:
+            sh(["xl", "create", str(cfg)], timeout=min(timeout, 120.0))
+        else:
+            sh(["xl", "create", "-p", str(cfg)], timeout=min(timeout, 120.0))
+            on_created(name)
+            sh(["xl", "unpause", name], timeout=60)
         try:
             wait_until(
                 lambda: not domain_exists(name), timeout, f"domU {name} to power off", 0.5
@@ -775,14 +786,18 @@ def restart_dom0_qemu(drop: Iterable[Dom0NinePDevice] = (), timeout: float = 60.
     command line it had (``/etc/init.d/xen`` starts it daemonized); a new
     QEMU only takes backends in state Initialising, so stale ones must go.
 
+    If QEMU is already gone (it crashed), it is started with the command
+    line it was last seen with.
+
     :returns: the new QEMU's PID
-    :raises LabError: if QEMU is not running, or cannot be started again
+    :raises LabError: if QEMU was never seen, or cannot be started again
     """
     pid = dom0_qemu_pid()
-    if pid is None:
-        raise LabError("dom0's QEMU (-xen-domid 0 -xen-attach) is not running")
-    argv = process_argv(pid)
-    kill_dom0_qemu(pid, timeout)
+    argv = list(_QEMU_ARGV)
+    if not argv:
+        raise LabError("dom0's QEMU (-xen-domid 0 -xen-attach) was never seen running")
+    if pid is not None:
+        kill_dom0_qemu(pid, timeout)
     for dev in drop:
         xs_rm(dev.backend)
         xs_rm(dev.frontend)
