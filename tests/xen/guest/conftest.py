@@ -32,3 +32,22 @@ def dom0_9pfs(share_dir: Path) -> Iterator[xenlab.Dom0NinePDevice]:
     """A QEMU-served 9pfs device of dom0 in InitWait, frontend outside ``device/``."""
     with xenlab.dom0_9pfs_device(share_dir, tag="pyxen9p") as dev:
         yield dev
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _dom0_qemu_seen(_in_dom0: None) -> None:
+    """Record dom0's QEMU command line while it runs, to start it again later."""
+    if xenlab.dom0_qemu_pid() is None:
+        pytest.fail("dom0's QEMU (-xen-domid 0 -xen-attach) is not running at the start")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fresh_dom0_qemu(_dom0_qemu_seen: None) -> None:
+    """Every test module (group) starts on a freshly started dom0 QEMU.
+
+    Debian 12's QEMU 7.2 segfaults when a 9pfs device it served is removed,
+    and does not take a device again once its frontend closed; a group must
+    not inherit the QEMU an earlier group used up (each group also passes on
+    its own, on the QEMU the boot started).
+    """
+    xenlab.restart_dom0_qemu()
