@@ -421,6 +421,7 @@ class Client:
         self.aname = aname
         self.n_uname = os.getuid() if n_uname is None else n_uname
         self.flushes_sent = 0
+        self._dead: TransportError | None = None
         self._has_unlinkat = True
         self._has_renameat = True
         self._tags = _TagPool()
@@ -538,6 +539,23 @@ class Client:
     def _check_open(self) -> None:
         if self._closed:
             raise TransportClosedError(errno.ENOTCONN, "the 9P client is closed")
+        if self._dead is not None:
+            raise self._dead
+
+    def _declare_dead(self, reason: str) -> None:
+        """The server answers nothing, not even a Tflush: fail everything now.
+
+        Requests in flight fail at once instead of each waiting for its own
+        timeout (and its own Tflush); every later call fails too.
+        """
+        with self._lock:
+            if self._dead is not None:
+                return
+            self._dead = TransportError(errno.ETIMEDOUT, f"the 9P server is unresponsive: {reason}")
+        log.warning("%s", self._dead)
+        abort = getattr(self._transport, "abort", None)
+        if abort is not None:
+            abort(self._dead)
 
     def __enter__(self) -> Self:
         return self
@@ -660,6 +678,13 @@ class Client:
         except TransportError:
             self._tags.release(ftag)
             return True  # the transport is gone: nothing will come for either tag
+        except TimeoutError:
+            self._tags.quarantine(ftag)
+            self._tags.quarantine(oldtag)
+            self._declare_dead(
+                f"no reply to tag {oldtag}, nor to its Tflush within {self.flush_timeout:g}s"
+            )
+            return False
         except BaseException as exc:
             self._tags.quarantine(ftag)
             self._tags.quarantine(oldtag)
