@@ -33,7 +33,11 @@ consecutive requests spread over the rings of a Xen transport, whose ring is
 ``tag % num_rings``) and reused only once free.  When a request times out (or
 the waiting thread is interrupted, e.g. by :class:`KeyboardInterrupt`) the
 client sends a Tflush for it and waits for the Rflush before the tag can be
-used again.  Fids are recycled, and always clunked: after an error too.
+used again.  A server that does not even answer the Tflush within
+``flush_timeout`` is considered dead (a Xen backend whose QEMU died looks
+exactly like that): every request in flight and every later call then fails at
+once with :class:`~pyxen9p.errors.TransportError`.  Fids are recycled, and
+always clunked: after an error too.
 """
 
 from __future__ import annotations
@@ -374,7 +378,8 @@ class Client:
     :param n_uname: the numeric user of Tattach (default: the local uid)
     :param gid: the group given to created files (default: the local gid)
     :param timeout: limit in seconds for each request (``None``: no limit)
-    :param flush_timeout: limit for the Rflush after a request timed out
+    :param flush_timeout: limit for the Rflush after a request timed out;
+        without it the session is declared dead
     :param window: Tread / Twrite requests kept in flight by large transfers
     :param umask: bits cleared from the permissions of created files and
         directories (like the process umask for :func:`os.open`)
