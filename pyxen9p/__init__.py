@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from pyxen9p._version import __version__
 
 if TYPE_CHECKING:
+    from pyxen9p.errors import TransportError
     from pyxen9p.frontend import Frontend
     from pyxen9p.interfaces import XenPlatform
     from pyxen9p.p9.client import Client
@@ -55,6 +56,10 @@ class SimulatedTransport:
     def flushed(self, tag: int) -> None:
         """:meth:`Frontend.flushed <pyxen9p.frontend.Frontend.flushed>`."""
         self.frontend.flushed(tag)
+
+    def abort(self, exc: TransportError) -> None:
+        """:meth:`Frontend.abort <pyxen9p.frontend.Frontend.abort>`."""
+        self.frontend.abort(exc)
 
     def close(self) -> None:
         """Close the frontend, then the simulated host (idempotent)."""

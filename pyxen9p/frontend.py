@@ -721,6 +721,14 @@ class Frontend:
         elif not request.future.done():
             request.future.set_result(reply)
 
+    def abort(self, exc: TransportError) -> None:
+        """Give up on the backend: every request in flight and every later one
+        fails with *exc* at once.  Nothing is released: :meth:`close` still
+        does the teardown.  (A 9P client calls this when the server answers
+        neither a request nor its Tflush: a backend that died cannot be seen
+        otherwise, as its state node may still say Connected.)"""
+        self._fail(exc)
+
     def _fail(self, exc: TransportError) -> None:
         """Fail the connection: every waiter gets *exc*, later calls too."""
         with self._lock:

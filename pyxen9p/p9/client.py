@@ -33,7 +33,11 @@ consecutive requests spread over the rings of a Xen transport, whose ring is
 ``tag % num_rings``) and reused only once free.  When a request times out (or
 the waiting thread is interrupted, e.g. by :class:`KeyboardInterrupt`) the
 client sends a Tflush for it and waits for the Rflush before the tag can be
-used again.  Fids are recycled, and always clunked: after an error too.
+used again.  A server that does not even answer the Tflush within
+``flush_timeout`` is considered dead (a Xen backend whose QEMU died looks
+exactly like that): every request in flight and every later call then fails at
+once with :class:`~pyxen9p.errors.TransportError`.  Fids are recycled, and
+always clunked: after an error too.
 """
 
 from __future__ import annotations
@@ -374,7 +378,8 @@ class Client:
     :param n_uname: the numeric user of Tattach (default: the local uid)
     :param gid: the group given to created files (default: the local gid)
     :param timeout: limit in seconds for each request (``None``: no limit)
-    :param flush_timeout: limit for the Rflush after a request timed out
+    :param flush_timeout: limit for the Rflush after a request timed out;
+        without it the session is declared dead
     :param window: Tread / Twrite requests kept in flight by large transfers
     :param umask: bits cleared from the permissions of created files and
         directories (like the process umask for :func:`os.open`)
@@ -421,6 +426,7 @@ class Client:
         self.aname = aname
         self.n_uname = os.getuid() if n_uname is None else n_uname
         self.flushes_sent = 0
+        self._dead: TransportError | None = None
         self._has_unlinkat = True
         self._has_renameat = True
         self._tags = _TagPool()
@@ -538,6 +544,23 @@ class Client:
     def _check_open(self) -> None:
         if self._closed:
             raise TransportClosedError(errno.ENOTCONN, "the 9P client is closed")
+        if self._dead is not None:
+            raise self._dead
+
+    def _declare_dead(self, reason: str) -> None:
+        """The server answers nothing, not even a Tflush: fail everything now.
+
+        Requests in flight fail at once instead of each waiting for its own
+        timeout (and its own Tflush); every later call fails too.
+        """
+        with self._lock:
+            if self._dead is not None:
+                return
+            self._dead = TransportError(errno.ETIMEDOUT, f"the 9P server is unresponsive: {reason}")
+        log.warning("%s", self._dead)
+        abort = getattr(self._transport, "abort", None)
+        if abort is not None:
+            abort(self._dead)
 
     def __enter__(self) -> Self:
         return self
@@ -660,6 +683,13 @@ class Client:
         except TransportError:
             self._tags.release(ftag)
             return True  # the transport is gone: nothing will come for either tag
+        except TimeoutError:
+            self._tags.quarantine(ftag)
+            self._tags.quarantine(oldtag)
+            self._declare_dead(
+                f"no reply to tag {oldtag}, nor to its Tflush within {self.flush_timeout:g}s"
+            )
+            return False
         except BaseException as exc:
             self._tags.quarantine(ftag)
             self._tags.quarantine(oldtag)

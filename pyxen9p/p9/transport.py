@@ -491,6 +491,11 @@ class StreamTransport:
         else:
             pending.future.set_result(frame)
 
+    def abort(self, exc: TransportError) -> None:
+        """Fail every request in flight and every later one with *exc* at once
+        (the peer is considered dead); :meth:`close` still releases everything."""
+        self._fail(exc)
+
     def _fail(self, exc: TransportError) -> None:
         """Fail the transport: every waiter gets *exc*, later calls too."""
         with self._lock:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pyxen9p.errors import TransportClosedError
+from pyxen9p.errors import TransportClosedError, TransportError
 from pyxen9p.p9 import codec as c
 from pyxen9p.p9.client import Client
 from pyxen9p.p9.server import FileServer
@@ -263,7 +263,10 @@ def test_tags_round_robin_and_wrap_without_notag(root: Path) -> None:
         assert client.tags_in_use == 0
 
 
-def test_tflush_unanswered_retires_both_tags(root: Path) -> None:
+def test_tflush_unanswered_retires_both_tags_and_the_session(root: Path) -> None:
+    """A server that answers neither a request nor its Tflush is dead: both
+    tags are retired and every later call fails at once."""
+
     def intercept(m: c.Message) -> c.Message | None:
         if isinstance(m, (c.Tgetattr, c.Tflush)):
             raise TimeoutError(errno.ETIMEDOUT, "stuck server")
@@ -280,12 +283,10 @@ def test_tflush_unanswered_retires_both_tags(root: Path) -> None:
         assert client.stuck_tags == {stalled.tag, flush.tag}
         assert transport.flushed_tags == []  # no Rflush: the tag is never freed
         transport.intercept = None
-        client._tags._next = stalled.tag
         transport.sent.clear()
-        client.listdir("")
-        assert stalled.tag not in {m.tag for m in transport.sent}
-        assert flush.tag not in {m.tag for m in transport.sent}
-        assert client.tags_in_use == 0
+        with pytest.raises(TransportError, match="unresponsive"):
+            client.listdir("")
+        assert transport.sent == []  # nothing more is sent to a dead server
 
 
 def test_rflush_frees_the_tag_in_the_transport(root: Path) -> None:

@@ -47,3 +47,53 @@ def test_the_transport_is_the_xen_frontend(client: Client) -> None:
     assert type(fe).__name__ == "Frontend"
     assert client.msize <= fe.msize
     assert fe.num_rings == 2  # type: ignore[attr-defined]
+
+
+def test_a_server_answering_nothing_fails_every_request_at_once(root: Path) -> None:
+    """A backend that stops answering (its QEMU died, say) cannot be seen by
+    the transport; when not even a Tflush is answered the client gives up on
+    the whole session, so requests in flight do not each wait out their own
+    timeouts."""
+    import threading
+    import time
+
+    from pyxen9p.errors import TransportError
+
+    server = FileServer(root)
+    silent = threading.Event()
+
+    def handler(request: bytes) -> bytes:
+        return b"" if silent.is_set() else server.handle(request)
+
+    (root / "f").write_bytes(b"x")
+    try:
+        with machine(handler=handler) as m:
+            fe = m.connect(rings=2)
+            with Client(fe, aname=str(root), timeout=30, flush_timeout=0.3) as c:
+                assert c.read_bytes("f") == b"x"
+                silent.set()
+                outcome: list[BaseException] = []
+
+                def long_request() -> None:
+                    try:
+                        c.stat("f")
+                    except BaseException as exc:
+                        outcome.append(exc)
+
+                worker = threading.Thread(target=long_request)
+                worker.start()  # in flight, with a 30 s timeout
+                time.sleep(0.2)
+                start = time.monotonic()
+                c.timeout = 0.3
+                with pytest.raises(TimeoutError):
+                    c.listdir("/")
+                worker.join(5)
+                assert not worker.is_alive(), "a request in flight kept waiting"
+                assert time.monotonic() - start < 3
+                assert len(outcome) == 1 and isinstance(outcome[0], TransportError)
+                assert "unresponsive" in str(outcome[0])
+                with pytest.raises(TransportError, match="unresponsive"):
+                    c.stat("f")  # every later call fails at once
+            assert m.xen.resources(FE_DOMID).clean
+    finally:
+        server.close()
