@@ -1,15 +1,18 @@
-"""The XenStore watch object shared by the real bindings and the simulator."""
+"""XenStore pieces shared by the real bindings and the simulator: watches, retries."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Protocol
+import errno
+import time
+from collections.abc import Callable, Iterator
+from typing import Protocol, TypeVar
 
 from typing_extensions import Self
 
+from pyxen9p.errors import TransactionConflictError
 from pyxen9p.interfaces import WatchEvent
 
-__all__ = ["Watch", "WatchSource"]
+__all__ = ["TransactionAttempt", "Watch", "WatchSource", "retry_transactions", "run_transaction"]
 
 
 class WatchSource(Protocol):
@@ -62,3 +65,45 @@ class Watch:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class TransactionAttempt(Protocol):
+    """What :func:`retry_transactions` needs of one transaction attempt."""
+
+    committed: bool
+    conflicted: bool
+
+
+_A = TypeVar("_A", bound=TransactionAttempt)
+_R = TypeVar("_R")
+
+
+def retry_transactions(
+    new_attempt: Callable[[], _A], max_attempts: int, function: str
+) -> Iterator[_A]:
+    """Yield attempts from *new_attempt* until one commits, backing off between conflicts.
+
+    :param function: the C function named in the error after the last conflict
+    :raises TransactionConflictError: after *max_attempts* conflicts
+    :raises RuntimeError: if an attempt is not used in a ``with`` block
+    """
+    for attempt in range(max_attempts):
+        txn = new_attempt()
+        yield txn
+        if txn.committed:
+            return
+        if not txn.conflicted:
+            raise RuntimeError("each transaction attempt must be used in a with block")
+        time.sleep(min(0.001 * (2**attempt), 0.05))
+    raise TransactionConflictError(
+        errno.EAGAIN, function, f"still conflicting after {max_attempts} attempts"
+    )
+
+
+def run_transaction(attempts: Iterator[_A], body: Callable[[_A], _R]) -> _R:
+    """Run ``body(txn)`` in each attempt of *attempts* until one commits; return its result."""
+    result: _R | None = None
+    for txn in attempts:
+        with txn:  # type: ignore[attr-defined]
+            result = body(txn)
+    return result  # type: ignore[return-value]

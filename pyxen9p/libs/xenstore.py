@@ -33,7 +33,7 @@ from typing import TypeVar
 
 from typing_extensions import Self
 
-from pyxen9p._shared import Watch
+from pyxen9p._shared import Watch, retry_transactions, run_transaction
 from pyxen9p.errors import TransactionConflictError, XenLibraryError, xen_error
 from pyxen9p.interfaces import Permission, PermissionFlag, WatchEvent
 from pyxen9p.libs._ctypeslib import (
@@ -404,25 +404,13 @@ class XenStore(CHandle, _NodeOps):
 
         :raises TransactionConflictError: after *max_attempts* conflicts
         """
-        for attempt in range(max_attempts):
-            txn = Transaction(self, retrying=True)
-            yield txn
-            if txn.committed:
-                return
-            if not txn.conflicted:
-                raise RuntimeError("each transaction attempt must be used in a with block")
-            time.sleep(min(0.001 * (2**attempt), 0.05))
-        raise TransactionConflictError(
-            errno.EAGAIN, "xs_transaction_end", f"still conflicting after {max_attempts} attempts"
+        yield from retry_transactions(
+            lambda: Transaction(self, retrying=True), max_attempts, "xs_transaction_end"
         )
 
     def transact(self, body: Callable[[Transaction], _R], *, max_attempts: int = 32) -> _R:
         """Run ``body(txn)`` in a transaction, retrying on conflicts; return its result."""
-        result: _R | None = None
-        for txn in self.transaction(max_attempts=max_attempts):
-            with txn:
-                result = body(txn)
-        return result  # type: ignore[return-value]
+        return run_transaction(self.transaction(max_attempts=max_attempts), body)
 
     # --- watches ------------------------------------------------------------
 

@@ -43,7 +43,7 @@ from typing import TypeVar
 
 from typing_extensions import Self
 
-from pyxen9p._shared import Watch
+from pyxen9p._shared import Watch, retry_transactions, run_transaction
 from pyxen9p.errors import HandleClosedError, TransactionConflictError
 from pyxen9p.interfaces import Permission, PermissionFlag, WatchEvent
 
@@ -1213,25 +1213,13 @@ class SimXenStore(_SimNodeOps):
         if max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
         self._check_open()
-        for attempt in range(max_attempts):
-            txn = SimTransaction(self, retrying=True)
-            yield txn
-            if txn.committed:
-                return
-            if not txn.conflicted:
-                raise RuntimeError("each transaction attempt must be used in a with block")
-            time.sleep(min(0.001 * (2**attempt), 0.05))
-        raise TransactionConflictError(
-            errno.EAGAIN, "transaction_end", f"still conflicting after {max_attempts} attempts"
+        yield from retry_transactions(
+            lambda: SimTransaction(self, retrying=True), max_attempts, "transaction_end"
         )
 
     def transact(self, body: Callable[[SimTransaction], _R], *, max_attempts: int = 32) -> _R:
         """Run ``body(txn)`` in a transaction, retrying on conflicts; return its result."""
-        result: _R | None = None
-        for txn in self.transaction(max_attempts=max_attempts):
-            with txn:
-                result = body(txn)
-        return result  # type: ignore[return-value]
+        return run_transaction(self.transaction(max_attempts=max_attempts), body)
 
     # --- watches ------------------------------------------------------------
 
