@@ -181,6 +181,29 @@ def remove_kernel_device(device: xenlab.Dom0NinePDevice, timeout: float = 30.0) 
     )
 
 
+def kernel_device_report(device: xenlab.Dom0NinePDevice) -> str:
+    """What the kernel and XenStore say about *device* (for a failed connection)."""
+    sysfs = sysfs_device(device.devid)
+    lines = [
+        f"frontend state {device.frontend_state()}, backend state {device.backend_state()}",
+        f"backend features {device.backend_features()}",
+        f"{sysfs}: {'present' if sysfs.exists() else 'absent'}",
+    ]
+    with contextlib.suppress(OSError):
+        lines.append(f"  driver: {os.readlink(sysfs / 'driver')}")
+    with contextlib.suppress(OSError):
+        lines.append(f"xen bus devices: {sorted(os.listdir('/sys/bus/xen/devices'))}")
+    with contextlib.suppress(OSError):
+        lines.append(f"9pfs driver binds: {sorted(os.listdir('/sys/bus/xen/drivers/9pfs'))}")
+    lines.append(f"9pnet_xen loaded: {xenlab.module_loaded('9pnet_xen')}")
+    for cmd in (["xenstore-ls", "-f", KERNEL_FRONTEND_BASE], ["xenstore-ls", "-f", device.backend]):
+        res = xenlab.sh(cmd, check=False, timeout=30)
+        lines.append(f"$ {' '.join(cmd)}\n{res.stdout}{res.stderr}")
+    res = xenlab.sh(["dmesg"], check=False, timeout=30)
+    lines.append("dmesg (last 25 lines):\n" + "\n".join(res.stdout.splitlines()[-25:]))
+    return "\n".join(lines)
+
+
 @contextlib.contextmanager
 def kernel_mount(
     path: str | os.PathLike[str],
@@ -211,12 +234,15 @@ def kernel_mount(
         path, tag, devid=fresh_devid(), frontend_base=KERNEL_FRONTEND_BASE, wait=False
     )
     try:
-        device.wait_backend_state((XenbusState.CONNECTED,), timeout)
-        xenlab.wait_until(
-            lambda: device.frontend_state() == XenbusState.CONNECTED,
-            timeout,
-            "the kernel frontend to be Connected",
-        )
+        try:
+            device.wait_backend_state((XenbusState.CONNECTED,), timeout)
+            xenlab.wait_until(
+                lambda: device.frontend_state() == XenbusState.CONNECTED,
+                timeout,
+                "the kernel frontend to be Connected",
+            )
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{kernel_device_report(device)}") from None
         xenlab.sh(["mount", "-t", "9p", "-o", options, tag, str(mnt)], timeout=timeout)
         try:
             yield KernelMount(device, mnt)
