@@ -302,6 +302,7 @@ class Frontend:
         self._connected = False
         self._claimed = False
         self._published = False
+        self._backend_unresponsive = False
         self._receiver: threading.Thread | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.tag = None
@@ -770,7 +771,7 @@ class Frontend:
                 cleanup.callback(store.close)
                 if self._claimed:
                     if self._published:
-                        cleanup.callback(self._wait_backend_closed, store, final=True)
+                        cleanup.callback(self._wait_final_closed, store)
                     cleanup.callback(self._write_state, XenbusState.CLOSED)
             if self._sharer is not None:
                 cleanup.callback(self._sharer.close)
@@ -784,17 +785,27 @@ class Frontend:
             # first of all: tell the backend, and let it unmap the rings
             if store is not None and self._claimed and self._rings:
                 self._write_state(XenbusState.CLOSING)
-                if self._published:
-                    self._wait_backend_closed(store)
+                if self._published and not self._wait_backend_closed(store):
+                    self._backend_unresponsive = True
         self._store = self._sharer = self._evtchn = None
         self._backend_watch = None
         self._rings = []
         self._by_port = {}
 
-    def _wait_backend_closed(self, store: XenStoreLike, final: bool = False) -> None:
+    def _wait_final_closed(self, store: XenStoreLike) -> None:
+        """After the frontend went Closed: wait (bounded) for the backend's
+        Closed, unless it already ignored Closing (a dead backend, such as a
+        killed QEMU, would only make :meth:`close` wait twice)."""
+        if not self._backend_unresponsive:
+            self._wait_backend_closed(store, final=True)
+
+    def _wait_backend_closed(self, store: XenStoreLike, final: bool = False) -> bool:
         """Wait (bounded) for the backend to have released the rings: Closing,
         or once the frontend is Closed (*final*), Closed; a backend that went
-        back to InitWait or Initialising (re-initialised) is done too."""
+        back to InitWait or Initialising (re-initialised) is done too.
+
+        :returns: whether the backend got there in time
+        """
         done = {
             XenbusState.CLOSED,
             XenbusState.INIT_WAIT,
@@ -815,6 +826,8 @@ class Frontend:
             pass  # the backend's node vanished: nothing maps the rings any more
         except (TimeoutError, OSError) as exc:
             log.warning("backend %s did not release the rings: %s", self.backend_path, exc)
+            return False
+        return True
 
     def _write_state(self, state: XenbusState) -> None:
         store = self._store

@@ -460,6 +460,23 @@ class Sim9pfsBackend:
                 self._warn(f"cannot write state Closed at stop: {err}")
         self._release_handles()
 
+    def kill(self) -> None:
+        """Die as a SIGKILLed QEMU does: stop serving at once, release every
+        mapping and port (as the kernel does for a dead process), but write
+        nothing: XenStore keeps saying whatever state the backend was in, and
+        the frontend's notifications go nowhere (idempotent; :meth:`stop`
+        afterwards does nothing)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._stop.set()
+        if self._control is not None:
+            self._control.join(self._join_timeout)
+            if self._control.is_alive():
+                self._error("the control thread did not stop")
+        self._disconnect()
+        self._release_handles()
+
     def __enter__(self) -> Self:
         self.start()
         return self

@@ -15,6 +15,7 @@ from frontend_helpers import FE_DOMID, machine
 
 from pyxen9p.p9.client import Client
 from pyxen9p.p9.server import FileServer
+from pyxen9p.xenbus import XenbusState
 
 from .client_suite import *  # noqa: F403
 
@@ -95,5 +96,66 @@ def test_a_server_answering_nothing_fails_every_request_at_once(root: Path) -> N
                 with pytest.raises(TransportError, match="unresponsive"):
                     c.stat("f")  # every later call fails at once
             assert m.xen.resources(FE_DOMID).clean
+    finally:
+        server.close()
+
+
+def test_backend_killed_mid_transfer(root: Path) -> None:
+    """The backend dies as a SIGKILLed QEMU does (no state written, mappings
+    and ports gone) while large transfers run on several threads: every
+    caller gets an OSError within about one request timeout plus one flush
+    timeout, and close() waits once, not twice, for a backend that is gone."""
+    import os
+    import threading
+    import time
+
+    server = FileServer(root)
+    payload = os.urandom(3 << 20)
+    (root / "big").write_bytes(payload)
+    fe_timeout, request_timeout, flush_timeout = 3.0, 1.0, 0.5
+    try:
+        with machine(handler=server.handle) as m:
+            fe = m.connect(rings=2, timeout=fe_timeout)
+            c = Client(fe, aname=str(root), timeout=request_timeout, flush_timeout=flush_timeout)
+            moved = [0, 0]
+            errors: list[tuple[int, float, BaseException]] = []
+
+            def transfer(n: int) -> None:
+                try:
+                    while True:
+                        if n == 0:
+                            c.write_bytes(f"w{n}", payload)
+                        else:
+                            assert c.read_bytes("big") == payload
+                        moved[n] += len(payload)
+                except BaseException as exc:  # recorded and checked
+                    errors.append((n, time.monotonic(), exc))
+
+            threads = [threading.Thread(target=transfer, args=(n,)) for n in (0, 1)]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 30
+            while min(moved) == 0 and not errors and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert min(moved) > 0 and not errors, (moved, errors)
+            killed = time.monotonic()
+            m.backend.kill()
+            assert m.backend.state == XenbusState.CONNECTED  # nothing was written
+            for t in threads:
+                t.join(request_timeout + flush_timeout + 10)
+            assert not any(t.is_alive() for t in threads), "a transfer still waits"
+            assert sorted(n for n, _, _ in errors) == [0, 1]
+            for _, when, exc in errors:
+                assert isinstance(exc, OSError), repr(exc)
+                assert when - killed < request_timeout + flush_timeout + 5
+            with pytest.raises(OSError, match="unresponsive"):
+                c.stat("big")
+            started = time.monotonic()
+            c.close()
+            closing = time.monotonic() - started
+            # one bounded wait for a backend that ignores Closing (before: two)
+            assert fe_timeout - 0.5 < closing < 2 * fe_timeout - 0.5, closing
+            assert c.closed
+            m.assert_clean()
     finally:
         server.close()

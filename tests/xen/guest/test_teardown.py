@@ -7,11 +7,9 @@
   its grants (gntalloc allows 1024 grants in all: after the cycles a single
   1000-page share must still succeed).
 * Dom0's QEMU killed (SIGKILL) while pyxen9p writes and reads large files:
-  the callers get an :class:`OSError` (a timeout or a transport error)
-  within a bounded number of request timeouts, never a hang, and
-  ``close()`` returns in bounded time.  QEMU is started again afterwards
-  with its own command line, and a new device is served and used, so the
-  tests after this one are not affected (this group also runs last: groups run in name order).
+  the callers get an :class:`OSError` within a request timeout plus a flush
+  timeout, never a hang, ``close()`` returns after one bounded wait, nothing
+  stays held, and a freshly started QEMU serves a new device afterwards.
 """
 
 from __future__ import annotations
@@ -19,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,5 +126,84 @@ def test_connect_close_cycles_leave_nothing(
         fs.close()  # idempotent
     print(f"QEMU's gntdev-mapped pages: {qemu_pages}; its event channels: {qemu_irqs}")
     # every grant pyxen9p shared is free again: almost all of gntalloc's 1024 fit
+    with GrantSharer() as sharer, sharer.share_pages(0, 1000) as pages:
+        assert len(pages.refs) == 1000
+
+
+def test_qemu_killed_mid_transfer(export: Path, retired: list[xenlab.Dom0NinePDevice]) -> None:
+    """SIGKILL dom0's QEMU while one thread writes and one reads large files.
+
+    Each caller gets an OSError within a request timeout plus a flush
+    timeout (the client declares the session dead when not even a Tflush is
+    answered, so requests in flight fail together); ``close()`` returns after
+    one bounded wait for a backend that ignores Closing; nothing stays held;
+    and a fresh QEMU then serves a new device to a new connection.
+    """
+    with GrantSharer() as warm, warm.share_pages(0, 1):
+        pass
+    before = snapshot()
+    payload = os.urandom(8 << 20)
+    (export / "big.bin").write_bytes(payload)
+    request_timeout, flush_timeout, fe_timeout = 5.0, 3.0, 10.0
+    slack = 20.0  # TCG on a busy machine
+    dev, qemu = fresh_device(export, "killed", retired)
+    fs = pyxen9p.connect(
+        path=dev.frontend, timeout=fe_timeout, request_timeout=request_timeout,
+        flush_timeout=flush_timeout,
+    )  # fmt: skip
+    moved = [0, 0]
+    errors: list[tuple[int, float, BaseException]] = []
+
+    def transfer(n: int) -> None:
+        try:
+            while True:
+                if n == 0:
+                    fs.write_bytes("written.bin", payload)
+                else:
+                    assert fs.read_bytes("big.bin") == payload
+                moved[n] += len(payload)
+        except BaseException as exc:  # recorded, checked below
+            errors.append((n, time.monotonic(), exc))
+
+    threads = [threading.Thread(target=transfer, args=(n,), daemon=True) for n in (0, 1)]
+    try:
+        for t in threads:
+            t.start()
+        xenlab.wait_until(lambda: min(moved) > 0 or errors, 180, "both transfers to move data")
+        assert not errors, errors
+        assert dev.backend_state() == XenbusState.CONNECTED
+        killed = time.monotonic()
+        xenlab.kill_dom0_qemu(qemu)
+        for t in threads:
+            t.join(request_timeout + flush_timeout + slack)
+        assert not any(t.is_alive() for t in threads), "a transfer still waits after the kill"
+        assert sorted(n for n, _, _ in errors) == [0, 1], errors
+        for n, when, exc in errors:
+            print(f"thread {n}: {type(exc).__name__} after {when - killed:.1f}s: {exc}")
+            assert isinstance(exc, OSError), repr(exc)
+            assert when - killed < request_timeout + flush_timeout + slack
+        with pytest.raises(OSError, match="unresponsive"):
+            fs.stat("big.bin")
+        # XenStore still says Connected: nobody wrote the dead backend's state
+        assert dev.backend_state() == XenbusState.CONNECTED
+    finally:
+        started = time.monotonic()
+        fs.close()
+        close_s = time.monotonic() - started
+        for t in threads:
+            t.join(1)
+    print(f"moved before the kill: {moved}; close() took {close_s:.1f}s")
+    assert close_s < fe_timeout + slack, "close() waited twice for a dead backend"
+    assert dev.frontend_state() == XenbusState.CLOSED
+    assert snapshot() == before
+    assert (export / "big.bin").read_bytes() == payload
+
+    # a fresh QEMU (the killed one's devices dropped) serves a new device
+    dev2, _ = fresh_device(export, "after-kill", retired)
+    with pyxen9p.connect(path=dev2.frontend, timeout=30) as fs2:
+        assert fs2.read_bytes("big.bin") == payload
+        fs2.write_bytes("after.txt", b"alive\n")
+    assert (export / "after.txt").read_bytes() == b"alive\n"
+    assert snapshot() == before
     with GrantSharer() as sharer, sharer.share_pages(0, 1000) as pages:
         assert len(pages.refs) == 1000
