@@ -92,7 +92,7 @@ HOST_FILES = {
 
 XEN_CMDLINE = (
     "console=com1 com1=115200,8n1 dom0_mem=2048M,max:2048M dom0_max_vcpus=2 "
-    "noreboot loglvl=warning"
+    "noreboot loglvl=warning guest_loglvl=warning"
 )
 DOM0_CMDLINE = (
     "root=/dev/vda rw console=hvc0 earlyprintk=xen fsck.mode=skip "

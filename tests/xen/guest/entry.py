@@ -60,6 +60,7 @@ FULL_DIAG = {
     "journal": ["journalctl", "-b", "--no-pager", "-o", "short-monotonic"],
     "failed-units": ["systemctl", "--failed", "--no-pager"],
     "systemd-blame": ["systemd-analyze", "blame", "--no-pager"],
+    "qemu-dom0-log": ["tail", "-n", "400", "/var/log/xen/qemu-dom0-pyxen9p.log"],
 }
 
 

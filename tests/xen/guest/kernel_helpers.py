@@ -199,8 +199,10 @@ def kernel_device_report(device: xenlab.Dom0NinePDevice) -> str:
     for cmd in (["xenstore-ls", "-f", KERNEL_FRONTEND_BASE], ["xenstore-ls", "-f", device.backend]):
         res = xenlab.sh(cmd, check=False, timeout=30)
         lines.append(f"$ {' '.join(cmd)}\n{res.stdout}{res.stderr}")
-    res = xenlab.sh(["dmesg"], check=False, timeout=30)
-    lines.append("dmesg (last 25 lines):\n" + "\n".join(res.stdout.splitlines()[-25:]))
+    for cmd in (["dmesg"], ["xl", "dmesg"], ["tail", "-n", "40", str(xenlab.QEMU_LOG)]):
+        res = xenlab.sh(cmd, check=False, timeout=30)
+        lines.append(f"$ {' '.join(cmd)} (last 25 lines)")
+        lines.extend(res.stdout.splitlines()[-25:])
     return "\n".join(lines)
 
 

@@ -763,13 +763,30 @@ def kill_dom0_qemu(pid: int, timeout: float = 30.0) -> None:
     wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout, f"QEMU {pid} to exit")
 
 
+#: Where the dom0 QEMUs started by :func:`start_dom0_qemu` write their messages
+#: (``/etc/init.d/xen``'s ``-daemonize`` sends them to ``/dev/null``).
+QEMU_LOG = Path("/var/log/xen/qemu-dom0-pyxen9p.log")
+
+
 def start_dom0_qemu(argv: Sequence[str], timeout: float = 60.0) -> int:
-    """Start dom0's QEMU again with *argv* (as ``/etc/init.d/xen`` does: it
-    daemonizes) and return its new PID once it runs.
+    """Start dom0's QEMU again with *argv* and return its new PID once it runs.
+
+    It runs in the background as ``/etc/init.d/xen`` starts it, but without
+    ``-daemonize``, so that its messages (a failed grant mapping, a backend
+    that cannot connect) are appended to :data:`QEMU_LOG`; a shell in
+    between exits at once, so the QEMU is not this process's child.
 
     :raises LabError: if it does not start
     """
-    sh(list(argv), timeout=timeout)
+    args = [arg for arg in argv if arg != "-daemonize"]
+    QEMU_LOG.parent.mkdir(parents=True, exist_ok=True)
+    with QEMU_LOG.open("a") as log:
+        log.write(f"=== {time.strftime('%H:%M:%S')} {shlex.join(args)}\n")
+    sh(
+        ["setsid", "sh", "-c", 'log=$1; shift; exec "$@" </dev/null >>"$log" 2>&1 &', "sh",
+         str(QEMU_LOG), *args],
+        timeout=timeout,
+    )  # fmt: skip
     return wait_until(dom0_qemu_pid, timeout, "dom0's QEMU to run")
 
 
