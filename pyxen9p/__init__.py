@@ -101,7 +101,11 @@ def connect(
     :param rings: wished number of rings (see :func:`~pyxen9p.frontend.choose_layout`)
     :param ring_order: wished ring order
     :param grant_limit: keep all shared pages within this many grants
-        (default 1024, gntalloc's default; ``None``: no limit)
+        (default 1024, gntalloc's default; ``None``: no limit).  gntalloc's
+        limit counts every grant the *domain* shares through it, so when
+        several connections are open at once, give each a share of it: two
+        default connections (514 grants each) do not fit together, two with
+        ``grant_limit=512`` (2 rings of order 7) do
     :param timeout: limit for each step of the connection
     :param request_timeout: limit for each 9P request afterwards (``None``:
         none; a Tflush is sent when it expires)

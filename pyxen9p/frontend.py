@@ -264,6 +264,8 @@ class Frontend:
         :param rings: wished number of rings (capped by the backend)
         :param ring_order: wished ring order (capped by the backend)
         :param grant_limit: keep all shared pages within this many grants
+            (gntalloc counts the grants of the whole domain: see
+            :func:`pyxen9p.connect`)
         :param timeout: limit for each step of the negotiation
         :raises DeviceNotFoundError: no such device
         :raises DeviceBusyError: another frontend drives it

@@ -453,3 +453,29 @@ def test_the_frontend_never_reads_back_what_it_owns() -> None:
         assert (fe.ring_order, fe.msize) == (order, msize)
     # the pages shared are the ones unshared, whatever ref[] says now
     m.assert_clean()
+
+
+def test_gntalloc_limit_is_shared_by_the_domains_connections() -> None:
+    """gntalloc's limit (1024) counts every grant of the domain: a second
+    default connection (514 grants each) is refused with a clear error and
+    leaves nothing behind; two connections with ``grant_limit=512`` fit."""
+    from pyxen9p.sim.backend import Sim9pfsBackend
+
+    with machine() as m:
+        second = Sim9pfsBackend(m.dom0, FE_DOMID, devid=1, handler=echo)
+        second.start()
+        try:
+            with m.connect() as first:
+                assert (first.num_rings, first.ring_order) == (2, 8)
+                with pytest.raises(OSError, match="gntalloc limit"):
+                    m.connect(devid=1)
+                assert m.xen.resources(FE_DOMID).grants == 2 * 257
+            m.assert_clean()
+            # the refused frontend wrote Closed; the backend followed it
+            assert second.wait_for_state(XenbusState.CLOSED)
+            with m.connect(grant_limit=512) as a, m.connect(devid=1, grant_limit=512) as b:
+                assert (a.num_rings, a.ring_order) == (b.num_rings, b.ring_order) == (2, 7)
+                assert a.request(tversion()) == b.request(tversion())
+        finally:
+            second.stop()
+        m.assert_clean()
