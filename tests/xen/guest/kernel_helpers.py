@@ -28,6 +28,7 @@ import itertools
 import os
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,6 +207,53 @@ def kernel_device_report(device: xenlab.Dom0NinePDevice) -> str:
     return "\n".join(lines)
 
 
+def probe_kernel_rings(device: xenlab.Dom0NinePDevice) -> tuple[list[str], bool]:
+    """Map what the kernel's frontend granted for *device*'s rings, page by page.
+
+    Each ring's interface page (``ring-ref<i>``) names ``1 << ring_order``
+    data grants.  Each is mapped alone (read-only): a grant whose frame is
+    not the kernel's own fails, and a fresh ring's pages that map but are not
+    all zeros are some other page of dom0.  (9pnet_xen grants the data pages
+    as ``virt_to_gfn(first page) + i``, which assumes that the buffer is
+    machine-contiguous; in a PV dom0 it need not be.)
+
+    :returns: the findings, and whether some data grant is not the ring's
+    """
+    from pyxen9p.libs import GrantTable
+
+    lines = []
+    wrong = False
+    try:
+        rings = int(xenlab.xs_read(f"{device.frontend}/num-rings") or 0)
+        with GrantTable() as gt:
+            for i in range(rings):
+                ref = int(xenlab.xs_read(f"{device.frontend}/ring-ref{i}") or -1)
+                with gt.map_grant_ref(0, ref, writable=False) as intf:
+                    order = int.from_bytes(intf.buffer[128:132], "little")
+                    count = 1 << min(order, 9)
+                    refs = [
+                        int.from_bytes(intf.buffer[132 + 4 * j : 136 + 4 * j], "little")
+                        for j in range(count)
+                    ]
+                failed, nonzero = [], []
+                for j, data_ref in enumerate(refs):
+                    try:
+                        with gt.map_grant_ref(0, data_ref, writable=False) as page:
+                            if any(page.buffer):
+                                nonzero.append(j)
+                    except OSError as exc:
+                        failed.append((j, exc.errno))
+                wrong = wrong or bool(failed or nonzero)
+                lines.append(
+                    f"ring {i}: interface ref {ref}, order {order}, {count} data grants:"
+                    f" {len(failed)} do not map (first: {failed[:3]}),"
+                    f" {len(nonzero)} map to non-zero pages (first: {nonzero[:5]})"
+                )
+    except (OSError, ValueError) as exc:
+        lines.append(f"ring probe failed: {exc!r}")
+    return lines, wrong
+
+
 @contextlib.contextmanager
 def kernel_mount(
     path: str | os.PathLike[str],
@@ -232,26 +280,76 @@ def kernel_mount(
         raise xenlab.LabError("load 9pnet_xen before creating a device/9pfs node")
     mnt = Path(mountpoint)
     mnt.mkdir(parents=True, exist_ok=True)
-    device = xenlab.create_dom0_9pfs_device(
-        path, tag, devid=fresh_devid(), frontend_base=KERNEL_FRONTEND_BASE, wait=False
-    )
+    parked: list[xenlab.Dom0NinePDevice] = []
+    device = None
     try:
-        try:
-            device.wait_backend_state((XenbusState.CONNECTED,), timeout)
-            xenlab.wait_until(
-                lambda: device.frontend_state() == XenbusState.CONNECTED,
-                timeout,
-                "the kernel frontend to be Connected",
-            )
-        except TimeoutError as exc:
-            raise TimeoutError(f"{exc}\n{kernel_device_report(device)}") from None
-        xenlab.sh(["mount", "-t", "9p", "-o", options, tag, str(mnt)], timeout=timeout)
+        for attempt in range(1, KERNEL_CONNECT_ATTEMPTS + 1):
+            if xenlab.dom0_qemu_pid() is None:
+                xenlab.restart_dom0_qemu()  # it may not survive a failed connect
+            device = xenlab.create_dom0_9pfs_device(
+                path, tag if attempt == 1 else f"{tag}-{attempt}", devid=fresh_devid(),
+                frontend_base=KERNEL_FRONTEND_BASE, wait=False,
+            )  # fmt: skip
+            try:
+                _wait_connected(device, timeout)
+                break
+            except TimeoutError as exc:
+                lines, wrong_frames = probe_kernel_rings(device)
+                report = f"{exc}\n" + "\n".join(lines) + f"\n{kernel_device_report(device)}"
+                if not wrong_frames or attempt == KERNEL_CONNECT_ATTEMPTS:
+                    raise TimeoutError(report) from None
+                # the kernel granted frames that are not its ring's: keep that
+                # device (and so its buffer) while the next one allocates anew
+                _record_kernel_bug(device, attempt, report)
+                parked.append(device)
+                device = None
+        assert device is not None
+        xenlab.sh(["mount", "-t", "9p", "-o", options, device.tag, str(mnt)], timeout=timeout)
         try:
             yield KernelMount(device, mnt)
         finally:
             umount(mnt)
     finally:
-        remove_kernel_device(device)
+        if device is not None:
+            remove_kernel_device(device)
+        if parked:
+            # QEMU 7.2 must not see a device it failed to connect removed:
+            # restart it without them (the kernel then frees their rings)
+            xenlab.restart_dom0_qemu(parked)
+            for dev in parked:
+                xenlab.wait_until(
+                    lambda dev=dev: not sysfs_device(dev.devid).exists(),  # type: ignore[misc]
+                    30,
+                    f"the kernel to drop {sysfs_device(dev.devid)}",
+                )
+
+
+def _wait_connected(device: xenlab.Dom0NinePDevice, timeout: float) -> None:
+    device.wait_backend_state((XenbusState.CONNECTED,), timeout)
+    xenlab.wait_until(
+        lambda: device.frontend_state() == XenbusState.CONNECTED,
+        timeout,
+        "the kernel frontend to be Connected",
+    )
+
+
+#: Devices tried by :func:`kernel_mount` before it gives up.
+KERNEL_CONNECT_ATTEMPTS = 3
+
+
+def _record_kernel_bug(device: xenlab.Dom0NinePDevice, attempt: int, report: str) -> None:
+    """Say (stderr, and ``kernel-9pnet-xen-frames.txt`` in the results folder)
+    that the kernel's frontend granted wrong frames for *device*."""
+    text = (
+        f"=== kernel 9pnet_xen, device {device.devid}, attempt {attempt}: QEMU could not map"
+        f" the data pages the kernel granted (a frame that is not the ring's); retrying"
+        f" on a new device\n{report}\n"
+    )
+    print(text, file=sys.stderr, flush=True)
+    results = os.environ.get("PYXEN9P_RESULTS")
+    if results:
+        with open(Path(results, "kernel-9pnet-xen-frames.txt"), "a", encoding="utf-8") as f:
+            f.write(text)
 
 
 # --------------------------------------------------------------------------- pyxen9p side
@@ -271,7 +369,7 @@ def pyxen9p_client(
     import pyxen9p
 
     with xenlab.dom0_9pfs_device(path, tag=tag, devid=fresh_devid()) as device:
-        client = pyxen9p.connect(path=device.frontend, **options)  # type: ignore[arg-type]
+        client = pyxen9p.connect(path=device.frontend, **options)
         try:
             yield device, client
         finally:
