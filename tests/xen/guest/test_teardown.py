@@ -6,6 +6,9 @@
   pyxen9p's ``/dev/xen`` descriptors, its event channels (``/proc/interrupts``), and
   its grants (gntalloc allows 1024 grants in all: after the cycles a single
   1000-page share must still succeed).
+* The same device connected again after ``close()``: a new handshake
+  starts (QEMU 7.2 then cannot connect it: a clear, bounded error, nothing
+  held).
 * Dom0's QEMU killed (SIGKILL) while pyxen9p writes and reads large files:
   the callers get an :class:`OSError` within a request timeout plus a flush
   timeout, never a hang, ``close()`` returns after one bounded wait, nothing
@@ -128,6 +131,39 @@ def test_connect_close_cycles_leave_nothing(
     # every grant pyxen9p shared is free again: almost all of gntalloc's 1024 fit
     with GrantSharer() as sharer, sharer.share_pages(0, 1000) as pages:
         assert len(pages.refs) == 1000
+
+
+def test_same_device_again_after_close(
+    export: Path, retired: list[xenlab.Dom0NinePDevice]
+) -> None:
+    """After ``close()`` the backend is Closed, and a new ``connect()`` on the
+    same device starts a new handshake.  Debian 12's QEMU 7.2 then goes back to
+    InitWait but cannot connect a device a second time; pyxen9p must say so
+    within its timeout and leave nothing behind.  (A QEMU that can reconnect
+    must serve the same files.)"""
+    with GrantSharer() as warm, warm.share_pages(0, 1):
+        pass
+    dev, _ = fresh_device(export, "again", retired)
+    with pyxen9p.connect(path=dev.frontend, timeout=30) as fs:
+        fs.write_bytes("first.txt", b"first connection\n")
+    assert dev.frontend_state() == XenbusState.CLOSED
+    assert dev.backend_state() == XenbusState.CLOSED
+    before = snapshot()
+    timeout = 15.0
+    started = time.monotonic()
+    try:
+        again = pyxen9p.connect(path=dev.frontend, timeout=timeout)
+    except TimeoutError as exc:
+        elapsed = time.monotonic() - started
+        print(f"second connect refused after {elapsed:.1f}s: {exc}")
+        # the backend did restart the handshake (InitWait), then never connected
+        assert "did not map the rings" in str(exc) and "(it is INIT_WAIT)" in str(exc), exc
+        assert elapsed < 3 * timeout + 10, "connect() was not bounded by its timeout"
+        assert dev.frontend_state() == XenbusState.CLOSED
+    else:
+        with again:
+            assert again.read_bytes("first.txt") == b"first connection\n"
+    assert snapshot() == before
 
 
 def test_qemu_killed_mid_transfer(export: Path, retired: list[xenlab.Dom0NinePDevice]) -> None:
