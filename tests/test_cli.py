@@ -709,7 +709,7 @@ def test_program_sigint_exits_130(xenstored: XenStoreDaemon) -> None:
             [sys.executable, "-m", "pyxen9p.cli", "--timeout", "60", "ls"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=child_env(XENSTORED_PATH=xenstored.socket_path),
+            env=child_env(XENSTORED_PATH=xenstored.socket_path, PYTHONFAULTHANDLER="1"),
         )
         try:
             deadline = time.monotonic() + 30
@@ -720,7 +720,12 @@ def test_program_sigint_exits_130(xenstored: XenStoreDaemon) -> None:
             time.sleep(0.2)
             started = time.monotonic()
             proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=30)
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGABRT)  # faulthandler: every thread's stack
+                out, err = proc.communicate(timeout=30)
+                pytest.fail(f"no exit 30 s after SIGINT; stacks:\n{err.decode(errors='replace')}")
         finally:
             if proc.poll() is None:
                 proc.kill()
