@@ -692,6 +692,10 @@ def test_several_devices_must_be_chosen(run: Run, xenstored: XenStoreDaemon) -> 
 
 
 @pytest.mark.skipif(ON_XEN, reason="this machine runs on Xen")
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_program_sigint_exits_130(xenstored: XenStoreDaemon) -> None:
     """Ctrl-C while the frontend waits for a backend that never gets ready."""
     fe, be = "/local/domain/0/device/9pfs/0", "/local/domain/0/backend/9pfs/0/0"
@@ -710,6 +714,9 @@ def test_program_sigint_exits_130(xenstored: XenStoreDaemon) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=child_env(XENSTORED_PATH=xenstored.socket_path, PYTHONFAULTHANDLER="1"),
+            # as from a terminal: a job started in the background by a
+            # non-interactive shell inherits SIGINT ignored, and Python keeps it so
+            preexec_fn=_default_sigint,
         )
         try:
             deadline = time.monotonic() + 30
