@@ -444,21 +444,7 @@ class Sim9pfsBackend:
     def stop(self) -> None:
         """Stop every thread, release every mapping and port, write Closed
         (idempotent)."""
-        if self._stopped:
-            return
-        self._stopped = True
-        self._stop.set()
-        if self._control is not None:
-            self._control.join(self._join_timeout)
-            if self._control.is_alive():
-                self._error("the control thread did not stop")
-        self._disconnect()
-        if self._store is not None:
-            try:
-                self._set_state(XenbusState.CLOSED)
-            except OSError as err:
-                self._warn(f"cannot write state Closed at stop: {err}")
-        self._release_handles()
+        self._shut_down(write_closed=True)
 
     def kill(self) -> None:
         """Die as a SIGKILLed QEMU does: stop serving at once, release every
@@ -466,6 +452,9 @@ class Sim9pfsBackend:
         nothing: XenStore keeps saying whatever state the backend was in, and
         the frontend's notifications go nowhere (idempotent; :meth:`stop`
         afterwards does nothing)."""
+        self._shut_down(write_closed=False)
+
+    def _shut_down(self, *, write_closed: bool) -> None:
         if self._stopped:
             return
         self._stopped = True
@@ -475,6 +464,11 @@ class Sim9pfsBackend:
             if self._control.is_alive():
                 self._error("the control thread did not stop")
         self._disconnect()
+        if write_closed and self._store is not None:
+            try:
+                self._set_state(XenbusState.CLOSED)
+            except OSError as err:
+                self._warn(f"cannot write state Closed at stop: {err}")
         self._release_handles()
 
     def __enter__(self) -> Self:
