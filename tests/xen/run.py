@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
@@ -491,14 +492,15 @@ def run_group_killable(
 
 def stop_process_group(proc: subprocess.Popen[bytes]) -> None:
     """Stop the process group led by *proc* (started with ``start_new_session``)."""
-    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    with signals_held():
+        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(grace)
+                return
+            except subprocess.TimeoutExpired:
+                continue
 
 
 def build_image(
@@ -787,20 +789,46 @@ class ConsoleWatcher:
         return [ANSI.sub("", line) for line in text.splitlines()[-count:]]
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends: a second Ctrl-C or
+    SIGTERM (``timeout`` and ``pkill`` may both send one) must not cut a
+    cleanup short and leave QEMU running.  The first one held is raised again
+    afterwards, to the handler that was in place.  (Python runs signal
+    handlers in the main thread; elsewhere this does nothing.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: object) -> None:
+        held.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if held:
+            signal.raise_signal(held[0])
+
+
 def stop_process(proc: subprocess.Popen[bytes], grace: float | None = None) -> None:
     """Stop *proc* by its pid: SIGTERM, then SIGKILL after *grace* seconds
-    (default :data:`STOP_GRACE`)."""
+    (default :data:`STOP_GRACE`); signals to this process wait until it is done."""
     grace = STOP_GRACE if grace is None else grace
     if proc.poll() is not None:
         return
-    with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
+    with signals_held():
         with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait(5.0)
+            proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait(5.0)
 
 
 @dataclasses.dataclass

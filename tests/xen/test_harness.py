@@ -376,3 +376,32 @@ def test_help_runs() -> None:
     )
     assert out.returncode == 0
     assert "--group" in out.stdout and "--cache-dir" in out.stdout
+
+
+def test_a_second_sigterm_does_not_cut_stopping_qemu_short() -> None:
+    """``timeout`` and ``pkill`` may both send SIGTERM: the one that arrives
+    while the harness stops QEMU waits until QEMU is gone (SIGKILL after the
+    grace period here, as this stand-in ignores SIGTERM), then is raised."""
+    import os
+    import signal
+    import subprocess
+    import threading
+
+    proc = subprocess.Popen(["sh", "-c", "trap '' TERM; echo ready; sleep 60"],
+                            stdout=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+    previous = signal.signal(signal.SIGTERM, run._raise_terminated)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    try:
+        timer.start()
+        with pytest.raises(run.Terminated):
+            run.stop_process(proc, grace=1.0)
+            time.sleep(5)  # not reached: the held SIGTERM is raised on the way out
+        assert proc.poll() == -signal.SIGKILL
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGTERM, previous)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stdout.close()
