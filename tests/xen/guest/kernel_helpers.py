@@ -268,6 +268,12 @@ def kernel_mount(
     The modules must be loaded first (:func:`load_kernel_9p`).  On exit the
     mount is undone and the device removed.
 
+    Before mounting, the ring pages the kernel granted are checked
+    (:func:`probe_kernel_rings`): in a PV dom0, 9pnet_xen may grant frames
+    that are not its ring's.  Such a device is kept aside (so the kernel does
+    not get the same buffer again) and a new one is tried, up to
+    :data:`KERNEL_CONNECT_ATTEMPTS` devices; each case is recorded.
+
     :param path: the dom0 directory QEMU exports
     :param mountpoint: an empty directory (created if missing)
     :param tag: the mount tag
@@ -292,17 +298,23 @@ def kernel_mount(
             )  # fmt: skip
             try:
                 _wait_connected(device, timeout)
-                break
             except TimeoutError as exc:
-                lines, wrong_frames = probe_kernel_rings(device)
-                report = f"{exc}\n" + "\n".join(lines) + f"\n{kernel_device_report(device)}"
-                if not wrong_frames or attempt == KERNEL_CONNECT_ATTEMPTS:
-                    raise TimeoutError(report) from None
-                # the kernel granted frames that are not its ring's: keep that
-                # device (and so its buffer) while the next one allocates anew
-                _record_kernel_bug(device, attempt, report)
-                parked.append(device)
-                device = None
+                failure = str(exc)
+            else:
+                # connected: still check that QEMU mapped the kernel's own,
+                # still empty ring pages (not other pages of dom0) before use
+                failure = "connected, but to frames that are not the kernel's ring"
+            lines, wrong_frames = probe_kernel_rings(device)
+            if not wrong_frames and device.backend_state() == XenbusState.CONNECTED:
+                break
+            report = f"{failure}\n" + "\n".join(lines) + f"\n{kernel_device_report(device)}"
+            if not wrong_frames or attempt == KERNEL_CONNECT_ATTEMPTS:
+                raise TimeoutError(report)
+            # the kernel granted frames that are not its ring's: keep that
+            # device (and so its buffer) while the next one allocates anew
+            _record_kernel_bug(device, attempt, report)
+            parked.append(device)
+            device = None
         assert device is not None
         xenlab.sh(["mount", "-t", "9p", "-o", options, device.tag, str(mnt)], timeout=timeout)
         try:
@@ -341,9 +353,9 @@ def _record_kernel_bug(device: xenlab.Dom0NinePDevice, attempt: int, report: str
     """Say (stderr, and ``kernel-9pnet-xen-frames.txt`` in the results folder)
     that the kernel's frontend granted wrong frames for *device*."""
     text = (
-        f"=== kernel 9pnet_xen, device {device.devid}, attempt {attempt}: QEMU could not map"
-        f" the data pages the kernel granted (a frame that is not the ring's); retrying"
-        f" on a new device\n{report}\n"
+        f"=== kernel 9pnet_xen, device {device.devid}, attempt {attempt}: the kernel granted"
+        f" frames that are not its ring's (QEMU cannot map them, or maps other pages of"
+        f" dom0); retrying on a new device\n{report}\n"
     )
     print(text, file=sys.stderr, flush=True)
     results = os.environ.get("PYXEN9P_RESULTS")
