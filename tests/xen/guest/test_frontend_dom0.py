@@ -251,7 +251,7 @@ def test_negotiated_with_qemu(client: Client, suite_device: xenlab.Dom0NinePDevi
           f" transport msize={fe.msize} 9P msize={client.msize}")  # fmt: skip
 
 
-@pytest.mark.parametrize(("rings", "order"), [(1, 7), (3, 2), (8, 5)])
+@pytest.mark.parametrize(("rings", "order"), [(1, 9), (1, 7), (3, 2), (8, 5)])
 def test_other_ring_layouts(lab: ModuleLab, rings: int, order: int) -> None:
     dev = lab.device(f"layout{rings}x{order}", "layout")
     export = Path(dev.path)
