@@ -58,6 +58,16 @@ def retired() -> Iterator[list[xenlab.Dom0NinePDevice]]:
         xenlab.restart_dom0_qemu(devices)
 
 
+def report(line: str) -> None:
+    """Print *line* and append it to ``teardown.txt`` in the results folder
+    (a passing test's output is not shown otherwise)."""
+    print(line)
+    results = os.environ.get("PYXEN9P_RESULTS")
+    if results:
+        with open(Path(results, "teardown.txt"), "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
 def snapshot() -> dict[str, object]:
     """What pyxen9p (this process) holds of Xen: descriptors and event channels."""
     return {
@@ -120,7 +130,7 @@ def test_connect_close_cycles_leave_nothing(
             started = time.monotonic()
             fs.close()
             close_s = time.monotonic() - started
-        print(f"cycle {cycle}: connect {connect_s:.2f}s close {close_s:.2f}s")
+        report(f"cycle {cycle}: connect {connect_s:.2f}s close {close_s:.2f}s")
         assert dev.frontend_state() == XenbusState.CLOSED
         assert dev.backend_state() == XenbusState.CLOSED
         assert snapshot() == before, f"cycle {cycle}"
@@ -155,7 +165,7 @@ def test_same_device_again_after_close(
         again = pyxen9p.connect(path=dev.frontend, timeout=timeout)
     except TimeoutError as exc:
         elapsed = time.monotonic() - started
-        print(f"second connect refused after {elapsed:.1f}s: {exc}")
+        report(f"same device, second connect refused after {elapsed:.1f}s: {exc}")
         # the backend did restart the handshake (InitWait), then never connected
         assert "did not map the rings" in str(exc) and "(it is INIT_WAIT)" in str(exc), exc
         assert elapsed < 3 * timeout + 10, "connect() was not bounded by its timeout"
@@ -215,7 +225,7 @@ def test_qemu_killed_mid_transfer(export: Path, retired: list[xenlab.Dom0NinePDe
         assert not any(t.is_alive() for t in threads), "a transfer still waits after the kill"
         assert sorted(n for n, _, _ in errors) == [0, 1], errors
         for n, when, exc in errors:
-            print(f"thread {n}: {type(exc).__name__} after {when - killed:.1f}s: {exc}")
+            report(f"QEMU killed: thread {n} got {type(exc).__name__} after {when - killed:.1f}s: {exc}")
             assert isinstance(exc, OSError), repr(exc)
             assert when - killed < request_timeout + flush_timeout + slack
         with pytest.raises(OSError, match="unresponsive"):
@@ -228,7 +238,7 @@ def test_qemu_killed_mid_transfer(export: Path, retired: list[xenlab.Dom0NinePDe
         close_s = time.monotonic() - started
         for t in threads:
             t.join(1)
-    print(f"moved before the kill: {moved}; close() took {close_s:.1f}s")
+    report(f"QEMU killed: moved before the kill {moved}; close() took {close_s:.1f}s")
     assert close_s < fe_timeout + slack, "close() waited twice for a dead backend"
     assert dev.frontend_state() == XenbusState.CLOSED
     assert snapshot() == before
