@@ -225,7 +225,10 @@ def test_qemu_killed_mid_transfer(export: Path, retired: list[xenlab.Dom0NinePDe
         assert not any(t.is_alive() for t in threads), "a transfer still waits after the kill"
         assert sorted(n for n, _, _ in errors) == [0, 1], errors
         for n, when, exc in errors:
-            report(f"QEMU killed: thread {n} got {type(exc).__name__} after {when - killed:.1f}s: {exc}")
+            report(
+                f"QEMU killed: thread {n} got {type(exc).__name__}"
+                f" after {when - killed:.1f}s: {exc}"
+            )
             assert isinstance(exc, OSError), repr(exc)
             assert when - killed < request_timeout + flush_timeout + slack
         with pytest.raises(OSError, match="unresponsive"):
