@@ -600,7 +600,9 @@ class Client:
         :param timeout: limit in seconds (default: :attr:`timeout`)
         :returns: the successful reply
         :raises OSError: the server answered with an error
-        :raises TimeoutError: no reply in time (the request was flushed)
+        :raises TimeoutError: no reply in time (the request was flushed; if
+            not even the Tflush was answered, the message says the server is
+            unresponsive, and the session is dead)
         """
         return self._rpc(
             lambda t: replace(message, tag=t), c.reply_type_for(message), None, timeout=timeout
@@ -630,9 +632,14 @@ class Client:
             except TimeoutError:
                 reusable = False
                 reusable = self._flush(tag)
+                outcome = (
+                    "(flushed)"
+                    if self._dead is None
+                    else "nor to its Tflush: the 9P server is unresponsive"
+                )
                 raise TimeoutError(
                     errno.ETIMEDOUT,
-                    f"{type(message).__name__}: no reply within {tmo:g}s (flushed)",
+                    f"{type(message).__name__}: no reply within {tmo:g}s {outcome}",
                     path,
                 ) from None
             except (TransportError, ValueError, InterruptedError, RuntimeError):

@@ -104,7 +104,8 @@ def wait_until(
 ) -> T:
     """Poll *predicate* until it returns something other than ``None``/``False``.
 
-    :param predicate: called repeatedly; its first true-ish result is returned
+    :param predicate: called repeatedly; its first result that is neither
+        ``None`` nor ``False`` is returned (so ``0`` or ``[]`` count as results)
     :param timeout: seconds before giving up
     :param what: what is awaited (for the error message)
     :param interval: seconds between polls
