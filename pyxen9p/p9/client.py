@@ -633,13 +633,13 @@ class Client:
                 reusable = False
                 reusable = self._flush(tag)
                 outcome = (
-                    "(flushed)"
+                    " (flushed)"
                     if self._dead is None
-                    else "nor to its Tflush: the 9P server is unresponsive"
+                    else ", nor to its Tflush: the 9P server is unresponsive"
                 )
                 raise TimeoutError(
                     errno.ETIMEDOUT,
-                    f"{type(message).__name__}: no reply within {tmo:g}s {outcome}",
+                    f"{type(message).__name__}: no reply within {tmo:g}s{outcome}",
                     path,
                 ) from None
             except (TransportError, ValueError, InterruptedError, RuntimeError):
