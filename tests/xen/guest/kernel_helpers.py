@@ -30,7 +30,8 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -459,6 +460,21 @@ def _kind(mode: int) -> str:
     raise ValueError(f"unexpected file type {stat.S_IFMT(mode):o}")
 
 
+def _entry(
+    st: os.stat_result, read_bytes: Callable[[], bytes], readlink: Callable[[], str]
+) -> Entry:
+    """The :class:`Entry` of a file whose ``lstat`` is *st*; its content is
+    read through *read_bytes* (a file) or *readlink* (a link) if needed."""
+    kind = _kind(st.st_mode)
+    if kind == "file":
+        content = hashlib.sha256(read_bytes()).hexdigest()
+    elif kind == "link":
+        content = readlink()
+    else:
+        content = ""
+    return Entry(kind, st.st_mode, st.st_size, st.st_mtime_ns, content)
+
+
 def snapshot_local(root: Path) -> dict[str, Entry]:
     """Describe every entry under *root* through the local file system (``os``).
 
@@ -471,15 +487,7 @@ def snapshot_local(root: Path) -> dict[str, Entry]:
             rel = os.path.relpath(full, root)
             if name == "." and rel != ".":
                 continue
-            st = os.lstat(full)
-            kind = _kind(st.st_mode)
-            if kind == "file":
-                content = hashlib.sha256(full.read_bytes()).hexdigest()
-            elif kind == "link":
-                content = os.readlink(full)
-            else:
-                content = ""
-            result[rel] = Entry(kind, st.st_mode, st.st_size, st.st_mtime_ns, content)
+            result[rel] = _entry(os.lstat(full), full.read_bytes, partial(os.readlink, full))
     return result
 
 
@@ -496,15 +504,9 @@ def snapshot_client(client: Client, root: str) -> dict[str, Entry]:
             rel = os.path.relpath("/" + full.lstrip("/"), "/" + root.lstrip("/"))
             if name == "." and rel != ".":
                 continue
-            st = client.lstat(full)
-            kind = _kind(st.st_mode)
-            if kind == "file":
-                content = hashlib.sha256(client.read_bytes(full)).hexdigest()
-            elif kind == "link":
-                content = client.readlink(full)
-            else:
-                content = ""
-            result[rel] = Entry(kind, st.st_mode, st.st_size, st.st_mtime_ns, content)
+            result[rel] = _entry(
+                client.lstat(full), partial(client.read_bytes, full), partial(client.readlink, full)
+            )
     return result
 
 
