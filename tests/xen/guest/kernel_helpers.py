@@ -297,17 +297,26 @@ def kernel_mount(
                 path, tag if attempt == 1 else f"{tag}-{attempt}", devid=fresh_devid(),
                 frontend_base=KERNEL_FRONTEND_BASE, wait=False,
             )  # fmt: skip
+            # a device that does not connect soon is probed then, not after the
+            # whole timeout (the probe needs only the kernel's grants); a
+            # connected one is probed too: its ring pages must be the
+            # kernel's own, still empty, before use
+            failure: str | None = None
             try:
-                _wait_connected(device, timeout)
+                _wait_connected(device, min(timeout, KERNEL_PROBE_AFTER))
             except TimeoutError as exc:
                 failure = str(exc)
-            else:
-                # connected: still check that QEMU mapped the kernel's own,
-                # still empty ring pages (not other pages of dom0) before use
-                failure = "connected, but to frames that are not the kernel's ring"
             lines, wrong_frames = probe_kernel_rings(device)
-            if not wrong_frames and device.backend_state() == XenbusState.CONNECTED:
+            if failure is not None and not wrong_frames:
+                try:
+                    _wait_connected(device, max(timeout - KERNEL_PROBE_AFTER, 1.0))
+                    failure = None
+                except TimeoutError as exc:
+                    failure = str(exc)
+            if failure is None and not wrong_frames:
                 break
+            if failure is None:
+                failure = "connected, but to frames that are not the kernel's ring"
             report = f"{failure}\n" + "\n".join(lines) + f"\n{kernel_device_report(device)}"
             if not wrong_frames or attempt == KERNEL_CONNECT_ATTEMPTS:
                 raise TimeoutError(report)
@@ -345,6 +354,9 @@ def _wait_connected(device: xenlab.Dom0NinePDevice, timeout: float) -> None:
         "the kernel frontend to be Connected",
     )
 
+
+#: Seconds :func:`kernel_mount` waits for a connection before it probes the grants.
+KERNEL_PROBE_AFTER = 15.0
 
 #: Devices tried by :func:`kernel_mount` before it gives up.
 KERNEL_CONNECT_ATTEMPTS = 3
