@@ -1,7 +1,9 @@
 """Group "lab": the real-Xen lab itself (Xen, dom0, QEMU's 9pfs backend, a PV domU).
 
 These check the environment the other groups rely on and the set-up helpers
-of :mod:`xenlab`; they use only Xen's own tools, not pyxen9p.
+of :mod:`xenlab`; they use only Xen's own tools, not pyxen9p (except that
+the kernel mount's helper maps the kernel's ring grants with pyxen9p's grant
+table to check them, see :func:`kernel_helpers.probe_kernel_rings`).
 """
 
 from __future__ import annotations
@@ -9,10 +11,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import subprocess
 import threading
 from pathlib import Path
 
+import kernel_helpers
 import pytest
 import xenlab
 from xenlab import XenbusState
@@ -164,27 +166,22 @@ def test_pv_domu_kernel_mounts_qemu_9pfs_and_runs_on_dom0_root(share_dir: Path) 
 
 @pytest.mark.slow
 def test_dom0_kernel_9pfs_side_by_side(share_dir: Path, tmp_path: Path) -> None:
-    """The kernel's own frontend (9pnet_xen) in dom0 on a QEMU-served device/9pfs node."""
+    """The kernel's own frontend (9pnet_xen) in dom0 on a QEMU-served device/9pfs node.
+
+    Mounted through :func:`kernel_helpers.kernel_mount`, which checks the
+    ring pages the kernel granted and tries a new device when they are not
+    the ring's (a 9pnet_xen bug in a PV dom0; see ``docs/realxen.rst``).
+    """
     (share_dir / "k.txt").write_text("kernel side\n")
-    xenlab.load_9pnet_xen()
-    dev = xenlab.create_dom0_9pfs_device(
-        share_dir, tag="ktag", frontend_base="/local/domain/0/device/9pfs", wait=False
-    )
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    mounted = False
+    loaded = kernel_helpers.load_kernel_9p()
     try:
-        dev.wait_backend_state((XenbusState.CONNECTED,), timeout=60)
-        xenlab.wait_until(
-            lambda: dev.frontend_state() == XenbusState.CONNECTED, 30, "kernel frontend Connected"
-        )
-        xenlab.sh(["mount", "-t", "9p", "-o", "trans=xen,version=9p2000.L", "ktag", str(mnt)])
-        mounted = True
-        assert (mnt / "k.txt").read_text() == "kernel side\n"
-        (mnt / "back.txt").write_text("from dom0 kernel\n")
-        assert (share_dir / "back.txt").read_text() == "from dom0 kernel\n"
+        with kernel_helpers.kernel_mount(share_dir, tmp_path / "mnt", "ktag") as km:
+            assert (km.mountpoint / "k.txt").read_text() == "kernel side\n"
+            (km.mountpoint / "back.txt").write_text("from dom0 kernel\n")
+            assert (share_dir / "back.txt").read_text() == "from dom0 kernel\n"
+            device = km.device
+        assert kernel_helpers.mounted(tmp_path / "mnt") is None
+        assert not kernel_helpers.sysfs_device(device.devid).exists()
+        assert xenlab.xs_read(device.frontend) is None
     finally:
-        if mounted:
-            subprocess.run(["umount", str(mnt)], timeout=60, check=False)
-        xenlab.xs_rm(dev.frontend)
-        xenlab.xs_rm(dev.backend)
+        kernel_helpers.unload_modules(loaded)
