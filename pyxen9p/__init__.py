@@ -85,6 +85,7 @@ def connect(
     grant_limit: Any = _DEFAULT,
     timeout: float = 30.0,
     request_timeout: float | None = 60.0,
+    allow_reconnect: bool = False,
     **client_options: Any,
 ) -> Client:
     """Connect to a Xen 9pfs share and return a 9P2000.L :class:`~pyxen9p.p9.client.Client`.
@@ -109,6 +110,12 @@ def connect(
     :param timeout: limit for each step of the connection
     :param request_timeout: limit for each 9P request afterwards (``None``:
         none; a Tflush is sent when it expires)
+    :param allow_reconnect: connect even when the device's backend is Closed
+        (it has served a connection that ended).  Refused by default with
+        :class:`~pyxen9p.frontend.ReconnectRefusedError`: QEMU 7.2's Xen 9pfs
+        backend aborts when a device is connected a second time, taking every
+        device it serves with it.  Pass ``True`` only for a backend known to
+        reconnect (the simulated one does)
     :param client_options: passed to :class:`~pyxen9p.p9.client.Client`
         (``msize``, ``uname``, ``aname``, ``window``...)
     :raises OSError: the device cannot be found or connected, or the 9P
@@ -129,6 +136,7 @@ def connect(
             ring_order=ring_order,
             grant_limit=limit,
             timeout=timeout,
+            allow_reconnect=allow_reconnect,
         )
 
     if simulate is None:

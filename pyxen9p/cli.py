@@ -291,6 +291,7 @@ class _Context:
             "rings": self.args.rings,
             "ring_order": self.args.ring_order,
             "timeout": self.args.timeout,
+            "allow_reconnect": self.args.allow_reconnect,
         }
 
     def client(self) -> Client:
@@ -1498,6 +1499,10 @@ def _add_global_options(parser: argparse.ArgumentParser, *, repeated: bool) -> N
                        help="number of rings wished (default 2; capped by the backend)")
     group.add_argument("--ring-order", type=_ring_order, default=default(None), metavar="N",
                        help="ring order wished, 1..9 (default: the largest allowed)")
+    group.add_argument("--allow-reconnect", action="store_true", default=default(False),
+                       help="connect even if the backend has served this device before (it"
+                            " is Closed); QEMU 7.2 aborts on that, so only for a backend"
+                            " known to reconnect")
     group.add_argument("-v", "--verbose", action="count", default=default(0),
                        help="log what happens (-vv: debug) and show tracebacks of errors")
     group.add_argument("-q", "--quiet", action="store_true", default=default(False),

@@ -45,6 +45,7 @@ from pyxen9p.interfaces import (
     WatchLike,
     XenPlatform,
     XenStoreLike,
+    XenStoreOps,
 )
 from pyxen9p.ring import (
     HEADER,
@@ -73,6 +74,7 @@ __all__ = [
     "DeviceBusyError",
     "DeviceNotFoundError",
     "Frontend",
+    "ReconnectRefusedError",
     "choose_layout",
 ]
 
@@ -99,6 +101,31 @@ class DeviceNotFoundError(TransportError):
 
 class DeviceBusyError(TransportError):
     """The device is already driven by another frontend (e.g. Linux's 9pnet_xen)."""
+
+
+class ReconnectRefusedError(TransportError):
+    """The device's backend has served a connection that ended (it is Closed,
+    and the rings a frontend published are still named in XenStore).
+
+    Connecting again is refused unless asked for (``allow_reconnect=True``):
+    QEMU's Xen 9pfs backend (7.2, Debian 12's) aborts when one device is
+    connected a second time, taking down every device that QEMU serves.
+    """
+
+
+def _served_before(store: XenStoreOps, fe: str, be_state: str) -> bool:
+    """Whether the backend is Closed after a frontend published rings on *fe*
+    (``num-rings`` is left in place when a frontend closes): it has most
+    likely connected this device once, which QEMU 7.2 cannot do twice.  A
+    frontend that gave up before publishing (say, over gntalloc's limit)
+    leaves no ``num-rings``, and QEMU never connected."""
+    if read_state(store, be_state) != XenbusState.CLOSED:
+        return False
+    try:
+        store.read(f"{fe}/num-rings")
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def choose_layout(
@@ -252,6 +279,7 @@ class Frontend:
         ring_order: int | None = None,
         grant_limit: int | None = DEFAULT_GRANT_LIMIT,
         timeout: float = 30.0,
+        allow_reconnect: bool = False,
     ) -> Frontend:
         """Find a device and connect to its backend.
 
@@ -267,8 +295,16 @@ class Frontend:
             (gntalloc counts the grants of the whole domain: see
             :func:`pyxen9p.connect`)
         :param timeout: limit for each step of the negotiation
+        :param allow_reconnect: connect even when the backend is Closed, that
+            is when it has served a connection on this device that ended.
+            Only for a backend known to support it: QEMU 7.2's Xen 9pfs
+            backend aborts (``v9fs_device_realize_common: Assertion
+            `!s->transport' failed``) when a device is connected a second
+            time, and every device that QEMU process serves goes with it
         :raises DeviceNotFoundError: no such device
         :raises DeviceBusyError: another frontend drives it
+        :raises ReconnectRefusedError: the backend is Closed and
+            *allow_reconnect* is false
         :raises BackendError: the backend published unusable values
         :raises TimeoutError: the backend did not follow the state machine
         """
@@ -283,7 +319,7 @@ class Frontend:
         try:
             self._store = platform.open_xenstore()
             self.path = self._find_device(devid, tag, path)
-            self._negotiate(rings, ring_order, grant_limit)
+            self._negotiate(rings, ring_order, grant_limit, allow_reconnect)
         except BaseException:
             self._teardown(orderly=False)
             raise
@@ -351,7 +387,9 @@ class Frontend:
             raise DeviceNotFoundError(errno.ENODEV, f"tag {tag!r} names several devices: {matches}")
         return matches[0]
 
-    def _negotiate(self, rings: int | None, order: int | None, grant_limit: int | None) -> None:
+    def _negotiate(
+        self, rings: int | None, order: int | None, grant_limit: int | None, allow_reconnect: bool
+    ) -> None:
         store = self._require_store()
         fe = self.path
         backend_path = store.read(f"{fe}/backend").decode("utf-8", "strict")
@@ -385,6 +423,17 @@ class Frontend:
                         errno.EBUSY,
                         f"{fe} is {mine.name}: another frontend (e.g. the kernel's"
                         " 9pnet_xen) drives this device",
+                    )
+                if not allow_reconnect and _served_before(txn, fe, be_state):
+                    raise ReconnectRefusedError(
+                        errno.ECONNREFUSED,
+                        f"{be_state} is CLOSED and {fe} still holds the rings a frontend"
+                        " published: the backend has served a connection on this device"
+                        " that ended.  Not connecting again: QEMU's Xen 9pfs backend (7.2)"
+                        " aborts when a device is connected a second time, and every device"
+                        " it serves goes with it.  Use a new device, or pass"
+                        " allow_reconnect=True (--allow-reconnect) for a backend that"
+                        " supports reconnecting",
                     )
                 txn.write(f"{fe}/state", str(int(XenbusState.INITIALISING)))
         self._claimed = True

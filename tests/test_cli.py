@@ -9,6 +9,7 @@ xenstored over its socket (``XENSTORED_PATH``).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -25,6 +26,7 @@ import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import need, need_file
@@ -525,6 +527,37 @@ def test_transport_options_reach_the_frontend(run: Run, share: Path) -> None:
     assert conn["grants"] == 1 + 16
     assert conn["transport_msize"] == conn["ring_bytes_each_way"] // 2 == 16384
     assert conn["msize"] == 16384
+
+
+def test_allow_reconnect_reaches_connect(
+    run: Run, share: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[object] = []
+    real = pyxen9p.connect
+
+    def recording(**kwargs: Any) -> Any:
+        seen.append(kwargs.get("allow_reconnect"))
+        return real(**kwargs)
+
+    monkeypatch.setattr(pyxen9p, "connect", recording)
+    assert run(*sim(share, "ls"))[0] == 0
+    assert run(*sim(share, "--allow-reconnect", "ls"))[0] == 0
+    assert run(*sim(share, "ls", "--allow-reconnect"))[0] == 0
+    assert seen == [False, True, True]
+
+
+def test_a_refused_reconnect_is_explained(
+    run: Run, share: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyxen9p.frontend import ReconnectRefusedError
+
+    def refused(**kwargs: object) -> None:
+        raise ReconnectRefusedError(errno.ECONNREFUSED, "be/state is CLOSED (--allow-reconnect)")
+
+    monkeypatch.setattr(pyxen9p, "connect", refused)
+    status, out, err = run("--devid", "0", "ls")
+    assert (status, out) == (1, "")
+    assert "be/state is CLOSED (--allow-reconnect)" in err
 
 
 # --------------------------------------------------------------------------

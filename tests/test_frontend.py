@@ -6,13 +6,21 @@ import asyncio
 import errno
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from frontend_helpers import FE_DOMID, TREAD, echo, frame, machine, tversion
 
+import pyxen9p
 from pyxen9p.errors import BackendError, RingProtocolError, TransportClosedError
-from pyxen9p.frontend import DeviceBusyError, DeviceNotFoundError, Frontend
+from pyxen9p.frontend import (
+    DeviceBusyError,
+    DeviceNotFoundError,
+    Frontend,
+    ReconnectRefusedError,
+)
 from pyxen9p.interfaces import Permission, PermissionFlag
+from pyxen9p.p9.server import FileServer
 from pyxen9p.ring import HEADER, ring_size
 from pyxen9p.sim.platform import SimulatedXen
 from pyxen9p.xenbus import XenbusState
@@ -80,16 +88,51 @@ def test_a_device_driven_by_another_frontend_is_refused() -> None:
     with machine() as m:
         with m.connect(), pytest.raises(DeviceBusyError, match="CONNECTED"):
             m.connect()
-        # after a clean close the device can be taken again
-        with m.connect() as fe:
+        # after a clean close the device can be taken again (if asked for)
+        with m.connect(allow_reconnect=True) as fe:
             assert fe.request(tversion(), timeout=5)
         m.assert_clean()
 
 
+def test_a_served_device_is_not_connected_again_unless_asked(tmp_path: Path) -> None:
+    """After a connection ended the backend is Closed and the rings stay named:
+    QEMU 7.2 would abort on a second connection, so it is refused before the
+    frontend's state is touched; ``allow_reconnect=True`` connects."""
+    (tmp_path / "f.txt").write_bytes(b"still here\n")
+    with machine(handler=FileServer(tmp_path).handle) as m:
+        with pyxen9p.connect(platform=m.guest, devid=0, timeout=5) as fs:
+            assert fs.read_bytes("f.txt") == b"still here\n"
+        store = m.guest.open_xenstore()
+        try:
+            fe_path = FE_PATH
+            be_state = store.read(f"{fe_path}/backend").decode() + "/state"
+            for attempt in (
+                lambda: m.connect(),
+                lambda: pyxen9p.connect(platform=m.guest, devid=0, timeout=5),
+            ):
+                with pytest.raises(ReconnectRefusedError) as info:
+                    attempt()
+                assert isinstance(info.value, OSError)
+                assert info.value.errno == errno.ECONNREFUSED
+                text = str(info.value)
+                assert f"{be_state} is CLOSED" in text and "allow_reconnect=True" in text
+                assert store.read(f"{fe_path}/state") == b"6"  # untouched
+                assert store.read(be_state) == b"6"
+                assert m.backend.connections == 1
+        finally:
+            store.close()
+        m.assert_clean()
+        with pyxen9p.connect(platform=m.guest, devid=0, timeout=5, allow_reconnect=True) as fs:
+            assert fs.read_bytes("f.txt") == b"still here\n"
+        assert m.backend.connections == 2
+        m.assert_clean()
+
+
 def test_reconnect_after_close_many_times() -> None:
+    """The simulated backend can serve a device again (QEMU 7.2 cannot)."""
     with machine() as m:
         for _ in range(3):
-            with m.connect() as fe:
+            with m.connect(allow_reconnect=True) as fe:
                 assert fe.request(tversion(), timeout=5) == echo(tversion())
         assert m.backend.connections == 3
         m.assert_clean()
@@ -473,7 +516,12 @@ def test_gntalloc_limit_is_shared_by_the_domains_connections() -> None:
             m.assert_clean()
             # the refused frontend wrote Closed; the backend followed it
             assert second.wait_for_state(XenbusState.CLOSED)
-            with m.connect(grant_limit=512) as a, m.connect(devid=1, grant_limit=512) as b:
+            # device 0 served "first" already (the simulated backend reconnects);
+            # device 1's frontend gave up before publishing rings: not a reconnect
+            with (
+                m.connect(grant_limit=512, allow_reconnect=True) as a,
+                m.connect(devid=1, grant_limit=512) as b,
+            ):
                 assert (a.num_rings, a.ring_order) == (b.num_rings, b.ring_order) == (2, 7)
                 assert a.request(tversion()) == b.request(tversion())
         finally:
