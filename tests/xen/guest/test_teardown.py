@@ -6,9 +6,10 @@
   pyxen9p's ``/dev/xen`` descriptors, its event channels (``/proc/interrupts``), and
   its grants (gntalloc allows 1024 grants in all: after the cycles a single
   1000-page share must still succeed).
-* The same device connected again after ``close()``: a new handshake
-  starts (QEMU 7.2 then cannot connect it: a clear, bounded error, nothing
-  held).
+* The same device connected again after ``close()``: refused at once by
+  default (QEMU untouched); with ``allow_reconnect=True`` a new handshake
+  starts, QEMU 7.2 aborts on it, and pyxen9p gives a clear, bounded error
+  and holds nothing.
 * Dom0's QEMU killed (SIGKILL) while pyxen9p writes and reads large files:
   the callers get an :class:`OSError` within a request timeout plus a flush
   timeout, never a hang, ``close()`` returns after one bounded wait, nothing
@@ -30,6 +31,7 @@ import xenlab
 from xenlab import XenbusState
 
 import pyxen9p
+from pyxen9p.frontend import ReconnectRefusedError
 from pyxen9p.libs import GrantSharer
 
 pytestmark = pytest.mark.realxen
@@ -146,33 +148,58 @@ def test_connect_close_cycles_leave_nothing(
 def test_same_device_again_after_close(
     export: Path, retired: list[xenlab.Dom0NinePDevice]
 ) -> None:
-    """After ``close()`` the backend is Closed, and a new ``connect()`` on the
-    same device starts a new handshake.  Debian 12's QEMU 7.2 then goes back to
-    InitWait but cannot connect a device a second time; pyxen9p must say so
-    within its timeout and leave nothing behind.  (A QEMU that can reconnect
-    must serve the same files.)"""
+    """After ``close()`` the backend is Closed.  A second ``connect()`` on the
+    same device is refused at once, before anything is written, and QEMU
+    keeps running; with ``allow_reconnect=True`` a new handshake starts.
+    Debian 12's QEMU 7.2 then aborts (``v9fs_device_realize_common:
+    Assertion `!s->transport' failed``, in its log), which is why pyxen9p
+    refuses by default; pyxen9p reports the dead backend within its timeout
+    and leaves nothing behind.  (A QEMU that can reconnect must serve the
+    first connection's file.)"""
     with GrantSharer() as warm, warm.share_pages(0, 1):
         pass
-    dev, _ = fresh_device(export, "again", retired)
+    dev, qemu = fresh_device(export, "again", retired)
     with pyxen9p.connect(path=dev.frontend, timeout=30) as fs:
         fs.write_bytes("first.txt", b"first connection\n")
     assert dev.frontend_state() == XenbusState.CLOSED
     assert dev.backend_state() == XenbusState.CLOSED
     before = snapshot()
+
+    started = time.monotonic()
+    with pytest.raises(ReconnectRefusedError, match="allow_reconnect=True") as refused:
+        pyxen9p.connect(path=dev.frontend, timeout=30)
+    report(f"same device, default connect refused after {time.monotonic() - started:.2f}s")
+    assert "is CLOSED" in str(refused.value)
+    assert dev.frontend_state() == XenbusState.CLOSED  # nothing written
+    assert dev.backend_state() == XenbusState.CLOSED
+    assert xenlab.dom0_qemu_pid() == qemu
+    assert snapshot() == before
+
+    log_size = xenlab.QEMU_LOG.stat().st_size if xenlab.QEMU_LOG.exists() else 0
     timeout = 15.0
     started = time.monotonic()
     try:
-        again = pyxen9p.connect(path=dev.frontend, timeout=timeout)
+        again = pyxen9p.connect(path=dev.frontend, timeout=timeout, allow_reconnect=True)
     except TimeoutError as exc:
         elapsed = time.monotonic() - started
-        report(f"same device, second connect refused after {elapsed:.1f}s: {exc}")
-        # the backend did restart the handshake (InitWait), then never connected
+        # the backend restarted the handshake (InitWait), then never connected
         assert "did not map the rings" in str(exc) and "(it is INIT_WAIT)" in str(exc), exc
         assert elapsed < 3 * timeout + 10, "connect() was not bounded by its timeout"
         assert dev.frontend_state() == XenbusState.CLOSED
+        qemu_now = xenlab.dom0_qemu_pid()
+        with open(xenlab.QEMU_LOG, "rb") as log:
+            log.seek(log_size)
+            said = log.read().decode(errors="replace").strip()
+        report(
+            f"same device, allow_reconnect=True: failed after {elapsed:.1f}s: {exc};"
+            f" QEMU {'gone' if qemu_now is None else f'pid {qemu_now}'}; its log: {said!r}"
+        )
+        assert qemu_now is None, "QEMU 7.2 survived a second connection: refuse less?"
+        assert "Assertion" in said and "transport" in said, said
     else:
         with again:
             assert again.read_bytes("first.txt") == b"first connection\n"
+        report("same device, allow_reconnect=True: this QEMU reconnects")
     assert snapshot() == before
 
 
