@@ -1,11 +1,14 @@
 """Group "teardown": what pyxen9p leaves behind on the real Xen, and a backend dying.
 
-* Several connect/close cycles on QEMU-served devices (a new device each
-  time: QEMU 7.2 cannot serve a device again once its frontend closed): the
+* Several connect/close cycles on QEMU-served devices (a new device and a
+  new QEMU each time: QEMU 7.2 cannot serve a device again once its
+  frontend closed): the
   XenBus states of both ends after each step, and that nothing stays held:
   pyxen9p's ``/dev/xen`` descriptors, its event channels (``/proc/interrupts``), and
   its grants (gntalloc allows 1024 grants in all: after the cycles a single
   1000-page share must still succeed).
+* New devices on the same QEMU after ``close()``: one right after a closed
+  one, and two open at once.
 * The same device connected again after ``close()``: refused at once by
   default (QEMU untouched); with ``allow_reconnect=True`` a new handshake
   starts, QEMU 7.2 aborts on it, and pyxen9p gives a clear, bounded error
@@ -83,10 +86,10 @@ def fresh_device(
 ) -> tuple[xenlab.Dom0NinePDevice, int]:
     """A new device on *export*, served by a freshly started dom0 QEMU.
 
-    Dom0's QEMU 7.2 served only the first connection after it started in
-    these tests (a device whose frontend closed cannot be connected again,
-    and a new device after that stayed in InitWait), so each connection
-    gets a new QEMU; the devices it served are dropped meanwhile.
+    Each test starts from a QEMU of its own: dom0's QEMU 7.2 cannot have a
+    served device removed (it segfaults), and it aborts when a device is
+    connected a second time, so the devices the previous QEMU served are
+    dropped while it is restarted.
 
     :returns: the device and the QEMU's PID
     """
@@ -143,6 +146,40 @@ def test_connect_close_cycles_leave_nothing(
     # every grant pyxen9p shared is free again: almost all of gntalloc's 1024 fit
     with GrantSharer() as sharer, sharer.share_pages(0, 1000) as pages:
         assert len(pages.refs) == 1000
+
+
+def test_new_devices_on_the_same_qemu_after_close(
+    export: Path, retired: list[xenlab.Dom0NinePDevice]
+) -> None:
+    """After ``close()`` the same QEMU serves new connections: a new device
+    right after a closed one, and two devices open at once (each within half
+    of gntalloc's 1024 grants), all without QEMU restarting."""
+    with GrantSharer() as warm, warm.share_pages(0, 1):
+        pass
+    before = snapshot()
+    first, qemu = fresh_device(export, "first", retired)
+    with pyxen9p.connect(path=first.frontend, timeout=30) as fs:
+        fs.write_bytes("one.txt", b"first device\n")
+    assert first.backend_state() == XenbusState.CLOSED
+    devices = []
+    for tag in ("second", "third"):
+        devices.append(xenlab.create_dom0_9pfs_device(export, tag=tag))
+        retired.append(devices[-1])
+    started = time.monotonic()
+    with (
+        pyxen9p.connect(path=devices[0].frontend, timeout=30, grant_limit=512) as a,
+        pyxen9p.connect(path=devices[1].frontend, timeout=30, grant_limit=512) as b,
+    ):
+        connect_s = time.monotonic() - started
+        assert a.read_bytes("one.txt") == b"first device\n"
+        data = os.urandom(300_000)
+        a.write_bytes("two.bin", data)
+        assert b.read_bytes("two.bin") == data
+        assert [dev.backend_state() for dev in devices] == [XenbusState.CONNECTED] * 2
+    report(f"same QEMU after close: two new devices connected together in {connect_s:.2f}s")
+    assert [dev.backend_state() for dev in devices] == [XenbusState.CLOSED] * 2
+    assert xenlab.dom0_qemu_pid() == qemu
+    assert snapshot() == before
 
 
 def test_same_device_again_after_close(
