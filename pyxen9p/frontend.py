@@ -295,16 +295,17 @@ class Frontend:
             (gntalloc counts the grants of the whole domain: see
             :func:`pyxen9p.connect`)
         :param timeout: limit for each step of the negotiation
-        :param allow_reconnect: connect even when the backend is Closed, that
-            is when it has served a connection on this device that ended.
+        :param allow_reconnect: connect even when the backend has served a
+            connection on this device that ended (it is Closed, and the
+            rings that frontend published are still named in XenStore).
             Only for a backend known to support it: QEMU 7.2's Xen 9pfs
             backend aborts (``v9fs_device_realize_common: Assertion
             `!s->transport' failed``) when a device is connected a second
             time, and every device that QEMU process serves goes with it
         :raises DeviceNotFoundError: no such device
         :raises DeviceBusyError: another frontend drives it
-        :raises ReconnectRefusedError: the backend is Closed and
-            *allow_reconnect* is false
+        :raises ReconnectRefusedError: the backend is Closed, the rings of an
+            earlier connection are still named, and *allow_reconnect* is false
         :raises BackendError: the backend published unusable values
         :raises TimeoutError: the backend did not follow the state machine
         """
