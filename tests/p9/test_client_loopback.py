@@ -11,7 +11,6 @@ import errno
 import os
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,7 +22,9 @@ from pyxen9p.p9.client import Client
 from pyxen9p.p9.server import FileServer
 from pyxen9p.p9.transport import StreamTransport
 
+from . import hostile
 from .client_suite import *  # noqa: F403
+from .hostile import HostileServer
 
 
 @pytest.fixture
@@ -61,55 +62,18 @@ def test_loopback_negotiation(client: Client) -> None:
 # Client behaviour against an in-process server whose answers a test can change
 
 
-class ScriptedTransport:
-    """An in-process transport: FileServer answers, unless *intercept* decides.
+def ScriptedTransport(
+    root: Path,
+    intercept: Callable[[c.Message], c.Message | None] | None = None,
+    msize: int = 256 * 1024,
+) -> hostile.ScriptedTransport:
+    """An in-process transport to a :class:`HostileServer` whose script is *intercept*.
 
     ``intercept(message)`` may return a reply to send instead, raise, or
     return ``None`` to let the server answer.  Every request is recorded.
     """
-
-    def __init__(
-        self,
-        root: Path,
-        intercept: Callable[[c.Message], c.Message | None] | None = None,
-        msize: int = 256 * 1024,
-    ) -> None:
-        self.server = FileServer(root)
-        self.session = self.server.session()
-        self.intercept = intercept
-        self.msize = msize
-        self.sent: list[c.Message] = []
-        self.flushed_tags: list[int] = []
-        self.closed = False
-        self.lock = threading.Lock()
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.delay = 0.0
-
-    def request(self, message: bytes, *, timeout: float | None = None) -> bytes:
-        decoded = c.decode(message)
-        with self.lock:
-            self.sent.append(decoded)
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            if self.delay:
-                time.sleep(self.delay)
-            reply = self.intercept(decoded) if self.intercept else None
-            if reply is not None:
-                return c.encode(reply)
-            return self.session.handle(message)
-        finally:
-            with self.lock:
-                self.in_flight -= 1
-
-    def flushed(self, tag: int) -> None:
-        self.flushed_tags.append(tag)
-
-    def close(self) -> None:
-        self.closed = True
-        self.session.close()
-        self.server.close()
+    script = None if intercept is None else (lambda m, _honest: intercept(m))
+    return HostileServer(root, script).transport(msize, owner=True)
 
 
 def _version_reply(version: str = "9P2000.L", msize: int | None = None) -> Callable[
