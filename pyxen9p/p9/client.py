@@ -389,7 +389,7 @@ class Client:
         directories (like the process umask for :func:`os.open`)
     :param close_transport: close *transport* with the client (also when the
         constructor fails)
-    :raises ~pyxen9p.p9.codec.ProtocolError: the server does not speak
+    :raises ~pyxen9p.errors.ProtocolError: the server does not speak
         9P2000.L, or answered with an unusable msize
     :raises OSError: the server refused the attach
 

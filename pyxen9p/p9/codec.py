@@ -30,7 +30,7 @@ Strings (``name[s]``) are byte strings on the wire.  They are exposed as
 the convention Python's :mod:`os` module uses for file names: any byte
 sequence, UTF-8 or not, round-trips through ``decode`` and ``encode``
 unchanged.  Strings with lone surrogates that do not come from
-``surrogateescape`` cannot be encoded (:class:`ProtocolError`).
+``surrogateescape`` cannot be encoded (:class:`~pyxen9p.errors.ProtocolError`).
 
 The error replies are :class:`Rlerror` (9P2000.L, a Linux errno) and the
 legacy :class:`Rerror` (type 107): the 9P2000.u form ``ename[s] errno[4]``
