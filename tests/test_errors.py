@@ -103,8 +103,9 @@ def test_the_user_guide_table_lists_every_public_class() -> None:
     """The user guide's table of errors is the one table: each public class
     is a row (the table names them by their full dotted path)."""
     text = (DOCS / "userguide.rst").read_text()
-    table = text[text.index(".. _errors-table:") :]
-    table = table[: table.index("\n\n\n")] if "\n\n\n" in table else table
+    table = text[text.index(".. list-table::", text.index(".. _errors-table:")) :]
+    end = re.search(r"\n\n(?=\S)", table)  # the first unindented paragraph ends it
+    table = table[: end.start()] if end else table
     rows = set(re.findall(r"^   \* - :class:`~(pyxen9p\.[\w.]+)`", table, re.M))
     public = {
         name for name, cls in _exception_classes().items()
