@@ -11,7 +11,9 @@ The one entry point is :func:`connect`::
         fs.write_bytes("hello.txt", b"hello")
 
 Importing the package loads no C library; each Xen library is loaded on first
-use.
+use.  Every exception the library defines derives from
+:class:`~pyxen9p.errors.Pyxen9pError`, also exported here as
+``pyxen9p.Pyxen9pError``.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from pyxen9p._version import __version__
+from pyxen9p.errors import Pyxen9pError
 
 if TYPE_CHECKING:
     from pyxen9p.errors import TransportError
@@ -28,7 +31,7 @@ if TYPE_CHECKING:
     from pyxen9p.p9.client import Client
     from pyxen9p.sim.share import SimulatedShare
 
-__all__ = ["SimulatedTransport", "__version__", "connect"]
+__all__ = ["Pyxen9pError", "SimulatedTransport", "__version__", "connect"]
 
 _DEFAULT = object()
 

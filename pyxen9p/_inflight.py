@@ -5,7 +5,12 @@ from __future__ import annotations
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from pyxen9p.errors import ProtocolError
+
 __all__ = ["InFlight"]
+
+_RLERROR = 7
+_RERROR = 107
 
 
 @dataclass
@@ -22,3 +27,15 @@ class InFlight:
     type: int
     future: Future[bytes] = field(default_factory=Future)
     abandoned: bool = False
+
+    def wrong_reply(self, mtype: int) -> ProtocolError | None:
+        """The error for a reply of type *mtype* to this request, or ``None``
+        if that type may answer it (``type + 1``, Rlerror or Rerror).
+
+        Every transport raises this same :class:`~pyxen9p.errors.ProtocolError`.
+        """
+        if mtype in (self.type + 1, _RLERROR, _RERROR):
+            return None
+        return ProtocolError(
+            f"reply of type {mtype} to a request of type {self.type} (tag {self.tag})"
+        )

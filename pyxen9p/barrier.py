@@ -32,6 +32,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pyxen9p.errors import Pyxen9pError
+
 __all__ = [
     "ARM64_FENCE",
     "X86_64_FENCE",
@@ -46,7 +48,7 @@ X86_64_FENCE = bytes.fromhex("0faef0c3")
 ARM64_FENCE = (0xD5033FBF).to_bytes(4, "little") + (0xD65F03C0).to_bytes(4, "little")
 
 
-class UnsupportedArchitectureError(RuntimeError):
+class UnsupportedArchitectureError(Pyxen9pError, RuntimeError):
     """No correct memory barrier is known for this CPU architecture."""
 
 

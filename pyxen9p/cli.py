@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 import pyxen9p
 from pyxen9p._progress import ProgressBar, format_duration, format_size, terminal_enabled
 from pyxen9p._version import __version__
+from pyxen9p.errors import Pyxen9pError
 
 if TYPE_CHECKING:
     from pyxen9p.frontend import Frontend
@@ -88,7 +89,7 @@ _XEN_PATHS = (
 )
 
 
-class CommandError(Exception):
+class CommandError(Pyxen9pError):
     """A failure reported as one line, ``pyxen9p: COMMAND: message``; exit status 1."""
 
 
@@ -111,14 +112,14 @@ def _describe(exc: BaseException) -> str:
             text = str(exc.args[0])
         else:
             text = str(exc) or os.strerror(exc.errno or errno.EIO)
+        if isinstance(exc, ProtocolError):
+            text = f"9P protocol error: {text}"
         if exc.filename is not None:
             name = os.fsdecode(exc.filename) or "/"
             if exc.filename2 is not None:
                 name = f"{name} -> {os.fsdecode(exc.filename2)}"
             text = f"{name}: {text}"
         return text
-    if isinstance(exc, ProtocolError):
-        return f"9P protocol error: {exc}"
     return str(exc) or type(exc).__name__
 
 

@@ -90,8 +90,6 @@ MIN_MSIZE = 4096
 DEFAULT_RINGS = 2
 #: Most rings a backend may offer that we accept to use (QEMU offers 8).
 MAX_RINGS = 64
-_RLERROR = 7
-_RERROR = 107
 _FREE_STATES = (XenbusState.UNKNOWN, XenbusState.INITIALISING, XenbusState.CLOSED)
 
 
@@ -624,7 +622,11 @@ class Frontend:
         :raises TimeoutError: no reply in time (the tag stays reserved until
             the reply arrives; a 9P client should send Tflush)
         :raises TransportClosedError: the connection ended first
-        :raises RingProtocolError: the reply broke the protocol (wrong type)
+        :raises ~pyxen9p.errors.ProtocolError: the reply has the wrong type
+        :raises ~pyxen9p.errors.FramingError: a reply's size field is impossible
+            (the connection fails)
+        :raises ~pyxen9p.errors.RingProtocolError: the ring's indices are out of
+            range (the connection fails)
         """
         start = time.monotonic()
         future = self.submit(message, timeout=timeout)
@@ -765,12 +767,9 @@ class Frontend:
                 log.warning("dropping a reply for tag %d not in flight on ring %d", tag, ring.index)
                 return
             del ring.outstanding[tag]
-        if mtype not in (request.type + 1, _RLERROR, _RERROR):
-            request.future.set_exception(
-                RingProtocolError(
-                    f"reply of type {mtype} to a request of type {request.type} (tag {tag})"
-                )
-            )
+        wrong = request.wrong_reply(mtype)
+        if wrong is not None:
+            request.future.set_exception(wrong)
         elif not request.future.done():
             request.future.set_result(reply)
 

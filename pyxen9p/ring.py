@@ -16,17 +16,19 @@ Everything read from shared memory is untrusted.  :class:`Producer` and
 :class:`Consumer` keep *private* copies of the indices their side owns and
 never read them back from the shared page; every index the peer owns is
 checked (``(prod - cons) mod 2**32 <= ring size``) before use, and a violation
-raises :class:`RingProtocolError`.  Barriers follow the spec's "Ring Usage"
-order (see :mod:`pyxen9p.barrier`).
+raises :class:`~pyxen9p.errors.RingProtocolError`; a message whose size field
+is impossible raises :class:`~pyxen9p.errors.FramingError`, as on a stream.
+Barriers follow the spec's "Ring Usage" order (see :mod:`pyxen9p.barrier`).
 """
 
 from __future__ import annotations
 
+import errno
 import struct
 from collections.abc import Callable
 
 from pyxen9p.barrier import Barriers
-from pyxen9p.errors import RingProtocolError
+from pyxen9p.errors import FramingError, RingProtocolError
 
 __all__ = [
     "HEADER",
@@ -290,17 +292,27 @@ class Consumer:
         :param max_size: the largest acceptable message (the negotiated msize)
         :returns: ``None`` while fewer bytes than the header or than the whole
             message are available
-        :raises RingProtocolError: if the header's size is below 7 or above
-            *max_size* (or the ring): the stream cannot be resynchronised
+        :raises FramingError: if the header's size is below 7 (``EPROTO``) or
+            above *max_size* or the ring (``EMSGSIZE``): the stream cannot be
+            resynchronised (the same failure as on a stream transport)
+        :raises RingProtocolError: if the peer's index is out of range
         """
         avail = self.available()
         if avail < HEADER_SIZE:
             return None
         size, mtype, tag = HEADER.unpack(self.ring.read(self.cons, HEADER_SIZE))
-        if not HEADER_SIZE <= size <= min(max_size, self.ring.size):
-            raise RingProtocolError(
-                f"message header announces {size} bytes; allowed {HEADER_SIZE}.."
-                f"{min(max_size, self.ring.size)}"
+        limit = min(max_size, self.ring.size)
+        if size < HEADER_SIZE:
+            raise FramingError(
+                errno.EPROTO,
+                f"message header announces {size} bytes, less than the 9P header"
+                f" (type {mtype}, tag {tag})",
+            )
+        if size > limit:
+            raise FramingError(
+                errno.EMSGSIZE,
+                f"message header announces {size} bytes, more than the limit {limit}"
+                f" (type {mtype}, tag {tag})",
             )
         if avail < size:
             return None

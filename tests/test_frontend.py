@@ -12,7 +12,13 @@ import pytest
 from frontend_helpers import FE_DOMID, TREAD, echo, frame, machine, tversion
 
 import pyxen9p
-from pyxen9p.errors import BackendError, RingProtocolError, TransportClosedError
+from pyxen9p.errors import (
+    BackendError,
+    FramingError,
+    ProtocolError,
+    RingProtocolError,
+    TransportClosedError,
+)
 from pyxen9p.frontend import (
     DeviceBusyError,
     DeviceNotFoundError,
@@ -421,8 +427,9 @@ def test_unknown_tags_and_wrong_types_from_the_backend() -> None:
             frame(TREAD, 1, b"unknown")
         )
         assert fe.dropped_replies == 1
-        with pytest.raises(RingProtocolError, match="type 119"):
+        with pytest.raises(ProtocolError, match="type 119") as wrong:
             fe.request(frame(TREAD, 2, b"wrongtype"), timeout=5)
+        assert wrong.value.errno == errno.EPROTO  # as over a stream transport
         assert fe.request(frame(TREAD, 4, b"dup"), timeout=5) == echo(frame(TREAD, 4, b"dup"))
         assert fe.request(frame(TREAD, 5, b"rlerror"), timeout=5) == frame(7, 5, b"\x02\0\0\0")
         # the duplicate was dropped, the connection still works
@@ -432,18 +439,20 @@ def test_unknown_tags_and_wrong_types_from_the_backend() -> None:
 
 
 @pytest.mark.parametrize(
-    "reply,match",
+    "reply,match,code",
     [
-        (HEADER.pack(3, 117, 1), "announces 3 bytes"),
-        (HEADER.pack(0, 117, 1), "announces 0 bytes"),
-        (HEADER.pack(1 << 30, 117, 1), "announces"),
+        (HEADER.pack(3, 117, 1), "announces 3 bytes", errno.EPROTO),
+        (HEADER.pack(0, 117, 1), "announces 0 bytes", errno.EPROTO),
+        (HEADER.pack(1 << 30, 117, 1), "announces", errno.EMSGSIZE),
     ],
 )
-def test_impossible_reply_sizes_fail_the_connection(reply: bytes, match: str) -> None:
+def test_impossible_reply_sizes_fail_the_connection(reply: bytes, match: str, code: int) -> None:
+    """The same FramingError, with the same errno, as a stream transport raises."""
     with machine(handler=lambda request: reply) as m, m.connect() as fe:
-        with pytest.raises(RingProtocolError, match=match):
+        with pytest.raises(FramingError, match=match) as info:
             fe.request(frame(TREAD, 1, b"x"), timeout=5)
-        with pytest.raises(RingProtocolError):
+        assert info.value.errno == code
+        with pytest.raises(FramingError):
             fe.request(frame(TREAD, 2, b"x"), timeout=1)
     m.assert_clean()
 

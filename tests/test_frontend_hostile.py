@@ -13,12 +13,12 @@ from frontend_helpers import FE_DOMID, TREAD, echo, frame, machine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyxen9p.errors import BackendError, RingProtocolError, TransportError
+from pyxen9p.errors import BackendError, ProtocolError, TransportError
 from pyxen9p.frontend import Frontend
 from pyxen9p.ring import HEADER
 from pyxen9p.xenbus import XenbusState
 
-CLEAR = (TransportError, TimeoutError, BackendError, RingProtocolError)
+CLEAR = (TransportError, TimeoutError, ProtocolError)  # BackendError is a TransportError
 TIMEOUT = 0.4
 
 u8 = st.integers(0, 255)

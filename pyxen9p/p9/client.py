@@ -24,9 +24,12 @@ target also starts at the attach root, never at the server's own root.
 Errors the server reports (Rlerror, or a legacy Rerror) become the matching
 :class:`OSError` subclass (:class:`FileNotFoundError`,
 :class:`PermissionError`, :class:`FileExistsError`, ...) carrying ``errno``
-and the 9P path as ``filename``.  A reply of the wrong type raises
-:class:`~pyxen9p.p9.codec.ProtocolError`; a failed transport raises
-:class:`~pyxen9p.errors.TransportError` (a :class:`ConnectionError`).
+and the 9P path as ``filename``.  A reply that breaks the protocol (of the
+wrong type, malformed, larger than the msize, or an error reply with an
+impossible error number) raises :class:`~pyxen9p.errors.ProtocolError`; a
+failed transport raises :class:`~pyxen9p.errors.TransportError` (a
+:class:`ConnectionError`).  Both are :class:`OSError` subclasses, and the same
+failure raises the same class over every transport.
 
 Each request gets a tag, handed out round-robin over ``0..0xFFFE`` (so
 consecutive requests spread over the rings of a Xen transport, whose ring is
@@ -356,9 +359,10 @@ def _ns(value: float) -> tuple[int, int]:
 
 
 def _is_server_error(exc: BaseException) -> bool:
-    """Whether *exc* is certainly an error reply (not a timeout or a broken transport)."""
+    """Whether *exc* is certainly an error reply (not a timeout, a broken
+    transport or a reply that broke the protocol)."""
     return isinstance(exc, OSError) and not isinstance(
-        exc, (TimeoutError, TransportError, InterruptedError)
+        exc, (TimeoutError, TransportError, InterruptedError, ProtocolError)
     )
 
 
@@ -385,7 +389,7 @@ class Client:
         directories (like the process umask for :func:`os.open`)
     :param close_transport: close *transport* with the client (also when the
         constructor fails)
-    :raises ~pyxen9p.p9.codec.ProtocolError: the server does not speak
+    :raises ~pyxen9p.errors.ProtocolError: the server does not speak
         9P2000.L, or answered with an unusable msize
     :raises OSError: the server refused the attach
 
@@ -1865,8 +1869,10 @@ def _local_error(err: int, path: str) -> OSError:
 
 def _server_error(err: int, path: str | None, text: str | None = None) -> OSError:
     if not 0 < err < 4096:
-        text = f"{text or 'error'} (the server sent the invalid error number {err})"
-        err = errno.EIO
+        message = f"{text or 'error'} (the server sent the invalid error number {err})"
+        if path is not None:
+            return ProtocolError(errno.EPROTO, message, path)
+        return ProtocolError(errno.EPROTO, message)
     message = text or os.strerror(err)
     return OSError(err, message, path) if path is not None else OSError(err, message)
 

@@ -17,18 +17,20 @@ Each message type is a frozen dataclass whose first field is ``tag``, so
 
 Decoding is strict: a short or overlong message, a ``size`` field that does
 not match the data, a count running past the end of the body, an unknown
-message type, or any trailing byte raises :class:`ProtocolError`, never
+message type, or any trailing byte raises
+:class:`~pyxen9p.errors.ProtocolError` (an :class:`OSError` with ``EPROTO``,
+and a :class:`ValueError`), never
 :class:`IndexError` or :class:`struct.error`.  Encoding a message whose
 fields do not fit the wire format (an integer out of range, a string longer
-than 65535 bytes, more than 16 walk names...) raises :class:`ProtocolError`
-too.
+than 65535 bytes, more than 16 walk names...) raises
+:class:`~pyxen9p.errors.ProtocolError` too.
 
 Strings (``name[s]``) are byte strings on the wire.  They are exposed as
 :class:`str`, decoded as UTF-8 with the ``surrogateescape`` error handler,
 the convention Python's :mod:`os` module uses for file names: any byte
 sequence, UTF-8 or not, round-trips through ``decode`` and ``encode``
 unchanged.  Strings with lone surrogates that do not come from
-``surrogateescape`` cannot be encoded (:class:`ProtocolError`).
+``surrogateescape`` cannot be encoded (:class:`~pyxen9p.errors.ProtocolError`).
 
 The error replies are :class:`Rlerror` (9P2000.L, a Linux errno) and the
 legacy :class:`Rerror` (type 107): the 9P2000.u form ``ename[s] errno[4]``
@@ -43,6 +45,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from enum import IntEnum
 from typing import Any, ClassVar, TypeVar
+
+from pyxen9p.errors import ProtocolError
 
 __all__ = [
     "AT_REMOVEDIR",
@@ -199,15 +203,6 @@ __all__ = [
     "peek_header",
     "reply_type_for",
 ]
-
-
-class ProtocolError(ValueError):
-    """Malformed 9P data, or a message that cannot be put on the wire.
-
-    Raised by :func:`decode`, :func:`peek_header`, :func:`parse_dirents` for
-    any malformed input and by :func:`encode` / :func:`pack_dirents` for
-    fields that do not fit the wire format.
-    """
 
 
 # --------------------------------------------------------------------------

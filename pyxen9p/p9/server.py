@@ -510,7 +510,7 @@ class Session:
 
         :param request: exactly one message, header included
         :returns: the encoded reply
-        :raises ~pyxen9p.p9.codec.ProtocolError: *request* is not even a
+        :raises ~pyxen9p.errors.ProtocolError: *request* is not even a
             well-framed message (shorter than 7 bytes, or its size field
             differs from its length)
         """

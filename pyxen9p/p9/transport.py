@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from typing_extensions import Self
 
 from pyxen9p._inflight import InFlight
-from pyxen9p.errors import TransportClosedError, TransportError
-from pyxen9p.p9.codec import HEADER_SIZE, ProtocolError
+from pyxen9p.errors import FramingError, TransportClosedError, TransportError
+from pyxen9p.p9.codec import HEADER_SIZE
 
 __all__ = [
     "DEFAULT_STREAM_MSIZE",
@@ -51,8 +51,6 @@ log = logging.getLogger(__name__)
 DEFAULT_STREAM_MSIZE = 1024 * 1024 + 4096
 
 _HEADER = struct.Struct("<IBH")
-_RLERROR = 7
-_RERROR = 107
 _READ_CHUNK = 256 * 1024
 
 
@@ -96,15 +94,6 @@ if TYPE_CHECKING:  # mypy checks that the Xen frontend is a Transport
 
     def _frontend_is_a_transport(frontend: Frontend) -> Transport:
         return frontend
-
-
-class FramingError(TransportError, ProtocolError):
-    """The peer sent a malformed frame (``size`` < 7 or larger than the msize).
-
-    It is both a :class:`~pyxen9p.errors.TransportError` (a
-    :class:`ConnectionError`: the stream cannot be resynchronised, the
-    transport has failed) and a :class:`~pyxen9p.p9.codec.ProtocolError`.
-    """
 
 
 class StreamTransport:
@@ -350,7 +339,7 @@ class StreamTransport:
         :raises TimeoutError: no reply in time (the tag stays reserved until
             its reply arrives or :meth:`flushed` frees it)
         :raises ~pyxen9p.errors.TransportError: the transport failed or was closed
-        :raises ~pyxen9p.p9.codec.ProtocolError: the reply has the wrong type
+        :raises ~pyxen9p.errors.ProtocolError: the reply has the wrong type
         """
         if threading.current_thread() is self._reader:
             raise RuntimeError("a request from the transport's own reader thread would deadlock")
@@ -483,11 +472,9 @@ class StreamTransport:
             return
         if pending.future.done() or pending.abandoned:
             return
-        if mtype not in (pending.type + 1, _RLERROR, _RERROR):
-            pending.future.set_exception(
-                ProtocolError(f"reply of type {mtype} to a request of type {pending.type}"
-                              f" (tag {tag})")
-            )
+        wrong = pending.wrong_reply(mtype)
+        if wrong is not None:
+            pending.future.set_exception(wrong)
         else:
             pending.future.set_result(frame)
 

@@ -72,7 +72,7 @@ from dataclasses import dataclass
 from typing_extensions import Self
 
 from pyxen9p.barrier import Barriers, get_barriers
-from pyxen9p.errors import RingProtocolError
+from pyxen9p.errors import ProtocolError, RingProtocolError
 from pyxen9p.interfaces import Permission, PermissionFlag, WatchLike, XenStoreLike
 from pyxen9p.ring import (
     HEADER,
@@ -110,8 +110,11 @@ _RVERSION = 101
 Handler = Callable[[bytes], "bytes | bytearray | None"]
 
 
-class MalformedRequestError(ValueError):
-    """A request a handler cannot decode (sends the backend to Closing)."""
+class MalformedRequestError(ProtocolError):
+    """A request a handler cannot decode (sends the backend to Closing).
+
+    A :class:`~pyxen9p.errors.ProtocolError` (so still a :class:`ValueError`).
+    """
 
 
 def rlerror(tag: int, ecode: int) -> bytes:

@@ -137,8 +137,8 @@ def test_legacy_rerror_and_odd_errnos(root: Path) -> None:
              "No such thing"),
             (c.Rerror(0, "", errno.EACCES), PermissionError, errno.EACCES,
              os.strerror(errno.EACCES)),
-            (c.Rlerror(0, 0), OSError, errno.EIO, "invalid error number 0"),
-            (c.Rlerror(0, 70000), OSError, errno.EIO, "invalid error number 70000"),
+            (c.Rlerror(0, 0), c.ProtocolError, errno.EPROTO, "invalid error number 0"),
+            (c.Rlerror(0, 70000), c.ProtocolError, errno.EPROTO, "invalid error number 70000"),
             (c.Rlerror(0, errno.EROFS), OSError, errno.EROFS, os.strerror(errno.EROFS)),
         ]
         for reply, exc_type, code, text in cases:
