@@ -896,6 +896,11 @@ class Client:
         atime: tuple[int, int] = (0, 0),
         mtime: tuple[int, int] = (0, 0),
     ) -> None:
+        for sec, _ in (atime, mtime):
+            if not -(1 << 63) <= sec < 1 << 63:
+                raise OverflowError(
+                    f"{path}: the time {sec} s is outside the signed 64-bit seconds of 9P"
+                )
         self._rpc(
             lambda t: c.Tsetattr(t, fid, valid, mode, uid, gid, size, *atime, *mtime),
             c.Rsetattr,
@@ -1940,6 +1945,13 @@ def _join(directory: str, name: str) -> str:
 
 
 def _stat_result(r: c.Rgetattr) -> os.stat_result:
+    """An :class:`os.stat_result` of an Rgetattr; the times' seconds are signed.
+
+    :raises ProtocolError: a nanosecond field is not below 10⁹
+    """
+    for name in ("atime_nsec", "mtime_nsec", "ctime_nsec"):
+        if getattr(r, name) >= 1_000_000_000:
+            raise ProtocolError(f"Rgetattr: {name} {getattr(r, name)} is not below 10^9")
     atime_ns = r.atime_sec * 1_000_000_000 + r.atime_nsec
     mtime_ns = r.mtime_sec * 1_000_000_000 + r.mtime_nsec
     ctime_ns = r.ctime_sec * 1_000_000_000 + r.ctime_nsec
