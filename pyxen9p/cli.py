@@ -19,6 +19,7 @@ documentation's command-line page and by ``pyxen9p COMMAND --help``.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import dataclasses
 import errno
@@ -31,13 +32,14 @@ import posixpath
 import random
 import shutil
 import stat as stat_module
+import string
 import sys
 import tempfile
 import textwrap
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple, TextIO
 
 import pyxen9p
 from pyxen9p._progress import ProgressBar, format_duration, format_size, terminal_enabled
@@ -60,8 +62,10 @@ __all__ = [
     "UsageError",
     "apply_mode",
     "build_parser",
+    "escape_controls",
     "list_devices",
     "main",
+    "quote_name",
 ]
 
 log = logging.getLogger("pyxen9p.cli")
@@ -98,6 +102,111 @@ class UsageError(CommandError):
 
 
 # --------------------------------------------------------------------------
+# Quoting names and server strings (they come from a peer that is not trusted)
+
+#: Characters a name may hold and still be shown without quotes (as GNU ls
+#: does: letters, digits, ``%+,-./:@_``, ``#`` and ``~`` after the first
+#: character, and every printable non-ASCII character).
+_SAFE = frozenset(string.ascii_letters + string.digits + "%+,-./:@_")
+_NAMED_ESCAPES = {"\a": "a", "\b": "b", "\t": "t", "\n": "n", "\v": "v", "\f": "f", "\r": "r"}
+
+
+def _printable(ch: str) -> bool:
+    """Whether *ch* shows as itself on a terminal.
+
+    Control characters (C0, DEL, C1), format characters (such as the
+    right-to-left override), separators other than the space, and the lone
+    surrogates that stand for the bytes of a name that is not UTF-8 do not.
+    """
+    return ch.isprintable()
+
+
+def _escapes(ch: str) -> str:
+    """Backslash escapes for the non-printable *ch*: ``\\n``, or octal bytes ``\\033``."""
+    named = _NAMED_ESCAPES.get(ch)
+    if named is not None:
+        return "\\" + named
+    return "".join(f"\\{byte:03o}" for byte in _raw(ch))
+
+
+def quote_name(name: str) -> str:
+    """*name* as GNU ``ls`` shows it on a terminal (its ``shell-escape`` quoting style).
+
+    A name made of safe characters is shown as it is; any other is a shell
+    word that stands for the exact name: printable runs in single quotes
+    (double quotes for one holding ``'`` and nothing special inside them),
+    and the other characters as ``$'\\n'``, ``$'\\033'``... (the bytes of a
+    name that is not UTF-8 as octal escapes).  ``'a'$'\\n''b'`` is the name
+    ``a``, newline, ``b``.
+    """
+    if name and all(
+        ch in _SAFE or (ch in "#~" and i) or (ord(ch) > 127 and _printable(ch))
+        for i, ch in enumerate(name)
+    ):
+        return name
+    if not name:
+        return "''"
+    parts: list[str] = []
+    run: list[str] = []
+    printable_run = _printable(name[0])
+    for ch in [*name, ""]:
+        if ch and _printable(ch) == printable_run:
+            run.append(ch)
+            continue
+        text = "".join(run)
+        if not printable_run:
+            parts.append("$'" + "".join(_escapes(x) for x in text) + "'")
+        elif "'" not in text:
+            parts.append(f"'{text}'")
+        elif not any(x in text for x in '"$`\\!'):
+            parts.append(f'"{text}"')
+        else:
+            parts.append("'" + text.replace("'", "'\\''") + "'")
+        run = [ch]
+        printable_run = not printable_run
+    return "".join(parts)
+
+
+def escape_controls(text: str, *, keep_newlines: bool = False) -> str:
+    """*text* with every non-printable character written as a backslash escape.
+
+    For free text that may carry a peer's strings (an error message, a log
+    line): ``\\n``, ``\\r``, ``\\t``, octal bytes for the others (``\\033``
+    for ESC, ``\\377`` for a byte of a name that is not UTF-8).
+
+    :param keep_newlines: leave ``\\n`` as it is (multi-line text such as a
+        traceback)
+    """
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if _printable(ch) or (keep_newlines and ch == "\n") else _escapes(ch) for ch in text
+    )
+
+
+def _raw(name: str) -> bytes:
+    """The exact bytes of a name the codec decoded (UTF-8, ``surrogateescape``)."""
+    try:
+        return name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no byte stands for (never from the codec)
+        return name.encode("utf-8", "surrogatepass")
+
+
+def _json_name(record: dict[str, Any], key: str, name: str) -> None:
+    """Put *name* under *key*; a name that is not UTF-8 also gets ``KEY_base64``.
+
+    JSON strings are Unicode: such a name is shown with U+FFFD in place of
+    each byte that is not UTF-8, and its exact bytes are in ``KEY_base64``.
+    """
+    raw = _raw(name)
+    try:
+        record[key] = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        record[key] = raw.decode("utf-8", "replace")
+        record[f"{key}_base64"] = base64.b64encode(raw).decode("ascii")
+
+
+# --------------------------------------------------------------------------
 # Messages
 
 
@@ -115,12 +224,16 @@ def _describe(exc: BaseException) -> str:
         if isinstance(exc, ProtocolError):
             text = f"9P protocol error: {text}"
         if exc.filename is not None:
-            name = os.fsdecode(exc.filename) or "/"
+            name = quote_name(_fsdecode(exc.filename) or "/")
             if exc.filename2 is not None:
-                name = f"{name} -> {os.fsdecode(exc.filename2)}"
+                name = f"{name} -> {quote_name(_fsdecode(exc.filename2))}"
             text = f"{name}: {text}"
         return text
     return str(exc) or type(exc).__name__
+
+
+def _fsdecode(name: object) -> str:
+    return os.fsdecode(name) if isinstance(name, (str, bytes, os.PathLike)) else str(name)
 
 
 def _no_xen_hint(exc: BaseException) -> str:
@@ -278,6 +391,11 @@ class _Context:
         self.stderr = stderr
         self.status = EXIT_OK
         self._client: Client | None = None
+        try:
+            #: standard output is a terminal: names are quoted, control characters escaped
+            self.tty = bool(stdout.isatty())
+        except (ValueError, AttributeError):
+            self.tty = False
 
     @property
     def quiet(self) -> bool:
@@ -331,10 +449,22 @@ class _Context:
         self.status = EXIT_FAILURE
         self.error(_describe(exc))
         if self.verbose:
-            traceback.print_exception(type(exc), exc, exc.__traceback__, file=self.stderr)
+            self.traceback(exc)
+
+    def traceback(self, exc: BaseException) -> None:
+        """Print *exc*'s traceback, control characters escaped."""
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        self.stderr.write(escape_controls(text, keep_newlines=True))
+        self.stderr.flush()
 
     def error(self, message: str) -> None:
-        self.stderr.write(f"{PROG}: {self.command}: {message}\n")
+        """Print ``pyxen9p: COMMAND: message`` on standard error.
+
+        Whatever the message carries (a name, a server's error string), its
+        control characters are escaped (:func:`escape_controls`): an error
+        line is one line and never drives the terminal.
+        """
+        self.stderr.write(f"{PROG}: {self.command}: {escape_controls(message)}\n")
         self.stderr.flush()
 
     def progress(self, label: str) -> ProgressBar:
@@ -342,8 +472,25 @@ class _Context:
             label, stream=self.stderr, enabled=terminal_enabled(self.stderr, quiet=self.quiet)
         )
 
+    def name(self, name: str) -> str:
+        """*name* for standard output: quoted (:func:`quote_name`) on a terminal, else as is."""
+        return quote_name(name) if self.tty else name
+
     def print(self, text: str = "") -> None:
-        self.stdout.write(text + "\n")
+        """Print a line on standard output.
+
+        On a terminal, control characters are escaped (:func:`escape_controls`;
+        names should already be quoted with :meth:`name`).  Elsewhere the
+        text is written as it is, as GNU ``ls`` writes names to a pipe: the
+        bytes of a name that is not UTF-8 are written as they are.
+        """
+        if self.tty:
+            text = escape_controls(text)
+        line = text + "\n"
+        try:
+            self.stdout.write(line)
+        except UnicodeEncodeError:
+            self.binary_stdout().write(line.encode("utf-8", "surrogateescape"))
 
     def binary_stdout(self) -> BinaryIO:
         self.stdout.flush()
@@ -368,8 +515,26 @@ def _each(ctx: _Context, paths: Sequence[str], action: Callable[[str], None]) ->
 # Formatting
 
 
+def _local_time(ns: int, fmt: str, fraction: bool = False) -> str:
+    """*ns* (nanoseconds since 1970, signed) as local time in *fmt*.
+
+    A time this system cannot represent as a date (a server may send any
+    64-bit count of seconds) is shown as its count of seconds, as GNU ``ls``
+    and ``stat`` do.
+    """
+    seconds, rest = divmod(ns, 1_000_000_000)
+    try:
+        local = time.localtime(seconds)
+        text = time.strftime(fmt, local)
+    except (OverflowError, OSError, ValueError):
+        return f"{seconds}.{rest:09d}" if fraction else str(seconds)
+    if fraction:
+        text += f".{rest:09d}" + time.strftime(" %z", local)
+    return text
+
+
 def _mtime(st: os.stat_result) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(st.st_mtime))
+    return _local_time(st.st_mtime_ns, "%Y-%m-%d %H:%M")
 
 
 def _size_field(st: os.stat_result) -> str:
@@ -416,13 +581,8 @@ def _file_type(mode: int, size: int) -> str:
     return "unknown"
 
 
-def _stat_time(seconds: float, ns: int) -> str:
-    local = time.localtime(seconds)
-    return (
-        time.strftime("%Y-%m-%d %H:%M:%S", local)
-        + f".{ns % 1_000_000_000:09d}"
-        + time.strftime(" %z", local)
-    )
+def _stat_time(ns: int) -> str:
+    return _local_time(ns, "%Y-%m-%d %H:%M:%S", fraction=True)
 
 
 def _join(directory: str, name: str) -> str:
@@ -458,12 +618,24 @@ def _is_root(path: str) -> bool:
 # Commands on a share
 
 
+class _Row(NamedTuple):
+    """One line of ``ls``: the name shown, its path, and what ``-l`` / ``--json`` need."""
+
+    name: str
+    path: str
+    st: os.stat_result | None
+    target: str | None
+    d_type: int | None = None
+
+
 def cmd_ls(ctx: _Context) -> None:
     """``ls``: list directories (or name files)."""
-    fs = ctx.client()
     args = ctx.args
+    if args.null and args.long:
+        raise UsageError("-0 prints paths only: it does not combine with -l (try --json -l)")
+    fs = ctx.client()
     paths = args.paths or ["/"]
-    files: list[tuple[str, os.stat_result, str | None]] = []
+    files: list[_Row] = []
     dirs: list[str] = []
     for path in paths:
         try:
@@ -475,52 +647,85 @@ def cmd_ls(ctx: _Context) -> None:
                 dirs.append(path)
             else:
                 target = fs.readlink(path) if stat_module.S_ISLNK(st.st_mode) else None
-                files.append((path, st, target))
+                files.append(_Row(path, path, st, target))
         except (OSError, ValueError) as exc:
             ctx.report(exc)
     _print_entries(ctx, files)
-    headers = bool(files) or len(paths) > 1 or args.recursive
+    machine = args.json or args.null  # one record per entry: no headers, no blank lines
+    headers = not machine and (bool(files) or len(paths) > 1 or args.recursive)
     first = not files
     queue = list(dirs)
     while queue:
         directory = queue.pop(0)
-        if not first:
+        if not first and not machine:
             ctx.print()
         first = False
         if headers:
-            ctx.print(f"{directory}:")
+            ctx.print(f"{ctx.name(directory)}:")
         try:
             entries = sorted(fs.scandir(directory), key=lambda e: e.name)
         except (OSError, ValueError) as exc:
             ctx.report(exc)
             continue
-        rows: list[tuple[str, os.stat_result, str | None]] = []
+        rows: list[_Row] = []
         subdirs: list[str] = []
         for entry in entries:
             if entry.name.startswith(".") and not args.all:
                 continue
+            path = _join(directory, entry.name)
             try:
                 if args.long:
                     st = entry.stat(follow_symlinks=False)
                     target = fs.readlink(entry.path) if entry.is_symlink() else None
-                    rows.append((entry.name, st, target))
+                    rows.append(_Row(entry.name, path, st, target, entry.d_type))
                 else:
-                    rows.append((entry.name, os.stat_result((0,) * 10), None))
+                    rows.append(_Row(entry.name, path, None, None, entry.d_type))
                 if args.recursive and entry.is_dir(follow_symlinks=False):
-                    subdirs.append(_join(directory, entry.name))
+                    subdirs.append(path)
             except (OSError, ValueError) as exc:
                 ctx.report(exc)
         _print_entries(ctx, rows)
         queue[0:0] = subdirs  # depth first, in name order, as ls -R does
 
 
-def _print_entries(ctx: _Context, rows: list[tuple[str, os.stat_result, str | None]]) -> None:
-    if ctx.args.long:
-        for line in _long_lines(rows):
+def _ls_record(row: _Row) -> dict[str, Any]:
+    """The ``ls --json`` object of *row*."""
+    from pyxen9p.p9 import codec
+
+    if row.st is not None:
+        record = _stat_record(row.path, row.st, row.target)
+    else:
+        kinds = {
+            codec.DT_DIR: "directory", codec.DT_REG: "regular file",
+            codec.DT_LNK: "symbolic link", codec.DT_FIFO: "fifo", codec.DT_SOCK: "socket",
+            codec.DT_CHR: "character special file", codec.DT_BLK: "block special file",
+        }  # fmt: skip
+        record = {"type": kinds.get(row.d_type if row.d_type is not None else -1, "unknown")}
+        _json_name(record, "path", row.path)
+    _json_name(record, "name", row.name)
+    return record
+
+
+def _print_entries(ctx: _Context, rows: list[_Row]) -> None:
+    args = ctx.args
+    if args.null:
+        out = ctx.binary_stdout()
+        for row in rows:
+            out.write(_raw(row.path) + b"\0")
+    elif args.json:
+        for row in rows:
+            ctx.print(json.dumps(_ls_record(row), sort_keys=True))
+    elif args.long:
+        long_rows = [
+            (ctx.name(r.name), r.st, None if r.target is None else ctx.name(r.target))
+            for r in rows
+            if r.st is not None
+        ]
+        for line in _long_lines(long_rows):
             ctx.print(line)
     else:
-        for name, _, _ in rows:
-            ctx.print(name)
+        for row in rows:
+            ctx.print(ctx.name(row.name))
 
 
 def cmd_cat(ctx: _Context) -> None:
@@ -586,7 +791,6 @@ def cmd_put(ctx: _Context) -> None:
 
 def _stat_record(path: str, st: os.stat_result, target: str | None) -> dict[str, Any]:
     record: dict[str, Any] = {
-        "path": path,
         "type": _file_type(st.st_mode, st.st_size),
         "mode": st.st_mode,
         "permissions": f"{stat_module.S_IMODE(st.st_mode):04o}",
@@ -606,8 +810,9 @@ def _stat_record(path: str, st: os.stat_result, target: str | None) -> dict[str,
         "mtime_ns": st.st_mtime_ns,
         "ctime_ns": st.st_ctime_ns,
     }
+    _json_name(record, "path", path)
     if target is not None:
-        record["target"] = target
+        _json_name(record, "target", target)
     return record
 
 
@@ -622,7 +827,7 @@ def cmd_stat(ctx: _Context) -> None:
         if args.json:
             ctx.print(json.dumps(_stat_record(path, st, target), sort_keys=True))
             return
-        name = path if target is None else f"{path} -> {target}"
+        name = ctx.name(path) if target is None else f"{ctx.name(path)} -> {ctx.name(target)}"
         kind = _file_type(st.st_mode, st.st_size)
         ctx.print(f"  File: {name}")
         ctx.print(
@@ -637,9 +842,9 @@ def cmd_stat(ctx: _Context) -> None:
             f"Access: ({stat_module.S_IMODE(st.st_mode):04o}/{stat_module.filemode(st.st_mode)})"
             f"  Uid: ({st.st_uid:>5})   Gid: ({st.st_gid:>5})"
         )
-        ctx.print(f"Access: {_stat_time(st.st_atime, st.st_atime_ns)}")
-        ctx.print(f"Modify: {_stat_time(st.st_mtime, st.st_mtime_ns)}")
-        ctx.print(f"Change: {_stat_time(st.st_ctime, st.st_ctime_ns)}")
+        ctx.print(f"Access: {_stat_time(st.st_atime_ns)}")
+        ctx.print(f"Modify: {_stat_time(st.st_mtime_ns)}")
+        ctx.print(f"Change: {_stat_time(st.st_ctime_ns)}")
 
     _each(ctx, ctx.args.paths, show)
 
@@ -1546,6 +1751,13 @@ def _args_ls(p: argparse.ArgumentParser) -> None:
                    help="long format: mode, links, uid, gid, size, mtime, name (-> target)")
     p.add_argument("-a", "--all", action="store_true", help="include names starting with '.'")
     p.add_argument("-R", "--recursive", action="store_true", help="list subdirectories too")
+    machine = p.add_mutually_exclusive_group()
+    machine.add_argument("--json", action="store_true",
+                         help="one JSON object per entry, one per line (with -l: every"
+                              " attribute); exact for any name")
+    machine.add_argument("-0", "--null", "--zero", dest="null", action="store_true",
+                         help="the path of each entry, ended by a NUL byte (raw bytes, as"
+                              " find -print0 writes them); exact for any name")
     p.add_argument("paths", nargs="*", metavar="PATH", help="what to list (default: /)")
 
 
@@ -1650,9 +1862,13 @@ _COMMANDS = (
     _Command("ls", cmd_ls, "list directories",
              "List directory contents (or name files), sorted by name.  A symbolic link"
              " to a directory is listed as the directory, except with -l (add a trailing"
-             " '/' to list it anyway).  '.' and '..' are never listed.",
+             " '/' to list it anyway).  '.' and '..' are never listed.  On a terminal,"
+             " names are quoted as GNU ls quotes them ('a b', 'a'$'\\n''b'); to a pipe they"
+             " are written as they are; --json and -0 give every name exactly.",
              "  pyxen9p --tag share ls\n  pyxen9p --tag share ls -l /data\n"
-             "  pyxen9p --simulate /tmp/x ls -laR", _args_ls),
+             "  pyxen9p --simulate /tmp/x ls -laR\n"
+             "  pyxen9p --tag share ls -R -0 / | xargs -0 ...\n"
+             "  pyxen9p --tag share ls --json -l /data | jq .size", _args_ls),
     _Command("cat", cmd_cat, "print files",
              "Copy the content of each file to standard output, unchanged.",
              "  pyxen9p --tag share cat /etc/motd\n"
@@ -1775,11 +1991,24 @@ def _exit_code(code: object) -> int:
     return EXIT_FAILURE
 
 
+class _EscapingFormatter(logging.Formatter):
+    """Log lines with their control characters escaped (they may carry a server's names)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return escape_controls(super().formatException(ei), keep_newlines=True)
+
+    def formatStack(self, stack_info: str) -> str:
+        return escape_controls(super().formatStack(stack_info), keep_newlines=True)
+
+
 @contextlib.contextmanager
 def _logging(args: argparse.Namespace, stream: TextIO) -> Iterator[None]:
     logger = logging.getLogger("pyxen9p")
     handler = logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(name)s: %(message)s"))
+    handler.setFormatter(_EscapingFormatter(f"{PROG}: %(levelname)s: %(name)s: %(message)s"))
     old_level = logger.level
     verbose = int(args.verbose or 0)
     if args.quiet:
@@ -1850,7 +2079,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ctx.error(f"internal error: {type(exc).__name__}: {_describe(exc)}"
                       + ("" if ctx.verbose else " (-v shows the traceback)"))
             if ctx.verbose:
-                traceback.print_exception(type(exc), exc, exc.__traceback__, file=stderr)
+                ctx.traceback(exc)
             return EXIT_FAILURE
     return ctx.status
 

@@ -72,6 +72,8 @@ from pyxen9p.p9.files import OpenMode, RemoteFileIO, parse_mode
 from pyxen9p.p9.transport import StreamTransport, Transport
 
 __all__ = [
+    "DEFAULT_MAX_ENTRIES",
+    "DEFAULT_MAX_READ",
     "DEFAULT_TIMEOUT",
     "DEFAULT_WINDOW",
     "MAXSYMLINKS",
@@ -92,6 +94,11 @@ MAXSYMLINKS = 40
 DEFAULT_TIMEOUT = 60.0
 #: Default number of Tread / Twrite requests kept in flight for large transfers.
 DEFAULT_WINDOW = 8
+#: Default :attr:`Client.max_read`: the most bytes one whole-file read returns
+#: (1 GiB), and how far a download may run past the size the server reported.
+DEFAULT_MAX_READ = 1 << 30
+#: Default :attr:`Client.max_entries`: the most entries one directory listing takes.
+DEFAULT_MAX_ENTRIES = 1_000_000
 #: Highest tag given to requests (NOTAG, 0xFFFF, is Tversion's).
 _MAX_TAG = 0xFFFE
 _NTAGS = _MAX_TAG + 1
@@ -385,6 +392,14 @@ class Client:
     :param flush_timeout: limit for the Rflush after a request timed out;
         without it the session is declared dead
     :param window: Tread / Twrite requests kept in flight by large transfers
+    :param max_read: the most bytes a read to the end of a file takes
+        (``read_bytes``, ``read_text``, ``f.read()`` with no size), and how
+        many bytes a download (:meth:`copy_out`) may run past the size the
+        server reported when the file was opened; more raises
+        :class:`OSError` ``EFBIG``.  ``None``: no limit
+    :param max_entries: the most entries one directory listing takes
+        (:meth:`scandir`, :meth:`listdir`, :meth:`walk`, :meth:`copy_out`);
+        more raises :class:`OSError` ``EFBIG``.  ``None``: no limit
     :param umask: bits cleared from the permissions of created files and
         directories (like the process umask for :func:`os.open`)
     :param close_transport: close *transport* with the client (also when the
@@ -399,6 +414,9 @@ class Client:
     :ivar timeout: limit for each request (may be changed at any time)
     :ivar flush_timeout: limit for each Rflush
     :ivar window: requests in flight for large transfers
+    :ivar max_read: the bound of whole-file reads and of a download's growth
+        (may be changed at any time)
+    :ivar max_entries: the bound of one directory listing (may be changed at any time)
     :ivar flushes_sent: how many Tflush requests were sent
     """
 
@@ -414,6 +432,8 @@ class Client:
         timeout: float | None = DEFAULT_TIMEOUT,
         flush_timeout: float = 10.0,
         window: int = DEFAULT_WINDOW,
+        max_read: int | None = DEFAULT_MAX_READ,
+        max_entries: int | None = DEFAULT_MAX_ENTRIES,
         umask: int = 0o022,
         close_transport: bool = True,
     ) -> None:
@@ -424,6 +444,8 @@ class Client:
         self.timeout = timeout
         self.flush_timeout = flush_timeout
         self.window = window
+        self.max_read = max_read
+        self.max_entries = max_entries
         self.umask = umask
         self.gid = os.getgid() if gid is None else gid
         self.uname = _default_user() if uname is None else uname
@@ -878,6 +900,11 @@ class Client:
         atime: tuple[int, int] = (0, 0),
         mtime: tuple[int, int] = (0, 0),
     ) -> None:
+        for sec, _ in (atime, mtime):
+            if not -(1 << 63) <= sec < 1 << 63:
+                raise OverflowError(
+                    f"{path}: the time {sec} s is outside the signed 64-bit seconds of 9P"
+                )
         self._rpc(
             lambda t: c.Tsetattr(t, fid, valid, mode, uid, gid, size, *atime, *mtime),
             c.Rsetattr,
@@ -1014,9 +1041,18 @@ class Client:
     # --- directories -----------------------------------------------------------
 
     def _readdir(self, fid: int, path: str) -> list[c.Dirent]:
+        """Every entry of the directory open on *fid*, within :attr:`max_entries`.
+
+        The offsets the server gives are opaque cookies: one that comes back
+        (the same as the last, or any earlier one) would make the listing
+        endless, and is a protocol error.
+        """
         self._rpc(lambda t: c.Tlopen(t, fid, c.L_O_RDONLY), c.Rlopen, path)
         count = self.msize - c.READDIRHDRSZ
+        limit = self.max_entries
         offset = 0
+        seen = {offset}
+        received = 0
         entries: list[c.Dirent] = []
         while True:
             make = functools.partial(c.Treaddir, fid=fid, offset=offset, count=count)
@@ -1024,10 +1060,23 @@ class Client:
             batch = reply.entries()
             if not batch:
                 return entries
+            received += len(batch)
+            if limit is not None and received > limit + 2:  # '.' and '..' are not counted
+                raise OSError(
+                    errno.EFBIG,
+                    f"the directory lists more than {limit} entries (Client.max_entries)",
+                    path,
+                )
             if batch[-1].offset == offset:
                 raise ProtocolError(f"Rreaddir for {path!r}: the offset {offset} did not advance")
+            if batch[-1].offset in seen:
+                raise ProtocolError(
+                    f"Rreaddir for {path!r}: the offset {batch[-1].offset} came back"
+                    " (the listing would never end)"
+                )
             entries.extend(e for e in batch if e.name not in (".", ".."))
             offset = batch[-1].offset
+            seen.add(offset)
 
     def scandir(self, path: PathArg = "") -> ScandirIterator:
         """Iterate over the entries of directory *path* (``.`` and ``..`` left out)."""
@@ -1426,7 +1475,10 @@ class Client:
             raise
 
     def read_bytes(self, path: PathArg) -> bytes:
-        """The whole content of file *path*."""
+        """The whole content of file *path*.
+
+        :raises OSError: ``EFBIG``: more than :attr:`max_read` bytes
+        """
         with self.open(path, "rb") as f:
             return f.read()
 
@@ -1439,7 +1491,10 @@ class Client:
     def read_text(
         self, path: PathArg, encoding: str | None = None, errors: str | None = None
     ) -> str:
-        """The whole content of file *path*, decoded."""
+        """The whole content of file *path*, decoded.
+
+        :raises OSError: ``EFBIG``: more than :attr:`max_read` bytes
+        """
         with self.open(path, "r", encoding=encoding, errors=errors) as f:
             return f.read()
 
@@ -1486,6 +1541,12 @@ class Client:
             wait_futures(futures)
             raise
         return [future.result() for future in futures]
+
+    def _read_limit_error(self, path: str, limit: int, what: str) -> OSError:
+        """The error of a read that would take more than *limit* bytes."""
+        return OSError(
+            errno.EFBIG, f"{what} more than {limit} bytes (Client.max_read)", path
+        )
 
     def _read_at(self, fid: int, offset: int, count: int, path: str) -> bytes:
         reply = self._rpc(lambda t: c.Tread(t, fid, offset, count), c.Rread, path)
@@ -1570,8 +1631,11 @@ class Client:
         """Copy an open fid's data to *out* with a window of Treads in flight.
 
         :param size: the file's size, if known: a short read ending there is
-            the end of the file (else only an empty read is)
+            the end of the file (else only an empty read is); the data may run
+            past it by at most :attr:`max_read` bytes (a file that grows while
+            it is copied), else ``EFBIG``
         """
+        limit = None if size is None or self.max_read is None else size + self.max_read
         executor = self._get_executor()
         depth = 2 * self.window
         inflight: deque[tuple[Future[bytes], int]] = deque()
@@ -1580,6 +1644,11 @@ class Client:
 
         def take(data: bytes) -> None:
             nonlocal done
+            if limit is not None and done + len(data) > limit:
+                assert size is not None and self.max_read is not None
+                raise self._read_limit_error(
+                    path, self.max_read, f"the file grew past its size ({size}) by"
+                )
             out.write(data)
             done += len(data)
             progress.add(len(data))
@@ -1882,6 +1951,13 @@ def _join(directory: str, name: str) -> str:
 
 
 def _stat_result(r: c.Rgetattr) -> os.stat_result:
+    """An :class:`os.stat_result` of an Rgetattr; the times' seconds are signed.
+
+    :raises ProtocolError: a nanosecond field is not below 10⁹
+    """
+    for name in ("atime_nsec", "mtime_nsec", "ctime_nsec"):
+        if getattr(r, name) >= 1_000_000_000:
+            raise ProtocolError(f"Rgetattr: {name} {getattr(r, name)} is not below 10^9")
     atime_ns = r.atime_sec * 1_000_000_000 + r.atime_nsec
     mtime_ns = r.mtime_sec * 1_000_000_000 + r.mtime_nsec
     ctime_ns = r.ctime_sec * 1_000_000_000 + r.ctime_nsec

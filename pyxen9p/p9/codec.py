@@ -605,7 +605,7 @@ def _read_str(mv: memoryview, off: int, end: int) -> tuple[str, int]:
 # Field codecs.  A message's wire spec is a string "name:kind name:kind ...";
 # runs of fixed-size kinds are merged into one struct.
 
-_FIXED_KINDS = {"u8": "B", "u16": "H", "u32": "I", "u64": "Q", "qid": "BIQ"}
+_FIXED_KINDS = {"u8": "B", "u16": "H", "u32": "I", "u64": "Q", "i64": "q", "qid": "BIQ"}
 _VAR_KINDS = ("s", "strs", "qids", "data")
 
 _Parts = list[bytes | bytearray | memoryview]
@@ -1236,14 +1236,17 @@ class Tgetattr(Message):
 class Rgetattr(Message):
     """File attributes, as ``stat(2)``; *valid* (``P9_GETATTR_*``) says which are set.
 
-    The inode number is ``qid.path``; times are seconds + nanoseconds.
+    The inode number is ``qid.path``; times are seconds + nanoseconds.  The
+    seconds are signed (``i64``): the wire's 8 bytes are two's complement, as
+    Linux's v9fs (``time64_t``) and QEMU's 9pfs (``time_t``) write and read
+    them, so a time before 1970 is negative.
     """
 
     TYPE: ClassVar[int] = MessageType.RGETATTR
     _WIRE: ClassVar[str] = (
         "valid:u64 qid:qid mode:u32 uid:u32 gid:u32 nlink:u64 rdev:u64 size:u64"
-        " blksize:u64 blocks:u64 atime_sec:u64 atime_nsec:u64 mtime_sec:u64"
-        " mtime_nsec:u64 ctime_sec:u64 ctime_nsec:u64 btime_sec:u64 btime_nsec:u64"
+        " blksize:u64 blocks:u64 atime_sec:i64 atime_nsec:u64 mtime_sec:i64"
+        " mtime_nsec:u64 ctime_sec:i64 ctime_nsec:u64 btime_sec:i64 btime_nsec:u64"
         " gen:u64 data_version:u64"
     )
     valid: int
@@ -1271,12 +1274,16 @@ class Rgetattr(Message):
 @_message
 @dataclass(frozen=True, slots=True, repr=False)
 class Tsetattr(Message):
-    """Set the attributes of *fid* selected by *valid* (``P9_SETATTR_*``)."""
+    """Set the attributes of *fid* selected by *valid* (``P9_SETATTR_*``).
+
+    The seconds of the times are signed (``i64``, two's complement), as in
+    :class:`Rgetattr`.
+    """
 
     TYPE: ClassVar[int] = MessageType.TSETATTR
     _WIRE: ClassVar[str] = (
         "fid:u32 valid:u32 mode:u32 uid:u32 gid:u32 size:u64"
-        " atime_sec:u64 atime_nsec:u64 mtime_sec:u64 mtime_nsec:u64"
+        " atime_sec:i64 atime_nsec:u64 mtime_sec:i64 mtime_nsec:u64"
     )
     fid: int
     valid: int

@@ -203,23 +203,39 @@ class RemoteFileIO(io.RawIOBase):
     def readall(self) -> bytes:
         """Read from the current position to the end of the file.
 
-        The size known from Tgetattr is read with several Treads in flight.
+        The size known from Tgetattr is read with several Treads in flight;
+        a file that grew meanwhile (or a special file with no size) is read
+        on to the end.  At most the client's
+        :attr:`~pyxen9p.p9.client.Client.max_read` bytes are taken.
+
+        :raises OSError: ``EFBIG``: the rest of the file is larger than
+            ``max_read`` (nothing is returned, the position does not move)
         """
         self._check_readable()
-        size = self._client._fid_size(self._fid, self.name)
+        client = self._client
+        limit = client.max_read
+        size = client._fid_size(self._fid, self.name)
+        if limit is not None and size - self._pos > limit:
+            raise client._read_limit_error(self.name, limit, f"the file has {size} bytes:")
         chunks: list[bytes] = []
-        if size > self._pos:
-            chunks = self._client._pread_chunks(
-                self._fid, self._pos, size - self._pos, self.iounit, self.name
-            )
-            self._pos += sum(len(chunk) for chunk in chunks)
+        pos = self._pos
+        if size > pos:
+            chunks = client._pread_chunks(self._fid, pos, size - pos, self.iounit, self.name)
+            pos += sum(len(chunk) for chunk in chunks)
         # the file may have grown (or be a special file with no size): read to EOF
         while True:
-            chunk = self._client._read_at(self._fid, self._pos, self.iounit, self.name)
+            # ask for one byte past the limit, to tell "exactly the limit" from "more"
+            count = self.iounit
+            if limit is not None:
+                count = min(count, limit - (pos - self._pos) + 1)
+            chunk = client._read_at(self._fid, pos, count, self.name)
             if not chunk:
                 break
             chunks.append(chunk)
-            self._pos += len(chunk)
+            pos += len(chunk)
+            if limit is not None and pos - self._pos > limit:
+                raise client._read_limit_error(self.name, limit, "the file grew to")
+        self._pos = pos
         return b"".join(chunks)
 
     # --- writing ---------------------------------------------------------------

@@ -999,11 +999,11 @@ class Session:
             st.st_size,
             st.st_blksize,
             st.st_blocks,
-            a_s & _U64,
+            a_s,
             a_ns,
-            m_s & _U64,
+            m_s,
             m_ns,
-            c_s & _U64,
+            c_s,
             c_ns,
             0,
             0,
@@ -1240,8 +1240,7 @@ def _ident(st: os.stat_result) -> tuple[int, int]:
 
 
 def _ns(sec: int, nsec: int) -> int:
-    if sec >= 1 << 63:
-        sec -= 1 << 64  # times before 1970 travel as two's complement
+    # sec is signed: times before 1970 travel as two's complement (the codec's i64)
     if nsec >= 10**9:
         raise _Err(errno.EINVAL)
     return sec * 10**9 + nsec

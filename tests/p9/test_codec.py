@@ -82,7 +82,7 @@ GRAMMAR: dict[type[c.Message], list[tuple[str, str]]] = {
     c.Rgetattr: [("valid", "u64"), ("qid", "qid"), ("mode", "u32"), ("uid", "u32")]
     + [("gid", "u32")]
     + [
-        (n, "u64")
+        (n, "i64" if n.endswith("_sec") else "u64")  # times: two's complement seconds
         for n in [
             "nlink", "rdev", "size", "blksize", "blocks", "atime_sec", "atime_nsec",
             "mtime_sec", "mtime_nsec", "ctime_sec", "ctime_nsec", "btime_sec",
@@ -96,9 +96,9 @@ GRAMMAR: dict[type[c.Message], list[tuple[str, str]]] = {
         ("uid", "u32"),
         ("gid", "u32"),
         ("size", "u64"),
-        ("atime_sec", "u64"),
+        ("atime_sec", "i64"),
         ("atime_nsec", "u64"),
-        ("mtime_sec", "u64"),
+        ("mtime_sec", "i64"),
         ("mtime_nsec", "u64"),
     ],
     c.Rsetattr: [],
@@ -177,6 +177,7 @@ KIND: dict[str, st.SearchStrategy[Any]] = {
     "u16": st.integers(0, 0xFFFF),
     "u32": st.integers(0, 0xFFFFFFFF),
     "u64": st.integers(0, 2**64 - 1),
+    "i64": st.integers(-(2**63), 2**63 - 1),
     "s": text,
     "qid": qids,
     "strs": st.lists(text, max_size=16).map(tuple),
@@ -233,7 +234,7 @@ def test_round_trip(cls: type[c.Message]) -> None:
 
 def expected_body_len(msg: c.Message) -> int:
     n = 0
-    sizes = {"u8": 1, "u16": 2, "u32": 4, "u64": 8, "qid": 13}
+    sizes = {"u8": 1, "u16": 2, "u32": 4, "u64": 8, "i64": 8, "qid": 13}
     for name, kind in GRAMMAR[type(msg)]:
         v = getattr(msg, name)
         if kind in sizes:
@@ -386,6 +387,36 @@ def test_unknown_types_and_bad_headers() -> None:
 def test_encode_rejects_unencodable_fields(msg: c.Message) -> None:
     with pytest.raises(c.ProtocolError):
         c.encode(msg)
+
+
+STAT = dict(valid=c.P9_GETATTR_BASIC, qid=c.Qid(0, 0, 1), mode=0o100644, uid=0, gid=0, nlink=1,
+            rdev=0, size=0, blksize=4096, blocks=0, atime_nsec=0, mtime_nsec=5,
+            ctime_nsec=0, btime_sec=0, btime_nsec=0, gen=0, data_version=0)  # fmt: skip
+
+
+def test_times_are_twos_complement_seconds() -> None:
+    """A time before 1970 is negative, as Linux's v9fs and QEMU's 9pfs read and write it."""
+    dated_1960 = -315_619_200  # 1960-01-01T00:00:00Z
+    raw = c.encode(c.Rgetattr(1, atime_sec=-1, mtime_sec=dated_1960, ctime_sec=2**63 - 1, **STAT))
+    body = raw[7:]
+    offset = 8 + 13 + 4 * 3 + 8 * 5  # valid qid mode uid gid nlink rdev size blksize blocks
+    assert body[offset : offset + 8] == b"\xff" * 8  # -1: two's complement
+    assert struct.unpack_from("<q", body, offset + 16)[0] == dated_1960
+    decoded = c.decode(raw)
+    assert isinstance(decoded, c.Rgetattr)
+    assert (decoded.atime_sec, decoded.mtime_sec, decoded.ctime_sec) == (-1, dated_1960, 2**63 - 1)
+    # The bytes a server sends for 1960 (u64 2**64 - 315619200) decode to 1960.
+    wire = raw[:7] + body[:offset + 16] + (2**64 + dated_1960).to_bytes(8, "little")
+    wire += body[offset + 24 :]
+    decoded = c.decode(wire)
+    assert isinstance(decoded, c.Rgetattr) and decoded.mtime_sec == dated_1960
+    t = c.Tsetattr(2, 7, c.P9_SETATTR_MTIME | c.P9_SETATTR_MTIME_SET, 0, 0, 0, 0, 0, 0,
+                   dated_1960, 999_999_999)  # fmt: skip
+    assert c.encode(t)[-16:-8] == (2**64 + dated_1960).to_bytes(8, "little")
+    assert c.decode(c.encode(t)) == t
+    for sec in (-(2**63) - 1, 2**63):  # no 64-bit two's complement value
+        with pytest.raises(c.ProtocolError):
+            c.encode(dataclasses.replace(t, mtime_sec=sec))
 
 
 def test_encode_rejects_non_messages() -> None:

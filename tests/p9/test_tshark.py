@@ -312,7 +312,7 @@ def _name(rng: random.Random) -> str:
 def random_messages(seed: int, per_type: int) -> list[c.Message]:
     """Random instances of every message type tshark decodes (names without commas)."""
     rng = random.Random(seed)
-    kinds = {"u8": 8, "u16": 16, "u32": 32, "u64": 63}
+    kinds = {"u8": 8, "u16": 16, "u32": 32, "u64": 63, "i64": 63}
     out: list[c.Message] = []
 
     for cls in sorted(EXPECT.keys() | BARE, key=lambda k: k.TYPE):
@@ -365,3 +365,24 @@ def test_tshark_flags_a_malformed_message(tshark: str, tmp_path: Path) -> None:
     assert rows[-1]["_ws.malformed"] != ""
     with pytest.raises(c.ProtocolError):
         c.decode(raw)
+
+
+def test_tshark_shows_negative_times_as_before_1970(tshark: str, tmp_path: Path) -> None:
+    """Wireshark's dissector reads the seconds as two's complement too (1960, not 2554)."""
+    dated_1960 = -315_619_200
+    msgs = [
+        *VERSION,
+        c.Tgetattr(18, 0, c.P9_GETATTR_ALL),
+        c.Rgetattr(18, c.P9_GETATTR_BASIC, Q, 0o100644, 0, 0, 1, 0, 0, 4096, 0,
+                   -1, 0, dated_1960, 5, 0, 0, 0, 0, 0, 0),
+        c.Tsetattr(19, 5, c.P9_SETATTR_MTIME | c.P9_SETATTR_MTIME_SET, 0, 0, 0, 0, 0, 0,
+                   dated_1960, 0),
+    ]
+    run_tshark(tshark, tmp_path, [c.encode(m) for m in msgs])  # well formed
+    pcap = tmp_path / "out.pcap"
+    text = subprocess.run(
+        [tshark, "-r", str(pcap), "-V"], check=True, timeout=120, capture_output=True, text=True
+    ).stdout
+    assert "Atime: Dec 31, 1969 23:59:59.000000000 UTC" in text
+    assert "Mtime: Jan  1, 1960 00:00:00.000000005 UTC" in text
+    assert "Mtime: Jan  1, 1960 00:00:00.000000000 UTC" in text  # the Tsetattr
