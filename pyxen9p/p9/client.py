@@ -1990,6 +1990,10 @@ class Client:
                 if here is not tree:
                     try:
                         self.makedirs(here.dst, exist_ok=True)
+                    except FileExistsError:  # and not a directory
+                        why = "Not a directory (not replaced)"
+                        failed(_local_error(errno.ENOTDIR, here.dst, why))
+                        continue
                     except (OSError, ValueError) as exc:
                         failed(exc)
                         continue
@@ -2138,8 +2142,8 @@ def _normalize(names: Sequence[str]) -> list[str]:
     return parts
 
 
-def _local_error(err: int, path: str) -> OSError:
-    return OSError(err, os.strerror(err), path)
+def _local_error(err: int, path: str, text: str | None = None) -> OSError:
+    return OSError(err, text or os.strerror(err), path)
 
 
 def _server_error(err: int, path: str | None, text: str | None = None) -> OSError:
