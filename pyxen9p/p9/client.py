@@ -2060,8 +2060,12 @@ class Client:
 
         :param follow: follow *lpath* if it is a symbolic link
         """
+        st = os.stat(lpath, follow_symlinks=follow)
+        if not stat_module.S_ISREG(st.st_mode):  # a device is not even opened
+            log.warning("copy_in: skipping %s (%s)", lpath, _kind(st.st_mode))
+            return
         flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
-        fd = os.open(lpath, flags)  # never blocks, even on a fifo
+        fd = os.open(lpath, flags)  # never blocks, even on a fifo that replaced the file
         with open(fd, "rb", closefd=True) as src:
             st = os.fstat(fd)
             if not stat_module.S_ISREG(st.st_mode):

@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import logging
 import os
+import socket
 import stat
 import threading
 from collections.abc import Callable, Iterator
@@ -532,3 +533,24 @@ def test_put_to_a_name_ending_in_a_slash_needs_a_directory(
     assert not (srv / "newdir").exists()
     client.copy_in(local, "newdir/")  # a tree: the directory is created
     assert tree(srv / "newdir") == {"f": b"f"}
+
+
+def test_sockets_are_skipped_both_ways(
+    served: tuple[Client, Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client, srv, local = served
+    with socket.socket(socket.AF_UNIX) as one, socket.socket(socket.AF_UNIX) as two:
+        monkeypatch.chdir(local)
+        one.bind("sock")  # relative: a socket's path is short
+        monkeypatch.chdir(srv)
+        two.bind("remote-sock")
+        with caplog.at_level(logging.WARNING, "pyxen9p"):
+            assert client.copy_in(local / "sock", "sock") == 0
+            assert client.copy_out("remote-sock", local / "got") == 0
+    assert not (srv / "sock").exists() and not (local / "got").exists()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"copy_in: skipping {local / 'sock'} (a socket, not a regular file)",
+        "copy_out: skipping remote-sock (a socket, not a regular file)",
+    ]
