@@ -1745,7 +1745,10 @@ class Client:
                     errno.EISDIR if os.path.isdir(lpath) else errno.ENOTDIR, lpath
                 )
             state = _Progress(top.st_size, progress)
-            dfd = os.open(parent or ".", _DIR_FLAGS)
+            try:
+                dfd = os.open(parent or ".", _DIR_FLAGS)
+            except OSError as exc:
+                raise _relabel(exc, lpath) from None
             try:
                 self._copy_file_out(rpath, dfd, name, lpath, state, preserve, no_clobber)
             finally:

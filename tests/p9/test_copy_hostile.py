@@ -554,3 +554,14 @@ def test_sockets_are_skipped_both_ways(
         f"copy_in: skipping {local / 'sock'} (a socket, not a regular file)",
         "copy_out: skipping remote-sock (a socket, not a regular file)",
     ]
+
+
+def test_errors_name_the_destination_not_a_temporary_file(lay: Layout) -> None:
+    with hostile(lay.srv) as client:
+        with pytest.raises(FileNotFoundError) as info:
+            client.copy_out("d/f", lay.out / "missing" / "f")
+        assert info.value.filename == str(lay.out / "missing" / "f")
+        with pytest.raises(IsADirectoryError) as info:  # a file never replaces a directory
+            client.copy_out("d/f", lay.outside)
+        assert info.value.filename == str(lay.outside)
+    lay.check_outside_untouched()  # and no temporary file is left
