@@ -763,10 +763,13 @@ def cmd_get(ctx: _Context) -> None:
                 raise UsageError("give a LOCAL name for the share's root directory")
             local = os.path.join(local, name)
         with ctx.progress(f"get {remote}") as bar:
-            done = fs.copy_out(remote, local, progress=bar, preserve=not args.no_preserve)
+            done = fs.copy_out(
+                remote, local, progress=bar, preserve=not args.no_preserve,
+                no_clobber=args.no_clobber,
+            )
         log.info("get: %d bytes from %s to %s", done, remote, local)
     except (OSError, ValueError) as exc:
-        ctx.report(exc)
+        _report_copy(ctx, exc)
 
 
 def cmd_put(ctx: _Context) -> None:
@@ -783,10 +786,21 @@ def cmd_put(ctx: _Context) -> None:
         if fs.is_dir(remote):
             remote = _join(remote, name)
         with ctx.progress(f"put {local}") as bar:
-            done = fs.copy_in(local, remote, progress=bar, preserve=not args.no_preserve)
+            done = fs.copy_in(
+                local, remote, progress=bar, preserve=not args.no_preserve,
+                no_clobber=args.no_clobber,
+            )
         log.info("put: %d bytes from %s to %s", done, local, remote)
     except (OSError, ValueError) as exc:
-        ctx.report(exc)
+        _report_copy(ctx, exc)
+
+
+def _report_copy(ctx: _Context, exc: OSError | ValueError) -> None:
+    """Report a failed copy: each entry a tree copy could not copy, on its own line."""
+    from pyxen9p.p9.client import CopyError
+
+    for error in exc.errors if isinstance(exc, CopyError) else [exc]:
+        ctx.report(error)
 
 
 def _stat_record(path: str, st: os.stat_result, target: str | None) -> dict[str, Any]:
@@ -919,8 +933,11 @@ def cmd_mv(ctx: _Context) -> None:
     src: str = args.source
     dst: str = args.dest
     try:
-        if not args.no_target_directory and fs.is_dir(dst):
+        into = fs.is_dir(dst)
+        if into and not args.no_target_directory:
             dst = _join(dst, _basename(src))
+        elif dst.endswith("/") and not into and not stat_module.S_ISDIR(fs.lstat(src).st_mode):
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), dst)  # as rename(2)
         fs.rename(src, dst)
     except (OSError, ValueError) as exc:
         ctx.report(exc)
@@ -1770,6 +1787,8 @@ def _args_paths(help_text: str) -> Callable[[argparse.ArgumentParser], None]:
 
 def _args_get(p: argparse.ArgumentParser) -> None:
     p.add_argument("-r", "--recursive", action="store_true", help="copy a directory tree")
+    p.add_argument("-n", "--no-clobber", action="store_true",
+                   help="do not replace existing files (or links)")
     p.add_argument("--no-preserve", action="store_true",
                    help="do not copy the permission bits and times")
     p.add_argument("remote", metavar="REMOTE", help="the file or directory on the share")
@@ -1780,6 +1799,8 @@ def _args_get(p: argparse.ArgumentParser) -> None:
 
 def _args_put(p: argparse.ArgumentParser) -> None:
     p.add_argument("-r", "--recursive", action="store_true", help="copy a directory tree")
+    p.add_argument("-n", "--no-clobber", action="store_true",
+                   help="do not replace existing files (or links)")
     p.add_argument("--no-preserve", action="store_true",
                    help="do not copy the permission bits and times")
     p.add_argument("local", metavar="LOCAL", help="the local file or directory")
@@ -1875,14 +1896,21 @@ _COMMANDS = (
              "  pyxen9p --tag share cat big.log | tail", _args_paths("the files to print")),
     _Command("get", cmd_get, "copy from the share",
              "Copy a file, or with -r a directory tree, from the share to the local disk"
-             " (keeping permission bits and times).  Symbolic links are copied as links."
-             "  A progress bar is drawn when standard error is a terminal.",
+             " (keeping permission bits and times).  Symbolic links are copied as links;"
+             " fifos, sockets and devices are skipped with a warning.  A file is written"
+             " under a temporary name and renamed when complete, so a failed copy leaves"
+             " no partial file.  A tree copy goes on past a failed entry and reports every"
+             " failure at the end (exit status 1).  A LOCAL ending in '/' must be a"
+             " directory.  A progress bar is drawn when standard error is a terminal.",
              "  pyxen9p --tag share get report.pdf\n"
              "  pyxen9p --tag share get -r /photos ~/photos", _args_get),
     _Command("put", cmd_put, "copy to the share",
              "Copy a local file, or with -r a directory tree, to the share (keeping"
-             " permission bits and times).  Symbolic links are copied as links; other"
-             " special files are skipped with a warning.",
+             " permission bits and times; bits the server drops, such as set-user-ID, are"
+             " reported).  Symbolic links are copied as links; fifos, sockets and devices"
+             " are skipped with a warning.  A tree copy goes on past a failed entry and"
+             " reports every failure at the end (exit status 1).  A REMOTE ending in '/'"
+             " must be a directory.",
              "  pyxen9p --tag share put notes.txt\n"
              "  pyxen9p --tag share put -r ./site /www", _args_put),
     _Command("stat", cmd_stat, "show file attributes",
@@ -1902,7 +1930,8 @@ _COMMANDS = (
              "  pyxen9p --tag share rmdir empty", _args_paths("the directories")),
     _Command("mv", cmd_mv, "rename or move",
              "Rename SRC to DST, replacing DST if it is a file; if DST is an existing"
-             " directory, SRC is moved into it (unless -T).",
+             " directory, SRC is moved into it (unless -T).  A DST ending in '/' must be"
+             " a directory (or SRC a directory, which gets that name).",
              "  pyxen9p --tag share mv draft.txt final.txt\n"
              "  pyxen9p --tag share mv final.txt archive/", _args_mv),
     _Command("ln", cmd_ln, "make links",

@@ -9,6 +9,7 @@ xenstored over its socket (``XENSTORED_PATH``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -23,6 +24,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -290,6 +292,154 @@ def test_put_file_and_tree(run: Run, share: Path, tmp_path: Path) -> None:
     status, _, err = run(*sim(share, "put", str(tmp_path / "nothing")))
     assert status == 1
     assert err == f"pyxen9p: put: {tmp_path / 'nothing'}: No such file or directory\n"
+
+
+# --------------------------------------------------------------------------
+# get and put behave like cp
+
+
+def test_a_trailing_slash_means_a_directory(
+    run: Run, share: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f").write_bytes(b"f")
+    status, _, err = run(*sim(share, "put", str(tmp_path / "f"), "/newdir/"))
+    assert (status, err) == (1, "pyxen9p: put: /newdir/: Not a directory\n")
+    status, _, err = run(*sim(share, "mv", "a.txt", "nodir/"))
+    assert (status, err) == (1, "pyxen9p: mv: nodir/: Not a directory\n")
+    status, _, err = run(*sim(share, "get", "a.txt", "localnodir/"))
+    assert (status, err) == (1, "pyxen9p: get: localnodir/: Not a directory\n")
+    assert not (share / "newdir").exists() and not (share / "nodir").exists()
+    assert (share / "a.txt").exists() and not (tmp_path / "localnodir").exists()
+    # a directory may take a new name ending in '/', as with rename(2) and cp -r
+    assert run(*sim(share, "mv", "sub", "moved/"))[0] == 0
+    assert (share / "moved" / "b.txt").exists()
+    assert run(*sim(share, "get", "-r", "moved", "fresh/")) == (0, "", "")
+    assert (tmp_path / "fresh" / "b.txt").read_bytes() == b"beta\n"
+    assert run(*sim(share, "put", "-r", str(tmp_path / "fresh"), "/again/")) == (0, "", "")
+    assert (share / "again" / "b.txt").read_bytes() == b"beta\n"
+
+
+def test_get_r_goes_on_and_reports_every_failure(
+    run: Run, share: Path, tmp_path: Path
+) -> None:
+    (share / "sub" / "l").symlink_to("b.txt")
+    (share / "sub" / "z.txt").write_bytes(b"zed\n")
+    out = tmp_path / "sub"
+    out.mkdir()
+    (out / "deeper").write_bytes(b"a file where a directory goes")
+    (out / "l").mkdir()  # a directory where a link goes
+    status, _, err = run(*sim(share, "get", "-r", "sub", str(tmp_path)))
+    assert status == 1
+    assert sorted(err.splitlines()) == [
+        f"pyxen9p: get: {out / 'deeper'}: Not a directory (not replaced)",
+        f"pyxen9p: get: {out / 'l'}: Is a directory (not replaced by a symbolic link)",
+    ]
+    assert (out / "b.txt").read_bytes() == b"beta\n"  # the rest was copied
+    assert (out / "z.txt").read_bytes() == b"zed\n"
+
+
+def test_put_r_goes_on_and_says_why_a_link_is_refused(
+    run: Run, share: Path, tmp_path: Path
+) -> None:
+    local = tmp_path / "local"
+    for name in ("a", "b"):
+        (local / name).mkdir(parents=True)
+        (local / name / "f").write_bytes(name.encode())
+    (local / "abs").symlink_to("/etc/passwd")
+    (share / "tree" / "local").mkdir(parents=True)
+    (share / "tree" / "local" / "a").write_bytes(b"a file where a directory goes")
+    status, _, err = run(*sim(share, "put", "-r", str(local), "/tree/"))
+    assert status == 1
+    assert sorted(err.splitlines()) == [
+        "pyxen9p: put: /tree/local/a: Not a directory (not replaced)",
+        "pyxen9p: put: /tree/local/abs: Operation not permitted: the server refused a"
+        " symbolic link to '/etc/passwd' (its link policy; e.g. a confined server takes"
+        " only relative targets that stay inside the share)",
+    ]
+    assert (share / "tree" / "local" / "b" / "f").read_bytes() == b"b"  # the rest was copied
+
+
+def _unblock_later(fifo: Path) -> threading.Timer:
+    """After 5 s open *fifo* for writing, so that a reader blocked opening it goes on."""
+
+    def unblock() -> None:
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    timer = threading.Timer(5, unblock)
+    timer.start()
+    return timer
+
+
+@pytest.mark.parametrize("recursive", [False, True])
+def test_special_files_are_skipped_with_a_warning_both_ways(
+    run: Run, share: Path, tmp_path: Path, recursive: bool
+) -> None:
+    os.mkfifo(share / "sub" / "remote-pipe")
+    local = tmp_path / "local"
+    local.mkdir()
+    os.mkfifo(local / "local-pipe")
+    flag = ["-r"] if recursive else []
+    src = "sub" if recursive else "sub/remote-pipe"
+    status, _, err = run(*sim(share, "get", *flag, src, str(tmp_path / "got")))
+    assert (status, err) == (0, "pyxen9p: WARNING: pyxen9p.p9.client: copy_out: skipping"
+                                " sub/remote-pipe (a fifo, not a regular file)\n")
+    assert not (tmp_path / "got" / "remote-pipe").exists()
+    assert (tmp_path / "got").is_dir() == recursive
+    timer = _unblock_later(local / "local-pipe")
+    try:
+        src = str(local) if recursive else str(local / "local-pipe")
+        status, _, err = run(*sim(share, "put", *flag, src, "/put"))
+    finally:
+        timer.cancel()
+    assert (status, err) == (0, "pyxen9p: WARNING: pyxen9p.p9.client: copy_in: skipping"
+                                f" {local / 'local-pipe'} (a fifo, not a regular file)\n")
+    assert not (share / "put" / "local-pipe").exists()
+    assert (share / "put").is_dir() == recursive
+
+
+def test_an_interrupted_get_leaves_no_partial_file(
+    run: Run, share: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pyxen9p.p9.client import Client
+
+    def interrupted(self: Client, fid: int, iounit: int, path: str, out: Any, *a: Any) -> int:
+        out.write(b"half of it")
+        out.flush()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Client, "_download", interrupted)
+    (tmp_path / "old.bin").write_bytes(b"the old content")
+    assert run(*sim(share, "get", "big.bin", str(tmp_path / "old.bin")))[0] == 130
+    assert run(*sim(share, "get", "big.bin", str(tmp_path / "new.bin")))[0] == 130
+    assert sorted(os.listdir(tmp_path)) == ["old.bin", "share"]
+    assert (tmp_path / "old.bin").read_bytes() == b"the old content"
+
+
+def test_no_clobber(run: Run, share: Path, tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_bytes(b"local a")
+    assert run(*sim(share, "get", "-n", "a.txt", str(tmp_path))) == (0, "", "")
+    assert (tmp_path / "a.txt").read_bytes() == b"local a"
+    assert run(*sim(share, "get", "-r", "--no-clobber", "sub", str(tmp_path))) == (0, "", "")
+    (tmp_path / "sub" / "b.txt").write_bytes(b"changed")
+    (tmp_path / "sub" / "deeper" / "c.txt").unlink()
+    assert run(*sim(share, "get", "-rn", "sub", str(tmp_path))) == (0, "", "")
+    assert (tmp_path / "sub" / "b.txt").read_bytes() == b"changed"
+    assert (tmp_path / "sub" / "deeper" / "c.txt").read_bytes() == b"gamma\n"
+    assert run(*sim(share, "put", "-n", str(tmp_path / "a.txt"), "/")) == (0, "", "")
+    assert (share / "a.txt").read_bytes() == b"alpha\n"
+    assert run(*sim(share, "put", "-rn", str(tmp_path / "sub"), "/")) == (0, "", "")
+    assert (share / "sub" / "b.txt").read_bytes() == b"beta\n"
+
+
+def test_put_reports_mode_bits_the_server_drops(run: Run, share: Path, tmp_path: Path) -> None:
+    (tmp_path / "tool").write_bytes(b"#!/bin/sh\n")
+    os.chmod(tmp_path / "tool", 0o4755)
+    status, _, err = run(*sim(share, "put", str(tmp_path / "tool"), "/tool"))
+    assert (status, err) == (0, "pyxen9p: WARNING: pyxen9p.p9.client: copy_in: /tool: the"
+                                " server dropped the mode bits 4000 (4755 asked, 0755 kept)\n")
+    assert stat.S_IMODE((share / "tool").stat().st_mode) == 0o755
 
 
 def test_stat(run: Run, share: Path) -> None:

@@ -45,6 +45,7 @@ always clunked: after an error too.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import functools
@@ -53,6 +54,7 @@ import io
 import logging
 import os
 import posixpath
+import secrets
 import stat as stat_module
 import threading
 import time
@@ -60,7 +62,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import IO, Any, BinaryIO, Literal, NamedTuple, TypeVar, cast, overload
 
 from typing_extensions import Self
@@ -79,6 +81,7 @@ __all__ = [
     "MAXSYMLINKS",
     "MIN_MSIZE",
     "Client",
+    "CopyError",
     "DirEntry",
     "ScandirIterator",
     "StatFS",
@@ -124,6 +127,8 @@ OpenBinaryModeReading = Literal["rb"]
 OpenBinaryMode = OpenBinaryModeUpdating | OpenBinaryModeWriting | OpenBinaryModeReading
 #: ``progress(bytes_done, bytes_total)`` of :meth:`Client.copy_in` / :meth:`Client.copy_out`.
 ProgressCallback = Callable[[int, int], None]
+#: ``on_error(exc)`` of :meth:`Client.copy_in` / :meth:`Client.copy_out`: one entry failed.
+ErrorCallback = Callable[[OSError | ValueError], object]
 
 
 class _Default(enum.Enum):
@@ -358,6 +363,32 @@ class _Progress:
         self.done += n
         if self.callback is not None:
             self.callback(self.done, self.total)
+
+
+class CopyError(OSError):
+    """Entries of a tree that :meth:`Client.copy_in` or :meth:`Client.copy_out` did not copy.
+
+    A tree copy goes on past an entry that fails, as ``cp -r`` does, and
+    raises this at the end (unless an ``on_error`` callback took each
+    failure).  The message names the first failures.
+
+    :ivar errors: every failure, in order: an :class:`OSError` (whose
+        ``filename`` names the entry) or a :class:`~pyxen9p.p9.codec.ProtocolError`
+        (a listing the client refused)
+    """
+
+    def __init__(self, errors: Sequence[OSError | ValueError]) -> None:
+        self.errors = list(errors)
+        n = len(self.errors)
+        shown = "; ".join(_one_line(e) for e in self.errors[:3])
+        more = "; ..." if n > 3 else ""
+        super().__init__(f"{n} {'entry' if n == 1 else 'entries'} not copied: {shown}{more}")
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename is not None else exc.strerror
+    return str(exc)
 
 
 def _ns(value: float) -> tuple[int, int]:
@@ -1079,12 +1110,20 @@ class Client:
             seen.add(offset)
 
     def scandir(self, path: PathArg = "") -> ScandirIterator:
-        """Iterate over the entries of directory *path* (``.`` and ``..`` left out)."""
+        """Iterate over the entries of directory *path* (``.`` and ``..`` left out).
+
+        A listing that holds a name no directory can hold (empty, ``.`` or
+        ``..`` other than the two entries every listing has, or containing
+        ``/`` or NUL), or the same name twice, is refused as a whole with
+        :class:`~pyxen9p.p9.codec.ProtocolError` naming the entry: such a
+        listing comes from a broken or hostile server, and a name like
+        ``../x`` would lead a caller that joins it onto a path elsewhere.
+        """
 
         def action(fid: int, qid: c.Qid, p: str) -> list[c.Dirent]:
             if not qid.type & c.QTDIR:
                 raise _local_error(errno.ENOTDIR, p)
-            return self._readdir(fid, p)
+            return _checked_names(self._readdir(fid, p), p)
 
         fid, qid, display = self._lookup(path)
         try:
@@ -1732,73 +1771,245 @@ class Client:
         *,
         progress: ProgressCallback | None = None,
         preserve: bool = True,
+        no_clobber: bool = False,
+        on_error: ErrorCallback | None = None,
     ) -> int:
         """Copy the file or tree *remote* to the local path *local*.
 
         A directory is copied recursively (existing local directories are
-        reused, files overwritten, symbolic links recreated as links).
-        Large files keep :attr:`window` Treads in flight.
+        reused, files replaced, symbolic links recreated as links).  Large
+        files keep :attr:`window` Treads in flight.
+
+        What the server lists is not trusted.  A listing with a name that no
+        directory can hold, or with a name twice, is refused
+        (:meth:`scandir`).  Everything below *local* is created through
+        directory descriptors, one validated name at a time, and nothing
+        written follows a symbolic link: a file is written under a temporary
+        name in its directory (created exclusively, never through a link) and
+        renamed over the final name once complete, so that an existing local
+        link is replaced, not written through, and a failed or interrupted
+        copy (:class:`KeyboardInterrupt` too) leaves the final name as it was;
+        an existing local link where a directory goes is refused, not
+        followed; links are created after the files and directories of their
+        directory, and never replace a directory.  Fifos, sockets and device
+        files are skipped with a warning (logged), never opened.
 
         :param progress: called as ``progress(bytes_done, bytes_total)`` after
             each chunk
-        :param preserve: copy the permission bits and the times
+        :param preserve: copy the permission bits and the times (a mode bit
+            the local system does not keep, such as set-group-ID, is reported
+            with a logged warning)
+        :param no_clobber: never replace an existing local file or link (it is
+            left as it is; checked again atomically when the copy is complete)
+        :param on_error: a tree copy goes on after an entry that fails (as
+            ``cp -r`` does) and passes each failure to ``on_error(exc)``;
+            without it, :class:`CopyError` listing every failure is raised at
+            the end.  A failed transport ends the copy at once.
         :returns: the number of bytes copied
+        :raises CopyError: entries of a tree that could not be copied
         """
         rpath = _display(remote)
         lpath = os.fspath(local)
         top = self.stat(rpath)
         if not stat_module.S_ISDIR(top.st_mode):
+            parent, name = os.path.split(lpath)
+            if not name:  # "dir/": only a directory can be meant
+                raise _local_error(
+                    errno.EISDIR if os.path.isdir(lpath) else errno.ENOTDIR, lpath
+                )
             state = _Progress(top.st_size, progress)
-            self._copy_file_out(rpath, lpath, state, preserve)
+            try:
+                dfd = os.open(parent or ".", _DIR_FLAGS)
+            except OSError as exc:
+                raise _relabel(exc, lpath) from None
+            try:
+                self._copy_file_out(rpath, dfd, name, lpath, state, preserve, no_clobber)
+            finally:
+                os.close(dfd)
             return state.done
-        plan: list[tuple[str, str, str]] = []  # (kind, remote, local)
-        dirs: list[tuple[str, str]] = []
-        total = 0
-        stack = [(rpath, lpath)]
-        while stack:
-            rdir, ldir = stack.pop()
-            dirs.append((rdir, ldir))
-            for entry in self.scandir(rdir):
-                lsub = os.path.join(ldir, entry.name)
-                if entry.is_symlink():
-                    plan.append(("link", entry.path, lsub))
-                elif entry.is_dir(follow_symlinks=False):
-                    stack.append((entry.path, lsub))
-                elif entry.is_file(follow_symlinks=False):
-                    plan.append(("file", entry.path, lsub))
-                    total += entry.stat(follow_symlinks=False).st_size
-                else:
-                    log.warning("copy_out: skipping %s (not a file, directory or link)", entry.path)
+        errors: list[OSError | ValueError] = []
+        failed = _failure_handler(on_error, errors)
+        tree, total = self._scan_remote(rpath, lpath, top if preserve else None, failed)
         state = _Progress(total, progress)
-        for _, ldir in dirs:
-            os.makedirs(ldir, exist_ok=True)
-        for kind, rsub, lsub in plan:
-            if kind == "file":
-                self._copy_file_out(rsub, lsub, state, preserve)
-            else:
-                if os.path.lexists(lsub):
-                    os.unlink(lsub)
-                os.symlink(self.readlink(rsub), lsub)
-        if preserve:
-            for rdir, ldir in reversed(dirs):
-                st = self.stat(rdir)
-                os.chmod(ldir, stat_module.S_IMODE(st.st_mode))
-                os.utime(ldir, ns=(st.st_atime_ns, st.st_mtime_ns))
+        os.makedirs(lpath, exist_ok=True)
+        topfd = os.open(lpath, _DIR_FLAGS)
+        self._write_tree_out(tree, topfd, state, preserve, no_clobber, failed)
         if progress is not None and total == 0:
             progress(0, 0)
+        if errors:
+            raise CopyError(errors)
         return state.done
 
-    def _copy_file_out(self, rpath: str, lpath: str, progress: _Progress, preserve: bool) -> None:
-        fid, _, iounit, display = self._open_fid(rpath, parse_mode("rb"), 0)
+    def _scan_remote(
+        self,
+        rpath: str,
+        lpath: str,
+        top: os.stat_result | None,
+        failed: Callable[[OSError | ValueError], None],
+    ) -> tuple[_CopyDir, int]:
+        """The remote tree *rpath* (directory attributes only if *top* is given), bytes."""
+        root = _CopyDir(rpath, lpath, "", top)
+        total = 0
+        stack = [root]
+        while stack:
+            here = stack.pop()
+            try:
+                entries = list(self.scandir(here.src))
+            except (OSError, ValueError) as exc:
+                failed(exc)
+                continue
+            for entry in entries:
+                lsub = os.path.join(here.dst, entry.name)
+                try:
+                    if entry.is_symlink():
+                        here.links.append((entry.name, entry.path, lsub))
+                    elif entry.is_dir(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False) if top is not None else None
+                        sub = _CopyDir(entry.path, lsub, entry.name, st)
+                        here.subdirs.append(sub)
+                        stack.append(sub)
+                    elif entry.is_file(follow_symlinks=False):
+                        st = entry.stat(follow_symlinks=False)
+                        here.files.append((entry.name, entry.path, lsub, st))
+                        total += st.st_size
+                    else:
+                        kind = _kind(entry.stat(follow_symlinks=False).st_mode)
+                        log.warning("copy_out: skipping %s (%s)", entry.path, kind)
+                except (OSError, ValueError) as exc:
+                    failed(exc)
+        return root, total
+
+    def _write_tree_out(
+        self,
+        top: _CopyDir,
+        topfd: int,
+        progress: _Progress,
+        preserve: bool,
+        no_clobber: bool,
+        failed: Callable[[OSError | ValueError], None],
+    ) -> None:
+        """Write the scanned tree *top* into the local directory *topfd* (closed after).
+
+        Depth first, one directory descriptor open per level: a directory's
+        files, then its subdirectories, then its links, then its attributes.
+        """
+        fds = [topfd]
+        stack: list[tuple[str, _CopyDir, int]] = [("fill", top, topfd)]
+        try:
+            while stack:
+                action, here, fd = stack.pop()
+                if action == "open":
+                    try:
+                        fd = _local_subdir(fd, here.name, here.dst, preserve)
+                    except OSError as exc:
+                        failed(exc)
+                        continue
+                    fds.append(fd)
+                    action = "fill"
+                if action == "fill":
+                    for name, rsub, lsub, _ in here.files:
+                        try:
+                            self._copy_file_out(
+                                rsub, fd, name, lsub, progress, preserve, no_clobber
+                            )
+                        except (OSError, ValueError) as exc:
+                            failed(exc)
+                    stack.append(("close", here, fd))
+                    stack.extend(("open", sub, fd) for sub in reversed(here.subdirs))
+                    continue
+                for name, rsub, lsub in here.links:
+                    try:
+                        self._copy_link_out(rsub, fd, name, lsub, no_clobber)
+                    except (OSError, ValueError) as exc:
+                        failed(exc)
+                if preserve and here.st is not None:
+                    try:
+                        _preserve_local(fd, here.st, here.dst)
+                    except OSError as exc:
+                        failed(exc)
+                fds.remove(fd)
+                os.close(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _copy_file_out(
+        self,
+        rpath: str,
+        dfd: int,
+        name: str,
+        lpath: str,
+        progress: _Progress,
+        preserve: bool,
+        no_clobber: bool,
+    ) -> None:
+        """Copy the remote regular file *rpath* to *name* in the local directory *dfd*.
+
+        The data goes to a new temporary file in *dfd*, renamed to *name*
+        when complete (removed after a failure); *lpath* names the
+        destination in messages.
+        """
+        fid, _, display = self._lookup(rpath)
         try:
             st = self._getattr_fid(fid, display)
-            with open(lpath, "wb") as out:
-                self._download(fid, iounit, display, cast(BinaryIO, out), progress, st.st_size)
-            if preserve:
-                os.chmod(lpath, stat_module.S_IMODE(st.st_mode))
-                os.utime(lpath, ns=(st.st_atime_ns, st.st_mtime_ns))
+            if not stat_module.S_ISREG(st.st_mode):  # checked before opening it
+                log.warning("copy_out: skipping %s (%s)", display, _kind(st.st_mode))
+                return
+            if no_clobber and _local_exists(dfd, name):
+                log.info("copy_out: not replacing %s", lpath)
+                return
+            reply = self._rpc(lambda t: c.Tlopen(t, fid, c.L_O_RDONLY), c.Rlopen, display)
+            tmp, fd = _local_temporary(dfd, name, lpath, 0o600 if preserve else 0o666)
+            try:
+                with open(fd, "wb", closefd=True) as out:
+                    self._download(
+                        fid, self._iounit(reply.iounit), display, cast(BinaryIO, out), progress,
+                        st.st_size,
+                    )
+                    out.flush()
+                    if preserve:
+                        _preserve_local(fd, st, lpath)
+                _local_commit(dfd, tmp, name, lpath, no_clobber)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dfd)
+                raise
         finally:
             self._clunk_quiet(fid)
+
+    def _copy_link_out(
+        self, rpath: str, dfd: int, name: str, lpath: str, no_clobber: bool
+    ) -> None:
+        """Recreate the remote symbolic link *rpath* as *name* in the local directory *dfd*."""
+        target = self.readlink(rpath)
+        if not target or "\0" in target:
+            raise ProtocolError(f"Rreadlink for {rpath!r}: the target {target!r} is not a path")
+        try:
+            old: os.stat_result | None = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            old = None
+        if old is not None and no_clobber:
+            log.info("copy_out: not replacing %s", lpath)
+            return
+        if old is not None and stat_module.S_ISDIR(old.st_mode):
+            raise OSError(errno.EISDIR, "Is a directory (not replaced by a symbolic link)", lpath)
+        if old is None:
+            try:
+                os.symlink(target, name, dir_fd=dfd)
+                return
+            except FileExistsError:
+                if no_clobber:
+                    log.info("copy_out: not replacing %s", lpath)
+                    return
+            except OSError as exc:
+                raise _relabel(exc, lpath) from None
+        tmp = _local_temporary_link(dfd, name, lpath, target)
+        try:
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)  # never replaces a directory
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise _relabel(exc, lpath) from None
 
     def copy_in(
         self,
@@ -1807,71 +2018,94 @@ class Client:
         *,
         progress: ProgressCallback | None = None,
         preserve: bool = True,
+        no_clobber: bool = False,
+        on_error: ErrorCallback | None = None,
     ) -> int:
         """Copy the local file or tree *local* to *remote*.
 
         A directory is copied recursively (existing remote directories are
-        reused, files overwritten, symbolic links recreated as links; other
-        special files are skipped with a warning).  Large files keep
+        reused, files overwritten, symbolic links recreated as links, after
+        the files of their directory).  Fifos, sockets and device files are
+        skipped with a logged warning, never opened (a file is opened without
+        blocking, and copied only if it is a regular file).  Large files keep
         :attr:`window` Twrites in flight.
 
         :param progress: called as ``progress(bytes_done, bytes_total)`` after
             each chunk
-        :param preserve: copy the permission bits and the times
+        :param preserve: copy the permission bits and the times; when the
+            bits include set-user-ID, set-group-ID or sticky, the result is
+            read back and bits the server dropped (a confined server drops
+            set-user-ID) are reported with a logged warning
+        :param no_clobber: never replace an existing remote file or link
+            (files are created with ``O_EXCL``)
+        :param on_error: a tree copy goes on after an entry that fails and
+            passes each failure to ``on_error(exc)``; without it,
+            :class:`CopyError` listing every failure is raised at the end.  A
+            failed transport ends the copy at once.
         :returns: the number of bytes copied
+        :raises CopyError: entries of a tree that could not be copied
         """
         lpath = os.fspath(local)
         rpath = _display(remote)
         top = os.stat(lpath)
         if not stat_module.S_ISDIR(top.st_mode):
+            if rpath.endswith("/"):  # "dir/": only a directory can be meant
+                raise _local_error(errno.EISDIR if self.is_dir(rpath) else errno.ENOTDIR, rpath)
             state = _Progress(top.st_size, progress)
-            self._copy_file_in(lpath, rpath, top, state, preserve)
+            self._copy_file_in(lpath, rpath, state, preserve, no_clobber, follow=True)
             return state.done
-        plan: list[tuple[str, str, str, os.stat_result]] = []
-        dirs: list[tuple[str, str, os.stat_result]] = []
-        total = 0
-        stack = [(lpath, rpath, top)]
-        while stack:
-            ldir, rdir, dst = stack.pop()
-            dirs.append((ldir, rdir, dst))
-            with os.scandir(ldir) as entries:
-                for entry in entries:
-                    rsub = _join(rdir, entry.name)
-                    st = entry.stat(follow_symlinks=False)
-                    if stat_module.S_ISLNK(st.st_mode):
-                        plan.append(("link", entry.path, rsub, st))
-                    elif stat_module.S_ISDIR(st.st_mode):
-                        stack.append((entry.path, rsub, st))
-                    elif stat_module.S_ISREG(st.st_mode):
-                        plan.append(("file", entry.path, rsub, st))
-                        total += st.st_size
-                    else:
-                        log.warning("copy_in: skipping %s (not a file, directory or link)",
-                                    entry.path)
+        errors: list[OSError | ValueError] = []
+        failed = _failure_handler(on_error, errors)
+        tree, total = _scan_local(lpath, rpath, top, failed)
         state = _Progress(total, progress)
-        for _, rdir, _ in dirs:
-            self.makedirs(rdir, exist_ok=True)
-        for kind, lsub, rsub, st in plan:
-            if kind == "file":
-                self._copy_file_in(lsub, rsub, st, state, preserve)
-            else:
-                target = os.readlink(lsub)
+        self.makedirs(rpath, exist_ok=True)
+        stack: list[tuple[_CopyDir, bool]] = [(tree, True)]
+        while stack:
+            here, enter = stack.pop()
+            if enter:
+                if here is not tree:
+                    try:
+                        self.makedirs(here.dst, exist_ok=True)
+                    except FileExistsError:  # and not a directory
+                        why = "Not a directory (not replaced)"
+                        failed(_local_error(errno.ENOTDIR, here.dst, why))
+                        continue
+                    except (OSError, ValueError) as exc:
+                        failed(exc)
+                        continue
+                for _, lsub, rsub, _ in here.files:
+                    try:
+                        self._copy_file_in(lsub, rsub, state, preserve, no_clobber, follow=False)
+                    except (OSError, ValueError) as exc:
+                        failed(exc)
+                stack.append((here, False))
+                stack.extend((sub, True) for sub in reversed(here.subdirs))
+                continue
+            for _, lsub, rsub in here.links:
                 try:
-                    self.symlink(target, rsub)
-                except FileExistsError:
-                    self.remove(rsub)
-                    self.symlink(target, rsub)
-        if preserve:
-            for _, rdir, st in reversed(dirs):
-                self._with_fid(rdir, functools.partial(self._set_preserved, st=st))
+                    self._copy_link_in(lsub, rsub, no_clobber)
+                except (OSError, ValueError) as exc:
+                    failed(exc)
+            if preserve and here.st is not None:
+                try:
+                    self._with_fid(here.dst, functools.partial(self._set_preserved, st=here.st))
+                except (OSError, ValueError) as exc:
+                    failed(exc)
         if progress is not None and total == 0:
             progress(0, 0)
+        if errors:
+            raise CopyError(errors)
         return state.done
 
     def _set_preserved(
         self, fid: int, _qid: c.Qid | None, path: str, *, st: os.stat_result
     ) -> None:
-        """Give *fid* the permission bits and times of the local *st*."""
+        """Give *fid* the permission bits and times of the local *st*.
+
+        Set-user-ID, set-group-ID and sticky bits are checked afterwards: one
+        the server dropped is reported with a logged warning.
+        """
+        mode = stat_module.S_IMODE(st.st_mode)
         self._setattr_fid(
             fid,
             path,
@@ -1880,23 +2114,79 @@ class Client:
             | c.P9_SETATTR_MTIME
             | c.P9_SETATTR_ATIME_SET
             | c.P9_SETATTR_MTIME_SET,
-            mode=stat_module.S_IMODE(st.st_mode),
+            mode=mode,
             atime=divmod(st.st_atime_ns, 1_000_000_000),
             mtime=divmod(st.st_mtime_ns, 1_000_000_000),
         )
+        if mode & 0o7000:
+            kept = stat_module.S_IMODE(self._getattr_fid(fid, path).st_mode)
+            _report_dropped("copy_in", "the server", path, mode, kept)
 
     def _copy_file_in(
-        self, lpath: str, rpath: str, st: os.stat_result, progress: _Progress, preserve: bool
+        self,
+        lpath: str,
+        rpath: str,
+        progress: _Progress,
+        preserve: bool,
+        no_clobber: bool,
+        *,
+        follow: bool,
     ) -> None:
-        perm = stat_module.S_IMODE(st.st_mode) if preserve else 0o666 & ~self.umask
-        with open(lpath, "rb") as src:
-            fid, _, iounit, display = self._open_fid(rpath, parse_mode("wb"), perm)
+        """Copy the local regular file *lpath* to *rpath*; anything else is skipped.
+
+        :param follow: follow *lpath* if it is a symbolic link
+        """
+        st = os.stat(lpath, follow_symlinks=follow)
+        if not stat_module.S_ISREG(st.st_mode):  # a device is not even opened
+            log.warning("copy_in: skipping %s (%s)", lpath, _kind(st.st_mode))
+            return
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+        fd = os.open(lpath, flags)  # never blocks, even on a fifo that replaced the file
+        with open(fd, "rb", closefd=True) as src:
+            st = os.fstat(fd)
+            if not stat_module.S_ISREG(st.st_mode):
+                log.warning("copy_in: skipping %s (%s)", lpath, _kind(st.st_mode))
+                return
+            os.set_blocking(fd, True)
+            perm = stat_module.S_IMODE(st.st_mode) if preserve else 0o666 & ~self.umask
+            try:
+                fid, _, iounit, display = self._open_fid(
+                    rpath, parse_mode("xb" if no_clobber else "wb"), perm
+                )
+            except FileExistsError:
+                if not no_clobber:
+                    raise
+                log.info("copy_in: not replacing %s", rpath)
+                return
             try:
                 self._upload(fid, iounit, display, cast(BinaryIO, src), progress)
                 if preserve:
                     self._set_preserved(fid, None, display, st=st)
             finally:
                 self._clunk_quiet(fid)
+
+    def _copy_link_in(self, lpath: str, rpath: str, no_clobber: bool) -> None:
+        """Recreate the local symbolic link *lpath* as *rpath*."""
+        target = os.readlink(lpath)
+        try:
+            try:
+                self.symlink(target, rpath)
+            except FileExistsError:
+                if no_clobber:
+                    log.info("copy_in: not replacing %s", rpath)
+                    return
+                self.remove(rpath)  # a directory is not removed (EISDIR)
+                self.symlink(target, rpath)
+        except OSError as exc:
+            if exc.errno != errno.EPERM:
+                raise
+            raise OSError(
+                errno.EPERM,
+                f"{os.strerror(errno.EPERM)}: the server refused a symbolic link to"
+                f" {target!r} (its link policy; e.g. a confined server takes only relative"
+                " targets that stay inside the share)",
+                rpath,
+            ) from None
 
 
 # --------------------------------------------------------------------------
@@ -1932,8 +2222,8 @@ def _normalize(names: Sequence[str]) -> list[str]:
     return parts
 
 
-def _local_error(err: int, path: str) -> OSError:
-    return OSError(err, os.strerror(err), path)
+def _local_error(err: int, path: str, text: str | None = None) -> OSError:
+    return OSError(err, text or os.strerror(err), path)
 
 
 def _server_error(err: int, path: str | None, text: str | None = None) -> OSError:
@@ -1948,6 +2238,26 @@ def _server_error(err: int, path: str | None, text: str | None = None) -> OSErro
 
 def _join(directory: str, name: str) -> str:
     return posixpath.join(directory, name) if directory else name
+
+
+def _checked_names(entries: list[c.Dirent], path: str) -> list[c.Dirent]:
+    """*entries* of the listing of *path*, once each name is known to be one unique name.
+
+    ``.`` and ``..`` were left out by :meth:`Client._readdir`, so here they
+    are refused like the other names that no directory entry can have.
+
+    :raises ProtocolError: an empty name, ``.``, ``..``, a name with ``/`` or
+        NUL, or a name listed twice
+    """
+    seen: set[str] = set()
+    for entry in entries:
+        name = entry.name
+        if name in ("", ".", "..") or "/" in name or "\0" in name:
+            raise ProtocolError(f"Rreaddir for {path!r}: the entry name {name!r} is not a name")
+        if name in seen:
+            raise ProtocolError(f"Rreaddir for {path!r}: the entry name {name!r} is listed twice")
+        seen.add(name)
+    return entries
 
 
 def _stat_result(r: c.Rgetattr) -> os.stat_result:
@@ -1976,3 +2286,219 @@ def _stat_result(r: c.Rgetattr) -> os.stat_result:
             "st_rdev": r.rdev,
         },
     )
+
+
+# --------------------------------------------------------------------------
+# Copies: the local side
+
+#: Flags that open a local directory to create entries in it.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+#: errnos of ``link()`` on a file system without hard links.
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS,
+                            errno.EMLINK, errno.EXDEV})
+
+
+@dataclass
+class _CopyDir:
+    """One directory of a tree copy, as scanned before anything is written.
+
+    ``files`` are ``(name, source, destination, attributes)``, ``links``
+    ``(name, source, destination)``.
+    """
+
+    src: str
+    dst: str
+    name: str
+    st: os.stat_result | None
+    files: list[tuple[str, str, str, os.stat_result]] = field(default_factory=list)
+    links: list[tuple[str, str, str]] = field(default_factory=list)
+    subdirs: list[_CopyDir] = field(default_factory=list)
+
+
+def _failure_handler(
+    on_error: ErrorCallback | None, errors: list[OSError | ValueError]
+) -> Callable[[OSError | ValueError], None]:
+    """What a tree copy does with a failed entry: *on_error*, else collect it in *errors*.
+
+    A failed transport is raised at once: nothing more can be copied.
+    """
+
+    def failed(exc: OSError | ValueError) -> None:
+        if isinstance(exc, TransportError):
+            raise exc
+        log.debug("copy: %s", exc)
+        if on_error is not None:
+            on_error(exc)
+        else:
+            errors.append(exc)
+
+    return failed
+
+
+def _scan_local(
+    lpath: str,
+    rpath: str,
+    top: os.stat_result,
+    failed: Callable[[OSError | ValueError], None],
+) -> tuple[_CopyDir, int]:
+    """The local tree *lpath* (links not followed) and its regular files' bytes."""
+    root = _CopyDir(lpath, rpath, "", top)
+    total = 0
+    stack = [root]
+    while stack:
+        here = stack.pop()
+        try:
+            with os.scandir(here.src) as it:
+                entries = list(it)
+        except OSError as exc:
+            failed(exc)
+            continue
+        for entry in entries:
+            rsub = _join(here.dst, entry.name)
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError as exc:
+                failed(exc)
+                continue
+            if stat_module.S_ISLNK(st.st_mode):
+                here.links.append((entry.name, entry.path, rsub))
+            elif stat_module.S_ISDIR(st.st_mode):
+                sub = _CopyDir(entry.path, rsub, entry.name, st)
+                here.subdirs.append(sub)
+                stack.append(sub)
+            elif stat_module.S_ISREG(st.st_mode):
+                here.files.append((entry.name, entry.path, rsub, st))
+                total += st.st_size
+            else:
+                log.warning("copy_in: skipping %s (%s)", entry.path, _kind(st.st_mode))
+    return root, total
+
+
+def _kind(mode: int) -> str:
+    """What a file of *mode* is, for a message about one that is not copied."""
+    for test, name in (
+        (stat_module.S_ISFIFO, "a fifo"),
+        (stat_module.S_ISSOCK, "a socket"),
+        (stat_module.S_ISCHR, "a character device"),
+        (stat_module.S_ISBLK, "a block device"),
+        (stat_module.S_ISDIR, "a directory"),
+        (stat_module.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return f"{name}, not a regular file"
+    return f"file type {stat_module.S_IFMT(mode):#o}, not a regular file"
+
+
+def _relabel(exc: OSError, path: str) -> OSError:
+    """*exc* again, naming *path* (the destination) instead of a temporary name."""
+    return OSError(exc.errno, exc.strerror, path)
+
+
+def _local_exists(dfd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _temporary_name(name: str) -> str:
+    return f".{name[:32]}.{secrets.token_hex(4)}.part"
+
+
+def _local_temporary(dfd: int, name: str, lpath: str, perm: int) -> tuple[str, int]:
+    """A new file for *name* in directory *dfd*, under a temporary name: ``(name, fd)``."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        tmp = _temporary_name(name)
+        try:
+            return tmp, os.open(tmp, flags, perm, dir_fd=dfd)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise _relabel(exc, lpath) from None
+
+
+def _local_temporary_link(dfd: int, name: str, lpath: str, target: str) -> str:
+    """A new symbolic link to *target* in directory *dfd*, under a temporary name."""
+    while True:
+        tmp = _temporary_name(name)
+        try:
+            os.symlink(target, tmp, dir_fd=dfd)
+            return tmp
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise _relabel(exc, lpath) from None
+
+
+def _local_commit(dfd: int, tmp: str, name: str, lpath: str, no_clobber: bool) -> None:
+    """Give the complete temporary file *tmp* its final *name* (in directory *dfd*).
+
+    A rename replaces an existing file or link (never following it, never a
+    directory); with *no_clobber*, a hard link does, which fails if *name*
+    exists (on a file system without hard links, checked just before a
+    rename).
+    """
+    try:
+        if not no_clobber:
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            return
+        try:
+            os.link(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except FileExistsError:
+            log.info("copy_out: not replacing %s", lpath)
+        except OSError as exc:
+            if exc.errno not in _NO_HARD_LINKS:
+                raise
+            if _local_exists(dfd, name):
+                log.info("copy_out: not replacing %s", lpath)
+            else:
+                os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+                return
+        os.unlink(tmp, dir_fd=dfd)
+    except OSError as exc:
+        raise _relabel(exc, lpath) from None
+
+
+def _local_subdir(dfd: int, name: str, lpath: str, preserve: bool) -> int:
+    """Create (or reuse) directory *name* in *dfd* and open it; a link there is refused."""
+    try:
+        os.mkdir(name, 0o700 if preserve else 0o777, dir_fd=dfd)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise _relabel(exc, lpath) from None
+    try:
+        return os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=dfd)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise _relabel(exc, lpath) from None
+        try:
+            mode = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode
+        except OSError:
+            mode = 0
+        what = "a symbolic link, not followed" if stat_module.S_ISLNK(mode) else "not replaced"
+        raise OSError(errno.ENOTDIR, f"Not a directory ({what})", lpath) from None
+
+
+def _preserve_local(fd: int, st: os.stat_result, lpath: str) -> None:
+    """Give the open local file *fd* the permission bits and times of *st*."""
+    mode = stat_module.S_IMODE(st.st_mode)
+    os.chmod(fd, mode)
+    kept = stat_module.S_IMODE(os.fstat(fd).st_mode)
+    _report_dropped("copy_out", "this system", lpath, mode, kept)
+    try:
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    except OverflowError:
+        raise OSError(errno.EOVERFLOW, "the times cannot be set here", lpath) from None
+
+
+def _report_dropped(op: str, who: str, path: str, wanted: int, kept: int) -> None:
+    """Warn if mode bits of *wanted* are not in *kept*."""
+    dropped = wanted & ~kept
+    if dropped:
+        log.warning(
+            "%s: %s: %s dropped the mode bits %04o (%04o asked, %04o kept)",
+            op, path, who, dropped, wanted, kept,
+        )
