@@ -67,7 +67,7 @@ from typing import IO, Any, BinaryIO, Literal, NamedTuple, TypeVar, cast, overlo
 
 from typing_extensions import Self
 
-from pyxen9p.errors import TransportClosedError, TransportError
+from pyxen9p.errors import Pyxen9pError, TransportClosedError, TransportError
 from pyxen9p.p9 import codec as c
 from pyxen9p.p9.codec import ProtocolError
 from pyxen9p.p9.files import OpenMode, RemoteFileIO, parse_mode
@@ -365,7 +365,7 @@ class _Progress:
             self.callback(self.done, self.total)
 
 
-class CopyError(OSError):
+class CopyError(Pyxen9pError, OSError):
     """Entries of a tree that :meth:`Client.copy_in` or :meth:`Client.copy_out` did not copy.
 
     A tree copy goes on past an entry that fails, as ``cp -r`` does, and
@@ -1286,7 +1286,11 @@ class Client:
     ) -> Iterator[tuple[str, list[str], list[str]]]:
         """Walk the tree under *top* like :func:`os.walk`: ``(dirpath, dirnames, filenames)``.
 
-        With *topdown*, the caller may prune *dirnames* in place.
+        With *topdown*, the caller may prune *dirnames* in place.  A directory
+        that cannot be listed is given to *onerror* (or skipped), as
+        :func:`os.walk` does; a listing that breaks the protocol
+        (:class:`~pyxen9p.errors.ProtocolError`) or a failed transport is
+        raised, never skipped.
         """
         stack: list[str | tuple[str, list[str], list[str]]] = [_display(top)]
         while stack:
@@ -1297,6 +1301,8 @@ class Client:
             here = item
             try:
                 entries = list(self.scandir(here))
+            except (ProtocolError, TransportError):
+                raise
             except OSError as exc:
                 if onerror is not None:
                     onerror(exc)
