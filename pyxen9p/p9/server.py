@@ -61,8 +61,9 @@ Confinement
       directory moved to another parent is checked entry by entry, and one
       with more than :data:`MOVE_CHECK_ENTRIES` entries or
       :data:`MOVE_CHECK_DEPTH` levels is refused with ``EXDEV`` (``mv`` then
-      copies it).  ``symlinks="none"`` also refuses every Tsymlink and every
-      Tlink of a symbolic link; ``symlinks="any"`` checks none of this;
+      copies it), one the server may not read with ``EACCES``.
+      ``symlinks="none"`` also refuses every Tsymlink and every Tlink of a
+      symbolic link; ``symlinks="any"`` checks none of this;
     * set-user-ID bits, and set-group-ID bits on non-directories, are
       removed from modes set by the client unless ``allow_setid=True``;
     * ``readonly=True`` refuses every modification with ``EROFS``.
@@ -72,13 +73,46 @@ Confinement
     and the kernel's permission checks apply to the server process (chown
     works only if the server process may do it).
 
+Limits
+    One session cannot deny service to another by holding descriptors,
+    locks or memory; a request over a limit fails alone, with an errno:
+
+    * a fid holds up to three descriptors (its file, the directory it was
+      found in, its open file).  A session holds at most ``max_fids`` fids
+      (Tattach / Twalk beyond: ``EMFILE``) and all sessions together at most
+      ``max_total_fids`` (``ENFILE``).  By default ``max_total_fids`` is a
+      quarter of the descriptors the process may still open when the server
+      is made (the soft ``RLIMIT_NOFILE`` less the descriptors open then), so
+      that fids use at most three quarters of them, and ``max_fids`` a
+      quarter of that (at most 4096): one session at its limit leaves the
+      others at least three quarters of the fids, and the rest of the
+      process its own quarter of the descriptors;
+    * lock ranges (after merging and splitting): at most ``max_locks`` (1024)
+      per session and ``max_total_locks`` (65536) in all; a Tlock that would
+      make more answers ``ENOLCK``, even an unlock that splits a range.  A
+      Tlock or Tgetlock ``client_id`` longer than 255 bytes is refused
+      (``EINVAL``).  Checking for a conflict takes a few binary searches in
+      the file's own index, whatever the number of locks; Tgetlock that finds
+      one looks at each other owner of the file at most once;
+    * a session keeps the Treaddir snapshots of its 4 most recently listed
+      directories; an older listing is read again when continued (offsets
+      are stable, so nothing is lost or repeated);
+    * a Twalk has at most 16 names and a request at most msize bytes (the
+      codec); moving a directory to another parent looks at
+      :data:`MOVE_CHECK_ENTRIES` entries at most (see *Confinement*).
+
+    What remains proportional to the export: a Treaddir at offset 0 reads
+    the whole directory, and a directory's snapshot is as large as the
+    directory.
+
 Other behaviour
     Tauth, Txattrwalk and Txattrcreate answer ``EOPNOTSUPP``.  Tlock and
     Tgetlock emulate POSIX record locks in the server (advisory, shared by
-    all sessions of one :class:`FileServer`, released when a session ends);
-    a conflicting lock request answers ``P9_LOCK_BLOCKED``.  Treaddir
-    offsets are stable cookies derived from entry names (``.`` is 1,
-    ``..`` is 2), so a listing can be resumed from any offset the server
+    all sessions of one :class:`FileServer`, released when a session ends;
+    adjacent and overlapping ranges of one owner and type merge, as POSIX
+    locks do); a conflicting lock request answers ``P9_LOCK_BLOCKED``.
+    Treaddir offsets are stable cookies derived from entry names (``.`` is
+    1, ``..`` is 2), so a listing can be resumed from any offset the server
     returned even if the directory changed meanwhile.
 """
 
@@ -430,7 +464,7 @@ class FileServer:
     :param symlinks: policy for symbolic links: ``"confined"`` (new links
         need relative targets without ``..``, and links with other targets
         are not given names in other directories), ``"any"`` or ``"none"``
-        (see *Confinement* above)
+        (see *Confinement* in the module's description)
     :param allow_setid: keep set-user-ID / set-group-ID bits in modes set by
         clients
     :param max_fids: the most fids one session may hold (``EMFILE`` beyond);
@@ -443,6 +477,8 @@ class FileServer:
         beyond)
     :param max_total_locks: the most lock ranges all sessions together may
         hold (``ENOLCK`` beyond)
+
+    See *Limits* in the module's description.
     :raises NotADirectoryError: *root* is not a directory
     :raises ValueError: a parameter is out of range
     """

@@ -253,6 +253,10 @@ def test_hard_links_of_unconfined_links_are_refused(conn: Conn, layout: Path) ->
         conn2 = Conn(srv)
         assert conn2.err(c.Tlink(1, ROOT, conn2.walk("chain1"), "hl-none")) == errno.EPERM
         conn2.ok(c.Tlink(1, ROOT, conn2.walk("a.txt"), "a-none"), c.Rlink)  # files still link
+        # Moves follow the "confined" rule.
+        sub = conn2.walk("sub")
+        assert conn2.err(c.Trenameat(1, ROOT, "link_abs", sub, "x")) == errno.EPERM
+        conn2.ok(c.Trenameat(1, sub, "hl", ROOT, "hl-moved"), c.Rrenameat)
 
 
 def link_homes(top: Path) -> dict[tuple[int, int], tuple[str, str]]:
