@@ -714,3 +714,37 @@ def test_fifo_never_blocks_the_server(conn: Conn, layout: Path) -> None:
     # Creating over an existing FIFO does not block either.
     d = conn.walk()
     assert conn.err(c.Tlcreate(1, d, "fifo", c.L_O_RDONLY, 0o644, 0)) == errno.EEXIST
+
+
+def test_moves_race_with_renames_inside_the_moved_directory(layout: Path) -> None:
+    """A rename inside a directory cannot hide an unconfined link from the check of
+    a concurrent move of that directory (renames are serialized)."""
+    d = layout / "d"
+    d.mkdir()
+    for i in range(200):
+        (d / f"f{i:03}").write_bytes(b"")
+    os.symlink("../a.txt", d / "bad0")
+    with FileServer(layout) as srv:
+        mover = renamer = Conn(srv)  # one session, two threads
+        sub = mover.walk("sub")
+        dfid = renamer.walk("d")
+        stop = threading.Event()
+        renames = 0
+
+        def rename_in_place() -> None:
+            nonlocal renames
+            while not stop.is_set():
+                renamer.ok(c.Trenameat(1, dfid, f"bad{renames}", dfid, f"bad{renames + 1}"),
+                           c.Rrenameat)  # fmt: skip
+                renames += 1
+
+        t = threading.Thread(target=rename_in_place)
+        t.start()
+        try:
+            for _ in range(300):
+                assert mover.err(c.Trenameat(1, ROOT, "d", sub, "d")) == errno.EPERM
+        finally:
+            stop.set()
+            t.join(30)
+        assert renames > 0
+    assert os.readlink(d / f"bad{renames}") == "../a.txt"
