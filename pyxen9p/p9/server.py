@@ -35,13 +35,35 @@ Confinement
       own descriptor (never for symbolic links), so ``/proc`` must be
       mounted;
     * only regular files and FIFOs can be created by Tmknod (``EPERM``
-      otherwise), device nodes are not opened (``EACCES``), FIFOs are opened
-      non-blocking so that no request can block the server;
-    * by default (``symlinks="confined"``) a new symbolic link must have a
-      relative target without any ``..`` component, so that no link created
-      through the server points outside the export for a host program that
-      follows links (``EPERM`` otherwise); ``symlinks="any"`` lifts this,
-      ``symlinks="none"`` refuses all new links;
+      otherwise); device nodes and sockets are never opened: Tlopen answers
+      ``EACCES`` for a device and ``ENXIO`` for a socket, and Tlcreate
+      without ``O_EXCL`` on an existing entry that is not a regular file
+      looks at it through an ``O_PATH`` descriptor only and answers
+      ``EACCES`` (device), ``ENXIO`` (socket), ``EEXIST`` (FIFO), ``EISDIR``
+      or ``ELOOP`` (symbolic link).  FIFOs are opened by Tlopen only, and
+      non-blocking, so that no request can block the server;
+    * symbolic links (``symlinks="confined"``, the default): call a link's
+      target *confined* when it is relative and has no ``..`` component; a
+      confined target names a path below the link's own directory wherever
+      that directory is.  The server never gives a link with an unconfined
+      target a new name outside the directory it is in: Tsymlink refuses
+      such a target, Tlink refuses to hard-link such a link, Trename and
+      Trenameat refuse to move one to another directory, and refuse to move
+      a directory whose subtree holds one to another parent directory (all
+      ``EPERM``).  Renaming within one directory is allowed: a link is
+      resolved from its directory, which stays where it was, and a directory
+      renamed within its parent keeps its depth.  So every link created or
+      moved through the server has a target below its own directory, and a
+      link with any other target (made on the host) keeps its directory, and
+      every directory above it keeps its parent.  (Where such a host-made
+      link leads also depends on the rest of the tree, which clients may
+      change.)  Renames are serialized server-wide for this check; a
+      directory moved to another parent is checked entry by entry, and one
+      with more than :data:`MOVE_CHECK_ENTRIES` entries or
+      :data:`MOVE_CHECK_DEPTH` levels is refused with ``EXDEV`` (``mv`` then
+      copies it), one the server may not read with ``EACCES``.
+      ``symlinks="none"`` also refuses every Tsymlink and every Tlink of a
+      symbolic link; ``symlinks="any"`` checks none of this;
     * set-user-ID bits, and set-group-ID bits on non-directories, are
       removed from modes set by the client unless ``allow_setid=True``;
     * ``readonly=True`` refuses every modification with ``EROFS``.
@@ -51,13 +73,46 @@ Confinement
     and the kernel's permission checks apply to the server process (chown
     works only if the server process may do it).
 
+Limits
+    One session cannot deny service to another by holding descriptors,
+    locks or memory; a request over a limit fails alone, with an errno:
+
+    * a fid holds up to three descriptors (its file, the directory it was
+      found in, its open file).  A session holds at most ``max_fids`` fids
+      (Tattach / Twalk beyond: ``EMFILE``) and all sessions together at most
+      ``max_total_fids`` (``ENFILE``).  By default ``max_total_fids`` is a
+      quarter of the descriptors the process may still open when the server
+      is made (the soft ``RLIMIT_NOFILE`` less the descriptors open then), so
+      that fids use at most three quarters of them, and ``max_fids`` a
+      quarter of that (at most 4096): one session at its limit leaves the
+      others at least three quarters of the fids, and the rest of the
+      process its own quarter of the descriptors;
+    * lock ranges (after merging and splitting): at most ``max_locks`` (1024)
+      per session and ``max_total_locks`` (65536) in all; a Tlock that would
+      make more answers ``ENOLCK``, even an unlock that splits a range.  A
+      Tlock or Tgetlock ``client_id`` longer than 255 bytes is refused
+      (``EINVAL``).  Checking for a conflict takes a few binary searches in
+      the file's own index, whatever the number of locks; Tgetlock that finds
+      one looks at each other owner of the file at most once;
+    * a session keeps the Treaddir snapshots of its 4 most recently listed
+      directories; an older listing is read again when continued (offsets
+      are stable, so nothing is lost or repeated);
+    * a Twalk has at most 16 names and a request at most msize bytes (the
+      codec); moving a directory to another parent looks at
+      :data:`MOVE_CHECK_ENTRIES` entries at most (see *Confinement*).
+
+    What remains proportional to the export: a Treaddir at offset 0 reads
+    the whole directory, and a directory's snapshot is as large as the
+    directory.
+
 Other behaviour
     Tauth, Txattrwalk and Txattrcreate answer ``EOPNOTSUPP``.  Tlock and
     Tgetlock emulate POSIX record locks in the server (advisory, shared by
-    all sessions of one :class:`FileServer`, released when a session ends);
-    a conflicting lock request answers ``P9_LOCK_BLOCKED``.  Treaddir
-    offsets are stable cookies derived from entry names (``.`` is 1,
-    ``..`` is 2), so a listing can be resumed from any offset the server
+    all sessions of one :class:`FileServer`, released when a session ends;
+    adjacent and overlapping ranges of one owner and type merge, as POSIX
+    locks do); a conflicting lock request answers ``P9_LOCK_BLOCKED``.
+    Treaddir offsets are stable cookies derived from entry names (``.`` is
+    1, ``..`` is 2), so a listing can be resumed from any offset the server
     returned even if the directory changed meanwhile.
 """
 
@@ -68,11 +123,13 @@ import errno
 import hashlib
 import logging
 import os
+import resource
 import select
 import socket
 import stat
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -82,7 +139,14 @@ from typing_extensions import Self
 
 from pyxen9p.p9 import codec as c
 
-__all__ = ["DEFAULT_MSIZE", "MIN_MSIZE", "FileServer", "Session"]
+__all__ = [
+    "DEFAULT_MSIZE",
+    "MIN_MSIZE",
+    "MOVE_CHECK_DEPTH",
+    "MOVE_CHECK_ENTRIES",
+    "FileServer",
+    "Session",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -96,10 +160,21 @@ _U64 = (1 << 64) - 1
 _RREAD_OVERHEAD = c.HEADER_SIZE + 4  # size[4] type[1] tag[2] count[4]
 _FLUSH_TIMEOUT = 30.0
 _CLOSE_TIMEOUT = 30.0
+#: Directory listings (Treaddir snapshots) one session keeps at most.
+_MAX_LISTINGS = 4
+#: The longest Tlock / Tgetlock client_id accepted, in bytes (Linux sends a host name).
+_MAX_CLIENT_ID = 255
 
 _O_PATH = getattr(os, "O_PATH", 0)
 _PATH_FLAGS = _O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_PATH_FLAGS = _PATH_FLAGS | os.O_DIRECTORY
+
+#: The most entries a directory's subtree may have to be moved to another directory
+#: under the ``"confined"`` and ``"none"`` symlink policies (``EXDEV`` beyond).
+MOVE_CHECK_ENTRIES = 10_000
+#: The most levels a directory's subtree may have to be moved to another directory
+#: under the ``"confined"`` and ``"none"`` symlink policies (``EXDEV`` beyond).
+MOVE_CHECK_DEPTH = 128
 
 #: The ``symlinks`` policies of :class:`FileServer`.
 SymlinkPolicy = Literal["confined", "any", "none"]
@@ -123,6 +198,11 @@ def _component(name: str) -> bytes:
     if raw in (b"", b".", b"..") or b"/" in raw or b"\0" in raw:
         raise _Err(errno.EINVAL)
     return raw
+
+
+def _confined(target: bytes) -> bool:
+    """Whether a symbolic link target is relative and has no ``..`` component."""
+    return not target.startswith(b"/") and b".." not in target.split(b"/")
 
 
 def _qid_type(mode: int) -> int:
@@ -210,14 +290,168 @@ class _Fid:
 
 
 _INF = 1 << 64
+_RD = c.P9_LOCK_TYPE_RDLCK
+_WR = c.P9_LOCK_TYPE_WRLCK
+#: A lock owner: session serial, client_id, proc_id.
+_Owner = tuple[int, str, int]
 
 
-@dataclass
 class _Lock:
-    owner: tuple[int, str, int]  # session serial, client_id, proc_id
-    type: int
-    start: int
-    end: int  # exclusive; _INF for "to end of file"
+    """One byte range [start, end) locked by one owner (end :data:`_INF`: to end of file)."""
+
+    __slots__ = ("end", "start", "type")
+
+    def __init__(self, type_: int, start: int, end: int) -> None:
+        self.type = type_
+        self.start = start
+        self.end = end
+
+
+def _start(lk: _Lock) -> int:
+    return lk.start
+
+
+def _end(lk: _Lock) -> int:
+    return lk.end
+
+
+def _overlap(locks: list[_Lock], start: int, end: int) -> tuple[int, int]:
+    """The slice [i, j) of *locks* (sorted, disjoint) that overlaps [start, end)."""
+    i = bisect.bisect_right(locks, start, key=_end)
+    j = bisect.bisect_left(locks, end, key=_start)
+    return i, max(i, j)
+
+
+class _Ranges:
+    """Sorted starts and sorted ends of a multiset of ranges (they may overlap)."""
+
+    __slots__ = ("ends", "starts")
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def add(self, lk: _Lock) -> None:
+        bisect.insort(self.starts, lk.start)
+        bisect.insort(self.ends, lk.end)
+
+    def remove(self, lk: _Lock) -> None:
+        del self.starts[bisect.bisect_left(self.starts, lk.start)]
+        del self.ends[bisect.bisect_left(self.ends, lk.end)]
+
+    def overlapping(self, start: int, end: int) -> int:
+        """How many ranges overlap [start, end): those starting before *end*, less
+        those ending at or before *start* (all of which start before *end*)."""
+        return bisect.bisect_left(self.starts, end) - bisect.bisect_right(self.ends, start)
+
+
+class _FileLocks:
+    """The locks on one file.
+
+    Each owner's locks of one type are a sorted list of disjoint ranges;
+    :attr:`all` counts every owner's ranges by type, so that whether another
+    owner holds a conflicting lock is found with a few binary searches
+    (overlapping ranges of all owners, less the requester's own).
+    """
+
+    __slots__ = ("all", "owners", "sessions")
+
+    def __init__(self) -> None:
+        self.all = {_RD: _Ranges(), _WR: _Ranges()}
+        self.owners: dict[_Owner, dict[int, list[_Lock]]] = {}
+        #: Locks held on this file per session serial.
+        self.sessions: dict[int, int] = {}
+
+    def conflicts(self, owner: _Owner, type_: int, start: int, end: int) -> bool:
+        """Whether another owner holds a lock conflicting with *type_* on [start, end)."""
+        own = self.owners.get(owner)
+        for t in (_WR,) if type_ == _RD else (_RD, _WR):
+            n = self.all[t].overlapping(start, end)
+            if own is not None:
+                i, j = _overlap(own[t], start, end)
+                n -= j - i
+            if n > 0:
+                return True
+        return False
+
+    def conflicting(self, owner: _Owner, type_: int, start: int, end: int) -> tuple[
+        _Owner, _Lock
+    ] | None:
+        """One lock of another owner conflicting with *type_* on [start, end), if any."""
+        if not self.conflicts(owner, type_, start, end):
+            return None
+        for other, lists in self.owners.items():
+            if other == owner:
+                continue
+            for t in (_WR,) if type_ == _RD else (_WR, _RD):
+                i, j = _overlap(lists[t], start, end)
+                if i < j:
+                    return other, lists[t][i]
+        return None  # pragma: no cover - the counts said there was one
+
+    def plan(
+        self, owner: _Owner, type_: int, start: int, end: int
+    ) -> list[tuple[int, int, int, list[_Lock]]]:
+        """How *owner*'s lists change for Tlock *type_* on [start, end).
+
+        Returns (type, i, j, new): replace slice [i, j) of the owner's list
+        of that type by *new*.  Ranges of other types are cut around
+        [start, end); ranges of the same type that overlap or touch it are
+        merged with it.
+        """
+        lists = self.owners.get(owner)
+        changes = []
+        for t in (_RD, _WR):
+            locks = lists[t] if lists is not None else []
+            i, j = _overlap(locks, start, end)
+            if t == type_:
+                lo, hi, s, e = i, j, start, end
+                if i < j:
+                    s, e = min(s, locks[i].start), max(e, locks[j - 1].end)
+                if lo > 0 and locks[lo - 1].end == s:
+                    lo -= 1
+                    s = locks[lo].start
+                if hi < len(locks) and locks[hi].start == e:
+                    e = locks[hi].end
+                    hi += 1
+                changes.append((t, lo, hi, [_Lock(t, s, e)]))
+            elif i < j:
+                new = []
+                if locks[i].start < start:
+                    new.append(_Lock(t, locks[i].start, start))
+                if locks[j - 1].end > end:
+                    new.append(_Lock(t, end, locks[j - 1].end))
+                changes.append((t, i, j, new))
+        return changes
+
+    def apply(self, owner: _Owner, changes: list[tuple[int, int, int, list[_Lock]]]) -> int:
+        """Make the changes of :meth:`plan`; return the change in the number of locks."""
+        lists = self.owners.get(owner)
+        if lists is None:
+            lists = self.owners[owner] = {_RD: [], _WR: []}
+        delta = 0
+        for t, i, j, new in changes:
+            locks = lists[t]
+            for lk in locks[i:j]:
+                self.all[t].remove(lk)
+            locks[i:j] = new
+            for lk in new:
+                self.all[t].add(lk)
+            delta += len(new) - (j - i)
+        if not lists[_RD] and not lists[_WR]:
+            del self.owners[owner]
+        return delta
+
+    def drop_session(self, serial: int) -> int:
+        """Remove every lock of session *serial*; return how many there were."""
+        n = 0
+        for owner in [o for o in self.owners if o[0] == serial]:
+            for t, locks in self.owners.pop(owner).items():
+                for lk in locks:
+                    self.all[t].remove(lk)
+                n += len(locks)
+        self.sessions.pop(serial, None)
+        return n
 
 
 class FileServer:
@@ -227,11 +461,24 @@ class FileServer:
     :param readonly: refuse every modification with ``EROFS``
     :param msize: the largest message size the server offers (at least
         :data:`MIN_MSIZE`); a client's Tversion negotiates it down
-    :param symlinks: policy for new symbolic links: ``"confined"`` (relative
-        targets without ``..``), ``"any"`` or ``"none"``
+    :param symlinks: policy for symbolic links: ``"confined"`` (new links
+        need relative targets without ``..``, and links with other targets
+        are not given names in other directories), ``"any"`` or ``"none"``
+        (see *Confinement* in the module's description)
     :param allow_setid: keep set-user-ID / set-group-ID bits in modes set by
         clients
-    :param max_fids: the most fids one session may hold (``EMFILE`` beyond)
+    :param max_fids: the most fids one session may hold (``EMFILE`` beyond);
+        default: a quarter of *max_total_fids*, at most 4096
+    :param max_total_fids: the most fids all sessions together may hold
+        (``ENFILE`` beyond); default: a quarter of the descriptors the process
+        may still open when the server is made (``RLIMIT_NOFILE``'s soft
+        limit less the descriptors open then), as a fid holds up to three
+    :param max_locks: the most lock ranges one session may hold (``ENOLCK``
+        beyond)
+    :param max_total_locks: the most lock ranges all sessions together may
+        hold (``ENOLCK`` beyond)
+
+    See *Limits* in the module's description.
     :raises NotADirectoryError: *root* is not a directory
     :raises ValueError: a parameter is out of range
     """
@@ -244,14 +491,27 @@ class FileServer:
         msize: int = DEFAULT_MSIZE,
         symlinks: SymlinkPolicy = "confined",
         allow_setid: bool = False,
-        max_fids: int = 4096,
+        max_fids: int | None = None,
+        max_total_fids: int | None = None,
+        max_locks: int = 1024,
+        max_total_locks: int = 65536,
     ) -> None:
         if not MIN_MSIZE <= msize <= 0xFFFFFFFF:
             raise ValueError(f"msize must be in [{MIN_MSIZE}, 2**32-1], got {msize}")
         if symlinks not in ("confined", "any", "none"):
             raise ValueError(f"symlinks must be 'confined', 'any' or 'none', got {symlinks!r}")
-        if max_fids < 1:
-            raise ValueError("max_fids must be positive")
+        if max_total_fids is None:
+            max_total_fids = max(1, _descriptor_budget() // 4)
+        if max_fids is None:
+            max_fids = max(1, min(4096, max_total_fids // 4))
+        for what, n in (
+            ("max_fids", max_fids),
+            ("max_total_fids", max_total_fids),
+            ("max_locks", max_locks),
+            ("max_total_locks", max_total_locks),
+        ):
+            if n < 1:
+                raise ValueError(f"{what} must be positive, got {n}")
         if not _O_PATH:
             raise OSError(errno.ENOSYS, "O_PATH is needed (Linux only)")
         self._root_path = os.path.realpath(os.fspath(root))
@@ -270,13 +530,22 @@ class FileServer:
         self.allow_setid = allow_setid
         #: The most fids one session may hold.
         self.max_fids = max_fids
+        #: The most fids all sessions together may hold.
+        self.max_total_fids = max_total_fids
+        #: The most lock ranges one session may hold.
+        self.max_locks = max_locks
+        #: The most lock ranges all sessions together may hold.
+        self.max_total_locks = max_total_locks
+        self._nfids = 0  # under _lock
         self._lock = threading.Lock()
         self._sessions: set[Session] = set()
         self._streams: set[socket.socket] = set()
         self._serial = 0
         self._devs: dict[int, int] = {st.st_dev: 0}
-        self._locks: dict[tuple[int, int], list[_Lock]] = {}
+        self._locks: dict[tuple[int, int], _FileLocks] = {}
+        self._nlocks = 0  # under _locks_mutex, as the tables
         self._locks_mutex = threading.Lock()
+        self._moves = threading.Lock()
         self._closed = False
         self._default = self.session()
 
@@ -433,12 +702,14 @@ class FileServer:
         with self._lock:
             self._sessions.discard(session)
         with self._locks_mutex:
-            for key in list(self._locks):
-                kept = [lk for lk in self._locks[key] if lk.owner[0] != session.serial]
-                if kept:
-                    self._locks[key] = kept
-                else:
-                    del self._locks[key]
+            for key in session._lock_keys:
+                table = self._locks.get(key)
+                if table is not None:
+                    self._nlocks -= table.drop_session(session.serial)
+                    if not table.owners:
+                        del self._locks[key]
+            session._lock_keys.clear()
+            session._nlocks = 0
 
     def _qid(self, st: os.stat_result) -> c.Qid:
         return c.Qid(_qid_type(st.st_mode), 0, self._qid_path(st.st_dev, st.st_ino))
@@ -452,8 +723,24 @@ class FileServer:
             return ino & _U64
         return ((index << 48) | (ino & ((1 << 48) - 1))) & _U64
 
+    def _count_fids(self, n: int) -> bool:
+        """Add *n* to the fids held; False (nothing added) if over :attr:`max_total_fids`."""
+        with self._lock:
+            if n > 0 and self._nfids + n > self.max_total_fids:
+                return False
+            self._nfids += n
+            return True
+
     def _is_root(self, st: os.stat_result) -> bool:
         return (st.st_dev, st.st_ino) == self._root_id
+
+
+def _descriptor_budget() -> int:
+    """Descriptors the process may still open (soft ``RLIMIT_NOFILE`` less those open)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY or soft > 1 << 20:
+        soft = 1 << 20
+    return max(0, soft - len(os.listdir("/proc/self/fd")))
 
 
 def _recv_exact(recv: Callable[[int], bytes], n: int) -> bytes | None:
@@ -487,6 +774,10 @@ class Session:
         self._fid_serial = 0
         self._inflight: dict[int, threading.Event] = {}
         self._active = 0
+        self._listings: OrderedDict[int, _Fid] = OrderedDict()  # fids with a listing, LRU
+        # Under the server's _locks_mutex: files this session holds locks on, and how many.
+        self._lock_keys: set[tuple[int, int]] = set()
+        self._nlocks = 0
         #: The negotiated msize (0 before a successful Tversion).
         self.msize = 0
         #: True once :meth:`close` has been called.
@@ -596,6 +887,8 @@ class Session:
         with self._lock:
             fids = list(self._fids.values())
             self._fids.clear()
+            self._listings.clear()
+        self._server._count_fids(-len(fids))
         for f in fids:
             with f.lock:
                 f.close()
@@ -612,6 +905,9 @@ class Session:
             if len(self._fids) >= self._server.max_fids:
                 loc.close()
                 raise _Err(errno.EMFILE)
+            if not self._server._count_fids(1):
+                loc.close()
+                raise _Err(errno.ENFILE)
             self._fid_serial += 1
             fid = _Fid(loc, self._fid_serial)
             self._fids[num] = fid
@@ -622,6 +918,7 @@ class Session:
             fid = self._fids.pop(num, None)
         if fid is None:
             raise _Err(errno.EBADF)
+        self._server._count_fids(-1)
         return fid
 
     @contextmanager
@@ -689,6 +986,40 @@ class Session:
         if (cur.st_dev, cur.st_ino) != (st.st_dev, st.st_ino):
             raise _Err(errno.ENOENT)  # renamed or replaced since the walk
         return fid.loc.parent, fid.loc.name
+
+    @contextmanager
+    def _moving(self) -> Iterator[None]:
+        """Serialize renames (server-wide) while the symlink policy checks them."""
+        if self._server.symlinks == "any":
+            yield
+        else:
+            with self._server._moves:
+                yield
+
+    def _may_move(self, parent: int, name: bytes, newdir: int) -> None:
+        """Apply the symlink policy to moving entry *name* of *parent* into *newdir*.
+
+        Moving within one directory is always allowed.  Otherwise (unless the
+        policy is ``"any"``) a symbolic link with an unconfined target, or a
+        directory whose subtree holds one, is refused with ``EPERM``; a
+        subtree too large to check gets ``EXDEV``.  Call with :meth:`_moving` held.
+        """
+        if self._server.symlinks == "any":
+            return
+        if _ident(os.fstat(parent)) == _ident(os.fstat(newdir)):
+            return
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        if stat.S_ISLNK(st.st_mode):
+            if not _confined(os.readlink(name, dir_fd=parent)):
+                raise _Err(errno.EPERM)
+        elif stat.S_ISDIR(st.st_mode):
+            fd = os.open(name, _DIR_PATH_FLAGS, dir_fd=parent)
+            try:
+                if _ident(os.fstat(fd)) != _ident(st):
+                    raise _Err(errno.ENOENT)  # replaced meanwhile
+                _check_subtree(fd)
+            finally:
+                _close(fd)
 
     # -- operations --------------------------------------------------------------
 
@@ -851,15 +1182,10 @@ class Session:
                 raise _Err(errno.EBADF)
             name = _component(m.name)
             flags, _ = self._open_flags(m.flags)
-            flags |= os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-            if m.flags & c.L_O_EXCL:
-                flags |= os.O_EXCL
-            ofd = os.open(name, flags, self._mode(m.mode, is_dir=False), dir_fd=dfd)
+            mode = self._mode(m.mode, is_dir=False)
+            ofd = _create(dfd, name, flags, mode, exclusive=bool(m.flags & c.L_O_EXCL))
             try:
                 st = os.fstat(ofd)
-                if not stat.S_ISREG(st.st_mode):
-                    raise _Err(errno.EEXIST)
-                os.set_blocking(ofd, True)
                 pfd = os.open(_proc(ofd), _O_PATH | os.O_CLOEXEC)
             except BaseException:
                 _close(ofd)
@@ -939,10 +1265,7 @@ class Session:
             if not target or b"\0" in target:
                 raise _Err(errno.EINVAL)
             policy = self._server.symlinks
-            if policy == "none" or (
-                policy == "confined"
-                and (target.startswith(b"/") or b".." in target.split(b"/"))
-            ):
+            if policy == "none" or (policy == "confined" and not _confined(target)):
                 raise _Err(errno.EPERM)
             os.symlink(target, name, dir_fd=dfd)
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
@@ -967,8 +1290,10 @@ class Session:
         with self._using(m.fid, m.dfid) as (fid, dfid):
             newdir = self._dir(dfid)
             newname = _component(m.name)
-            parent, name = self._locate(fid)
-            os.rename(name, newname, src_dir_fd=parent, dst_dir_fd=newdir)
+            with self._moving():
+                parent, name = self._locate(fid)
+                self._may_move(parent, name, newdir)
+                os.rename(name, newname, src_dir_fd=parent, dst_dir_fd=newdir)
             newparent = os.dup(newdir)
             _close(fid.loc.parent)
             fid.loc.parent, fid.loc.name = newparent, newname
@@ -1074,9 +1399,11 @@ class Session:
                 raise _Err(errno.ENOTDIR)
             if fid.open_fd < 0:
                 raise _Err(errno.EBADF)
-            if m.offset == 0 or fid.dirents is None:
-                fid.dirents = self._list(fid)
-            cookies, packed = fid.dirents
+            listing = fid.dirents
+            if m.offset == 0 or listing is None:
+                listing = fid.dirents = self._list(fid)
+                self._keep_listing(fid)
+            cookies, packed = listing
             count = min(m.count, self.msize - _RREAD_OVERHEAD)
             i = bisect.bisect_right(cookies, m.offset)
             out: list[bytes] = []
@@ -1088,6 +1415,16 @@ class Session:
             if not out and i < len(packed):
                 raise _Err(errno.EINVAL)  # count too small for one entry
             return c.Rreaddir(m.tag, b"".join(out))
+
+    def _keep_listing(self, fid: _Fid) -> None:
+        """Note that *fid* holds a listing; drop the least recently made beyond
+        :data:`_MAX_LISTINGS` (it is made again if needed: offsets are stable)."""
+        with self._lock:
+            self._listings[fid.serial] = fid
+            self._listings.move_to_end(fid.serial)
+            while len(self._listings) > _MAX_LISTINGS:
+                _, old = self._listings.popitem(last=False)
+                old.dirents = None
 
     def _list(self, fid: _Fid) -> tuple[list[int], list[bytes]]:
         """Snapshot a directory: entries sorted by cookie, each packed."""
@@ -1147,29 +1484,35 @@ class Session:
         if m.type not in (c.P9_LOCK_TYPE_RDLCK, c.P9_LOCK_TYPE_WRLCK, c.P9_LOCK_TYPE_UNLCK):
             raise _Err(errno.EINVAL)
         start, end = _range(m.start, m.length)
-        owner = (self.serial, m.client_id, m.proc_id)
+        owner = self._owner(m.proc_id, m.client_id)
         srv = self._server
         with srv._locks_mutex:
-            held = srv._locks.get(key, [])
-            if m.type != c.P9_LOCK_TYPE_UNLCK:
-                for lk in held:
-                    if lk.owner != owner and _conflicts(lk, m.type, start, end):
-                        return c.Rlock(m.tag, c.P9_LOCK_BLOCKED)
-            kept: list[_Lock] = []
-            for lk in held:
-                if lk.owner != owner or lk.end <= start or lk.start >= end:
-                    kept.append(lk)
-                    continue
-                if lk.start < start:
-                    kept.append(_Lock(owner, lk.type, lk.start, start))
-                if lk.end > end:
-                    kept.append(_Lock(owner, lk.type, end, lk.end))
-            if m.type != c.P9_LOCK_TYPE_UNLCK:
-                kept.append(_Lock(owner, m.type, start, end))
-            if kept:
-                srv._locks[key] = kept
+            table = srv._locks.get(key)
+            if table is None:
+                if m.type == c.P9_LOCK_TYPE_UNLCK:
+                    return c.Rlock(m.tag, c.P9_LOCK_SUCCESS)
+                table = _FileLocks()
+            if m.type != c.P9_LOCK_TYPE_UNLCK and table.conflicts(owner, m.type, start, end):
+                return c.Rlock(m.tag, c.P9_LOCK_BLOCKED)
+            changes = table.plan(owner, m.type, start, end)
+            grow = sum(len(new) - (j - i) for _, i, j, new in changes)
+            if grow > 0 and (
+                self._nlocks + grow > srv.max_locks or srv._nlocks + grow > srv.max_total_locks
+            ):
+                raise _Err(errno.ENOLCK)
+            delta = table.apply(owner, changes)
+            srv._nlocks += delta
+            self._nlocks += delta
+            held = table.sessions.get(self.serial, 0) + delta
+            if held:
+                table.sessions[self.serial] = held
+                self._lock_keys.add(key)
+                srv._locks[key] = table
             else:
-                srv._locks.pop(key, None)
+                table.sessions.pop(self.serial, None)
+                self._lock_keys.discard(key)
+                if not table.owners:
+                    srv._locks.pop(key, None)
         return c.Rlock(m.tag, c.P9_LOCK_SUCCESS)
 
     def _op_getlock(self, m: c.Tgetlock) -> c.Message:
@@ -1178,13 +1521,20 @@ class Session:
         if m.type not in (c.P9_LOCK_TYPE_RDLCK, c.P9_LOCK_TYPE_WRLCK):
             raise _Err(errno.EINVAL)
         start, end = _range(m.start, m.length)
-        owner = (self.serial, m.client_id, m.proc_id)
+        owner = self._owner(m.proc_id, m.client_id)
         with self._server._locks_mutex:
-            for lk in self._server._locks.get(key, []):
-                if lk.owner != owner and _conflicts(lk, m.type, start, end):
-                    length = 0 if lk.end == _INF else lk.end - lk.start
-                    return c.Rgetlock(m.tag, lk.type, lk.start, length, lk.owner[2], lk.owner[1])
+            table = self._server._locks.get(key)
+            found = None if table is None else table.conflicting(owner, m.type, start, end)
+            if found is not None:
+                (_, client_id, proc_id), lk = found
+                length = 0 if lk.end == _INF else lk.end - lk.start
+                return c.Rgetlock(m.tag, lk.type, lk.start, length, proc_id, client_id)
         return c.Rgetlock(m.tag, c.P9_LOCK_TYPE_UNLCK, m.start, m.length, m.proc_id, m.client_id)
+
+    def _owner(self, proc_id: int, client_id: str) -> _Owner:
+        if len(client_id.encode("utf-8", "surrogateescape")) > _MAX_CLIENT_ID:
+            raise _Err(errno.EINVAL)
+        return (self.serial, client_id, proc_id)
 
     def _op_link(self, m: c.Tlink) -> c.Message:
         self._writable()
@@ -1195,6 +1545,10 @@ class Session:
             if stat.S_ISDIR(mode):
                 raise _Err(errno.EPERM)
             if stat.S_ISLNK(mode):
+                policy = self._server.symlinks
+                target = os.readlink(b"", dir_fd=fid.loc.fd)
+                if policy == "none" or (policy == "confined" and not _confined(target)):
+                    raise _Err(errno.EPERM)  # a new name for a link that may lead outside
                 parent, old = self._locate(fid)
                 os.link(old, name, src_dir_fd=parent, dst_dir_fd=dfd, follow_symlinks=False)
             else:
@@ -1217,7 +1571,9 @@ class Session:
             ndfd = self._dir(new)
             oldname = _component(m.oldname)
             newname = _component(m.newname)
-            os.rename(oldname, newname, src_dir_fd=odfd, dst_dir_fd=ndfd)
+            with self._moving():
+                self._may_move(odfd, oldname, ndfd)
+                os.rename(oldname, newname, src_dir_fd=odfd, dst_dir_fd=ndfd)
         return c.Rrenameat(m.tag)
 
     def _op_unlinkat(self, m: c.Tunlinkat) -> c.Message:
@@ -1252,15 +1608,102 @@ def _range(start: int, length: int) -> tuple[int, int]:
     return start, min(start + length, _INF)
 
 
-def _conflicts(lk: _Lock, type_: int, start: int, end: int) -> bool:
-    if lk.end <= start or lk.start >= end:
-        return False
-    return lk.type == c.P9_LOCK_TYPE_WRLCK or type_ == c.P9_LOCK_TYPE_WRLCK
-
-
 def _root_loc(srv: FileServer) -> _Loc:
     fd = os.dup(srv._root_fd)
     return _Loc(fd, -1, b"", os.fstat(fd).st_mode, True)
+
+
+#: Errors of Tlcreate on an existing entry that is not a regular file, by file type.
+_NOT_REGULAR = {
+    stat.S_IFLNK: errno.ELOOP,  # as O_NOFOLLOW
+    stat.S_IFDIR: errno.EISDIR,
+    stat.S_IFIFO: errno.EEXIST,
+    stat.S_IFSOCK: errno.ENXIO,
+}
+
+
+def _create(dfd: int, name: bytes, flags: int, mode: int, *, exclusive: bool) -> int:
+    """Open regular file *name* of directory *dfd* with *flags*, creating it if missing.
+
+    Never opens anything but a regular file: an existing entry of another
+    type is looked at through an ``O_PATH`` descriptor only, and refused
+    (devices ``EACCES``, see :data:`_NOT_REGULAR` for the others).
+    """
+    for _ in range(8):
+        try:
+            return os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode, dir_fd=dfd)
+        except FileExistsError:
+            if exclusive:
+                raise
+        try:
+            pfd = os.open(name, _PATH_FLAGS, dir_fd=dfd)
+        except FileNotFoundError:
+            continue  # removed meanwhile: create it
+        try:
+            kind = stat.S_IFMT(os.fstat(pfd).st_mode)
+            if kind != stat.S_IFREG:
+                raise _Err(_NOT_REGULAR.get(kind, errno.EACCES))  # devices are never opened
+            return os.open(_proc(pfd), flags)
+        finally:
+            _close(pfd)
+    raise _Err(errno.EAGAIN)  # created and removed by someone else, again and again
+
+
+def _check_subtree(top: int) -> None:
+    """Refuse (``EPERM``) if the tree under directory *top* holds an unconfined symbolic link.
+
+    Looks at :data:`MOVE_CHECK_ENTRIES` entries at most, and
+    :data:`MOVE_CHECK_DEPTH` levels (``EXDEV`` beyond); holds one descriptor
+    per level.  Never follows a symbolic link.
+    """
+    budget = MOVE_CHECK_ENTRIES
+    stack: list[tuple[int, list[bytes]]] = []
+    fd = os.dup(top)
+    try:
+        while True:
+            if fd >= 0:
+                if len(stack) >= MOVE_CHECK_DEPTH:
+                    raise _Err(errno.EXDEV)
+                subdirs: list[bytes] = []
+                lfd = os.open(b".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+                try:
+                    with os.scandir(lfd) as it:
+                        for e in it:
+                            budget -= 1
+                            if budget < 0:
+                                raise _Err(errno.EXDEV)
+                            raw = os.fsencode(e.name)
+                            try:
+                                if e.is_symlink():
+                                    if not _confined(os.readlink(raw, dir_fd=fd)):
+                                        raise _Err(errno.EPERM)
+                                elif e.is_dir(follow_symlinks=False):
+                                    subdirs.append(raw)
+                            except FileNotFoundError:
+                                continue  # removed meanwhile
+                finally:
+                    _close(lfd)
+                stack.append((fd, subdirs))
+                fd = -1
+            if not stack:
+                return
+            parent, pending = stack[-1]
+            if not pending:
+                _close(parent)
+                stack.pop()
+                continue
+            try:
+                fd = os.open(pending.pop(), _DIR_PATH_FLAGS, dir_fd=parent)
+            except (FileNotFoundError, NotADirectoryError):
+                fd = -1  # removed, or replaced by a new (confined) link, meanwhile
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                fd = -1
+    finally:
+        _close(fd)
+        for parent, _ in stack:
+            _close(parent)
 
 
 def _find_name(parent: int, st: os.stat_result) -> bytes:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import socket
 import stat
 import threading
 import time
@@ -34,6 +35,7 @@ from typing import Any, TypeVar
 import pytest
 
 from pyxen9p.p9 import codec as c
+from pyxen9p.p9 import server as server_module
 from pyxen9p.p9.server import FileServer, SymlinkPolicy
 
 M = TypeVar("M", bound=c.Message)
@@ -224,12 +226,135 @@ def test_setattr_on_symlinks_changes_only_the_link(conn: Conn, layout: Path) -> 
     # The target (outside) is checked unchanged by the fixture.
 
 
-def test_hard_link_of_a_symlink_links_the_symlink(conn: Conn, layout: Path) -> None:
-    fid = conn.walk("link_out_file")
-    conn.ok(c.Tlink(1, ROOT, fid, "hl"), c.Rlink)
+def test_hard_link_of_a_symlink_links_the_symlink(layout: Path) -> None:
+    with FileServer(layout, symlinks="any") as srv:
+        conn = Conn(srv)
+        fid = conn.walk("link_out_file")
+        conn.ok(c.Tlink(1, ROOT, fid, "hl"), c.Rlink)
     st = os.lstat(layout / "hl")
     assert stat.S_ISLNK(st.st_mode) and st.st_ino == os.lstat(layout / "link_out_file").st_ino
     assert os.stat(layout.parent / "outside" / "secret.txt").st_nlink == 1
+
+
+UNCONFINED = ["link_etc", "link_abs", "link_out", "link_out_file", "dangling", "chain2"]
+
+
+def test_hard_links_of_unconfined_links_are_refused(conn: Conn, layout: Path) -> None:
+    """A hard link is a new name: only for a link whose target is relative, without ".."."""
+    for i, link in enumerate(UNCONFINED):
+        fid = conn.walk(link)
+        assert conn.err(c.Tlink(1, ROOT, fid, f"hl{i}")) == errno.EPERM
+        assert conn.err(c.Tlink(1, conn.walk("sub"), fid, f"hl{i}")) == errno.EPERM
+    assert not [p for p in layout.rglob("hl*")]
+    # "chain1" -> "chain2" is confined (what it leads to is chain2's business).
+    conn.ok(c.Tlink(1, conn.walk("sub"), conn.walk("chain1"), "hl"), c.Rlink)
+    assert os.readlink(layout / "sub" / "hl") == "chain2"
+    with FileServer(layout, symlinks="none") as srv:
+        conn2 = Conn(srv)
+        assert conn2.err(c.Tlink(1, ROOT, conn2.walk("chain1"), "hl-none")) == errno.EPERM
+        conn2.ok(c.Tlink(1, ROOT, conn2.walk("a.txt"), "a-none"), c.Rlink)  # files still link
+        # Moves follow the "confined" rule.
+        sub = conn2.walk("sub")
+        assert conn2.err(c.Trenameat(1, ROOT, "link_abs", sub, "x")) == errno.EPERM
+        conn2.ok(c.Trenameat(1, sub, "hl", ROOT, "hl-moved"), c.Rrenameat)
+
+
+def link_homes(top: Path) -> dict[tuple[int, int], tuple[str, str]]:
+    """Every symbolic link under *top*: inode -> (its directory, its target)."""
+    out = {}
+    for p in top.rglob("*"):
+        if p.is_symlink():
+            st = os.lstat(p)
+            out[(st.st_dev, st.st_ino)] = (str(p.parent.relative_to(top)), os.readlink(p))
+    return out
+
+
+def test_unconfined_links_never_move_to_another_directory(conn: Conn, layout: Path) -> None:
+    # A link made on the host: "../a.txt" from sub/ is export/a.txt; from export/ it
+    # would be <tmp>/a.txt, outside.  Shallower or deeper, its meaning changes.
+    os.symlink("../a.txt", layout / "sub" / "up")
+    (layout / "sub" / "deeper").mkdir()
+    homes = link_homes(layout)
+    sub = conn.walk("sub")
+    deeper = conn.walk("sub", "deeper")
+    assert conn.err(c.Trenameat(1, sub, "up", ROOT, "up")) == errno.EPERM
+    assert conn.err(c.Trenameat(1, sub, "up", deeper, "up")) == errno.EPERM
+    assert conn.err(c.Trename(1, conn.walk("sub", "up"), ROOT, "up")) == errno.EPERM
+    for link in UNCONFINED:
+        assert conn.err(c.Trenameat(1, ROOT, link, sub, link)) == errno.EPERM, link
+        assert conn.err(c.Trename(1, conn.walk(link), sub, link)) == errno.EPERM, link
+    assert link_homes(layout) == homes
+    # Within its own directory a link keeps its meaning: allowed.
+    conn.ok(c.Trenameat(1, sub, "up", sub, "up2"), c.Rrenameat)
+    conn.ok(c.Trename(1, conn.walk("link_abs"), ROOT, "abs2"), c.Rrename)
+    conn.ok(c.Trename(1, conn.walk("link_out"), conn.walk(), "out2"), c.Rrename)  # 2nd root fid
+    assert os.readlink(layout / "sub" / "up2") == "../a.txt"
+    assert link_homes(layout) == homes
+    # Confined links (relative, no "..") move anywhere.
+    conn.ok(c.Trenameat(1, ROOT, "chain1", deeper, "chain1"), c.Rrenameat)
+    conn.ok(c.Tsymlink(1, sub, "mine", "deeper", 0), c.Rsymlink)
+    conn.ok(c.Trename(1, conn.walk("sub", "mine"), ROOT, "mine"), c.Rrename)
+    assert os.readlink(layout / "mine") == "deeper"
+
+
+def test_directories_holding_unconfined_links_stay_under_their_parent(
+    conn: Conn, layout: Path
+) -> None:
+    # sub/d/l -> ../../a.txt is export/a.txt; with d moved to export/ it is <tmp>/a.txt.
+    d = layout / "sub" / "d"
+    (d / "x" / "y").mkdir(parents=True)
+    os.symlink("../../a.txt", d / "l")
+    os.symlink("../../../../../outside", d / "x" / "y" / "deep")  # found at any depth
+    clean = layout / "clean"
+    (clean / "x" / "y").mkdir(parents=True)
+    (clean / "f").write_bytes(b"f")
+    os.symlink("f", clean / "l")
+    os.symlink("z", clean / "x" / "y" / "l")
+    homes = link_homes(layout)
+    sub, sub_d = conn.walk("sub"), conn.walk("sub", "d")
+    clean_x, clean_fid = conn.walk("clean", "x"), conn.walk("clean")
+    before = len(os.listdir("/proc/self/fd"))
+    assert conn.err(c.Trenameat(1, sub, "d", ROOT, "d")) == errno.EPERM
+    assert conn.err(c.Trename(1, sub_d, ROOT, "d")) == errno.EPERM
+    assert conn.err(c.Trenameat(1, sub, "d", clean_x, "d")) == errno.EPERM
+    assert conn.err(c.Trenameat(1, ROOT, "sub", clean_fid, "sub")) == errno.EPERM
+    assert conn.err(c.Trenameat(1, sub_d, "x", ROOT, "x")) == errno.EPERM
+    assert len(os.listdir("/proc/self/fd")) == before  # the check leaks no descriptor
+    assert link_homes(layout) == homes
+    # Renamed within its parent, a directory keeps its depth: allowed.
+    conn.ok(c.Trenameat(1, sub, "d", sub, "d2"), c.Rrenameat)
+    conn.ok(c.Trename(1, conn.walk("sub", "d2"), sub, "d"), c.Rrename)
+    # A directory whose links are all confined moves anywhere.
+    conn.ok(c.Trenameat(1, ROOT, "clean", sub, "clean"), c.Rrenameat)
+    conn.ok(c.Trename(1, conn.walk("sub", "clean"), conn.walk("sub", "d", "x"), "c"), c.Rrename)
+    assert os.readlink(d / "x" / "c" / "x" / "y" / "l") == "z"
+    # With symlinks="any" nothing is checked.
+    with FileServer(layout, symlinks="any") as srv:
+        conn2 = Conn(srv)
+        conn2.ok(c.Trenameat(1, conn2.walk("sub"), "d", ROOT, "d"), c.Rrenameat)
+        conn2.ok(c.Trename(1, conn2.walk("link_abs"), conn2.walk("sub"), "abs"), c.Rrename)
+    assert os.readlink(layout / "d" / "l") == "../../a.txt"
+
+
+def test_directories_too_large_to_check_are_not_moved(
+    conn: Conn, layout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server_module, "MOVE_CHECK_ENTRIES", 5)
+    monkeypatch.setattr(server_module, "MOVE_CHECK_DEPTH", 3)
+    wide = layout / "wide"
+    wide.mkdir()
+    for i in range(5):
+        (wide / str(i)).write_bytes(b"")
+    deep = layout / "deep"
+    (deep / "1" / "2").mkdir(parents=True)
+    sub = conn.walk("sub")
+    conn.ok(c.Trenameat(1, ROOT, "wide", sub, "wide"), c.Rrenameat)  # 5 entries
+    conn.ok(c.Trenameat(1, ROOT, "deep", sub, "deep"), c.Rrenameat)  # 3 levels
+    (layout / "sub" / "wide" / "5").write_bytes(b"")
+    (layout / "sub" / "deep" / "1" / "2" / "3").mkdir()
+    assert conn.err(c.Trenameat(1, sub, "wide", ROOT, "wide")) == errno.EXDEV
+    assert conn.err(c.Trenameat(1, sub, "deep", ROOT, "deep")) == errno.EXDEV
+    conn.ok(c.Trenameat(1, sub, "deep", sub, "deep2"), c.Rrenameat)  # same parent: no check
     # A file inside the export can be linked, but only inside.
     a = conn.walk("a.txt")
     for bad in BAD_NAMES:
@@ -286,13 +411,93 @@ def test_mknod_refuses_devices_and_sockets(conn: Conn, layout: Path, mode: int) 
     assert not os.path.lexists(layout / "dev")
 
 
-def test_existing_device_nodes_are_not_opened(layout: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("creating a device node needs CAP_MKNOD")
-    os.mknod(layout / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+class OpenSpy:
+    """Wraps os.open: records every attempt to open (not O_PATH) a non-regular non-directory."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.special: list[tuple[str, int]] = []
+        real = os.open
+
+        def spy(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+            # (O_CREAT | O_EXCL never opens an existing file.)
+            if not flags & os.O_PATH and flags & (os.O_CREAT | os.O_EXCL) != (
+                os.O_CREAT | os.O_EXCL
+            ):
+                try:
+                    st = os.stat(path, dir_fd=dir_fd)
+                except OSError:
+                    pass
+                else:
+                    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                        self.special.append((os.fsdecode(path), stat.S_IFMT(st.st_mode)))
+            return real(path, flags, mode, dir_fd=dir_fd)
+
+        monkeypatch.setattr(os, "open", spy)
+
+
+def _special_files(layout: Path) -> dict[str, tuple[int, int]]:
+    """Special files to make in the export: name -> (Tlopen errno, Tlcreate errno)."""
+    os.mkfifo(layout / "fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(layout / "sock"))
+    sock.close()
+    out = {"fifo": (0, errno.EEXIST), "sock": (errno.ENXIO, errno.ENXIO)}
+    if os.geteuid() == 0:
+        os.mknod(layout / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        os.mknod(layout / "loop", stat.S_IFBLK | 0o600, os.makedev(7, 0))
+        out.update(null=(errno.EACCES, errno.EACCES), loop=(errno.EACCES, errno.EACCES))
+    return out
+
+
+def test_existing_special_files_are_never_opened(
+    layout: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Devices and sockets are never opened, FIFOs only by Tlopen (non-blocking)."""
+    kinds = _special_files(layout)
     with FileServer(layout) as srv:
         conn = Conn(srv)
+        spy = OpenSpy(monkeypatch)
+        for name, (lopen_err, lcreate_err) in kinds.items():
+            for flags in (c.L_O_RDONLY, c.L_O_WRONLY, c.L_O_RDWR, c.L_O_RDWR | c.L_O_TRUNC):
+                d = conn.walk()
+                assert conn.err(c.Tlcreate(1, d, name, flags, 0o644, 0)) == lcreate_err, name
+                d = conn.walk()
+                assert conn.err(c.Tlcreate(1, d, name, flags | c.L_O_EXCL, 0o644, 0)) == (
+                    errno.EEXIST
+                )
+                if lopen_err:
+                    assert conn.err(c.Tlopen(1, conn.walk(name), flags)) == lopen_err, name
+        assert spy.special == []
+        # FIFOs are opened by Tlopen, without blocking, and nothing else is.
+        conn.ok(c.Tlopen(1, conn.walk("fifo"), c.L_O_RDONLY), c.Rlopen)
+        assert [(p.startswith("/proc/self/fd/"), kind) for p, kind in spy.special] == [
+            (True, stat.S_IFIFO)
+        ]
+    assert os.path.exists(layout / "a.txt")
+
+
+def test_tlcreate_of_an_existing_file_still_works(conn: Conn, layout: Path) -> None:
+    """Without O_EXCL an existing regular file is opened (and truncated if asked)."""
+    d = conn.walk()
+    conn.ok(c.Tlcreate(1, d, "a.txt", c.L_O_RDWR, 0o600, 0), c.Rlcreate)
+    assert conn.ok(c.Tread(1, d, 0, 100), c.Rread).data == b"inside"
+    d = conn.walk()
+    conn.ok(c.Tlcreate(1, d, "a.txt", c.L_O_WRONLY | c.L_O_TRUNC, 0o600, 0), c.Rlcreate)
+    conn.ok(c.Twrite(1, d, 0, b"new"), c.Rwrite)
+    assert (layout / "a.txt").read_bytes() == b"new"
+    assert conn.err(c.Tlcreate(1, conn.walk(), "sub", c.L_O_RDONLY, 0o600, 0)) == errno.EISDIR
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="as root, /dev/null is made in the export instead")
+def test_tlcreate_never_opens_dev_null(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unprivileged, a real device node: /dev/null, through a server exporting /dev."""
+    with FileServer("/dev") as srv:
+        conn = Conn(srv)
+        spy = OpenSpy(monkeypatch)
+        d = conn.walk()
+        assert conn.err(c.Tlcreate(1, d, "null", c.L_O_RDWR, 0o644, 0)) == errno.EACCES
         assert conn.err(c.Tlopen(1, conn.walk("null"), c.L_O_RDWR)) == errno.EACCES
+        assert spy.special == []
 
 
 @pytest.mark.parametrize(
@@ -509,3 +714,37 @@ def test_fifo_never_blocks_the_server(conn: Conn, layout: Path) -> None:
     # Creating over an existing FIFO does not block either.
     d = conn.walk()
     assert conn.err(c.Tlcreate(1, d, "fifo", c.L_O_RDONLY, 0o644, 0)) == errno.EEXIST
+
+
+def test_moves_race_with_renames_inside_the_moved_directory(layout: Path) -> None:
+    """A rename inside a directory cannot hide an unconfined link from the check of
+    a concurrent move of that directory (renames are serialized)."""
+    d = layout / "d"
+    d.mkdir()
+    for i in range(200):
+        (d / f"f{i:03}").write_bytes(b"")
+    os.symlink("../a.txt", d / "bad0")
+    with FileServer(layout) as srv:
+        mover = renamer = Conn(srv)  # one session, two threads
+        sub = mover.walk("sub")
+        dfid = renamer.walk("d")
+        stop = threading.Event()
+        renames = 0
+
+        def rename_in_place() -> None:
+            nonlocal renames
+            while not stop.is_set():
+                renamer.ok(c.Trenameat(1, dfid, f"bad{renames}", dfid, f"bad{renames + 1}"),
+                           c.Rrenameat)  # fmt: skip
+                renames += 1
+
+        t = threading.Thread(target=rename_in_place)
+        t.start()
+        try:
+            for _ in range(300):
+                assert mover.err(c.Trenameat(1, ROOT, "d", sub, "d")) == errno.EPERM
+        finally:
+            stop.set()
+            t.join(30)
+        assert renames > 0
+    assert os.readlink(d / f"bad{renames}") == "../a.txt"
