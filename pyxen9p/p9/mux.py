@@ -99,6 +99,7 @@ import logging
 import os
 import pwd
 import queue
+import select
 import socket
 import stat
 import struct
@@ -134,6 +135,9 @@ _UCRED = struct.Struct("3i")
 
 #: The smallest msize the multiplexer negotiates (with the backend or a client).
 MIN_MSIZE = 4096
+
+#: Seconds between checks for the hang-up of a client that is not being read.
+_HANGUP_POLL = 0.25
 
 #: Bytes of an Rread or Rreaddir before its data: ``size[4] type[1] tag[2] count[4]``.
 _RDATA_HDR = 11
@@ -295,6 +299,7 @@ class _Request:
     closes: int | None = None  # the client fid this request clunks or removes
     flush_btag: int | None = None  # the backend Tflush sent for it
     flush_waiters: list[int] = dataclasses.field(default_factory=list)  # client Tflush tags
+    target: _Request | None = None  # for a client Tflush: the request it flushes
 
 
 class _Client:
@@ -323,6 +328,16 @@ class _Client:
             self.writer.write(frame)
         except (OSError, RuntimeError):  # pragma: no cover - closing transport
             self.closed = True
+
+    def hung_up(self) -> bool:
+        """Whether the peer shut its side down (seen even with unread data pending)."""
+        sock = self.writer.get_extra_info("socket")
+        if sock is None:  # pragma: no cover - always a socket here
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLRDHUP)
+        return any(ev & (select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+                   for _, ev in poller.poll(0))
 
     def close(self) -> None:
         self.closed = True
@@ -764,8 +779,13 @@ class Multiplexer:
             return
         client.queue.append(req)
         while len(client.queue) >= self.limits.max_queued and not client.closed:
+            # not reading this client: watch for its hang-up meanwhile
             client.room.clear()
-            await client.room.wait()
+            try:
+                await asyncio.wait_for(client.room.wait(), _HANGUP_POLL)
+            except asyncio.TimeoutError:
+                if client.hung_up():
+                    raise ConnectionResetError(errno.ECONNRESET, "hung up") from None
 
     def _version(self, client: _Client, frame: bytes) -> None:
         if client.fids or client.requests:
@@ -904,6 +924,9 @@ class Multiplexer:
 
     def _flush(self, client: _Client, msg: c.Tflush) -> None:
         old = client.requests.get(msg.oldtag)
+        if old is not None and old.target is not None:
+            # a flush of a Tflush: answered right after that Tflush is
+            old = old.target
         if old is None or old.done:
             client.write(c.encode(c.Rflush(msg.tag)))
             return
@@ -915,7 +938,7 @@ class Multiplexer:
             client.room.set()
             client.write(c.encode(c.Rflush(msg.tag)))
             return
-        client.requests[msg.tag] = _Request(client, msg.tag, msg, done=True)
+        client.requests[msg.tag] = _Request(client, msg.tag, msg, sent=True, target=old)
         old.flush_waiters.append(msg.tag)
         self._flush_backend(old)
 
@@ -972,7 +995,7 @@ class Multiplexer:
                 self._unbind(req, happened=False, ok=False)
             client.queue.clear()
             for req in list(client.requests.values()):
-                if req.sent and not req.done:
+                if req.sent and not req.done and req.target is None:
                     self._flush_backend(req)
             await client.idle.wait()
             fids = [f for f in client.fids.values() if f.state == _OPEN]
