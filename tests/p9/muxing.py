@@ -214,10 +214,10 @@ class GatedBackend:
         except OSError:
             return
 
-    def release(self) -> None:
-        """Answer every held request."""
+    def release(self, *, reverse: bool = False) -> None:
+        """Answer every held request (in arrival order, or the *reverse*)."""
         with self._lock:
-            frames = list(self.held.values())
+            frames = list(self.held.values())[:: -1 if reverse else 1]
             self.held.clear()
         for frame in frames:
             self._send(self.session.handle(frame))

@@ -196,6 +196,37 @@ def test_tags_are_remapped_under_concurrency(root: Path, tmp_path: Path) -> None
         wait_for(lambda: server_fids(server) == 0, what="the fids' clunk")
 
 
+def test_replies_out_of_order_reach_the_right_client_and_tag(root: Path, tmp_path: Path) -> None:
+    for n in range(1, 6):
+        (root / f"a{n}").write_bytes(b"a" * n)
+        (root / f"b{n}").write_bytes(b"b" * (10 + n))
+
+    def hold(m: c.Message) -> bool:
+        return isinstance(m, c.Tgetattr)
+
+    with (
+        mux_on_gated(root, tmp_path / "mux.sock", hold=hold) as (backend, mux, path),
+        RawClient(path) as a,
+        RawClient(path) as b,
+    ):
+        for raw, prefix in ((a, "a"), (b, "b")):
+            raw.version()
+            attach(raw, root)
+            for n in range(1, 6):
+                assert isinstance(raw.rpc(c.Twalk(1, 1, 100 + n, (f"{prefix}{n}",))), c.Rwalk)
+        for n in range(1, 6):  # the same tags and fid numbers in both clients
+            a.send(c.Tgetattr(n, 100 + n, c.P9_GETATTR_BASIC))
+            b.send(c.Tgetattr(n, 100 + n, c.P9_GETATTR_BASIC))
+        wait_for(lambda: len(backend.held) == 10, what="ten requests on the backend")
+        assert len(mux.backend_tags()) == 10
+        backend.release(reverse=True)
+        for raw, base in ((a, 0), (b, 10)):
+            replies = [raw.recv() for _ in range(5)]
+            assert [m.tag for m in replies if m is not None] == [5, 4, 3, 2, 1]
+            for m in replies:
+                assert isinstance(m, c.Rgetattr) and m.size == base + m.tag
+
+
 # --------------------------------------------------------------------------
 # Tflush
 
