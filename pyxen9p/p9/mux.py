@@ -139,6 +139,9 @@ MIN_MSIZE = 4096
 #: Seconds between checks for the hang-up of a client that is not being read.
 _HANGUP_POLL = 0.25
 
+#: Replies larger than this are passed on without copying them.
+_COPY_LIMIT = 64 * 1024
+
 #: Bytes of an Rread or Rreaddir before its data: ``size[4] type[1] tag[2] count[4]``.
 _RDATA_HDR = 11
 
@@ -321,7 +324,7 @@ class _Client:
         self.idle = asyncio.Event()
         self.idle.set()
 
-    def write(self, frame: bytes) -> None:
+    def write(self, frame: bytes | bytearray | memoryview) -> None:
         if self.closed:
             return
         try:
@@ -906,9 +909,13 @@ class Multiplexer:
         self._unbind(req, happened=True, ok=ok)
         if client.requests.get(req.ctag) is req:
             del client.requests[req.ctag]
-        reply = bytearray(frame)
-        _TAG.pack_into(reply, 5, req.ctag)
-        client.write(bytes(reply))
+        if len(frame) > _COPY_LIMIT:  # a large reply: not copied, its header sent apart
+            client.write(frame[:5] + _TAG.pack(req.ctag))
+            client.write(memoryview(frame)[c.HEADER_SIZE :])
+        else:
+            reply = bytearray(frame)
+            _TAG.pack_into(reply, 5, req.ctag)
+            client.write(reply)
         self._finished(client)
 
     def _finished(self, client: _Client) -> None:
