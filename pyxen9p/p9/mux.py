@@ -259,14 +259,25 @@ class _IdPool:
         self._free: list[int] = []
         self.used: set[int] = set()
 
-    def alloc(self) -> int:
-        if self._free:
-            n = self._free.pop()
-        elif self._next < self._limit:
+    def alloc(self, like: int = 0, modulus: int = 1) -> int:
+        """A free number congruent to *like* modulo *modulus*."""
+        n = -1
+        if modulus == 1:
+            if self._free:
+                n = self._free.pop()
+        else:
+            for i in range(len(self._free) - 1, -1, -1):
+                if self._free[i] % modulus == like % modulus:
+                    n = self._free.pop(i)
+                    break
+        if n < 0:
+            while self._next < self._limit and self._next % modulus != like % modulus:
+                self._free.append(self._next)
+                self._next += 1
+            if self._next >= self._limit:  # pragma: no cover - Limits keep the pool large enough
+                raise OSError(errno.EAGAIN, "the multiplexer ran out of backend identifiers")
             n = self._next
             self._next += 1
-        else:  # pragma: no cover - Limits keeps the tag pool from running out
-            raise OSError(errno.EAGAIN, "the multiplexer ran out of backend identifiers")
         self.used.add(n)
         return n
 
@@ -450,6 +461,8 @@ class Multiplexer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sender: _Sender | None = None
         self._tags = _IdPool(c.NOTAG)
+        rings = getattr(transport, "num_rings", 1)
+        self._rings = rings if isinstance(rings, int) and 1 <= rings <= 256 else 1
         self._fids = _IdPool(c.NOFID)
         self._clients: dict[_Client, asyncio.Task[None]] = {}
         self._servers: list[tuple[asyncio.AbstractServer, str | None]] = []
@@ -954,7 +967,10 @@ class Multiplexer:
         if old.flush_btag is not None or old.done:
             return
         assert self._sender is not None and old.btag is not None
-        old.flush_btag = self._tags.alloc()
+        # on the Xen transport the tag chooses the ring (tag % num_rings): the
+        # Tflush goes on its request's ring, so that a reply to the request
+        # cannot arrive after the Rflush
+        old.flush_btag = self._tags.alloc(old.btag, self._rings)
         data = c.encode(c.Tflush(old.flush_btag, old.btag))
         self._sender.send(data, lambda f, e: self._on_flushed(old, f, e))
 

@@ -235,21 +235,43 @@ def _walk_held(m: c.Message) -> bool:
     return isinstance(m, c.Twalk) and m.wnames == ("a.txt",)
 
 
-def test_flush_of_a_cancelled_request_gives_rflush_alone(root: Path, tmp_path: Path) -> None:
-    with mux_on_gated(
-        root, tmp_path / "mux.sock", hold=_walk_held, flush_mode="cancel"
-    ) as (backend, mux, path):
-        with RawClient(path) as raw:
-            raw.version()
-            attach(raw, root)
-            raw.send(c.Twalk(10, 1, 2, ("a.txt",)))
-            wait_for(lambda: backend.held, what="the walk to reach the backend")
-            assert raw.rpc(c.Tflush(11, 10)) == c.Rflush(11)
-            # the walk never happened: fid 2 does not exist and is free again
-            assert raw.rpc(c.Tclunk(12, 2)) == c.Rlerror(12, errno.EBADF)
-            assert isinstance(raw.rpc(c.Twalk(10, 1, 2, ("sub",))), c.Rwalk)
-            assert backend.fids() == 2
-            assert isinstance(backend.received[-2], c.Tflush)
+class _Rings:
+    """A transport that says it has *num_rings* rings (as a Xen frontend does)."""
+
+    def __init__(self, transport: StreamTransport, num_rings: int) -> None:
+        self.transport = transport
+        self.num_rings = num_rings
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.transport, name)
+
+
+@pytest.mark.parametrize("rings", [1, 3])
+def test_flush_of_a_cancelled_request_gives_rflush_alone(
+    root: Path, tmp_path: Path, rings: int
+) -> None:
+    with (
+        GatedBackend(root, _walk_held, "cancel") as backend,
+        running_mux(_Rings(backend.transport, rings), tmp_path / "mux.sock") as (mux, path),
+        RawClient(path) as raw,
+    ):
+        raw.version()
+        attach(raw, root)
+        for n in range(4):
+            assert isinstance(raw.rpc(c.Twalk(n, 1, 10 + n, ())), c.Rwalk)
+        raw.send(c.Twalk(10, 1, 2, ("a.txt",)))
+        wait_for(lambda: backend.held, what="the walk to reach the backend")
+        (walk_tag,) = backend.held
+        assert raw.rpc(c.Tflush(11, 10)) == c.Rflush(11)
+        # the backend's Tflush went on the walk's ring (tag % num_rings)
+        flush = backend.received[-1]
+        assert isinstance(flush, c.Tflush) and flush.oldtag == walk_tag
+        assert flush.tag % rings == walk_tag % rings and flush.tag != walk_tag
+        # the walk never happened: fid 2 does not exist and is free again
+        assert raw.rpc(c.Tclunk(12, 2)) == c.Rlerror(12, errno.EBADF)
+        assert isinstance(raw.rpc(c.Twalk(10, 1, 2, ("sub",))), c.Rwalk)
+        assert backend.fids() == 6
+        raw.close()
         wait_for(lambda: backend.fids() == 0, what="the fids' clunk")
         assert mux.backend_tags() == set()
 
