@@ -570,6 +570,8 @@ class Multiplexer:
             client.requests.clear()
             client.queue.clear()
             client.close()
+            client.room.set()
+            client.idle.set()  # a release waiting for the backend gives up
         self._stopped.set()
         if self._on_failure is not None:
             try:
@@ -1021,6 +1023,8 @@ class Multiplexer:
                 if req.sent and not req.done and req.target is None:
                     self._flush_backend(req)
             await client.idle.wait()
+            if self.failure is not None:
+                return
             fids = [f for f in client.fids.values() if f.state == _OPEN]
             client.fids.clear()
             window = self.limits.max_requests

@@ -572,6 +572,27 @@ def test_backend_failure_while_idle_is_noticed(root: Path, tmp_path: Path) -> No
         assert raw.closed_by_peer()
 
 
+def test_backend_failure_while_a_client_is_being_released(root: Path, tmp_path: Path) -> None:
+    def hold(m: c.Message) -> bool:
+        return isinstance(m, c.Tgetattr)
+
+    with mux_on_gated(root, tmp_path / "mux.sock", hold=hold) as (backend, mux, path):
+        backend.hold_flushes = True
+        with RawClient(path) as raw:
+            raw.version()
+            attach(raw, root)
+            raw.send(c.Tgetattr(10, 1, 0))
+            wait_for(lambda: backend.held, what="the request on the backend")
+        wait_for(lambda: backend.held_flushes, what="the hung-up client's flush")
+        assert mux.clients == 1  # still being released: its flush is not answered
+        backend.hang_up()
+        assert mux.wait(10) is not None
+        wait_for(lambda: mux.clients == 0, timeout=3, what="the release to give up")
+        started = time.monotonic()
+        mux.stop()
+        assert time.monotonic() - started < 3
+
+
 def test_stop_tells_clients_and_releases_their_fids(root: Path, tmp_path: Path) -> None:
     with file_server(root) as (server, transport):
         mux = MultiplexerThread(transport)
