@@ -130,6 +130,10 @@ def test_version_is_answered_locally_with_at_most_the_backend_msize(
                 assert reply == c.Rversion(c.NOTAG, 65536, "unknown")
                 raw.send(c.Tattach(1, 1, c.NOFID, "root", str(root), 0))
                 assert raw.closed_by_peer()  # no session was agreed
+        with RawClient(path) as raw:  # an msize too small for 9P2000.L
+            assert raw.rpc(c.Tversion(c.NOTAG, 100, "9P2000.L")) == c.Rversion(
+                c.NOTAG, 100, "unknown"
+            )
         with mux_client(path, root, msize=16384) as fs:
             assert fs.msize == 16384
             assert fs.read_text("a.txt") == "hello"
@@ -169,6 +173,24 @@ def test_fids_and_tags_are_each_clients_own(root: Path, tmp_path: Path) -> None:
             assert a.rpc(c.Tclunk(6, 8)) == c.Rlerror(6, errno.EBADF)
             assert server_fids(server) == 2
         wait_for(lambda: server_fids(server) == 0, what="the fids' clunk")
+
+
+def test_each_clients_attach_is_forwarded_with_its_names(root: Path, tmp_path: Path) -> None:
+    with (
+        mux_on_gated(root, tmp_path / "mux.sock") as (backend, _mux, path),
+        RawClient(path) as a,
+        RawClient(path) as b,
+    ):
+        a.version()
+        b.version()
+        assert isinstance(a.rpc(c.Tattach(1, 5, c.NOFID, "alice", str(root), 1001)), c.Rattach)
+        assert isinstance(b.rpc(c.Tattach(1, 5, c.NOFID, "bob", "/", 1002)), c.Rattach)
+        attaches = [m for m in backend.received if isinstance(m, c.Tattach)]
+        assert [(m.uname, m.aname, m.n_uname, m.afid) for m in attaches] == [
+            ("alice", str(root), 1001, c.NOFID),
+            ("bob", "/", 1002, c.NOFID),
+        ]
+        assert attaches[0].fid != attaches[1].fid
 
 
 def test_tags_are_remapped_under_concurrency(root: Path, tmp_path: Path) -> None:
