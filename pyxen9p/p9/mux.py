@@ -112,7 +112,7 @@ from typing import Any, Protocol, TypeVar
 
 from typing_extensions import Self
 
-from pyxen9p.errors import ProtocolError, TransportClosedError, TransportError
+from pyxen9p.errors import ProtocolError, Pyxen9pError, TransportClosedError, TransportError
 from pyxen9p.p9 import codec as c
 from pyxen9p.p9.transport import Transport
 
@@ -287,7 +287,7 @@ class _IdPool:
             self._free.append(n)
 
 
-class _Violation(Exception):
+class _Violation(Pyxen9pError):
     """A client broke the protocol: it is disconnected."""
 
 
