@@ -635,7 +635,7 @@ class Multiplexer:
                 return f"uid {cred.uid} gid {cred.gid} pid {cred.pid} is not allowed"
 
             server = await asyncio.start_unix_server(
-                lambda r, w: self._accept(r, w, check), sock=sock
+                lambda r, w: self._accept(r, w, check), sock=sock, limit=self._buffer_limit()
             )
         except BaseException:
             sock.close()
@@ -677,7 +677,9 @@ class Multiplexer:
             sock.listen(128)
             sock.setblocking(False)
             server = await asyncio.start_server(
-                lambda r, w: self._accept(r, w, lambda _conn: None), sock=sock
+                lambda r, w: self._accept(r, w, lambda _conn: None),
+                sock=sock,
+                limit=self._buffer_limit(),
             )
         except BaseException:
             sock.close()
@@ -686,6 +688,10 @@ class Multiplexer:
         bound = sock.getsockname()
         log.info("multiplexer: listening on tcp:%s:%d", bound[0], bound[1])
         return str(bound[0]), int(bound[1])
+
+    def _buffer_limit(self) -> int:
+        """Bytes read ahead from a client: a whole message of the largest msize."""
+        return max(self.msize, 64 * 1024)
 
     def _check_open(self) -> None:
         if self._sender is None:
