@@ -64,7 +64,7 @@ import fsspec
 import fsspec.callbacks
 import fsspec.utils
 
-from pyxen9p.errors import TransportClosedError
+from pyxen9p.errors import ProtocolError, TransportClosedError, TransportError
 from pyxen9p.p9.client import Client, DirEntry
 
 __all__ = ["PROTOCOL", "Xen9pFile", "Xen9pFileSystem", "parse_server"]
@@ -241,7 +241,9 @@ class Xen9pFileSystem(fsspec.AbstractFileSystem):  # type: ignore[misc]
             "server": server,
         }
         self._options = options
-        self._key = fsspec.utils.tokenize(sorted(self._selectors.items()), sorted(options.items()))
+        # with a server address, the tag only names the share in URLs
+        used = {"server": server} if server is not None else self._selectors
+        self._key = fsspec.utils.tokenize(sorted(used.items()), sorted(options.items()))
         self._pid = os.getpid()
         self.client  # connect now: a wrong tag or address fails here  # noqa: B018
 
@@ -400,6 +402,29 @@ class Xen9pFileSystem(fsspec.AbstractFileSystem):  # type: ignore[misc]
 
         infos = client._parallel([entry_info(n, e) for n, e in zip(names, entries, strict=True)])
         return [i for i in infos if i is not None]
+
+    def walk(
+        self, path: Any, maxdepth: int | None = None, topdown: bool = True,
+        on_error: Any = "omit", **kwargs: Any,
+    ) -> Iterator[Any]:
+        """fsspec's walk, except that a broken server is never taken for an unreadable directory.
+
+        A listing that breaks the protocol (:class:`~pyxen9p.errors.ProtocolError`),
+        a failed transport and a timeout are raised whatever *on_error* says
+        (``"omit"``, the default, would otherwise leave that directory out of
+        :meth:`find`, :meth:`glob`, :meth:`du`, ``rm(recursive=True)``... without
+        a word).
+        """
+
+        def guarded(exc: OSError) -> None:
+            if isinstance(exc, (ProtocolError, TransportError, TimeoutError)):
+                raise exc
+            if on_error == "raise":
+                raise exc
+            if callable(on_error):
+                on_error(exc)
+
+        yield from super().walk(path, maxdepth, topdown, on_error=guarded, **kwargs)
 
     def exists(self, path: Any, **kwargs: Any) -> bool:
         """Whether *path* exists (a dangling link does not; see :meth:`lexists`).
