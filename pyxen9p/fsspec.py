@@ -452,13 +452,30 @@ class Xen9pFileSystem(fsspec.AbstractFileSystem):  # type: ignore[misc]
         """Whether *path* is a regular file (errors other than a missing path are raised)."""
         return self._kind(path) == "file"
 
+    def _datetime(self, path: Any, field: str) -> datetime.datetime:
+        info = self.info(path)
+        try:
+            return datetime.datetime.fromtimestamp(info[field], tz=datetime.timezone.utc)
+        except (OverflowError, ValueError, OSError):
+            raise OSError(
+                errno.EOVERFLOW,
+                f"the {field} {info[field]!r} is out of datetime's range",
+                info["name"],
+            ) from None
+
     def created(self, path: Any) -> datetime.datetime:
-        """The change time of *path* (9P2000.L gives this client no birth time), in UTC."""
-        return datetime.datetime.fromtimestamp(self.info(path)["ctime"], tz=datetime.timezone.utc)
+        """The change time of *path* (9P2000.L gives this client no birth time), in UTC.
+
+        :raises OSError: ``EOVERFLOW``: a time no :class:`~datetime.datetime` holds
+        """
+        return self._datetime(path, "ctime")
 
     def modified(self, path: Any) -> datetime.datetime:
-        """The modification time of *path*, in UTC."""
-        return datetime.datetime.fromtimestamp(self.info(path)["mtime"], tz=datetime.timezone.utc)
+        """The modification time of *path*, in UTC.
+
+        :raises OSError: ``EOVERFLOW``: a time no :class:`~datetime.datetime` holds
+        """
+        return self._datetime(path, "mtime")
 
     def ukey(self, path: Any) -> str:
         """A key that changes when the file does: its inode, size and mtime (one Tgetattr)."""
@@ -648,7 +665,9 @@ class Xen9pFileSystem(fsspec.AbstractFileSystem):  # type: ignore[misc]
         self._make_parent(name)
         if mode == "create" and client.exists(name):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), name)
-        client.copy_in(local, name, preserve=False, progress=_progress(callback))
+        client.copy_in(
+            local, name, preserve=False, no_clobber=mode == "create", progress=_progress(callback)
+        )
 
     def get_file(
         self, rpath: Any, lpath: Any, callback: Any = None, outfile: Any = None,

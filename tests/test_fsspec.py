@@ -12,6 +12,8 @@ import errno
 import importlib.metadata
 import os
 import posixpath
+import select
+import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -385,8 +387,11 @@ def test_a_forked_child_opens_its_own_connection(tmp_path: Path) -> None:
             os.write(write, bytes([code]))
             os._exit(code)
     os.close(write)
-    status = os.read(read, 1)
+    ready, _, _ = select.select([read], [], [], 120)
+    status = os.read(read, 1) if ready else b"hung"
     os.close(read)
+    if not ready:
+        os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     assert status == b"\x00"
     assert fs.client is parent and fs.cat_file("/f") == b"parent"  # still intact
@@ -489,6 +494,22 @@ def test_hostile_listing_is_bounded(hostile_root: Path) -> None:
         with pytest.raises(OSError) as info:
             fs.ls("/d", detail=False)
         assert info.value.errno == errno.EFBIG
+        fs.close()
+
+
+def test_hostile_times_are_an_error_not_a_crash(hostile_root: Path) -> None:
+    def far(m: c.Tgetattr, honest: Callable[[], c.Message]) -> c.Message:
+        reply = honest()
+        assert isinstance(reply, c.Rgetattr)
+        return dataclasses.replace(reply, mtime_sec=(1 << 63) - 1, ctime_sec=-(1 << 63))
+
+    with HostileServer(hostile_root, on(c.Tgetattr, far)) as server:
+        fs = _hostile_fs(server)
+        assert fs.info("/d/f")["mtime"] > 1e18  # reported as it is
+        for call in (fs.modified, fs.created):
+            with pytest.raises(OSError) as info:
+                call("/d/f")
+            assert info.value.errno == errno.EOVERFLOW
         fs.close()
 
 
