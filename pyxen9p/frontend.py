@@ -986,6 +986,7 @@ class Frontend:
                     _RECEIVER_STOP_TIMEOUT,
                 )
                 self._stalled = receiver
+        self._receiver = None
 
     def _close_pipe(self) -> None:
         for fd in (self._wake_r, self._wake_w):

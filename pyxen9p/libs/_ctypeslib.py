@@ -268,7 +268,7 @@ class CHandle:
     _wake_pipe: tuple[int, int] | None = None
 
     def _adopt(self, pointer: int) -> None:
-        self._guard = threading.Condition()
+        self._guard = threading.Condition(threading.Lock())
         self._guard_generation = _fork_generation
         self._callers: dict[int, int] = {}
         self._releaser: int | None = None
@@ -290,7 +290,7 @@ class CHandle:
         """The condition guarding the call count (a fresh one in a fork child,
         where the parent's threads, their calls and their locks do not exist)."""
         if self._guard_generation != _fork_generation:
-            self._guard = threading.Condition()
+            self._guard = threading.Condition(threading.Lock())
             self._guard_generation = _fork_generation
             self._callers = {}
             if self._wake_pipe is not None:
