@@ -242,16 +242,27 @@ def test_close_wakes_watch_waiters(
     store = XenStore()
     watch = store.watch("/w")
     store.watch("/raw", token="raw")
-    getter, got = _in_thread(lambda: [watch.get(None), watch.get(None)])
-    reader, read = _in_thread(lambda: [store.read_watch(), store.read_watch()])
+
+    def get_until_none() -> int:
+        events = 0
+        while watch.get(None) is not None:
+            events += 1
+        return events  # an iterator of the watch simply ends
+
+    def read_until_error() -> None:
+        while True:  # takes the events of both watches (low level)
+            store.read_watch()
+
+    getter, got = _in_thread(get_until_none)
+    reader, read = _in_thread(read_until_error)
     time.sleep(0.3)
     started = time.monotonic()
     store.close()
     assert time.monotonic() - started < 2
     getter.join(5)
     reader.join(5)
-    assert got and got[0][1] is None  # an iterator of the watch simply ends
-    assert read and isinstance(read[0], HandleClosedError)
+    assert len(got) == 1 and isinstance(got[0], int)
+    assert len(read) == 1 and isinstance(read[0], HandleClosedError)
 
 
 # --- the frontend -----------------------------------------------------------
