@@ -707,7 +707,7 @@ class Frontend:
                 self._receiver_exited = True
                 work, self._handover = self._handover, None
             if work is not None:
-                log.warning("the receiver thread stopped late: releasing the frontend's rings now")
+                log.info("the receiver thread stopped: releasing what it could reach")
                 self._run_all(work)
 
     @staticmethod

@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 from conftest import need_file
-from frontend_helpers import FE_DOMID, TREAD, frame, machine
+from frontend_helpers import FE_DOMID, TREAD, echo, frame, machine
 from mocklibs import (  # noqa: F401
     EVTCHN,
     GNTTAB,
@@ -268,17 +268,25 @@ def test_close_wakes_watch_waiters(
 # --- the frontend -----------------------------------------------------------
 
 
+def slow_echo(request: bytes) -> bytes:
+    """Answer after a while, so that a done-callback is attached before the
+    reply comes (and so runs on the receiver thread)."""
+    time.sleep(0.2)
+    return echo(request)
+
+
 def test_a_stalled_receiver_keeps_what_it_reaches_until_it_exits(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(frontend_module, "_RECEIVER_STOP_TIMEOUT", 0.3, raising=False)
-    with machine() as m:
+    with machine(handler=slow_echo) as m:
         fe = m.connect()
         receiver = fe._receiver
         assert receiver is not None
         entered, gate = threading.Event(), threading.Event()
 
-        def stall(_: Future[bytes]) -> None:  # runs on the receiver thread
+        def stall(_: Future[bytes]) -> None:
+            assert threading.current_thread() is receiver
             entered.set()
             gate.wait(30)
 
@@ -300,12 +308,13 @@ def test_a_stalled_receiver_keeps_what_it_reaches_until_it_exits(
 
 
 def test_request_from_the_receiver_thread_is_refused_at_once() -> None:
-    with machine() as m:
+    with machine(handler=slow_echo) as m:
         fe = m.connect()
         outcome: list[Any] = []
         done = threading.Event()
 
-        def nested(_: Future[bytes]) -> None:  # runs on the receiver thread
+        def nested(_: Future[bytes]) -> None:
+            assert threading.current_thread() is fe._receiver
             started = time.monotonic()
             try:
                 fe.request(frame(TREAD, 2, b"y"), timeout=5)
@@ -321,3 +330,31 @@ def test_request_from_the_receiver_thread_is_refused_at_once() -> None:
         assert fe.request(frame(TREAD, 3, b"z"), timeout=5)  # still usable
         fe.close()
         m.assert_clean()
+
+
+def test_close_from_a_done_callback_releases_once_the_receiver_returns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with machine(handler=slow_echo) as m:
+        fe = m.connect()
+        receiver = fe._receiver
+        assert receiver is not None
+        closed = threading.Event()
+
+        def close_now(_: Future[bytes]) -> None:
+            assert threading.current_thread() is receiver
+            fe.close()
+            # still inside the receiver: its rings and handles are all alive
+            counts = m.xen.resources(FE_DOMID)
+            assert counts.grants and counts.ports and counts.handles, counts
+            closed.set()
+
+        # more requests in flight: their replies may come while it closes
+        futures = [fe.submit(frame(TREAD, tag, b"x")) for tag in range(1, 6)]
+        futures[0].add_done_callback(close_now)
+        assert closed.wait(10)
+        receiver.join(5)
+        assert not receiver.is_alive()
+        m.assert_clean()
+    errors = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert not errors, [r.getMessage() for r in errors]
