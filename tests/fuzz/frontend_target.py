@@ -12,7 +12,8 @@ Each case starts a simulated machine (:func:`frontend_helpers.machine`: a
   bytes written into ``in`` behind a forged ``in_prod`` (a frame inside valid
   indices that lies), a forged ``in_prod`` with no reply behind it (the
   hostile test's is usually overwritten by the reply pushed after it), a
-  reply far larger than the request, the backend's state node removed.
+  reply far larger than the request, the backend's state node removed or
+  holding a malformed value.
   1 to 3 rings of order 2 to 4; the requests (1 to 8, of 0 bytes up to the
   msize) are sent one after the other or from one thread each.
 * ``xenstore`` (20 %): malformed ``versions``, ``max-rings`` and
@@ -166,7 +167,7 @@ class HostileScript(Script):
         with self.lock:
             step = self.steps[0] if self.steps else ("echo",)
         kind = step[0]
-        if kind not in ("out_cons", "in_data", "forge_in_prod", "big", "rm_state"):
+        if kind not in ("out_cons", "in_data", "forge_in_prod", "big", "rm_state", "state_value"):
             return super().__call__(request)
         with self.lock:
             if self.steps:
@@ -198,9 +199,12 @@ class HostileScript(Script):
             return good
         if kind == "big":
             return frame(mtype + 1, tag, b"B" * int(step[1]))  # type: ignore[call-overload]
-        store = m.dom0.open_xenstore()  # rm_state
+        store = m.dom0.open_xenstore()  # rm_state, state_value
         try:
-            store.rm(f"{m.backend.backend_path}/state")
+            if kind == "rm_state":
+                store.rm(f"{m.backend.backend_path}/state")
+            else:
+                store.write(f"{m.backend.backend_path}/state", bytes(step[1]))  # type: ignore[arg-type]
         finally:
             store.close()
         return good
@@ -210,30 +214,32 @@ def _u32(rng: random.Random) -> int:
     return rng.choice([0, 1, 7, 0x7FFFFFFF, 0x80000000, _MASK32, rng.randrange(1 << 32)])
 
 
+#: the backend's actions and their relative weights
+ACTIONS = [
+    ("echo", 8),
+    ("wrong_tag", 3),
+    ("wrong_type", 3),
+    ("rlerror", 3),
+    ("duplicate", 3),
+    ("silence", 1),
+    ("garbage", 3),
+    ("header", 3),
+    ("short_body", 3),
+    ("state", 2),
+    ("in_prod", 3),
+    ("notify_storm", 2),
+    ("out_cons", 3),
+    ("in_data", 3),
+    ("forge_in_prod", 3),
+    ("big", 2),
+    ("rm_state", 1),
+    ("state_value", 1),
+]
+
+
 def action(rng: random.Random, ring_bytes: int) -> tuple[object, ...]:
     """One backend action, drawn as the hostile test's strategy draws it, and more."""
-    kind = rng.choices(
-        [
-            "echo",
-            "wrong_tag",
-            "wrong_type",
-            "rlerror",
-            "duplicate",
-            "silence",
-            "garbage",
-            "header",
-            "short_body",
-            "state",
-            "in_prod",
-            "notify_storm",
-            "out_cons",
-            "in_data",
-            "forge_in_prod",
-            "big",
-            "rm_state",
-        ],
-        [8, 3, 3, 3, 3, 1, 3, 3, 3, 2, 3, 2, 3, 3, 3, 2, 1],
-    )[0]
+    kind = rng.choices([a for a, _ in ACTIONS], [w for _, w in ACTIONS])[0]
     if kind == "wrong_tag":
         return (kind, rng.randrange(1 << 16))
     if kind == "wrong_type":
@@ -253,6 +259,8 @@ def action(rng: random.Random, ring_bytes: int) -> tuple[object, ...]:
         return (kind, rng.choice([1, 6, 7, ring_bytes, ring_bytes + 1, _u32(rng)]))
     if kind == "notify_storm":
         return (kind, rng.randrange(1, 31))
+    if kind == "state_value":  # the backend's state node, not a state number
+        return (kind, rng.choice([b"", b"4x", b" 4", b"04", b"\xff", b"-1", b"4294967300", b"4\0"]))
     if kind == "in_data":
         size = rng.choice([0, 3, 7, 16, ring_bytes // 2, ring_bytes, _MASK32])
         forged = HEADER.pack(size & _MASK32, rng.randrange(256), rng.randrange(1 << 16))
@@ -268,8 +276,8 @@ def _xenstore_value(rng: random.Random, good: bytes) -> bytes:
         return good
     if roll < 0.7:
         return rng.randbytes(rng.randrange(13))
-    if roll < 0.85:
-        return str(rng.randrange(-5, 2**33) if roll < 0.78 else rng.randrange(12)).encode()
+    if roll < 0.8:
+        return str(rng.randrange(-5, 2**33) if roll < 0.75 else rng.randrange(12)).encode()
     return rng.choice(
         [
             b"1",
@@ -423,7 +431,7 @@ class Worker:
             "max-rings": _xenstore_value(rng, b"2"),
             "max-ring-page-order": _xenstore_value(rng, b"9"),
         }
-        missing = rng.choice([None, None, "versions", "max-rings", "max-ring-page-order"])
+        missing = rng.choice([None] * 4 + ["versions", "max-rings", "max-ring-page-order"])
         with machine(advertise=advertise) as m:
             assert m.backend.wait_for_state(XenbusState.INIT_WAIT, timeout=5)
             if missing is not None:
