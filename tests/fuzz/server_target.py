@@ -11,9 +11,12 @@ to leave (``..``, ``/``, ``a/b``, NUL, long, not UTF-8, links that point
 outside), huge counts, offsets and lengths, random tags and flags; about one
 request in twelve is mutated on the wire (see :mod:`fuzz.codec_target`),
 some so that their framing is broken.  A session may be closed mid-case and
-another opened.
+another opened.  In a quarter of the cases, 2 or 3 threads send at once on
+1 or 2 sessions whose fids they share (a Tversion or Tclunk of one racing
+another's use of the fid).
 
-Checks, per request: ``handle`` answers every well-framed request (raising
+Checks, per request: ``handle`` answers every well-framed request within
+10 s (a Tflush may wait for the request it flushes) (raising
 :class:`~pyxen9p.p9.codec.ProtocolError` only for broken framing) with one
 reply that decodes, carries the request's tag and the request's reply type
 or Rlerror, fits the negotiated msize, never contains the outside secret and
@@ -40,6 +43,9 @@ import random
 import shutil
 import stat
 import tempfile
+import threading
+import time
+import traceback
 from collections import Counter
 from typing import Any
 
@@ -251,8 +257,10 @@ class _Errors(logging.Handler):
 class _Client:
     """What the generator knows about one session."""
 
-    def __init__(self, session: Session) -> None:
+    def __init__(self, session: Session, *, threaded: bool = False) -> None:
         self.session = session
+        #: other threads use the session too (its msize may change under us)
+        self.threaded = threaded
         self.fids: list[int] = []
         self.opened: list[int] = []
         self.tag = 0
@@ -423,6 +431,8 @@ class Worker:
         return kind
 
     def _play(self, rng: random.Random, server: FileServer, errors: _Errors) -> str:
+        if rng.random() < 0.25:
+            return self._play_threads(rng, server)
         clients = [_Client(server.session()) for _ in range(rng.randrange(1, 4))]
         for cl in clients:
             self._setup(rng, cl)
@@ -443,6 +453,43 @@ class Worker:
             cl.session.close()
         return f"sessions:{len(clients)}"
 
+    def _play_threads(self, rng: random.Random, server: FileServer) -> str:
+        """2 or 3 threads at once on 1 or 2 sessions, sharing their fids."""
+        sessions = [server.session() for _ in range(rng.randrange(1, 3))]
+        fids: dict[Session, list[int]] = {}
+        for session in sessions:
+            cl = _Client(session)
+            self._exchange(rng, cl, c.Tversion(c.NOTAG, 65536, "9P2000.L"))
+            self._exchange(rng, cl, c.Tattach(1, 1, c.NOFID, "root", "", c.NONUNAME))
+            for fid, names in enumerate([("dir",), ("a.txt",), ("dir", "b.txt"), ("dir", "sub")]):
+                self._exchange(rng, cl, c.Twalk(2, 1, fid + 2, names))
+            fids[session] = cl.fids
+        seeds = [rng.randrange(1 << 32) for _ in range(rng.randrange(2, 4))]
+        problems: list[str] = []
+
+        def run(index: int) -> None:
+            trng = random.Random(seeds[index])
+            session = trng.choice(sessions)
+            cl = _Client(session, threaded=True)
+            cl.fids = list(fids[session])
+            cl.tag = index * 20000
+            try:
+                for _ in range(trng.randrange(10, 61)):
+                    self._exchange(trng, cl, request(trng, cl))
+            except Exception:
+                problems.append(traceback.format_exc())
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(seeds))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(50)
+        assert not any(t.is_alive() for t in threads), "a request hung"
+        assert not problems, problems[0]
+        for session in sessions:
+            session.close()
+        return f"threads:{len(threads)}"
+
     def _setup(self, rng: random.Random, cl: _Client) -> None:
         if cl.session.msize == 0 and rng.random() < 0.95:
             self._exchange(rng, cl, c.Tversion(c.NOTAG, rng.choice([8192, 65536]), "9P2000.L"))
@@ -455,12 +502,16 @@ class Worker:
         if rng.random() < 0.08:
             _how, frame = mutate(rng, frame)
         framed = len(frame) >= 7 and int.from_bytes(frame[:4], "little") == len(frame)
-        msize = cl.session.msize
+        msize = 0 if cl.threaded else cl.session.msize
+        start = time.monotonic()
         try:
             reply = cl.session.handle(frame)
         except c.ProtocolError:
             assert not framed, f"a well-framed request was not answered: {frame.hex()}"
             return
+        took = time.monotonic() - start
+        if not isinstance(msg, c.Tflush):  # Tflush waits for the request it flushes
+            assert took < 10, f"{msg!r} took {took:.1f} s"
         assert framed, f"a badly framed request got a reply: {frame.hex()}"
         _size, mtype, tag = c.peek_header(frame)
         answer = c.decode(reply)

@@ -23,7 +23,7 @@ from pyxen9p.p9 import codec as c
 from pyxen9p.p9 import server as srv
 
 SEED = os.environ.get("PYXEN9P_FUZZ_SEED", "ci")
-SLICE = {"codec": 5000, "server": 150, "frontend": 60}
+SLICE = {"codec": 20000, "server": 500, "frontend": 100}
 
 
 @pytest.fixture
