@@ -35,7 +35,7 @@ from typing import Any
 #: target name -> (module, default cases, cases per chunk, workers per core,
 #: seconds one case may take before it counts as hung)
 TARGETS: dict[str, tuple[str, int, int, int, float]] = {
-    "codec": ("fuzz.codec_target", 100_000, 5_000, 1, 20.0),
+    "codec": ("fuzz.codec_target", 1_000_000, 20_000, 1, 20.0),
     "frontend": ("fuzz.frontend_target", 10_000, 25, 4, 60.0),
     "server": ("fuzz.server_target", 20_000, 100, 1, 60.0),
 }
@@ -101,14 +101,12 @@ def run_cases(
     worker = worker if worker is not None else _worker(target)
     report = Report(target, seed)
     start = time.monotonic()
+    watchdog = _Watchdog.get(case_timeout) if case_timeout is not None else None
     for index in indices:
         if deadline is not None and time.time() >= deadline:
             break
-        watchdog = None
-        if case_timeout is not None:
-            watchdog = threading.Timer(case_timeout, _hung, (target, seed, index, case_timeout))
-            watchdog.daemon = True
-            watchdog.start()
+        if watchdog is not None:
+            watchdog.current = (target, seed, index, time.monotonic())
         try:
             kind = worker.case(case_rng(seed, target, index))
         except Exception as exc:
@@ -117,7 +115,7 @@ def run_cases(
             kind = "failed"
         finally:
             if watchdog is not None:
-                watchdog.cancel()
+                watchdog.current = None
         report.cases += 1
         report.kinds[kind] += 1
     for note, count in getattr(worker, "notes", Counter()).items():
@@ -128,14 +126,39 @@ def run_cases(
     return report
 
 
-def _hung(target: str, seed: str, index: int, timeout: float) -> None:
-    sys.stderr.write(
-        f"\nFUZZ HANG: {target} case {index} (seed {seed}) ran past {timeout:g} s;"
-        f" reproduce: {reproduce(target, seed, index)}\n"
-    )
-    faulthandler.dump_traceback(all_threads=True)
-    sys.stderr.flush()
-    os._exit(70)
+class _Watchdog:
+    """One thread per process that ends the process when a case runs too long."""
+
+    _instance: _Watchdog | None = None
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        #: (target, seed, index, start) of the running case, or None
+        self.current: tuple[str, str, int, float] | None = None
+        threading.Thread(target=self._watch, name="fuzz-watchdog", daemon=True).start()
+
+    @classmethod
+    def get(cls, timeout: float) -> _Watchdog:
+        """This process's watchdog, with *timeout*."""
+        if cls._instance is None:
+            cls._instance = cls(timeout)
+        cls._instance.timeout = timeout
+        return cls._instance
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(0.5)
+            current = self.current
+            if current is None or time.monotonic() - current[3] < self.timeout:
+                continue
+            target, seed, index, _ = current
+            sys.stderr.write(
+                f"\nFUZZ HANG: {target} case {index} (seed {seed}) ran past {self.timeout:g} s;"
+                f" reproduce: {reproduce(target, seed, index)}\n"
+            )
+            faulthandler.dump_traceback(all_threads=True)
+            sys.stderr.flush()
+            os._exit(70)
 
 
 def run_target(

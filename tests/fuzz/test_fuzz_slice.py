@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -163,3 +165,27 @@ def test_frontend_checks_catch_a_descriptor_leak(
     assert report.failures and all("descriptors left" in t for _, t in report.failures), summary(
         report
     )
+
+
+_HANGING = """
+import sys, time
+from fuzz.runner import run_cases
+
+class Worker:
+    def case(self, rng):
+        time.sleep(30)
+
+run_cases("codec", "s", range(3), worker=Worker(), case_timeout=1)
+"""
+
+
+def test_a_hung_case_is_reported_with_its_replay_command() -> None:
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([tests, *sys.path]))
+    proc = subprocess.run(
+        [sys.executable, "-c", _HANGING], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert proc.returncode == 70, proc.stderr
+    assert "FUZZ HANG: codec case 0 (seed s)" in proc.stderr
+    assert "scripts/fuzz --target codec --seed s --case 0" in proc.stderr
+    assert "time.sleep(30)" in proc.stderr or "in case" in proc.stderr
