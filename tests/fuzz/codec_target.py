@@ -262,6 +262,8 @@ class Worker:
         decoded = check_decode(frame, measure=how == "count" or self.count % 16 == 0)
         if decoded is not None:
             self.notes["mutated frames that decoded"] += 1
+        if how == "count":
+            self.notes["decodes measured with tracemalloc"] += 1
         return f"mutated:{how}"
 
     def close(self) -> None:

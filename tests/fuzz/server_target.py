@@ -510,6 +510,7 @@ class Worker:
             assert not framed, f"a well-framed request was not answered: {frame.hex()}"
             return
         took = time.monotonic() - start
+        self.notes["requests answered"] += 1
         if not isinstance(msg, c.Tflush):  # Tflush waits for the request it flushes
             assert took < 10, f"{msg!r} took {took:.1f} s"
         assert framed, f"a badly framed request got a reply: {frame.hex()}"
