@@ -309,8 +309,10 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for target in targets:
         workers = args.workers if args.workers is not None else cores * TARGETS[target][3]
-        what = f"case {args.case}" if args.case is not None else f"{counts[target]} cases"
-        print(f"fuzz: {target}: {what}, {workers} workers", flush=True)
+        if args.case is not None:
+            print(f"fuzz: {target}: case {args.case}, in this process", flush=True)
+        else:
+            print(f"fuzz: {target}: {counts[target]} cases, {workers} workers", flush=True)
         report = run_target(
             target,
             seed,

@@ -9,6 +9,7 @@ break pyxen9p on purpose and check that the target's checks notice.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import subprocess
@@ -136,6 +137,16 @@ def _step_without_root_check(self: srv.Session, cur: Any, name: str) -> Any:
     fd = os.open(name.encode("utf-8", "surrogateescape"), srv._PATH_FLAGS, dir_fd=cur.fd)
     st = os.fstat(fd)
     return srv._Loc(fd, -1, b"", st.st_mode, False)
+
+
+def test_server_checks_catch_a_new_link_leaving_the_export(
+    server_worker: server_target.Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        server_target, "FileServer", functools.partial(srv.FileServer, symlinks="any")
+    )
+    report = _run("server", server_worker, 150)
+    assert any(server_target.NEW_LINK_OUT in text for _, text in report.failures), summary(report)
 
 
 def test_server_checks_catch_a_descriptor_leak(
