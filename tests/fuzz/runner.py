@@ -16,6 +16,7 @@ Usage (``scripts/fuzz`` sets up the environment and calls this)::
 from __future__ import annotations
 
 import argparse
+import atexit
 import faulthandler
 import importlib
 import os
@@ -78,7 +79,8 @@ def _worker(target: str) -> Any:
     """This process's worker of *target* (made once, reused for every case)."""
     if target not in _workers:
         module = importlib.import_module(TARGETS[target][0])
-        _workers[target] = module.Worker()
+        _workers[target] = worker = module.Worker()
+        atexit.register(worker.close)  # e.g. the server target's sandbox
     return _workers[target]
 
 
