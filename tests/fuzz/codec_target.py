@@ -35,7 +35,9 @@ from typing import Any
 from pyxen9p.p9 import codec as c
 
 CLASSES = [c.message_classes()[t] for t in sorted(c.message_classes())]
-_MAX = {"u8": 0xFF, "u16": 0xFFFF, "u32": 0xFFFFFFFF, "u64": (1 << 64) - 1}
+_MAX = {"u8": 0xFF, "u16": 0xFFFF, "u32": 0xFFFFFFFF, "u64": (1 << 64) - 1, "i64": (1 << 63) - 1}
+#: the smallest value of the signed kinds (the others start at 0)
+_MIN = {"i64": -(1 << 63)}
 #: bytes of a frame's length the decoder may allocate, plus a constant
 MEMORY_FACTOR = 8
 MEMORY_SLACK = 64 * 1024
@@ -61,14 +63,15 @@ def fields_of(cls: type[c.Message]) -> list[tuple[str, str]]:
 
 
 def integer(rng: random.Random, kind: str) -> int:
-    """An integer of *kind* (u8..u64), biased to the boundaries."""
+    """An integer of *kind* (u8..u64, i64), biased to the boundaries."""
     top = _MAX[kind]
+    low = _MIN.get(kind, 0)
     roll = rng.random()
     if roll < 0.3:
-        return rng.choice([0, 1, top, top - 1, top >> 1, (top >> 1) + 1])
+        return rng.choice([0, 1, top, top - 1, top >> 1, (top >> 1) + 1, low, low + 1, low // 2])
     if roll < 0.6:
-        return rng.randrange(min(top, 4096) + 1)
-    return rng.randrange(top + 1)
+        return rng.randrange(max(low, -4096), min(top, 4096) + 1)
+    return rng.randrange(low, top + 1)
 
 
 def raw_name(rng: random.Random, longest: int = 40) -> bytes:
@@ -132,7 +135,9 @@ def invalid_message(rng: random.Random) -> c.Message:
     index = rng.randrange(len(values))
     kind = "u16" if index == 0 else names[index - 1][1]
     if kind in _MAX:
-        bad: Any = rng.choice([-1, _MAX[kind] + 1, 1 << 70, "1", None, 1.5])
+        bad: Any = rng.choice(
+            [_MIN.get(kind, 0) - 1, _MAX[kind] + 1, 1 << 70, "1", None, 1.5]
+        )
     elif kind == "s":
         bad = rng.choice(["\ud800", "x" * 65536, b"bytes", 7])
     elif kind == "strs":
