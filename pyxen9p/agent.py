@@ -508,13 +508,15 @@ def find_agent(
     if simulate is not None:
         return None
     for agent in list_agents(dirs):
-        if not agent.answers or not agent.locked:
-            continue
+        if not agent.answers or not agent.locked or "simulate" in agent.device:
+            continue  # a simulated share's tag says nothing about a Xen device
         dev = agent.device
+        selector = dev.get("selector")
+        asked = selector.get("path") if isinstance(selector, dict) else None
         if (
             (tag is not None and dev.get("tag") == tag)
             or (devid is not None and dev.get("devid") == devid)
-            or (path is not None and dev.get("path") == path)
+            or (path is not None and path in (dev.get("path"), asked))
         ):
             return agent.socket
     return None

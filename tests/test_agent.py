@@ -226,6 +226,42 @@ def test_default_socket_discovery_ready_signal_info_and_a_second_agent(
         pyxen9p.connect(simulate=share, agent="require")
 
 
+def test_a_xen_device_selector_finds_its_agent_by_name_and_by_description(
+    share: Path, runtime: Path
+) -> None:
+    """``--tag share`` finds ``tag-share.sock``; with no selector, or another one naming
+    the same device, the agent whose lock file describes that device."""
+    env = child_env(runtime)
+    runtime.mkdir(mode=0o700)
+    by_name = runtime / "tag-share.sock"
+    with running(["--simulate", str(share), "serve", "--listen", f"unix:{by_name}"], env) as a:
+        a.wait_for(by_name)
+        r = cli("-v", "--tag", "share", "ls", env=env)  # no Xen here: only the agent serves
+        assert (r.returncode, r.stdout.split()) == (0, ["a.txt", "sub"]), r.stderr
+        assert f"using the agent at {by_name}" in r.stderr
+        r = cli("--tag", "share", "info", "--json", env=env)
+        conn = json.loads(r.stdout)["connection"]
+        assert (r.returncode, conn["connected"], conn["agent"]) == (0, True, str(by_name))
+        assert conn["version"] == "9P2000.L"
+        r = cli("--tag", "share", "info", env=env)
+        assert f"through its agent     {by_name}" in r.stdout
+        r = cli("--tag", "other", "--via-agent", "ls", env=env)
+        assert r.returncode == 1 and "no agent is running for tag 'other'" in r.stderr
+        assert a.stop() == 0
+    # an agent described by its lock file (as an agent of a Xen device writes it)
+    other = runtime / "any.sock"
+    with running(["--simulate", str(share), "serve", "--listen", f"unix:{other}"], env) as a, \
+            agent.AgentLock(str(runtime / "any.lock")) as lock:
+        lock.describe({"device": {"tag": "share", "devid": 0,
+                                  "path": "/local/domain/1/device/9pfs/0"}})
+        a.wait_for(other)
+        for argv in (["--devid", "0"], ["--path", "/local/domain/1/device/9pfs/0"], []):
+            r = cli("-v", *argv, "cat", "a.txt", env=env)
+            assert (r.returncode, r.stdout) == (0, "hello"), (argv, r.stderr)
+            assert f"using the agent at {other}" in r.stderr
+        assert a.stop() == 0
+
+
 def test_many_concurrent_clients(share: Path, runtime: Path, tmp_path: Path) -> None:
     sock = tmp_path / "agent.sock"
     env = child_env(runtime)

@@ -194,7 +194,7 @@ def cmd_serve(ctx: _Context) -> None:
             raise CommandError(f"the backend's 9P session failed: {_describe(exc)}") from exc
         stack.callback(mux.stop)
         bound: list[str] = []
-        for address in listen:
+        for address in [] if stop.is_set() else listen:  # stopped while connecting: no socket
             try:
                 if address.kind == "unix":
                     path = mux.listen_unix(
