@@ -262,6 +262,32 @@ def test_a_xen_device_selector_finds_its_agent_by_name_and_by_description(
         assert a.stop() == 0
 
 
+def test_an_agent_killed_by_sigkill_leaves_nothing_that_stops_the_next(
+    share: Path, runtime: Path
+) -> None:
+    env = child_env(runtime)
+    name = agent.agent_name(simulate=share)
+    sock = runtime / f"{name}.sock"
+    with running(["--simulate", str(share), "serve"], env) as a:
+        a.wait_for(sock)
+        a.proc.kill()
+        a.proc.wait()
+    assert sock.exists() and (runtime / f"{name}.lock").exists()  # left behind, stale
+    (stale,) = agent.list_agents([str(runtime)])
+    assert (stale.answers, stale.locked) == (False, False)
+    r = cli("-v", "--simulate", str(share), "cat", "a.txt", env=env)  # directly, not hanging
+    assert (r.returncode, r.stdout) == (0, "hello") and "using the agent" not in r.stderr
+    with running(["--simulate", str(share), "serve"], env) as a:
+        deadline = time.monotonic() + 30
+        while not agent.list_agents([str(runtime)])[0].answers:
+            assert time.monotonic() < deadline and a.proc.poll() is None, a.stderr()
+            time.sleep(0.05)
+        r = cli("--simulate", str(share), "--via-agent", "cat", "a.txt", env=env)
+        assert (r.returncode, r.stdout) == (0, "hello"), r.stderr
+        assert a.stop() == 0
+    assert os.listdir(runtime) == []
+
+
 def test_many_concurrent_clients(share: Path, runtime: Path, tmp_path: Path) -> None:
     sock = tmp_path / "agent.sock"
     env = child_env(runtime)
