@@ -113,9 +113,11 @@ class Address:
         return f"tcp:{host}:{self.port}"
 
 
-def parse_address(text: str) -> Address:
+def parse_address(text: str, *, connect: bool = False) -> Address:
     """Read ``unix:PATH`` or ``tcp:HOST:PORT`` (``tcp:[v6addr]:PORT``).
 
+    :param connect: *text* names a server to connect to, so TCP port 0 (a
+        listener's "any free port") is refused too
     :raises ValueError: neither form, an empty path or host, a port outside
         0..65535, a NUL byte
     """
@@ -138,6 +140,8 @@ def parse_address(text: str) -> Address:
     port = int(port_text)
     if not host or port > 65535:
         raise ValueError(f"not a TCP address (tcp:HOST:PORT, port 0..65535): {text!r}")
+    if connect and port == 0:
+        raise ValueError(f"{text}: a server's port cannot be 0")
     return Address("tcp", host=host, port=port)
 
 
@@ -150,7 +154,7 @@ def open_transport(address: Address | str, *, timeout: float = 30.0) -> StreamTr
     """
     from pyxen9p.p9.transport import StreamTransport
 
-    addr = parse_address(address) if isinstance(address, str) else address
+    addr = parse_address(address, connect=True) if isinstance(address, str) else address
     if addr.kind == "unix":
         return StreamTransport.unix(addr.path, timeout=timeout)
     if addr.port == 0:

@@ -64,10 +64,11 @@ import fsspec
 import fsspec.callbacks
 import fsspec.utils
 
+from pyxen9p.agent import parse_address
 from pyxen9p.errors import ProtocolError, TransportClosedError, TransportError
 from pyxen9p.p9.client import Client, DirEntry
 
-__all__ = ["PROTOCOL", "Xen9pFile", "Xen9pFileSystem", "parse_server"]
+__all__ = ["PROTOCOL", "Xen9pFile", "Xen9pFileSystem"]
 
 #: The protocol name: ``xen9p://TAG/PATH``.
 PROTOCOL = "xen9p"
@@ -80,50 +81,13 @@ _SELECTORS = ("tag", "devid", "path", "simulate", "server")
 # Connections
 
 
-def parse_server(address: str) -> tuple[str, str] | tuple[str, tuple[str, int]]:
-    """Split a 9P server address: ``unix:PATH`` or ``tcp:HOST:PORT`` (``tcp:[V6]:PORT``).
-
-    :returns: ``("unix", path)`` or ``("tcp", (host, port))``
-    :raises ValueError: the address is neither
-    """
-    kind, sep, rest = address.partition(":")
-    if sep and kind == "unix" and rest:
-        return "unix", rest
-    if sep and kind == "tcp":
-        host, sep, port = rest.rpartition(":")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        if sep and host and port.isdigit() and 0 < int(port) < 65536:
-            return "tcp", (host, int(port))
-    raise ValueError(f"a 9P server address is unix:PATH or tcp:HOST:PORT, not {address!r}")
-
-
-def _connect_server(address: str, options: dict[str, Any]) -> Client:
-    """A :class:`Client` on the 9P server at *address*.
-
-    The one place that connects to a server address; ``pyxen9p.connect(server=)``
-    will take its place.
-    """
-    from pyxen9p.p9.transport import StreamTransport
-
-    options = dict(options)
-    timeout = options.pop("timeout", 30.0)
-    request_timeout = options.pop("request_timeout", 60.0)
-    kind, where = parse_server(address)
-    if kind == "unix":
-        transport = StreamTransport.unix(cast(str, where), timeout=timeout)
-    else:
-        host, port = cast("tuple[str, int]", where)
-        transport = StreamTransport.tcp(host, port, timeout=timeout)
-    return Client(transport, timeout=request_timeout, **options)
-
-
 def _open_client(selectors: dict[str, Any], options: dict[str, Any]) -> Client:
     """Connect as the storage options say (a server address, or a device)."""
+    import pyxen9p
+
     server = selectors.get("server")
     if server is not None:
-        return _connect_server(server, options)
-    import pyxen9p
+        return pyxen9p.connect(server=server, **options)
 
     return pyxen9p.connect(
         tag=selectors.get("tag"),
@@ -227,7 +191,7 @@ class Xen9pFileSystem(fsspec.AbstractFileSystem):  # type: ignore[misc]
         }
         super().__init__(**fs_options)
         if server is not None:
-            parse_server(server)  # a wrong address fails here
+            parse_address(server, connect=True)  # a wrong address fails here
             if devid is not None or path is not None or simulate is not None:
                 raise ValueError("server= names the share: no devid, path or simulate with it")
         self.tag = tag

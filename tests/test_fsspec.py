@@ -36,7 +36,7 @@ import fsspec.tests.abstract as abstract
 from p9.hostile import SILENCE, HostileServer, on
 
 from pyxen9p.errors import ProtocolError, TransportError
-from pyxen9p.fsspec import Xen9pFile, Xen9pFileSystem, parse_server
+from pyxen9p.fsspec import Xen9pFile, Xen9pFileSystem
 from pyxen9p.p9 import codec as c
 from pyxen9p.p9.server import FileServer
 
@@ -142,13 +142,10 @@ def test_url_parsing(url: str, path: str, options: dict[str, Any]) -> None:
     assert Xen9pFileSystem._get_kwargs_from_urls(url) == options
 
 
-def test_server_addresses() -> None:
-    assert parse_server("unix:/run/p.sock") == ("unix", "/run/p.sock")
-    assert parse_server("tcp:127.0.0.1:564") == ("tcp", ("127.0.0.1", 564))
-    assert parse_server("tcp:[::1]:5640") == ("tcp", ("::1", 5640))
+def test_server_addresses_are_checked_when_the_file_system_is_made() -> None:
     for bad in ("unix:", "tcp:host", "tcp:host:0", "tcp::564", "udp:x:1", "/run/p.sock"):
-        with pytest.raises(ValueError, match="unix:PATH or tcp:HOST:PORT"):
-            parse_server(bad)
+        with pytest.raises(ValueError, match=r"address|port cannot be 0|socket path"):
+            Xen9pFileSystem(server=bad, skip_instance_cache=True)
     with pytest.raises(ValueError):
         fsspec.filesystem("xen9p", server="nowhere")
 

@@ -58,7 +58,7 @@ def _server_address(text: str) -> str:
     from pyxen9p.agent import parse_address
 
     try:
-        return str(parse_address(text))
+        return str(parse_address(text, connect=True))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
