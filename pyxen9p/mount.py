@@ -164,6 +164,8 @@ class ClientOperations:
         self._handles: dict[int, _Handle] = {}
         self._numbers = itertools.count(1)
         self._lock = threading.Lock()
+        #: the kernel has sent FUSE_INIT
+        self.ready = False
 
     # --- life -------------------------------------------------------------------
 
@@ -171,6 +173,7 @@ class ClientOperations:
         """FUSE_INIT: the mount is in place; report it."""
         if config is not None:
             config.use_ino = 1
+        self.ready = True
         if self._on_ready is not None:
             self._on_ready()
 
@@ -228,8 +231,14 @@ class ClientOperations:
             self.client.truncate(path, length)
 
     @_errors
-    def utimens(self, path: str, times: tuple[int, int] | None = None) -> None:
-        """setattr: the access and modification times (``UTIME_NOW``, ``UTIME_OMIT`` honoured)."""
+    def utimens(
+        self, path: str, times: tuple[tuple[int, int], tuple[int, int]] | None = None
+    ) -> None:
+        """setattr: the access and modification times, each ``(seconds, nanoseconds)``.
+
+        A nanoseconds field ``UTIME_NOW`` means the server's current time,
+        ``UTIME_OMIT`` leaves that time; ``None``: both become the current time.
+        """
         valid = 0
         stamps = [(0, 0), (0, 0)]
         for i, (flag, set_flag) in enumerate(
@@ -239,11 +248,13 @@ class ClientOperations:
             if times is None:
                 valid |= flag
                 continue
-            sec, nsec = divmod(times[i], 1_000_000_000)
+            sec, nsec = times[i]
             if nsec == _UTIME_OMIT:
                 continue
             valid |= flag
             if nsec != _UTIME_NOW:
+                if not 0 <= nsec < 1_000_000_000:
+                    raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
                 valid |= set_flag
                 stamps[i] = (sec, nsec)
         if valid:
@@ -416,7 +427,8 @@ class ClientOperations:
 
 
 def _fuse_class() -> Any:
-    """mfusepy's ``FUSE``, with rename's flags passed on (mfusepy drops them)."""
+    """mfusepy's ``FUSE``, with rename's flags passed on (mfusepy drops them), and the
+    times of utimens as libfuse gives them (``UTIME_NOW`` and ``UTIME_OMIT`` kept apart)."""
     try:
         import mfusepy  # type: ignore[import-untyped]
     except (ImportError, OSError) as exc:
@@ -427,13 +439,22 @@ def _fuse_class() -> Any:
 
     class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
         def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
-            return int(
-                self.operations.rename(
-                    old.decode(self.encoding, self.errors),
-                    new.decode(self.encoding, self.errors),
-                    flags,
-                )
+            self.operations.rename(
+                old.decode(self.encoding, self.errors),
+                new.decode(self.encoding, self.errors),
+                flags,
             )
+            return 0
+
+        def utimens_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
+            times = None
+            if buf:
+                a, m = buf.contents.actime, buf.contents.modtime
+                times = ((a.tv_sec, a.tv_nsec), (m.tv_sec, m.tv_nsec))
+            self.operations.utimens(
+                None if path is None else path.decode(self.encoding, self.errors), times
+            )
+            return 0
 
     return _FUSE
 
@@ -471,7 +492,10 @@ def _serve(
     try:
         fuse_class(operations, mountpoint, foreground=True, debug=debug, **opts)
     except RuntimeError as exc:
-        raise MountError(f"{mountpoint}: mount failed (libfuse status {exc})") from exc
+        # libfuse's status is the signal's number when a signal ended a mount
+        # that was in place: a clean end; before the mount it is a failure
+        if not operations.ready:
+            raise MountError(f"{mountpoint}: mount failed (libfuse status {exc})") from exc
     finally:
         operations.destroy("/")
 
