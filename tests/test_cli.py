@@ -1160,7 +1160,7 @@ def test_demo_on_a_real_share_only_reads(
     (share / "sub").mkdir()
     before = sorted(p.name for p in share.rglob("*"))
     real_connect = pyxen9p.connect
-    monkeypatch.setattr(cli, "_real_share", lambda: {"tag": "share"})
+    monkeypatch.setattr(cli.demo, "_real_share", lambda: {"tag": "share"})
     monkeypatch.setattr(
         cli.pyxen9p, "connect", lambda **kw: real_connect(**({"simulate": share} | kw))
     )
