@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import logging
 import os
 import shutil
 import subprocess
@@ -47,6 +48,8 @@ from typing import Any
 from pyxen9p.errors import ProtocolError, Pyxen9pError, TransportError
 from pyxen9p.p9 import codec as c
 from pyxen9p.p9.client import Client
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ClientOperations", "MountError", "errno_for", "mount", "umount"]
 
@@ -173,6 +176,8 @@ class ClientOperations:
         """FUSE_INIT: the mount is in place; report it."""
         if config is not None:
             config.use_ino = 1
+        if conn is not None:
+            log.debug("FUSE_INIT: capable %#x, wanted %#x", conn.capable, conn.want)
         self.ready = True
         if self._on_ready is not None:
             self._on_ready()
@@ -462,9 +467,7 @@ def _fuse_class() -> Any:
 def _fuse_options(
     readonly: bool, allow_other: bool, options: Sequence[str], fsname: str
 ) -> dict[str, Any]:
-    opts: dict[str, Any] = {
-        "fsname": fsname, "subtype": "pyxen9p", "use_ino": True, "max_threads": 16
-    }
+    opts: dict[str, Any] = {"fsname": fsname, "subtype": "pyxen9p", "use_ino": True}
     if readonly:
         opts["ro"] = True
     if allow_other:

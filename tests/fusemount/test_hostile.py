@@ -129,3 +129,29 @@ def test_a_server_that_stops_answering(hostile_mount: Any) -> None:
     # still unmounts cleanly, and the serving process ends
     assert m.unmount() == 0
     assert not is_mounted(m.path)
+
+
+def test_requests_are_served_concurrently(hostile_mount: Any) -> None:
+    """A read the server leaves unanswered does not hold up the others."""
+    server, root, m = hostile_mount
+    (root / "big").write_bytes(b"b" * (1 << 20))
+    far = 1 << 19
+    server.script = on(c.Tread, lambda r, h: SILENCE if r.offset == far else None)
+    slow = subprocess.Popen([sys.executable, "-c", "import os, sys\ntry:\n"
+                             f"    fd = os.open({str(m.path / 'big')!r}, os.O_RDONLY)\n"
+                             f"    os.pread(fd, 4096, {far})\n"
+                             "except OSError as e:\n    sys.exit(e.errno)"])
+    try:
+        time.sleep(0.5)
+        assert slow.poll() is None  # waiting for its reply
+        start = time.monotonic()
+        for name in ("f", "d/x", "f", "d/x"):
+            assert (m.path / name).read_bytes() in (b"content", b"x")
+        assert time.monotonic() - start < TIMEOUT / 2
+        assert slow.poll() is None
+        # the slow request ends with EIO after the timeout (its Tflush is answered)
+        assert slow.wait(30) == errno.EIO
+        assert errno_of(m.path / "f", "read") == 0
+    finally:
+        if slow.poll() is None:
+            slow.kill()
