@@ -89,6 +89,8 @@ def connect(
     timeout: float = 30.0,
     request_timeout: float | None = 60.0,
     allow_reconnect: bool = False,
+    server: str | None = None,
+    agent: str = "auto",
     **client_options: Any,
 ) -> Client:
     """Connect to a Xen 9pfs share and return a 9P2000.L :class:`~pyxen9p.p9.client.Client`.
@@ -119,13 +121,54 @@ def connect(
         backend aborts when a device is connected a second time, taking every
         device it serves with it.  Pass ``True`` only for a backend known to
         reconnect (the simulated one does)
+    :param server: instead of a Xen device, the 9P2000.L server at this
+        address (``unix:PATH`` or ``tcp:HOST:PORT``: an agent, diod, another
+        pyxen9p...; see :func:`pyxen9p.agent.parse_address`); no device
+        selector may be given with it
+    :param agent: whether to go through the device's agent (``pyxen9p
+        serve``, found by :func:`pyxen9p.agent.find_agent`): ``"auto"`` (the
+        default) uses it when one answers and connects directly otherwise,
+        ``"never"`` always connects directly, ``"require"`` fails with
+        :class:`FileNotFoundError` when none answers.  Not with *platform*
+        (an agent serves the real Xen, or a simulated share of the same
+        directory)
     :param client_options: passed to :class:`~pyxen9p.p9.client.Client`
         (``msize``, ``uname``, ``aname``, ``window``...)
     :raises OSError: the device cannot be found or connected, or the 9P
         session cannot be established
+    :raises ValueError: *server* with a device selector, or an unknown *agent*
     """
     from pyxen9p.frontend import DEFAULT_GRANT_LIMIT, Frontend
     from pyxen9p.p9.client import Client
+
+    if agent not in ("auto", "never", "require"):
+        raise ValueError(f"agent must be 'auto', 'never' or 'require', not {agent!r}")
+    if server is not None:
+        from pyxen9p.agent import open_transport
+
+        if tag is not None or devid is not None or path is not None or simulate is not None:
+            raise ValueError("server= names the server: give no tag, devid, path or simulate")
+        return Client(open_transport(server, timeout=timeout), timeout=request_timeout,
+                      **client_options)
+    if agent != "never" and platform is None:
+        from pyxen9p.agent import find_agent, open_transport
+
+        found = find_agent(tag=tag, devid=devid, path=path, simulate=simulate)
+        if found is not None:
+            import logging
+
+            logging.getLogger(__name__).info("using the agent at %s", found)
+            return Client(open_transport(f"unix:{found}", timeout=timeout),
+                          timeout=request_timeout, **client_options)
+        if agent == "require":
+            import errno
+
+            what = f"the simulated share of {simulate}" if simulate is not None else (
+                f"tag {tag!r}" if tag is not None else f"devid {devid}" if devid is not None
+                else f"path {path!r}" if path is not None else "no device named")
+            raise FileNotFoundError(
+                errno.ENOENT, f"no agent is running for {what} (start one with 'pyxen9p serve')"
+            )
 
     limit = DEFAULT_GRANT_LIMIT if grant_limit is _DEFAULT else grant_limit
 

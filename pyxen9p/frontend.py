@@ -24,9 +24,11 @@ import select
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
+from functools import partial
 
 from typing_extensions import Self
 
@@ -91,6 +93,8 @@ DEFAULT_RINGS = 2
 #: Most rings a backend may offer that we accept to use (QEMU offers 8).
 MAX_RINGS = 64
 _FREE_STATES = (XenbusState.UNKNOWN, XenbusState.INITIALISING, XenbusState.CLOSED)
+#: Seconds :meth:`Frontend.close` waits for the receiver thread to stop.
+_RECEIVER_STOP_TIMEOUT = 10.0
 
 
 class DeviceNotFoundError(TransportError):
@@ -341,6 +345,12 @@ class Frontend:
         self._published = False
         self._backend_unresponsive = False
         self._receiver: threading.Thread | None = None
+        # a receiver that outlived close(): what it can reach is released
+        # by it when it exits (see _teardown)
+        self._stalled: threading.Thread | None = None
+        self._handover_lock = threading.Lock()
+        self._handover: list[Callable[[], None]] | None = None
+        self._receiver_exited = False
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.tag = None
         self.backend_versions: frozenset[int] = frozenset()
@@ -496,7 +506,7 @@ class Frontend:
         self._backend_watch = store.watch(be_state)
         self._connected = True
         self._receiver = threading.Thread(
-            target=self._receive_loop, name=f"pyxen9p-rx {fe}", daemon=True
+            target=self._receiver_main, name=f"pyxen9p-rx {fe}", daemon=True
         )
         self._receiver.start()
 
@@ -627,7 +637,12 @@ class Frontend:
             (the connection fails)
         :raises ~pyxen9p.errors.RingProtocolError: the ring's indices are out of
             range (the connection fails)
+        :raises RuntimeError: called from the frontend's receiver thread (a
+            future's done-callback runs there): the reply could never be
+            received while that thread waits for it
         """
+        if threading.current_thread() is self._receiver:
+            raise RuntimeError("a request from the frontend's own receiver thread would deadlock")
         start = time.monotonic()
         future = self.submit(message, timeout=timeout)
         left = None if timeout is None else max(timeout - (time.monotonic() - start), 0.0)
@@ -685,6 +700,26 @@ class Frontend:
             raise TransportClosedError(errno.ENOTCONN, "the frontend is not connected")
 
     # --- receiving -------------------------------------------------------
+
+    def _receiver_main(self) -> None:
+        try:
+            self._receive_loop()
+        finally:
+            with self._handover_lock:
+                self._receiver_exited = True
+                work, self._handover = self._handover, None
+            if work is not None:
+                log.info("the receiver thread stopped: releasing what it could reach")
+                self._run_all(work)
+
+    @staticmethod
+    def _run_all(steps: list[Callable[[], None]]) -> None:
+        """Run every step, whatever failed before; log the failures."""
+        for step in steps:
+            try:
+                step()
+            except Exception:
+                log.exception("releasing the frontend after its receiver stopped failed")
 
     def _receive_loop(self) -> None:
         evtchn, store = self._evtchn, self._store
@@ -814,22 +849,24 @@ class Frontend:
         self._teardown(orderly=True)
 
     def _teardown(self, *, orderly: bool) -> None:
+        """Release everything, in the protocol's order.
+
+        Nothing that the receiver thread can reach (rings, shared pages,
+        event channel, XenStore connection, wake pipe) is released while it
+        runs: if it did not stop in time (stuck in a future's done-callback,
+        say), the states still go to Closed, and the receiver releases the
+        rest itself when it exits.
+        """
         self._closed = True
         store = self._store
+        rings, evtchn, sharer = list(self._rings), self._evtchn, self._sharer
         with ExitStack() as cleanup:
-            cleanup.callback(self._close_pipe)
-            if store is not None:
-                cleanup.callback(store.close)
-                if self._claimed:
-                    if self._published:
-                        cleanup.callback(self._wait_final_closed, store)
-                    cleanup.callback(self._write_state, XenbusState.CLOSED)
-            if self._sharer is not None:
-                cleanup.callback(self._sharer.close)
-            if self._evtchn is not None:
-                cleanup.callback(self._evtchn.close)
-            for ring in reversed(self._rings):
-                cleanup.callback(ring.release, self._evtchn)
+            cleanup.callback(self._release_reachable, store)
+            if store is not None and self._claimed:
+                if self._published:
+                    cleanup.callback(self._wait_final_closed, store)
+                cleanup.callback(self._write_state, XenbusState.CLOSED)
+            cleanup.callback(self._release_rings, rings, evtchn, sharer)
             cleanup.callback(self._stop_receiver)
             if self._backend_watch is not None:
                 cleanup.callback(self._backend_watch.close)
@@ -842,6 +879,44 @@ class Frontend:
         self._backend_watch = None
         self._rings = []
         self._by_port = {}
+
+    def _release_rings(
+        self,
+        rings: list[_Ring],
+        evtchn: EventChannelLike | None,
+        sharer: GrantSharerLike | None,
+    ) -> None:
+        steps: list[Callable[[], None]] = [partial(ring.release, evtchn) for ring in rings]
+        if evtchn is not None:
+            steps.append(evtchn.close)
+        if sharer is not None:
+            steps.append(sharer.close)
+        if self._stalled is not None:
+            self._defer(steps)
+            return
+        with ExitStack() as cleanup:
+            for step in reversed(steps):
+                cleanup.callback(step)
+
+    def _release_reachable(self, store: XenStoreLike | None) -> None:
+        steps: list[Callable[[], None]] = []
+        if store is not None:
+            steps.append(store.close)
+        steps.append(self._close_pipe)
+        if self._stalled is not None:
+            self._defer(steps)
+            return
+        with ExitStack() as cleanup:
+            for step in reversed(steps):
+                cleanup.callback(step)
+
+    def _defer(self, steps: list[Callable[[], None]]) -> None:
+        """Leave *steps* to the stalled receiver, or run them if it has exited."""
+        with self._handover_lock:
+            if not self._receiver_exited:
+                self._handover = (self._handover or []) + steps
+                return
+        self._run_all(steps)
 
     def _wait_final_closed(self, store: XenStoreLike) -> None:
         """After the frontend went Closed: wait (bounded) for the backend's
@@ -897,10 +972,19 @@ class Frontend:
             os.write(self._wake_w, b"x")
         except OSError:
             pass
-        if receiver is not threading.current_thread():
-            receiver.join(timeout=10.0)
+        if receiver is threading.current_thread():
+            # closed from a done-callback: the receiver itself is stuck in
+            # this close until it returns; it releases what it reaches
+            self._stalled = receiver
+        else:
+            receiver.join(timeout=_RECEIVER_STOP_TIMEOUT)
             if receiver.is_alive():
-                log.error("the receiver thread did not stop")
+                log.error(
+                    "the receiver thread did not stop within %gs: it releases the rings,"
+                    " the event channel and the XenStore connection when it exits",
+                    _RECEIVER_STOP_TIMEOUT,
+                )
+                self._stalled = receiver
         self._receiver = None
 
     def _close_pipe(self) -> None:

@@ -16,8 +16,8 @@ after Ctrl-C and 141 when standard output was closed early (a broken pipe).
 documentation's command-line page and by ``pyxen9p COMMAND --help``.
 
 The package has one module per group of commands (:mod:`pyxen9p.cli.files`,
-:mod:`pyxen9p.cli.info`, :mod:`pyxen9p.cli.demo`), each with a ``COMMANDS``
-table; what they share (the per-run context, errors, quoting) lives in
+:mod:`pyxen9p.cli.info`, :mod:`pyxen9p.cli.demo`, :mod:`pyxen9p.cli.serve`),
+each with a ``COMMANDS`` table; what they share (the per-run context, errors, quoting) lives in
 ``pyxen9p.cli._common`` and the parser in ``pyxen9p.cli._main``.
 """
 

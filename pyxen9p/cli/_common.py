@@ -330,6 +330,23 @@ def _only_device() -> dict[str, Any]:
     return {"devid": int(only.devid)} if only.devid.isdigit() else {"path": only.path}
 
 
+def _only_agent(mode: str) -> dict[str, Any]:
+    """Without a selector: the device of the only running agent (of a Xen device), if any."""
+    from pyxen9p.agent import list_agents
+
+    if mode == "never":
+        return {}
+    live = [a for a in list_agents() if a.answers and a.locked and "simulate" not in a.device]
+    if len(live) != 1:
+        return {}
+    device = live[0].device
+    for key in ("devid", "tag", "path"):
+        value = device.get(key)
+        if isinstance(value, (int, str)) and not isinstance(value, bool):
+            return {key: value}
+    return {}
+
+
 class _Context:
     """The parsed arguments, the output streams and the (lazy) connection."""
 
@@ -369,17 +386,21 @@ class _Context:
         args = self.args
         options = self.connect_options()
         try:
-            if args.simulate is not None:
+            if args.server is not None:
+                client = pyxen9p.connect(server=args.server, **options)
+            elif args.simulate is not None:
                 client = pyxen9p.connect(
-                    simulate=args.simulate, readonly=args.readonly, **_selection(args), **options
+                    simulate=args.simulate, readonly=args.readonly, agent=args.agent,
+                    **_selection(args), **options
                 )
             else:
-                selection = _selection(args) or _only_device()
-                client = pyxen9p.connect(**selection, **options)
+                selection = _selection(args) or _only_agent(args.agent) or _only_device()
+                client = pyxen9p.connect(**selection, agent=args.agent, **options)
         except CommandError:
             raise
         except (OSError, ValueError) as exc:
             where = f" {args.simulate!r} (simulated)" if args.simulate is not None else ""
+            where = f" at {args.server}" if args.server is not None else where
             raise CommandError(
                 f"cannot connect to the 9pfs share{where}: {_describe(exc)}{_no_xen_hint(exc)}"
             ) from exc

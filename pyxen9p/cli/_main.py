@@ -10,11 +10,12 @@ import logging
 import os
 import sys
 import textwrap
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from pyxen9p._version import __version__
 from pyxen9p.cli import demo, files, info, mount
+from pyxen9p.cli import serve as serve_cli
 from pyxen9p.cli._common import (
     EXIT_BROKEN_PIPE,
     EXIT_FAILURE,
@@ -37,6 +38,31 @@ if TYPE_CHECKING:
     pass
 
 
+def _add_server_options(group: Any, default: Callable[[object], object]) -> None:
+    """``--server``, ``--direct``, ``--via-agent``: where the 9P server is."""
+    group.add_argument("--server", type=_server_address, default=default(None),
+                       metavar="ADDRESS",
+                       help="use the 9P2000.L server at ADDRESS (unix:PATH or"
+                            " tcp:HOST:PORT: an agent, diod, ...) instead of a Xen device")
+    how = group.add_mutually_exclusive_group()
+    how.add_argument("--direct", dest="agent", action="store_const", const="never",
+                     default=default("auto"),
+                     help="connect to the device itself, never through its agent")
+    how.add_argument("--via-agent", dest="agent", action="store_const", const="require",
+                     default=default("auto"),
+                     help="use the device's running agent, fail if there is none"
+                          " (default: its agent if one answers, else the device itself)")
+
+
+def _server_address(text: str) -> str:
+    from pyxen9p.agent import parse_address
+
+    try:
+        return str(parse_address(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_global_options(parser: argparse.ArgumentParser, *, repeated: bool) -> None:
     """The options choosing and tuning the share.
 
@@ -57,6 +83,7 @@ def _add_global_options(parser: argparse.ArgumentParser, *, repeated: bool) -> N
     group.add_argument("--simulate", default=default(None), metavar="DIR",
                        help="serve the local directory DIR through a simulated Xen and use"
                             " that (the whole stack; no Xen needed)")
+    _add_server_options(group, default)
     group.add_argument("--readonly", action="store_true", default=default(False),
                        help="with --simulate: export DIR read-only")
     group.add_argument("--timeout", type=_seconds, default=default(30.0), metavar="SECONDS",
@@ -98,7 +125,9 @@ Run 'pyxen9p COMMAND --help' for each command's options.
 
 
 #: Every command, in the order ``--help`` lists them.
-_COMMANDS = (*files.COMMANDS, *info.COMMANDS, *mount.COMMANDS, *demo.COMMANDS)
+_COMMANDS = (
+    *files.COMMANDS, *info.COMMANDS, *mount.COMMANDS, *demo.COMMANDS, *serve_cli.COMMANDS
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +163,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     chosen = [f"--{key}" for key in ("tag", "devid", "path") if getattr(args, key) is not None]
     if len(chosen) > 1:
         parser.error(f"give at most one of --tag, --devid, --path (got {', '.join(chosen)})")
+    if args.server is not None and (chosen or args.simulate is not None):
+        parser.error("--server names the server: no --tag, --devid, --path or --simulate with it")
+    if args.server is not None and args.agent != "auto":
+        parser.error("--direct and --via-agent choose how to reach a device, not a --server")
     if args.readonly and args.simulate is None:
         parser.error("--readonly only applies with --simulate DIR")
     if args.quiet and args.verbose:

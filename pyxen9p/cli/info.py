@@ -148,6 +148,7 @@ def _gather_info(ctx: _Context) -> dict[str, Any]:
         "kernel_9pnet_xen_loaded": os.path.isdir("/sys/module/9pnet_xen"),
         "libraries": [_probe_library(m) for m in (xengnttab, xenevtchn, xenstore)],
         "xenstore": _probe_xenstore(),
+        "agents": _probe_agents(),
     }
     selection = _selection(args)
     requested = bool(selection) or args.simulate is not None
@@ -185,7 +186,32 @@ def _gather_info(ctx: _Context) -> dict[str, Any]:
     return report
 
 
+def _probe_agents() -> dict[str, Any]:
+    """The agents' runtime directories and the sockets found there."""
+    from pyxen9p.agent import list_agents, runtime_dirs
+
+    dirs = runtime_dirs()
+    return {
+        "directories": dirs,
+        "found": [dataclasses.asdict(a) for a in list_agents(dirs)],
+    }
+
+
 def _connect_real(ctx: _Context, conn: dict[str, Any], selection: dict[str, Any]) -> None:
+    from pyxen9p.agent import find_agent
+
+    served = None if ctx.args.agent == "never" else find_agent(**selection)
+    if served is not None:
+        # the device is held by its agent: a second connection would be refused
+        conn["agent"] = served
+        try:
+            client = pyxen9p.connect(server=f"unix:{served}", timeout=ctx.args.timeout)
+        except (OSError, ValueError) as exc:
+            conn["error"] = f"its agent at {served}: {_describe(exc)}"
+            return
+        with client:
+            conn.update(version=client.version, msize=client.msize, connected=True)
+        return
     try:
         client = pyxen9p.connect(**selection, **ctx.connect_options())
     except (OSError, ValueError) as exc:
@@ -257,6 +283,19 @@ def _render_info(report: dict[str, Any]) -> list[str]:
     else:
         row("XenStore", f"not reachable: {xs.get('error', 'unknown error')}")
     lines.append("")
+    agents = report["agents"]
+    lines.append(f"Agents (pyxen9p serve; sockets in {', '.join(agents['directories']) or '-'})")
+    if not agents["found"]:
+        lines.append("  none")
+    for a in agents["found"]:
+        device = ", ".join(f"{k} {v!r}" for k, v in sorted(a["device"].items())
+                           if k in ("tag", "devid", "path", "simulate", "server"))
+        state = "answers" if a["answers"] else "does not answer"
+        if not a["locked"]:
+            state += ", no agent holds its lock (stale)"
+        pid = f", pid {a['pid']}" if a["pid"] is not None else ""
+        lines.append(f"  {a['socket']}: {device or 'device unknown'}; {state}{pid}")
+    lines.append("")
     conn = report["connection"]
     if conn["simulated"]:
         devices = conn.get("devices")
@@ -285,7 +324,10 @@ def _render_info(report: dict[str, Any]) -> list[str]:
         what = ", ".join(f"{k} {v!r}" for k, v in how.items()) if how else "none requested"
         auto = ", the only device" if conn.get("automatic") else ""
         lines.append(f"Connection ({what}{auto})")
-    if conn["connected"]:
+    if conn["connected"] and "agent" in conn:
+        row("through its agent", conn["agent"])
+        row("9P session", f"{conn['version']}, msize {conn['msize']}")
+    elif conn["connected"]:
         versions = ", ".join(str(v) for v in conn["backend_versions"])
         row("frontend", conn["frontend_path"])
         row("backend", f"{conn['backend_path']} (domain {conn['backend_id']})")

@@ -35,7 +35,9 @@ def cmd_mount(ctx: _Context) -> None:
 
 def _source(args: argparse.Namespace) -> str:
     """What ``mount`` and ``df`` show as the source (no commas: they split options)."""
-    if args.simulate is not None:
+    if getattr(args, "server", None) is not None:
+        text = args.server
+    elif args.simulate is not None:
         text = os.path.abspath(args.simulate)
     elif args.tag is not None:
         text = args.tag

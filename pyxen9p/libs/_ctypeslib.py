@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import sys
 import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
 from typing_extensions import Self
 
@@ -54,6 +55,9 @@ __all__ = [
 LibraryArg: TypeAlias = "str | os.PathLike[str] | ctypes.CDLL | None"
 
 ErrCheck = Callable[[Any, Any, tuple[Any, ...]], Any]
+_T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
 
 
 def _raise_errno(func: Any, detail: str | None = None) -> None:
@@ -238,45 +242,199 @@ class CHandle:
     after :meth:`close` raises :class:`~pyxen9p.errors.HandleClosedError`
     instead of passing a dangling pointer to C; in a child process after
     ``fork()`` only :meth:`close` is allowed.
+
+    Every C call on the handle goes through :meth:`_call` (or a
+    :meth:`_using` block), which counts the calls in progress, as
+    python-libusb1 does.  :meth:`close` never frees the handle under such a
+    call: it refuses new calls, wakes the waits that can be woken (they poll
+    :meth:`_wake_fd` with their descriptor), waits up to
+    :attr:`close_timeout` for the calls in progress to return, and frees the
+    handle.  A call still in C after that (a blocking C function that
+    nothing can wake) keeps the handle: the thread that leaves the last
+    call releases it.  The interrupted callers get
+    :class:`~pyxen9p.errors.HandleClosedError`.
     """
+
+    #: Seconds :meth:`close` waits for calls in progress on other threads
+    #: before leaving the release to the last of them.
+    close_timeout: float = 10.0
 
     _ptr: int | None = None
     _generation: int = 0
+    _closing: bool = False
+    _deferred: bool = False
+    _guard_generation: int = -1  # no guard yet: _lock() makes one
+    _releaser: int | None = None
+    _wake_pipe: tuple[int, int] | None = None
 
     def _adopt(self, pointer: int) -> None:
+        self._guard = threading.Condition(threading.Lock())
+        self._guard_generation = _fork_generation
+        self._callers: dict[int, int] = {}
+        self._releaser: int | None = None
+        self._wake_pipe: tuple[int, int] | None = None
         self._ptr = pointer
         self._generation = _fork_generation
 
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called (or the handle never opened)."""
-        return self._ptr is None
+        return self._ptr is None or self._closing
 
     @property
     def forked(self) -> bool:
         """Whether this process is a fork child of the one that opened the handle."""
         return self._generation != _fork_generation
 
+    def _lock(self) -> threading.Condition:
+        """The condition guarding the call count (a fresh one in a fork child,
+        where the parent's threads, their calls and their locks do not exist)."""
+        if self._guard_generation != _fork_generation:
+            self._guard = threading.Condition(threading.Lock())
+            self._guard_generation = _fork_generation
+            self._callers = {}
+            if self._wake_pipe is not None:
+                for fd in self._wake_pipe:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)  # the parent's: never wake its waiters
+                self._wake_pipe = None
+        return self._guard
+
+    def _closed_error(self) -> HandleClosedError:
+        return HandleClosedError(f"{type(self).__name__} is closed")
+
     def _handle(self) -> int:
-        """The C pointer, or an exception if the handle may not be used."""
+        """The C pointer, or an exception if the handle may not be used.
+
+        A check only: C calls go through :meth:`_call` / :meth:`_using`,
+        which keep the pointer valid while the call runs.
+        """
         ptr = self._ptr
-        if ptr is None:
-            raise HandleClosedError(f"{type(self).__name__} is closed")
+        if ptr is None or (self._closing and self._releaser != threading.get_ident()):
+            raise self._closed_error()
         if self._generation != _fork_generation:
             raise HandleClosedError(
                 f"{type(self).__name__} was opened before fork(); the child may only close it"
             )
         return ptr
 
+    def _enter(self) -> int:
+        """Count a call in progress and return the pointer it may use."""
+        with self._lock():
+            ptr = self._handle()
+            me = threading.get_ident()
+            self._callers[me] = self._callers.get(me, 0) + 1
+            return ptr
+
+    def _leave(self) -> None:
+        """End a call counted by :meth:`_enter`; the last call out of a
+        handle whose close gave up waiting releases it."""
+        release: int | None = None
+        guard = self._lock()
+        with guard:
+            me = threading.get_ident()
+            left = self._callers.get(me, 0) - 1
+            if left > 0:
+                self._callers[me] = left
+            else:
+                self._callers.pop(me, None)
+            if self._closing and not self._callers:
+                if self._deferred and self._releaser is None and self._ptr is not None:
+                    self._releaser = me
+                    release = self._ptr
+                guard.notify_all()
+        if release is not None:
+            try:
+                self._finish_close(release)
+            except Exception:
+                log.exception("releasing %s after its last call failed", type(self).__name__)
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[int]:
+        """A block during which the pointer stays valid (close waits for it)."""
+        ptr = self._enter()
+        try:
+            yield ptr
+        finally:
+            self._leave()
+
+    def _call(self, function: Callable[..., _T], *args: Any) -> _T:
+        """``function(pointer, *args)`` as a counted call."""
+        ptr = self._enter()
+        try:
+            return function(ptr, *args)
+        finally:
+            self._leave()
+
+    def _wake_fd(self) -> int:
+        """A descriptor that becomes readable when :meth:`close` begins.
+
+        A call that waits (``poll``) for the handle's descriptor waits for
+        this one too, inside :meth:`_using`, so that close can wake it.
+        """
+        with self._lock():
+            if self._wake_pipe is None:
+                self._wake_pipe = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+                if self._closing:
+                    os.write(self._wake_pipe[1], b"x")
+            return self._wake_pipe[0]
+
+    def _wake_callers(self) -> None:
+        """Wake the waits that can be woken (subclasses add their own)."""
+        with self._lock():
+            if self._wake_pipe is not None:
+                with contextlib.suppress(OSError):
+                    os.write(self._wake_pipe[1], b"x")  # never drained: wakes all
+
     def close(self) -> None:
-        """Release the handle and everything it still holds (idempotent)."""
-        ptr = self._ptr
-        if ptr is None:
+        """Release the handle and everything it still holds (idempotent).
+
+        Calls in progress on other threads are woken where possible and
+        waited for (see the class documentation); a second concurrent
+        :meth:`close` waits for the first.
+        """
+        if self._ptr is None:
             return
+        guard = self._lock()
+        me = threading.get_ident()
+        with guard:
+            ptr = self._ptr
+            if ptr is None:
+                return
+            if self._closing:
+                if me not in self._callers and self._releaser != me:
+                    guard.wait_for(lambda: self._ptr is None or self._deferred, self.close_timeout)
+                return
+            self._closing = True
+        self._wake_callers()
+        with guard:
+            if me not in self._callers:
+                guard.wait_for(lambda: not self._callers, self.close_timeout)
+            if self._callers:
+                self._deferred = True
+                log.warning(
+                    "%s closed while %d call(s) are still in C; it is released when they return",
+                    type(self).__name__,
+                    sum(self._callers.values()),
+                )
+                return
+            self._releaser = me
+        self._finish_close(ptr)
+
+    def _finish_close(self, ptr: int) -> None:
         try:
             self._release(ptr)
         finally:
-            self._ptr = None
+            guard = self._lock()
+            with guard:
+                self._ptr = None
+                self._releaser = None
+                self._deferred = False
+                pipe, self._wake_pipe = self._wake_pipe, None
+                guard.notify_all()
+            for fd in pipe or ():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def _release(self, pointer: int) -> None:
         raise NotImplementedError

@@ -15,6 +15,9 @@ descriptor also works with :mod:`select`, :mod:`selectors` and
 from __future__ import annotations
 
 import select
+import threading
+import time
+from collections.abc import Callable
 from ctypes import c_int, c_uint, c_uint16, c_uint32, c_void_p
 
 from pyxen9p.libs._ctypeslib import (
@@ -67,6 +70,7 @@ class EventChannel(CHandle):
     def __init__(self, *, cloexec: bool = True, library: LibraryArg = None) -> None:
         self._lib = LIBRARY.load(library)
         self._ports: set[int] = set()
+        self._takers = threading.Lock()  # one pending() at a time (see wait)
         self._adopt(self._lib.xenevtchn_open(None, 0 if cloexec else XENEVTCHN_NO_CLOEXEC))
 
     @classmethod
@@ -75,6 +79,7 @@ class EventChannel(CHandle):
         self = cls.__new__(cls)
         self._lib = LIBRARY.load(library)
         self._ports = set()
+        self._takers = threading.Lock()
         self._adopt(self._lib.xenevtchn_fdopen(None, fd, 0))
         return self
 
@@ -100,57 +105,81 @@ class EventChannel(CHandle):
 
     def fileno(self) -> int:
         """``xenevtchn_fd``: readable when a port is pending."""
-        return int(self._lib.xenevtchn_fd(self._handle()))
+        return int(self._call(self._lib.xenevtchn_fd))
 
-    def _bound(self, port: int) -> int:
-        self._ports.add(port)
-        return port
+    def _bind(self, function: Callable[..., int], *args: int) -> int:
+        # recorded within the call, so a close waiting for it unbinds the port
+        with self._using() as handle:
+            port = int(function(handle, *args))
+            self._ports.add(port)
+            return port
 
     def bind_unbound_port(self, domid: int) -> int:
         """``xenevtchn_bind_unbound_port``: a new local port that *domid* may bind."""
-        return self._bound(int(self._lib.xenevtchn_bind_unbound_port(self._handle(), domid)))
+        return self._bind(self._lib.xenevtchn_bind_unbound_port, domid)
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         """``xenevtchn_bind_interdomain``: connect to *remote_port* of *domid*."""
-        return self._bound(
-            int(self._lib.xenevtchn_bind_interdomain(self._handle(), domid, remote_port))
-        )
+        return self._bind(self._lib.xenevtchn_bind_interdomain, domid, remote_port)
 
     def bind_virq(self, virq: int) -> int:
         """``xenevtchn_bind_virq``: a local port for virtual IRQ *virq*."""
-        return self._bound(int(self._lib.xenevtchn_bind_virq(self._handle(), virq)))
+        return self._bind(self._lib.xenevtchn_bind_virq, virq)
 
     def unbind(self, port: int) -> None:
         """``xenevtchn_unbind``: release a local port of this handle."""
-        self._lib.xenevtchn_unbind(self._handle(), port)
-        self._ports.discard(port)
+        with self._using() as handle:
+            self._lib.xenevtchn_unbind(handle, port)
+            self._ports.discard(port)
 
     def notify(self, port: int) -> None:
         """``xenevtchn_notify``: signal the peer of local *port*."""
-        self._lib.xenevtchn_notify(self._handle(), port)
+        self._call(self._lib.xenevtchn_notify, port)
 
     def pending(self) -> int:
         """``xenevtchn_pending``: the next pending port, now masked.
 
-        Blocks while nothing is pending: see :meth:`wait`.
+        Blocks (in C) while nothing is pending, where :meth:`close` on
+        another thread cannot wake it (close then leaves the release to this
+        call's return): wait with :meth:`wait` instead.
         """
-        return int(self._lib.xenevtchn_pending(self._handle()))
+        with self._using() as handle, self._takers:
+            return int(self._lib.xenevtchn_pending(handle))
 
     def unmask(self, port: int) -> None:
         """``xenevtchn_unmask``: allow further events on *port*."""
-        self._lib.xenevtchn_unmask(self._handle(), port)
+        self._call(self._lib.xenevtchn_unmask, port)
 
     def restrict(self, domid: int) -> None:
         """``xenevtchn_restrict``: limit this handle to ports of *domid*."""
-        self._lib.xenevtchn_restrict(self._handle(), domid)
+        self._call(self._lib.xenevtchn_restrict, domid)
 
     def wait(self, timeout: float | None = None) -> int | None:
         """Wait up to *timeout* seconds for a pending port.
 
+        The wait is a ``poll`` that :meth:`close` on another thread ends: it
+        raises :class:`~pyxen9p.errors.HandleClosedError`.
+
         :returns: the port (masked, like :meth:`pending`), or ``None`` on timeout
         """
-        poller = select.poll()
-        poller.register(self.fileno(), select.POLLIN)
-        if not poller.poll(None if timeout is None else max(timeout, 0.0) * 1000):
-            return None
-        return self.pending()
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        with self._using() as handle:
+            fd = int(self._lib.xenevtchn_fd(handle))
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            poller.register(self._wake_fd(), select.POLLIN)
+            while True:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                if not poller.poll(None if left is None else left * 1000):
+                    return None
+                if self._closing:
+                    raise self._closed_error()
+                with self._takers:
+                    # pending() blocks while nothing is queued: take the port
+                    # only if it is still there (another thread may have)
+                    poller_now = select.poll()
+                    poller_now.register(fd, select.POLLIN)
+                    if poller_now.poll(0):
+                        return int(self._lib.xenevtchn_pending(handle))
+                if left == 0.0:
+                    return None

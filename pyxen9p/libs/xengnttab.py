@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import threading
 from collections.abc import Sequence
 from ctypes import POINTER, c_int, c_uint32, c_void_p
 from dataclasses import dataclass
 
 from typing_extensions import Self
 
+from pyxen9p.errors import HandleClosedError
 from pyxen9p.libs._ctypeslib import (
     CHandle,
     LibraryArg,
@@ -164,16 +166,35 @@ class _Region:
         :raises BufferError: if a view derived from :attr:`buffer` is still in
             use; the memory then stays mapped until this is called again
         """
+        owner = self._owner
+        if owner.forked:
+            self._release_view()
+            owner._regions.pop(self.address, None)
+            return
+        # one give-back at a time per handle, and never one that the
+        # handle's own close also does (a double unmap could hit a newer
+        # mapping at the same address)
+        with owner._region_lock:
+            self._release_view()
+            if owner._regions.get(self.address) is not self:
+                return  # already given back
+            try:
+                with owner._using() as handle:
+                    owner._give_back(handle, self.address, self.count)
+                    # forgotten within the call: a release that waits for
+                    # it (or that it runs as the last call) skips it
+                    del owner._regions[self.address]
+            except HandleClosedError:
+                if owner._ptr is None:
+                    owner._regions.pop(self.address, None)
+                # else the handle is closing on another thread: its
+                # release gives the memory back
+
+    def _release_view(self) -> None:
         memory = self._memory
         if memory is not None:
             memory.release()
             self._memory = None
-        owner = self._owner
-        if owner._regions.get(self.address) is not self:
-            return  # already given back
-        if not owner.closed and not owner.forked:
-            owner._give_back(self.address, self.count)
-        del owner._regions[self.address]
 
     def __enter__(self) -> Self:
         return self
@@ -184,8 +205,9 @@ class _Region:
 
 class _RegionOwner(CHandle):
     _regions: dict[int, _Region]
+    _region_lock: threading.RLock
 
-    def _give_back(self, address: int, count: int) -> None:
+    def _give_back(self, handle: int, address: int, count: int) -> None:
         raise NotImplementedError
 
     def _release_regions(self) -> None:
@@ -196,6 +218,10 @@ class _RegionOwner(CHandle):
         still in use) its memory stays mapped until the process exits, and the
         first error is raised after the others were released.
         """
+        with self._region_lock:
+            self._release_regions_locked()
+
+    def _release_regions_locked(self) -> None:
         first_error: BaseException | None = None
         for region in list(self._regions.values()):
             for attempt in (1, 2):
@@ -286,6 +312,7 @@ class GrantTable(_RegionOwner):
     def __init__(self, *, library: LibraryArg = None) -> None:
         self._lib = LIBRARY.load(library)
         self._regions = {}
+        self._region_lock = threading.RLock()
         self._adopt(self._lib.xengnttab_open(None, 0))
 
     def _release(self, pointer: int) -> None:
@@ -294,16 +321,16 @@ class GrantTable(_RegionOwner):
         finally:
             self._lib.xengnttab_close(pointer)
 
-    def _give_back(self, address: int, count: int) -> None:
-        self._lib.xengnttab_unmap(self._handle(), address, count)
+    def _give_back(self, handle: int, address: int, count: int) -> None:
+        self._lib.xengnttab_unmap(handle, address, count)
 
     def fileno(self) -> int:
         """``xengnttab_fd``: the gntdev file descriptor."""
-        return int(self._lib.xengnttab_fd(self._handle()))
+        return int(self._call(self._lib.xengnttab_fd))
 
     def set_max_grants(self, count: int) -> None:
         """``xengnttab_set_max_grants``: call right after opening."""
-        self._lib.xengnttab_set_max_grants(self._handle(), count)
+        self._call(self._lib.xengnttab_set_max_grants, count)
 
     @staticmethod
     def _prot(writable: bool) -> int:
@@ -324,15 +351,19 @@ class GrantTable(_RegionOwner):
         ``xengnttab_map_grant_ref_notify``: on unmap (or process death) the byte
         at *notify_offset* is cleared and *notify_port* signalled.
         """
-        handle = self._handle()
-        if notify_offset is None and notify_port is None:
-            address = self._lib.xengnttab_map_grant_ref(handle, domid, ref, self._prot(writable))
-        else:
-            offset, port = _notify_args(notify_offset, notify_port, 1)
-            address = self._lib.xengnttab_map_grant_ref_notify(
-                handle, domid, ref, self._prot(writable), offset, port
-            )
-        return GrantMapping(self, address, 1, not writable)
+        # the region is registered within the call, so a concurrent close
+        # either refuses the call or unmaps the new region
+        with self._using() as handle:
+            if notify_offset is None and notify_port is None:
+                address = self._lib.xengnttab_map_grant_ref(
+                    handle, domid, ref, self._prot(writable)
+                )
+            else:
+                offset, port = _notify_args(notify_offset, notify_port, 1)
+                address = self._lib.xengnttab_map_grant_ref_notify(
+                    handle, domid, ref, self._prot(writable), offset, port
+                )
+            return GrantMapping(self, address, 1, not writable)
 
     def map_grant_refs(
         self, domids: Sequence[int], refs: Sequence[int], *, writable: bool = True
@@ -340,10 +371,11 @@ class GrantTable(_RegionOwner):
         """``xengnttab_map_grant_refs``: map ``refs[i]`` of ``domids[i]``, contiguously."""
         if len(domids) != len(refs) or not refs:
             raise ValueError("domids and refs must be non-empty and of equal length")
-        address = self._lib.xengnttab_map_grant_refs(
-            self._handle(), len(refs), _u32_array(domids), _u32_array(refs), self._prot(writable)
-        )
-        return GrantMapping(self, address, len(refs), not writable)
+        with self._using() as handle:
+            address = self._lib.xengnttab_map_grant_refs(
+                handle, len(refs), _u32_array(domids), _u32_array(refs), self._prot(writable)
+            )
+            return GrantMapping(self, address, len(refs), not writable)
 
     def map_domain_grant_refs(
         self, domid: int, refs: Sequence[int], *, writable: bool = True
@@ -351,10 +383,11 @@ class GrantTable(_RegionOwner):
         """``xengnttab_map_domain_grant_refs``: map *refs* of one domain, contiguously."""
         if not refs:
             raise ValueError("refs must not be empty")
-        address = self._lib.xengnttab_map_domain_grant_refs(
-            self._handle(), len(refs), domid, _u32_array(refs), self._prot(writable)
-        )
-        return GrantMapping(self, address, len(refs), not writable)
+        with self._using() as handle:
+            address = self._lib.xengnttab_map_domain_grant_refs(
+                handle, len(refs), domid, _u32_array(refs), self._prot(writable)
+            )
+            return GrantMapping(self, address, len(refs), not writable)
 
     def grant_copy(self, segments: Sequence[GrantCopySegment]) -> list[int]:
         """``xengnttab_grant_copy``: copy to/from grant references.
@@ -393,7 +426,7 @@ class GrantTable(_RegionOwner):
                 raise ValueError("a grant-copy segment needs a foreign side")
             c_seg.len = seg.length
             c_seg.flags = flags
-        self._lib.xengnttab_grant_copy(self._handle(), len(segments), array)
+        self._call(self._lib.xengnttab_grant_copy, len(segments), array)
         statuses = [int(c_seg.status) for c_seg in array]
         for seg, status in zip(segments, statuses, strict=False):
             seg.status = status
@@ -411,6 +444,7 @@ class GrantSharer(_RegionOwner):
     def __init__(self, *, library: LibraryArg = None) -> None:
         self._lib = LIBRARY.load(library)
         self._regions = {}
+        self._region_lock = threading.RLock()
         self._adopt(self._lib.xengntshr_open(None, 0))
 
     def _release(self, pointer: int) -> None:
@@ -419,12 +453,12 @@ class GrantSharer(_RegionOwner):
         finally:
             self._lib.xengntshr_close(pointer)
 
-    def _give_back(self, address: int, count: int) -> None:
-        self._lib.xengntshr_unshare(self._handle(), address, count)
+    def _give_back(self, handle: int, address: int, count: int) -> None:
+        self._lib.xengntshr_unshare(handle, address, count)
 
     def fileno(self) -> int:
         """``xengntshr_fd``: the gntalloc file descriptor."""
-        return int(self._lib.xengntshr_fd(self._handle()))
+        return int(self._call(self._lib.xengntshr_fd))
 
     def share_pages(self, domid: int, count: int, *, writable: bool = True) -> SharedPages:
         """``xengntshr_share_pages``: share *count* new zeroed pages with *domid*.
@@ -434,8 +468,9 @@ class GrantSharer(_RegionOwner):
         if count <= 0:
             raise ValueError("count must be positive")
         refs = (c_uint32 * count)()
-        address = self._lib.xengntshr_share_pages(self._handle(), domid, count, refs, int(writable))
-        return SharedPages(self, address, tuple(refs), domid, writable)
+        with self._using() as handle:
+            address = self._lib.xengntshr_share_pages(handle, domid, count, refs, int(writable))
+            return SharedPages(self, address, tuple(refs), domid, writable)
 
     def share_page_notify(
         self,
@@ -450,7 +485,8 @@ class GrantSharer(_RegionOwner):
         *notify_port* signalled."""
         offset, port = _notify_args(notify_offset, notify_port, 1)
         ref = c_uint32()
-        address = self._lib.xengntshr_share_page_notify(
-            self._handle(), domid, ctypes.byref(ref), int(writable), offset, port
-        )
-        return SharedPages(self, address, (ref.value,), domid, writable)
+        with self._using() as handle:
+            address = self._lib.xengntshr_share_page_notify(
+                handle, domid, ctypes.byref(ref), int(writable), offset, port
+            )
+            return SharedPages(self, address, (ref.value,), domid, writable)

@@ -34,7 +34,12 @@ from typing import TypeVar
 from typing_extensions import Self
 
 from pyxen9p._shared import Watch, retry_transactions, run_transaction
-from pyxen9p.errors import TransactionConflictError, XenLibraryError, xen_error
+from pyxen9p.errors import (
+    HandleClosedError,
+    TransactionConflictError,
+    XenLibraryError,
+    xen_error,
+)
 from pyxen9p.interfaces import Permission, PermissionFlag, WatchEvent
 from pyxen9p.libs._ctypeslib import (
     CHandle,
@@ -131,6 +136,13 @@ LIBRARY = LibrarySpec(
 )
 
 
+def _readable(fd: int) -> bool:
+    """Whether *fd* is readable now (a poll that does not wait)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def _path(path: str) -> bytes:
     if not isinstance(path, str):
         raise TypeError(f"XenStore paths are str, not {type(path).__name__}")
@@ -201,9 +213,7 @@ class _NodeOps:
         """
         store = self._store
         length = c_uint()
-        pointer = store._lib.xs_read(
-            store._handle(), self._txid(), _path(path), ctypes.byref(length)
-        )
+        pointer = store._call(store._lib.xs_read, self._txid(), _path(path), ctypes.byref(length))
         try:
             return ctypes.string_at(pointer, length.value)
         finally:
@@ -221,24 +231,24 @@ class _NodeOps:
         """``xs_write``: create or replace *path*; a ``str`` is UTF-8 encoded."""
         store = self._store
         data = _value(value)
-        store._lib.xs_write(store._handle(), self._txid(), _path(path), data, len(data))
+        store._call(store._lib.xs_write, self._txid(), _path(path), data, len(data))
 
     def mkdir(self, path: str) -> None:
         """``xs_mkdir``: create *path* (with an empty value) if it is missing."""
         store = self._store
-        store._lib.xs_mkdir(store._handle(), self._txid(), _path(path))
+        store._call(store._lib.xs_mkdir, self._txid(), _path(path))
 
     def rm(self, path: str) -> None:
         """``xs_rm``: remove *path* and its subtree."""
         store = self._store
-        store._lib.xs_rm(store._handle(), self._txid(), _path(path))
+        store._call(store._lib.xs_rm, self._txid(), _path(path))
 
     def directory(self, path: str) -> list[str]:
         """``xs_directory``: the names of the children of *path*."""
         store = self._store
         count = c_uint()
-        vector = store._lib.xs_directory(
-            store._handle(), self._txid(), _path(path), ctypes.byref(count)
+        vector = store._call(
+            store._lib.xs_directory, self._txid(), _path(path), ctypes.byref(count)
         )
         try:
             return _strings(vector, count.value)
@@ -249,8 +259,8 @@ class _NodeOps:
         """``xs_get_permissions``: the access list of *path* (owner first)."""
         store = self._store
         count = c_uint()
-        pointer = store._lib.xs_get_permissions(
-            store._handle(), self._txid(), _path(path), ctypes.byref(count)
+        pointer = store._call(
+            store._lib.xs_get_permissions, self._txid(), _path(path), ctypes.byref(count)
         )
         try:
             array = ctypes.cast(pointer, POINTER(_XsPermissions))
@@ -269,8 +279,8 @@ class _NodeOps:
             *[_XsPermissions(p.domid, int(p.perms)) for p in permissions]
         )
         store = self._store
-        store._lib.xs_set_permissions(
-            store._handle(), self._txid(), _path(path), array, len(permissions)
+        store._call(
+            store._lib.xs_set_permissions, self._txid(), _path(path), array, len(permissions)
         )
 
 
@@ -352,9 +362,18 @@ class XenStore(CHandle, _NodeOps):
         self._queues: dict[str, deque[WatchEvent]] = {}
         self._events = threading.Condition()
         self._reading = False
+        # one taker of watch events at a time: a poll that found the
+        # descriptor readable then finds an event queued (xs_read_watch
+        # must not block in C, where close could not wake it)
+        self._takers = threading.Lock()
 
     def _txid(self) -> int:
         return XBT_NULL
+
+    def _wake_callers(self) -> None:
+        with self._events:
+            self._events.notify_all()  # waiters on another thread's pump
+        super()._wake_callers()
 
     def _release(self, pointer: int) -> None:
         with self._events:
@@ -368,16 +387,13 @@ class XenStore(CHandle, _NodeOps):
 
     def fileno(self) -> int:
         """``xs_fileno``: readable when watch events are waiting."""
-        fd = int(self._lib.xs_fileno(self._handle()))
-        if fd < 0:
-            raise xen_error(ctypes.get_errno() or errno.EIO, "xs_fileno")
-        return fd
+        return self._call(self._xs_fileno)
 
     # --- transactions -------------------------------------------------------
 
     def transaction_start(self) -> int:
         """``xs_transaction_start``: a new transaction id (low level)."""
-        return int(self._lib.xs_transaction_start(self._handle()))
+        return int(self._call(self._lib.xs_transaction_start))
 
     def transaction_end(self, txid: int, abort: bool = False) -> None:
         """``xs_transaction_end`` (low level).
@@ -385,7 +401,7 @@ class XenStore(CHandle, _NodeOps):
         :raises TransactionConflictError: on ``EAGAIN``: retry the whole
             transaction
         """
-        if not self._lib.xs_transaction_end(self._handle(), txid, abort):
+        if not self._call(self._lib.xs_transaction_end, txid, abort):
             err = ctypes.get_errno() or errno.EIO
             if err == errno.EAGAIN:
                 raise TransactionConflictError(err, "xs_transaction_end")
@@ -426,7 +442,7 @@ class XenStore(CHandle, _NodeOps):
             self._watches[token] = watch
             self._queues[token] = deque()
         try:
-            self._lib.xs_watch(self._handle(), _path(path), raw_token)
+            self._call(self._lib.xs_watch, _path(path), raw_token)
         except BaseException:
             with self._events:
                 self._watches.pop(token, None)
@@ -443,14 +459,21 @@ class XenStore(CHandle, _NodeOps):
             self._queues.pop(watch.token, None)
             self._events.notify_all()
         if registered and not self.closed:
-            self._lib.xs_unwatch(self._handle(), _path(watch.path), _path(watch.token))
+            try:
+                self._call(self._lib.xs_unwatch, _path(watch.path), _path(watch.token))
+            except HandleClosedError:
+                pass  # closed meanwhile: closing the connection removes its watches
 
     def check_watch(self) -> WatchEvent | None:
         """``xs_check_watch``: one fired watch without blocking, or ``None``.
 
         Low level: this bypasses the per-watch queues of :meth:`Watch.get`.
         """
-        vector = self._lib.xs_check_watch(self._handle())
+        with self._using() as handle, self._takers:
+            return self._check_watch(handle)
+
+    def _check_watch(self, handle: int) -> WatchEvent | None:
+        vector = self._lib.xs_check_watch(handle)
         if not vector:
             err = ctypes.get_errno()
             if err in (errno.EAGAIN, 0):
@@ -463,16 +486,44 @@ class XenStore(CHandle, _NodeOps):
         return WatchEvent(path, token)
 
     def read_watch(self) -> WatchEvent:
-        """``xs_read_watch``: block until a watch fires (low level)."""
-        count = c_uint()
-        vector = self._lib.xs_read_watch(self._handle(), ctypes.byref(count))
-        try:
-            if count.value < 2:
-                raise xen_error(errno.EPROTO, "xs_read_watch", "short watch event")
-            path, token = _strings(vector, 2)
-        finally:
-            free(vector)
-        return WatchEvent(path, token)
+        """``xs_read_watch``: block until a watch fires (low level).
+
+        The wait is a ``poll`` of :meth:`fileno` (``xs_read_watch`` is only
+        called once an event is queued), so :meth:`close` on another thread
+        ends it: it raises :class:`~pyxen9p.errors.HandleClosedError`.
+        """
+        with self._using() as handle:
+            poller = self._poller(handle)
+            fd = self._xs_fileno(handle)
+            while True:
+                poller.poll()
+                if self._closing:
+                    raise self._closed_error()
+                with self._takers:
+                    if not _readable(fd):
+                        continue  # another thread took the event
+                    count = c_uint()
+                    vector = self._lib.xs_read_watch(handle, ctypes.byref(count))
+                try:
+                    if count.value < 2:
+                        raise xen_error(errno.EPROTO, "xs_read_watch", "short watch event")
+                    path, token = _strings(vector, 2)
+                finally:
+                    free(vector)
+                return WatchEvent(path, token)
+
+    def _xs_fileno(self, handle: int) -> int:
+        fd = int(self._lib.xs_fileno(handle))
+        if fd < 0:
+            raise xen_error(ctypes.get_errno() or errno.EIO, "xs_fileno")
+        return fd
+
+    def _poller(self, handle: int) -> select.poll:
+        """A poll of the watch descriptor and of the close wake-up."""
+        poller = select.poll()
+        poller.register(self._xs_fileno(handle), select.POLLIN)
+        poller.register(self._wake_fd(), select.POLLIN)
+        return poller
 
     def _next_event(self, watch: Watch, timeout: float | None) -> WatchEvent | None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -496,6 +547,8 @@ class XenStore(CHandle, _NodeOps):
                     self._events.release()
                     try:
                         self._pump(remaining)
+                    except HandleClosedError:
+                        pass  # closed meanwhile: the loop returns None
                     finally:
                         self._events.acquire()
                 finally:
@@ -504,28 +557,32 @@ class XenStore(CHandle, _NodeOps):
                 pumped = True
 
     def _pump(self, timeout: float | None) -> None:
-        """Wait for the descriptor, then dispatch every pending event."""
-        fd = self.fileno()
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        # wake up regularly so a closed watch or store is noticed
-        wait = 0.2 if timeout is None else min(timeout, 0.2)
-        if not poller.poll(max(wait, 0) * 1000):
-            return
-        while not self.closed:
-            event = self.check_watch()
-            if event is None:
+        """Wait for the descriptor, then dispatch every pending event.
+
+        The whole wait is one call on the handle: :meth:`close` wakes it
+        (through the wake descriptor) and frees the handle after it left.
+        """
+        with self._using() as handle:
+            poller = self._poller(handle)
+            # wake up regularly so a closed watch is noticed
+            wait = 0.2 if timeout is None else min(timeout, 0.2)
+            if not poller.poll(max(wait, 0) * 1000) or self._closing:
                 return
-            with self._events:
-                queue = self._queues.get(event.token)
-                if queue is not None:  # events of removed watches are dropped
-                    queue.append(event)
+            while not self._closing:
+                with self._takers:
+                    event = self._check_watch(handle)
+                if event is None:
+                    return
+                with self._events:
+                    queue = self._queues.get(event.token)
+                    if queue is not None:  # events of removed watches are dropped
+                        queue.append(event)
 
     # --- domains and control ----------------------------------------------
 
     def get_domain_path(self, domid: int) -> str:
         """``xs_get_domain_path``: ``/local/domain/<domid>``."""
-        pointer = self._lib.xs_get_domain_path(self._handle(), domid)
+        pointer = self._call(self._lib.xs_get_domain_path, domid)
         try:
             return ctypes.string_at(pointer).decode()
         finally:
@@ -533,32 +590,32 @@ class XenStore(CHandle, _NodeOps):
 
     def introduce_domain(self, domid: int, mfn: int, eventchn: int) -> None:
         """``xs_introduce_domain`` (toolstack use)."""
-        self._lib.xs_introduce_domain(self._handle(), domid, mfn, eventchn)
+        self._call(self._lib.xs_introduce_domain, domid, mfn, eventchn)
 
     def release_domain(self, domid: int) -> None:
         """``xs_release_domain`` (toolstack use)."""
-        self._lib.xs_release_domain(self._handle(), domid)
+        self._call(self._lib.xs_release_domain, domid)
 
     def resume_domain(self, domid: int) -> None:
         """``xs_resume_domain`` (toolstack use)."""
-        self._lib.xs_resume_domain(self._handle(), domid)
+        self._call(self._lib.xs_resume_domain, domid)
 
     def set_target(self, domid: int, target: int) -> None:
         """``xs_set_target``: let *domid* manage *target* (toolstack use)."""
-        self._lib.xs_set_target(self._handle(), domid, target)
+        self._call(self._lib.xs_set_target, domid, target)
 
     def is_domain_introduced(self, domid: int) -> bool:
         """``xs_is_domain_introduced``."""
-        return bool(self._lib.xs_is_domain_introduced(self._handle(), domid))
+        return bool(self._call(self._lib.xs_is_domain_introduced, domid))
 
     def restrict(self, domid: int) -> None:
         """``xs_restrict``: act with the rights of *domid* from now on."""
-        self._lib.xs_restrict(self._handle(), domid)
+        self._call(self._lib.xs_restrict, domid)
 
     def control_command(self, command: str, data: bytes = b"") -> bytes:
         """``xs_control_command``: a xenstored control request; returns its answer."""
-        pointer = self._lib.xs_control_command(
-            self._handle(), command.encode(), data or None, len(data)
+        pointer = self._call(
+            self._lib.xs_control_command, command.encode(), data or None, len(data)
         )
         try:
             return ctypes.string_at(pointer)
@@ -567,9 +624,7 @@ class XenStore(CHandle, _NodeOps):
 
     def debug_command(self, command: str, data: bytes = b"") -> bytes:
         """``xs_debug_command`` (deprecated alias of :meth:`control_command`)."""
-        pointer = self._lib.xs_debug_command(
-            self._handle(), command.encode(), data or None, len(data)
-        )
+        pointer = self._call(self._lib.xs_debug_command, command.encode(), data or None, len(data))
         try:
             return ctypes.string_at(pointer)
         finally:
