@@ -94,3 +94,32 @@ def test_mount_in_the_foreground_ends_on_ctrl_c(dirs: tuple[Path, Path]) -> None
         if process.poll() is None:
             process.kill()
             process.wait(10)
+
+
+def test_mount_through_the_agent(dirs: tuple[Path, Path], tmp_path: Path) -> None:
+    """``pyxen9p --server unix:SOCKET mount``: the mount is one more client of the agent."""
+    share, mnt = dirs
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "pyxen9p", "--simulate", str(share), "serve",
+         "--listen", f"unix:{sock}"],
+        env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for(sock.exists, 30, "the agent's socket")
+        done = pyxen9p("--server", f"unix:{sock}", "mount", mnt)
+        assert done.returncode == 0, done.stderr
+        assert (mnt / "hello").read_text() == "hi\n"
+        (mnt / "via-agent").write_text("y")
+        assert (share / "via-agent").read_text() == "y"
+        # another client of the same agent sees it at once
+        assert pyxen9p("--server", f"unix:{sock}", "cat", "via-agent").stdout == "y"
+        assert pyxen9p("umount", mnt).returncode == 0
+    finally:
+        force_unmount(mnt)
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(20)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait(10)
