@@ -157,6 +157,10 @@ class DotU:
         self.client = client
         #: False once the server refused Tremove: removal goes through ORCLOSE.
         self.has_remove = True
+        #: False once the server refused Twstat: attribute changes fail at once.
+        self.has_wstat = True
+        #: Whether copy_in already warned that it cannot preserve attributes.
+        self.warned_preserve = False
 
     # --- attributes ------------------------------------------------------------
 
@@ -170,10 +174,13 @@ class DotU:
 
     def wstat(self, fid: int, path: str, stat: c.Stat, what: str) -> None:
         """Twstat; a server without it gives a clear ``EOPNOTSUPP``."""
+        if not self.has_wstat:
+            raise _unsupported(f"Twstat: cannot {what}", path)
         try:
             self.client._rpc(lambda t: c.Twstat(t, fid, stat), c.Rwstat, path)
         except OSError as exc:
-            if exc.errno in _UNSUPPORTED:
+            if exc.errno in _UNSUPPORTED and _is_server_error(exc):
+                self.has_wstat = False
                 raise _unsupported(f"Twstat: cannot {what}", path) from None
             raise
 

@@ -1463,16 +1463,23 @@ class Client:
         try:
             if qid.type & c.QTDIR:
                 raise _local_error(errno.EISDIR, display)
-            if self._dotu is not None:
-                rqid, iounit = self._dotu.open(fid, flags, display)
-                return fid, rqid, self._iounit(iounit), display
-            reply = self._rpc(
-                lambda t: c.Tlopen(t, fid, flags & ~(c.L_O_CREAT | c.L_O_EXCL)), c.Rlopen, display
-            )
+            rqid, announced = self._open_existing(fid, flags, display)
         except BaseException:
             self._clunk_quiet(fid)
             raise
-        return fid, reply.qid, self._iounit(reply.iounit), display
+        return fid, rqid, self._iounit(announced), display
+
+    def _open_existing(self, fid: int, flags: int, path: str) -> tuple[c.Qid, int]:
+        """Open *fid* with the ``L_O_*`` *flags* (Tlopen, or Topen over 9P2000.u).
+
+        :returns: ``(qid, iounit announced)``
+        """
+        if self._dotu is not None:
+            return self._dotu.open(fid, flags, path)
+        reply = self._rpc(
+            lambda t: c.Tlopen(t, fid, flags & ~(c.L_O_CREAT | c.L_O_EXCL)), c.Rlopen, path
+        )
+        return reply.qid, reply.iounit
 
     def _create(self, path: PathArg, flags: int, perm: int) -> tuple[int, c.Qid, int, str]:
         dfid, name, display = self._lookup_parent(path, errno.EISDIR)
@@ -1681,13 +1688,17 @@ class Client:
                 )
             return self._executor
 
-    def _parallel(self, tasks: Sequence[Callable[[], _T]]) -> list[_T]:
+    def _parallel(self, tasks: Sequence[Callable[[], _T]], *, new_fids: bool = False) -> list[_T]:
         """Run *tasks* with up to :attr:`window` in flight; results in order.
 
         Waits for every task even when one fails (so none still uses a fid
         the caller is about to clunk), then raises the first failure.
+
+        :param new_fids: each task walks to a fid of its own: over 9P2000.u
+            (whose servers may count every fid against a small limit) they
+            then run one after another
         """
-        if len(tasks) == 1 or self.window == 1:
+        if len(tasks) == 1 or self.window == 1 or (new_fids and self._dotu is not None):
             return [task() for task in tasks]
         executor = self._get_executor()
         futures: list[Future[_T]] = [executor.submit(task) for task in tasks]
@@ -2077,12 +2088,12 @@ class Client:
             if no_clobber and _local_exists(dfd, name):
                 log.info("copy_out: not replacing %s", lpath)
                 return
-            reply = self._rpc(lambda t: c.Tlopen(t, fid, c.L_O_RDONLY), c.Rlopen, display)
+            _, announced = self._open_existing(fid, c.L_O_RDONLY, display)
             tmp, fd = _local_temporary(dfd, name, lpath, 0o600 if preserve else 0o666)
             try:
                 with open(fd, "wb", closefd=True) as out:
                     self._download(
-                        fid, self._iounit(reply.iounit), display, cast(BinaryIO, out), progress,
+                        fid, self._iounit(announced), display, cast(BinaryIO, out), progress,
                         st.st_size,
                     )
                     out.flush()
@@ -2225,18 +2236,28 @@ class Client:
         the server dropped is reported with a logged warning.
         """
         mode = stat_module.S_IMODE(st.st_mode)
-        self._setattr_fid(
-            fid,
-            path,
-            c.P9_SETATTR_MODE
-            | c.P9_SETATTR_ATIME
-            | c.P9_SETATTR_MTIME
-            | c.P9_SETATTR_ATIME_SET
-            | c.P9_SETATTR_MTIME_SET,
-            mode=mode,
-            atime=divmod(st.st_atime_ns, 1_000_000_000),
-            mtime=divmod(st.st_mtime_ns, 1_000_000_000),
-        )
+        try:
+            self._setattr_fid(
+                fid,
+                path,
+                c.P9_SETATTR_MODE
+                | c.P9_SETATTR_ATIME
+                | c.P9_SETATTR_MTIME
+                | c.P9_SETATTR_ATIME_SET
+                | c.P9_SETATTR_MTIME_SET,
+                mode=mode,
+                atime=divmod(st.st_atime_ns, 1_000_000_000),
+                mtime=divmod(st.st_mtime_ns, 1_000_000_000),
+            )
+        except OSError as exc:
+            if self._dotu is None or self._dotu.has_wstat or exc.errno != errno.EOPNOTSUPP:
+                raise
+            # 9P2000.u without Twstat (xen-9pfsd): files keep the permission
+            # bits they were created with, and the server's times
+            if not self._dotu.warned_preserve:
+                self._dotu.warned_preserve = True
+                log.warning("copy_in: %s: times not preserved (%s)", path, exc.strerror)
+            return
         if mode & 0o7000:
             kept = stat_module.S_IMODE(self._getattr_fid(fid, path).st_mode)
             _report_dropped("copy_in", "the server", path, mode, kept)
