@@ -40,7 +40,7 @@ U = c.VERSION_9P2000_U
 Answer = c.Message | bytes | None
 Script = Callable[[c.Message, Callable[[], c.Message]], Answer]
 
-__all__ = ["SILENCE", "U", "UServer", "UTransport"]
+__all__ = ["SILENCE", "U", "UServer", "UTransport", "serve_unix"]
 
 
 @dataclass
@@ -354,3 +354,56 @@ class UTransport:
 
     def close(self) -> None:
         self.closed = True
+
+
+def serve_unix(server: UServer, path: str | Path) -> Callable[[], None]:
+    """Serve *server* on the Unix socket *path* (one connection at a time, in a thread).
+
+    :returns: a function that stops it
+    """
+    import contextlib
+    import socket
+    import struct
+
+    from tests.p9.hostile import _recv_exact
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+    open_socks: list[socket.socket] = [listener]
+
+    def serve(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                head = _recv_exact(sock, 4)
+                if head is None:
+                    return
+                (size,) = struct.unpack("<I", head)
+                body = _recv_exact(sock, size - 4) if size > 4 else b""
+                if body is None:
+                    return
+                reply = server.answer(head + body)
+                if reply is not None:
+                    sock.sendall(reply)
+
+    def accept() -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return
+            open_socks.append(sock)
+            serve(sock)
+            sock.close()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        for sock in open_socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        thread.join(10)
+
+    return stop
