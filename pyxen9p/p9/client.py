@@ -1,6 +1,8 @@
-"""A 9P2000.L client with a Pythonic, path-based API.
+"""A 9P2000.L (and 9P2000.u) client with a Pythonic, path-based API.
 
-:class:`Client` speaks 9P2000.L over any :class:`~pyxen9p.p9.transport.Transport`:
+:class:`Client` speaks 9P2000.L, or 9P2000.u to a server that only speaks
+that (xen-9pfsd; see the ``version`` parameter), over any
+:class:`~pyxen9p.p9.transport.Transport`:
 the Xen :class:`~pyxen9p.frontend.Frontend`, or a
 :class:`~pyxen9p.p9.transport.StreamTransport` over TCP, a Unix socket or a
 pair of file descriptors::
@@ -413,7 +415,7 @@ def _is_server_error(exc: BaseException) -> bool:
 
 
 class Client:
-    """A 9P2000.L session over *transport*: version negotiation, attach, and file operations.
+    """A 9P session over *transport*: version negotiation, attach, and file operations.
 
     :param transport: carries the messages (:class:`~pyxen9p.frontend.Frontend`,
         :class:`~pyxen9p.p9.transport.StreamTransport`...)
