@@ -110,6 +110,8 @@ DEFAULT_MAX_ENTRIES = 1_000_000
 _MAX_TAG = 0xFFFE
 _NTAGS = _MAX_TAG + 1
 _FALLBACK_ERRNOS = frozenset({errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+#: The dialects the client speaks.
+_DIALECTS = (c.VERSION_9P2000_L, c.VERSION_9P2000_U)
 #: The ``version`` choices of :class:`Client`.
 VERSIONS = ("auto", c.VERSION_9P2000_L, c.VERSION_9P2000_U)
 
@@ -555,22 +557,21 @@ class Client:
         if want < MIN_MSIZE:
             raise ValueError(f"msize {want} is below the minimum {MIN_MSIZE}")
         offer = c.VERSION_9P2000_U if version == c.VERSION_9P2000_U else c.VERSION_9P2000_L
-        allowed = {c.VERSION_9P2000_L, c.VERSION_9P2000_U} if version == "auto" else {offer}
         reply = self._version_request(want, offer)
-        if reply is None or reply.version not in allowed:
-            if version != "auto" or (reply is not None and reply.version == offer):
-                raise ProtocolError(
-                    f"the server refused {offer}"
-                    + ("" if reply is None else f" (it answered {reply.version!r})")
-                )
-            # 9P2000.L refused: offer 9P2000.u, as the Linux kernel's version= would
-            offer = c.VERSION_9P2000_U
+        if version == "auto" and not (isinstance(reply, c.Rversion) and reply.version in _DIALECTS):
+            # 9P2000.L refused: offer 9P2000.u, as Linux's version=9p2000.u would
+            first, offer = reply, c.VERSION_9P2000_U
             reply = self._version_request(want, offer)
-            if reply is None or reply.version != offer:
+            if not (isinstance(reply, c.Rversion) and reply.version == offer):
+                answers = ", ".join(_version_answer(r) for r in (first, reply))
                 raise ProtocolError(
-                    f"the server speaks neither {c.VERSION_9P2000_L} nor {c.VERSION_9P2000_U}"
-                    + ("" if reply is None else f" (it answered {reply.version!r})")
+                    f"the server speaks neither {c.VERSION_9P2000_L} nor {offer}"
+                    f" (it answered {answers})"
                 )
+        if not isinstance(reply, c.Rversion):
+            raise ProtocolError(f"the server refused {offer}: {_version_answer(reply)}")
+        if version != "auto" and reply.version != offer:
+            raise ProtocolError(f"the server speaks {reply.version!r}, not {offer!r}")
         if reply.version == c.VERSION_9P2000_U:
             self._dialect = c.VERSION_9P2000_U
             self._dotu = _dotu.DotU(self)
@@ -581,16 +582,16 @@ class Client:
         self.msize = reply.msize
         self.version = reply.version
 
-    def _version_request(self, want: int, offer: str) -> c.Rversion | None:
-        """One Tversion; None if the server answered it with an error."""
+    def _version_request(self, want: int, offer: str) -> c.Rversion | c.Rlerror | c.Rerror:
+        """One Tversion: its Rversion, or the error reply."""
         raw = self._transport.request(
             c.encode(c.Tversion(c.NOTAG, want, offer)), timeout=self.timeout
         )
         if len(raw) > want:
             raise ProtocolError(f"Rversion of {len(raw)} bytes exceeds the msize {want}")
-        reply = c.decode(raw, offer)
+        reply = c.decode(raw)  # Rversion, Rerror and Rlerror are all 9P2000.L types
         if isinstance(reply, c.Rlerror | c.Rerror):
-            return None
+            return reply
         if not isinstance(reply, c.Rversion) or reply.tag != c.NOTAG:
             raise ProtocolError(f"expected an Rversion with NOTAG, got {reply!r}")
         return reply
@@ -2333,6 +2334,14 @@ class Client:
 
 # --------------------------------------------------------------------------
 # Helpers
+
+
+def _version_answer(reply: c.Rversion | c.Rlerror | c.Rerror) -> str:
+    """What a server answered to a Tversion, for an error message."""
+    if isinstance(reply, c.Rversion):
+        return repr(reply.version)
+    err = reply.ecode if isinstance(reply, c.Rlerror) else reply.errno
+    return os.strerror(err) if 0 < err < 4096 else f"error {err}"
 
 
 def _default_user() -> str:

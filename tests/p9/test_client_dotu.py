@@ -20,6 +20,7 @@ import pytest
 from pyxen9p.errors import TransportError
 from pyxen9p.p9 import codec as c
 from pyxen9p.p9.client import Client
+from tests.p9.hostile import HostileServer
 from tests.p9.userver import SILENCE, U, UServer
 
 
@@ -58,10 +59,46 @@ def test_version_u_offers_only_u(share: Path) -> None:
 
 def test_version_L_refuses_a_u_only_server(share: Path) -> None:
     srv = UServer(share)
-    with pytest.raises(c.ProtocolError, match=r"refused 9P2000\.L"):
+    with pytest.raises(c.ProtocolError, match=r"speaks 'unknown', not '9P2000\.L'"):
         srv.client(version=c.VERSION_9P2000_L)
     with pytest.raises(ValueError, match="version must be"):
         srv.client(version="9P2000")
+
+
+@pytest.mark.parametrize(
+    ("answer", "match"),
+    [
+        (lambda m: c.Rversion(m.tag, m.msize, "unknown"), "'unknown', 'unknown'"),
+        (lambda m: c.Rversion(m.tag, m.msize, "9P2000"), "'9P2000', '9P2000'"),
+        (lambda m: c.Rlerror(m.tag, errno.EINVAL), "Invalid argument, Invalid argument"),
+        (lambda m: c.Rerror(m.tag, "no", errno.EPROTO), "Protocol error, Protocol error"),
+    ],
+)
+def test_auto_gives_up_after_both_dialects(
+    share: Path, answer: Callable[[c.Message], c.Message], match: str
+) -> None:
+    def script(m: c.Message, honest: Callable[[], c.Message]) -> c.Message | None:
+        return answer(m) if isinstance(m, c.Tversion) else None
+
+    with HostileServer(share, script) as srv:
+        transport = srv.transport()
+        with pytest.raises(c.ProtocolError, match=r"neither 9P2000\.L nor 9P2000\.u") as info:
+            Client(transport, aname=str(share))
+        assert match in str(info.value)
+        assert [m.version for m in transport.sent] == [c.VERSION_9P2000_L, U]
+
+
+def test_auto_takes_L_from_an_L_server(share: Path) -> None:
+    with HostileServer(share) as srv:
+        transport = srv.transport()
+        with Client(transport, aname=str(share)) as fs:
+            assert fs.version == c.VERSION_9P2000_L
+            assert fs.read_bytes("hello.txt") == b"hello\n"
+        assert [m.version for m in transport.sent if isinstance(m, c.Tversion)] == [
+            c.VERSION_9P2000_L
+        ]
+        with pytest.raises(c.ProtocolError, match=r"not '9P2000\.u'"):
+            Client(srv.transport(), aname=str(share), version=U)
 
 
 def test_a_server_answering_u_to_an_L_offer(share: Path) -> None:
@@ -77,7 +114,7 @@ def test_a_server_answering_u_to_an_L_offer(share: Path) -> None:
     with srv.client() as fs:
         assert fs.version == U and fs.msize == 8192
         assert fs.read_bytes("hello.txt") == b"hello\n"
-    with pytest.raises(c.ProtocolError, match=r"answered '9P2000\.u'"):
+    with pytest.raises(c.ProtocolError, match=r"speaks '9P2000\.u', not"):
         UServer(share, script).client(version=c.VERSION_9P2000_L)
 
 
