@@ -417,3 +417,20 @@ def test_the_L_client_is_unchanged_over_a_u_transport_object(share: Path) -> Non
     assert fs.root_qid.type & c.QTDIR
     fs.close()
     assert len(srv.fids) == 0
+
+
+def test_fsspec_ls_over_u_stays_within_the_fid_limit(share: Path) -> None:
+    """fsspec's ls stats entries in parallel over 9P2000.L; one by one over 9P2000.u."""
+    from pyxen9p.fsspec import Xen9pFileSystem
+
+    for i in range(40):
+        (share / f"e{i}").write_bytes(b"x" * i)
+    srv = UServer(share)
+    fs = Xen9pFileSystem.from_client(srv.client())
+    try:
+        infos = fs.ls("", detail=True)
+        assert len(infos) == 42
+        assert {os.path.basename(i["name"]): i["size"] for i in infos}["e7"] == 7
+    finally:
+        fs.close()
+    assert srv.peak_fids <= 2
