@@ -112,6 +112,12 @@ def test_stat_sizes_that_lie_are_refused() -> None:
         bad = struct.pack("<H", lie) + good[2:]
         with pytest.raises(c.ProtocolError):
             c.decode(_rstat_with(bad), U)
+    # a byte after n_muid, inside a stat whose size (and the outer size) count it
+    padded = struct.pack("<H", inner + 1) + good[2:] + b"\0"
+    with pytest.raises(c.ProtocolError, match="does not match its fields"):
+        c.decode(_rstat_with(padded), U)
+    with pytest.raises(c.ProtocolError, match="does not match its fields"):
+        c.parse_stats(padded + good)
     # a name whose length runs into the ids, with the stat's size kept consistent
     fixed = 2 + 39
     bad = bytearray(good)
