@@ -20,7 +20,9 @@ def useful(tmp_path: Path) -> Iterator[tuple[str, Path, UServer]]:
     root = tmp_path / "share"
     (root / "sub").mkdir(parents=True)
     (root / "a.txt").write_bytes(b"alpha\n")
-    server = UServer(root)
+    # over a socket the client cannot tell xen-9pfsd by its backend directory, and
+    # ls starts with the root's attributes: this stand-in answers that Tstat
+    server = UServer(root, root_tstat_crashes=False)
     sock = tmp_path / "u.sock"
     stop = serve_unix(server, sock)
     try:
@@ -85,3 +87,27 @@ def test_version_9p_reaches_connect(
     status, _, err = run(capsys, "--simulate", str(tmp_path), "--version-9p", "9P2000.u", "ls")
     assert status == 1 and "9P2000.u" in err  # pyxen9p's own server speaks 9P2000.L
     assert seen == ["auto", "9P2000.L", "9P2000.u"]
+
+
+def test_ls_of_xen9pfsd_root_lists_it_without_its_attributes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client never asks xen-9pfsd for its root's attributes: ls lists the root anyway."""
+    from pyxen9p.p9.transport import StreamTransport
+
+    root = tmp_path / "share"
+    root.mkdir()
+    (root / "a.txt").write_bytes(b"alpha\n")
+    server = UServer(root)  # a Tstat of the root would "crash" it
+    stop = serve_unix(server, tmp_path / "u.sock")
+    monkeypatch.setattr(
+        StreamTransport, "backend_path", "/local/domain/0/backend/xen_9pfs/1/0", raising=False
+    )
+    try:
+        status, out, err = run(capsys, "--server", f"unix:{tmp_path / 'u.sock'}", "ls")
+        assert (status, out.split(), err) == (0, ["a.txt"], "")
+        status, _, err = run(capsys, "--server", f"unix:{tmp_path / 'u.sock'}", "stat", "/")
+        assert status == 1 and "crashes it" in err
+    finally:
+        stop()
+    assert not server.crashed

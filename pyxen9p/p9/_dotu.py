@@ -22,6 +22,7 @@ The rules it keeps, those of xen-9pfsd's small op set:
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat as stat_module
 import time
@@ -38,11 +39,24 @@ def _is_server_error(exc: BaseException) -> bool:
 
     return check(exc)
 
+log = logging.getLogger(__name__)
+
 #: errnos meaning "the server does not do this request at all".
 _UNSUPPORTED = frozenset({errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
 #: The ``DM*`` bits that say what kind of file a stat describes.
 _DM_TYPES = c.DMDIR | c.DMSYMLINK | c.DMLINK | c.DMDEVICE | c.DMNAMEDPIPE | c.DMSOCKET
 _U32_MAX = 0xFFFFFFFF
+
+
+def is_root(path: str) -> bool:
+    """Whether the client path *path* names the share's root (``""``, ``/``, ``a/..``...)."""
+    depth = 0
+    for name in path.split("/"):
+        if name == "..":
+            depth = max(depth - 1, 0)
+        elif name not in ("", "."):
+            depth += 1
+    return depth == 0
 
 
 def _unsupported(what: str, path: str) -> OSError:
@@ -161,11 +175,65 @@ class DotU:
         self.has_wstat = True
         #: Whether copy_in already warned that it cannot preserve attributes.
         self.warned_preserve = False
+        #: Whether the server was seen writing stats as xen-9pfsd does.
+        self.xen9pfsd_stats = False
+        #: Whether the server is known to be xen-9pfsd (its backend directory is
+        #: ``backend/xen_9pfs/...``, or its stats say so): no Tstat of the root then.
+        self.xen9pfsd = "/xen_9pfs/" in str(getattr(client.transport, "backend_path", ""))
+
+    # --- replies ---------------------------------------------------------------
+
+    def decode(self, raw: bytes) -> c.Message:
+        """Decode a 9P2000.u reply; an Rstat may also have xen-9pfsd's stat sizes.
+
+        xen-9pfsd (Xen 4.19, 4.20) counts 10 bytes too many in a stat's size
+        fields: such an Rstat is accepted with exactly that excess
+        (:func:`~pyxen9p.p9.codec.decode_xen9pfsd_rstat`), and nothing else is.
+        """
+        try:
+            return c.decode(raw, c.VERSION_9P2000_U)
+        except c.ProtocolError:
+            if len(raw) < c.HEADER_SIZE or raw[4] != c.MessageType.RSTAT:
+                raise
+            try:
+                reply = c.decode_xen9pfsd_rstat(raw)
+            except c.ProtocolError:
+                pass
+            else:
+                self._note_xen9pfsd()
+                return reply
+            raise
+
+    def parse_stats(self, data: bytes, path: str) -> list[c.Stat]:
+        """The entries of a directory read: 9P2000.u's layout, or xen-9pfsd's."""
+        try:
+            return c.parse_stats(data)
+        except c.ProtocolError as exc:
+            try:
+                stats = c.parse_xen9pfsd_stats(data)
+            except c.ProtocolError:
+                raise c.ProtocolError(
+                    errno.EPROTO, f"a directory read of {path!r}: {exc.strerror}"
+                ) from None
+            self._note_xen9pfsd()
+            return stats
+
+    def _note_xen9pfsd(self) -> None:
+        if not self.xen9pfsd_stats:
+            self.xen9pfsd_stats = self.xen9pfsd = True
+            log.info("the server writes stats as xen-9pfsd does (sizes 10 bytes over)")
 
     # --- attributes ------------------------------------------------------------
 
     def stat_fid(self, fid: int, path: str) -> c.Stat:
-        """The Rstat of *fid*."""
+        """The Rstat of *fid* (at *path*; never xen-9pfsd's root, see :func:`is_root`)."""
+        if self.xen9pfsd and is_root(path):
+            raise OSError(
+                errno.EOPNOTSUPP,
+                "the attributes of the share's root are not asked of xen-9pfsd"
+                " (a Tstat of the root crashes it in Xen 4.19 and 4.20)",
+                path,
+            )
         return self.client._rpc(lambda t: c.Tstat(t, fid), c.Rstat, path).stat
 
     def getattr(self, fid: int, path: str) -> os.stat_result:
@@ -197,6 +265,8 @@ class DotU:
         mtime: tuple[int, int],
     ) -> None:
         """The ``P9_SETATTR_*`` request *valid* as one Twstat."""
+        if not self.has_wstat:
+            raise _unsupported("Twstat: cannot change attributes", path)
         changes: dict[str, object] = {}
         if valid & c.P9_SETATTR_MODE:
             kind = self.stat_fid(fid, path).mode & _DM_TYPES
@@ -248,7 +318,8 @@ class DotU:
         try:
             self.create(dfid, name, c.L_O_RDONLY, c.DMSYMLINK | 0o777, path, extension=target)
         except OSError as exc:
-            if exc.errno in _UNSUPPORTED:
+            # xen-9pfsd answers EINVAL to a Tcreate of any special file
+            if _is_server_error(exc) and exc.errno in _UNSUPPORTED | {errno.EINVAL}:
                 raise _unsupported("symbolic links", path) from None
             raise
 
@@ -276,7 +347,7 @@ class DotU:
             data = client._read_at(fid, offset, count, path)
             if not data:
                 return entries
-            stats = c.parse_stats(data)
+            stats = self.parse_stats(data, path)
             received += len(stats)
             if limit is not None and received > limit + 2:  # '.' and '..' are not counted
                 raise OSError(
@@ -318,11 +389,26 @@ class DotU:
         client._fids.release(fid)
         return True
 
-    def remove_orclose(self, fid: int, path: str) -> None:
-        """Topen *fid* with ``ORCLOSE``, then Tclunk it: the server removes the file."""
+    def remove_orclose(self, fid: int, path: str, is_dir: bool) -> None:
+        """Topen *fid* with ``ORCLOSE``, then Tclunk it: the server removes the file.
+
+        xen-9pfsd reports no error of that removal (and refuses ``ORCLOSE``
+        on a directory): the path is looked up afterwards, and a file still
+        there is an error.
+        """
         client = self.client
         try:
             client._rpc(lambda t: c.Topen(t, fid, c.OREAD | c.ORCLOSE), c.Ropen, path)
+        except OSError as exc:
+            client._clunk_quiet(fid)
+            if is_dir and _is_server_error(exc) and exc.errno == errno.EINVAL:
+                raise OSError(
+                    errno.EOPNOTSUPP,
+                    "the 9P2000.u server cannot remove directories (it refused Topen"
+                    " with ORCLOSE on a directory, as xen-9pfsd does)",
+                    path,
+                ) from None
+            raise
         except BaseException:
             client._clunk_quiet(fid)
             raise
@@ -341,6 +427,13 @@ class DotU:
             client._fids.lose(fid)
             raise
         client._fids.release(fid)
+        if client.exists(path, follow_symlinks=False):
+            raise OSError(
+                errno.ENOTEMPTY if is_dir else errno.EIO,
+                ("directory not empty, or " if is_dir else "")
+                + "the server did not remove it (Tclunk with ORCLOSE reports no error)",
+                path,
+            )
 
     def rename(self, fid: int, src: list[str], dst: list[str], path: str) -> None:
         """Rename the file of *fid* (at *src*) to *dst*: a Twstat of its name.

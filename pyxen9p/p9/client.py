@@ -511,7 +511,6 @@ class Client:
         self._closing = False
         self.msize = 0
         self.version = ""
-        self._dialect = c.VERSION_9P2000_L
         #: The 9P2000.u operations, once that dialect is negotiated.
         self._dotu: _dotu.DotU | None = None
         try:
@@ -573,7 +572,6 @@ class Client:
         if version != "auto" and reply.version != offer:
             raise ProtocolError(f"the server speaks {reply.version!r}, not {offer!r}")
         if reply.version == c.VERSION_9P2000_U:
-            self._dialect = c.VERSION_9P2000_U
             self._dotu = _dotu.DotU(self)
         if reply.msize > want:
             raise ProtocolError(f"the server raised the msize from {want} to {reply.msize}")
@@ -771,7 +769,7 @@ class Client:
     ) -> _R:
         if len(raw) > self.msize:
             raise ProtocolError(f"reply of {len(raw)} bytes exceeds the msize {self.msize}")
-        reply = c.decode(raw, self._dialect)
+        reply = c.decode(raw) if self._dotu is None else self._dotu.decode(raw)
         if reply.tag != tag:
             raise ProtocolError(f"reply tagged {reply.tag} to a request tagged {tag}")
         if isinstance(reply, c.Rlerror):
@@ -1286,7 +1284,7 @@ class Client:
                     return
                 # Tremove refused (xen-9pfsd): its fid is clunked; walk again
                 fid, _, _ = self._lookup(path, follow=False)
-            self._dotu.remove_orclose(fid, display)
+            self._dotu.remove_orclose(fid, display, is_dir)
             return
         try:
             self._rpc(lambda t: c.Tremove(t, fid), c.Rremove, display)

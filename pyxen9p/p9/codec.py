@@ -162,6 +162,7 @@ __all__ = [
     "VERSION_9P2000_L",
     "VERSION_9P2000_U",
     "VERSION_UNKNOWN",
+    "XEN9PFSD_STAT_EXCESS",
     "Dirent",
     "Message",
     "MessageType",
@@ -235,6 +236,7 @@ __all__ = [
     "Txattrcreate",
     "Txattrwalk",
     "decode",
+    "decode_xen9pfsd_rstat",
     "encode",
     "message_class",
     "message_classes",
@@ -242,6 +244,7 @@ __all__ = [
     "pack_stats",
     "parse_dirents",
     "parse_stats",
+    "parse_xen9pfsd_stats",
     "peek_header",
     "reply_type_for",
 ]
@@ -749,24 +752,93 @@ class Stat:
         if size < _STAT_MIN:
             raise ProtocolError(f"stat of {size} bytes is shorter than the {_STAT_MIN} minimum")
         stop = off + size
-        t, dev, qt, qv, qp, mode, atime, mtime, length = _STAT_FIXED.unpack_from(mv, off)
-        off += _STAT_FIXED.size
-        name, off = _read_str(mv, off, stop)
-        uid, off = _read_str(mv, off, stop)
-        gid, off = _read_str(mv, off, stop)
-        muid, off = _read_str(mv, off, stop)
-        extension, off = _read_str(mv, off, stop)
-        if stop - off != _STAT_TAIL.size:
+        stat, after = _stat_fields(mv, off, stop)
+        if after != stop:
             raise ProtocolError(
-                f"stat size {size} does not match its fields ({stop - off} bytes"
-                f" where the {_STAT_TAIL.size} of n_uid n_gid n_muid belong)"
+                f"stat size {size} does not match its fields ({after - off} bytes)"
             )
-        n_uid, n_gid, n_muid = _STAT_TAIL.unpack_from(mv, off)
-        stat = cls(
-            t, dev, Qid(qt, qv, qp), mode, atime, mtime, length,
-            name, uid, gid, muid, extension, n_uid, n_gid, n_muid,
-        )  # fmt: skip
         return stat, stop
+
+
+def _stat_fields(mv: memoryview, off: int, end: int) -> tuple[Stat, int]:
+    """The fields of a stat after its size, read one after another within *end*."""
+    if end - off < _STAT_FIXED.size:
+        raise ProtocolError(f"truncated stat at offset {off}")
+    t, dev, qt, qv, qp, mode, atime, mtime, length = _STAT_FIXED.unpack_from(mv, off)
+    off += _STAT_FIXED.size
+    name, off = _read_str(mv, off, end)
+    uid, off = _read_str(mv, off, end)
+    gid, off = _read_str(mv, off, end)
+    muid, off = _read_str(mv, off, end)
+    extension, off = _read_str(mv, off, end)
+    if end - off < _STAT_TAIL.size:
+        raise ProtocolError(f"truncated stat ids at offset {off}")
+    n_uid, n_gid, n_muid = _STAT_TAIL.unpack_from(mv, off)
+    stat = Stat(
+        t, dev, Qid(qt, qv, qp), mode, atime, mtime, length,
+        name, uid, gid, muid, extension, n_uid, n_gid, n_muid,
+    )  # fmt: skip
+    return stat, off + _STAT_TAIL.size
+
+
+#: How much xen-9pfsd's stat size exceeds its fields (Xen 4.19 and 4.20 count 71 + the
+#: name's length for fields that take 61 + the name's length).
+XEN9PFSD_STAT_EXCESS = 10
+
+
+def _xen9pfsd_stat(mv: memoryview, off: int, end: int) -> tuple[Stat, int]:
+    """A stat as xen-9pfsd writes it: ``tlen[2] size[2]`` then the fields, where
+    ``tlen == size + 2`` and ``size`` is the fields' length plus 10, exactly."""
+    if end - off < 4:
+        raise ProtocolError(f"truncated stat sizes at offset {off}")
+    tlen, size = struct.unpack_from("<HH", mv, off)
+    if tlen != size + 2:
+        raise ProtocolError(f"stat sizes {tlen} and {size} do not differ by 2")
+    stat, after = _stat_fields(mv, off + 4, end)
+    if size != after - off - 4 + XEN9PFSD_STAT_EXCESS:
+        raise ProtocolError(f"stat size {size} is not xen-9pfsd's count for its fields")
+    return stat, after
+
+
+def decode_xen9pfsd_rstat(data: bytes | bytearray | memoryview) -> Rstat:
+    """Decode an Rstat laid out as xen-9pfsd (Xen 4.19, 4.20) sends it.
+
+    Its two size fields count 10 bytes more than the stat's fields take
+    (:data:`XEN9PFSD_STAT_EXCESS`); everything else is the 9P2000.u layout.
+    The decoding is as strict as :func:`decode`'s, with exactly that excess.
+
+    :raises ProtocolError: not such an Rstat
+    """
+    mv = _as_bytes_view(data)
+    n = mv.nbytes
+    size, mtype, tag = peek_header(mv)
+    if size != n:
+        raise ProtocolError(f"size field says {size} bytes but {n} were given")
+    if mtype != MessageType.RSTAT:
+        raise ProtocolError(f"type {mtype} is not an Rstat")
+    stat, after = _xen9pfsd_stat(mv, HEADER_SIZE, n)
+    if after != n:
+        raise ProtocolError(f"Rstat: {n - after} trailing byte(s)")
+    return Rstat(tag, stat)
+
+
+def parse_xen9pfsd_stats(data: bytes | bytearray | memoryview) -> list[Stat]:
+    """Split a directory read as xen-9pfsd (Xen 4.19, 4.20) sends it into its entries.
+
+    Each entry carries two size fields, as an Rstat's body does
+    (``tlen[2] size[2]`` then the fields, ``size`` 10 bytes over); see
+    :func:`decode_xen9pfsd_rstat`.
+
+    :raises ProtocolError: an entry is not laid out that way
+    """
+    mv = _as_bytes_view(data)
+    end = mv.nbytes
+    off = 0
+    out: list[Stat] = []
+    while off < end:
+        stat, off = _xen9pfsd_stat(mv, off, end)
+        out.append(stat)
+    return out
 
 
 def parse_stats(data: bytes | bytearray | memoryview) -> list[Stat]:

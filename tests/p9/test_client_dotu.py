@@ -2,10 +2,11 @@
 
 The server speaks 9P2000.u only, serves Tversion, Tattach, Twalk, Topen,
 Tcreate, Tread, Twrite, Tclunk and Tstat, refuses everything else with
-EOPNOTSUPP (Tflush and Tremove included), and counts every fid against a
-limit of 5: the client must list, read, write, create and remove there,
-more files one after another than the limit, and say clearly what the
-server cannot do.
+EOPNOTSUPP (Tflush and Tremove included), counts every fid against a limit
+of 5, writes stats with xen-9pfsd's sizes, cannot remove directories and
+would crash on a Tstat of its root: the client must list, read, write,
+create and remove files there, more one after another than the limit, and
+say clearly what the server cannot do.
 """
 
 from __future__ import annotations
@@ -163,12 +164,41 @@ def test_more_files_than_the_fid_limit_one_after_another(share: Path) -> None:
         for i in range(n):
             fs.remove(f"f{i}")
         assert sorted(os.listdir(share)) == ["hello.txt", "sub"]
+        fs.mkdir("kept")
+        with pytest.raises(OSError, match="cannot remove directories") as info:
+            fs.rmdir("kept")  # xen-9pfsd opens a directory with OREAD only
+        assert info.value.errno == errno.EOPNOTSUPP
+        assert (share / "kept").is_dir()
+        assert fs.fid_count == 1 and len(srv.fids) == 1
+    assert srv.peak_fids <= 3
+    assert "Tflush" not in names(srv.sent)
+    assert not srv.crashed
+
+
+def test_directories_are_removed_where_orclose_takes_them(share: Path) -> None:
+    srv = UServer(share, extra_ops={"orclose_dirs"})
+    with srv.client() as fs:
         fs.mkdir("gone")
         fs.rmdir("gone")
         assert not (share / "gone").exists()
-        assert fs.fid_count == 1
-    assert srv.peak_fids <= 3
-    assert "Tflush" not in names(srv.sent)
+        with pytest.raises(OSError) as info:
+            fs.rmdir("sub")  # not empty: the Tclunk reports nothing, the look-up after does
+        assert info.value.errno == errno.ENOTEMPTY
+        assert (share / "sub").is_dir()
+        assert fs.fid_count == 1 and len(srv.fids) == 1
+
+
+def test_a_removal_the_server_did_not_make_is_an_error(share: Path) -> None:
+    (share / "sub" / "x").write_bytes(b"")
+    os.chmod(share / "sub", 0o500)
+    try:
+        if os.access(share / "sub", os.W_OK):
+            pytest.skip("as root, a read-only directory does not stop the removal")
+        srv = UServer(share)
+        with srv.client() as fs, pytest.raises(OSError, match="did not remove it"):
+            fs.remove("sub/x")
+    finally:
+        os.chmod(share / "sub", 0o700)
 
 
 def test_removal_goes_through_orclose_once_tremove_is_refused(share: Path) -> None:
@@ -185,10 +215,6 @@ def test_removal_goes_through_orclose_once_tremove_is_refused(share: Path) -> No
             fs.remove("sub")
         with pytest.raises(NotADirectoryError):
             fs.rmdir("hello.txt")
-        with pytest.raises(OSError) as info:
-            fs.rmdir("sub")  # not empty: the error comes back in the Rclunk
-        assert info.value.errno == errno.ENOTEMPTY
-        assert (share / "sub").is_dir()
         with pytest.raises(FileNotFoundError):
             fs.remove("nope")
         assert fs.fid_count == 1 and len(srv.fids) == 1
@@ -385,6 +411,7 @@ def test_a_directory_read_with_a_truncated_stat_is_a_protocol_error(share: Path)
 
 
 def test_a_listing_with_a_name_no_directory_holds_is_refused(share: Path) -> None:
+    """(With the 9P2000.u layout of stats, which the script rewrites.)"""
     def script(m: c.Message, honest: object) -> object:
         if isinstance(m, c.Tread) and m.offset == 0:
             reply = honest()  # type: ignore[operator]
@@ -396,7 +423,7 @@ def test_a_listing_with_a_name_no_directory_holds_is_refused(share: Path) -> Non
                 return c.Rread(m.tag, c.pack_stats([evil, *stats[1:]]))
         return None
 
-    srv = UServer(share, script)
+    srv = UServer(share, script, stats="spec")
     with srv.client() as fs, pytest.raises(c.ProtocolError, match="escape"):
         fs.listdir()
 
@@ -434,3 +461,61 @@ def test_fsspec_ls_over_u_stays_within_the_fid_limit(share: Path) -> None:
     finally:
         fs.close()
     assert srv.peak_fids <= 2
+
+
+# --- xen-9pfsd's own ways ----------------------------------------------------------
+
+
+def test_xen9pfsd_stat_sizes_are_read_and_known(share: Path) -> None:
+    srv = UServer(share)  # stats="xen9pfsd"
+    with srv.client() as fs:
+        assert fs._dotu is not None and not fs._dotu.xen9pfsd_stats
+        assert fs.stat("hello.txt").st_size == 6
+        assert fs._dotu.xen9pfsd_stats
+        assert sorted(fs.listdir("")) == ["hello.txt", "sub"]
+    spec = UServer(share, stats="spec")
+    with spec.client() as fs:
+        assert fs.stat("hello.txt").st_size == 6
+        assert sorted(fs.listdir("")) == ["hello.txt", "sub"]
+        assert fs._dotu is not None and not fs._dotu.xen9pfsd_stats
+
+
+def test_the_root_of_xen9pfsd_is_never_tstat(share: Path) -> None:
+    srv = UServer(share)
+    with srv.client() as fs:
+        for path in ("", "/", ".", "sub/..", "/sub/../."):
+            with pytest.raises(OSError, match="crashes it") as info:
+                fs.stat(path)
+            assert info.value.errno == errno.EOPNOTSUPP
+        assert fs.is_dir("") and fs.exists("/")
+        assert sorted(fs.listdir("/")) == ["hello.txt", "sub"]
+        assert fs.stat("sub").st_mode & 0o170000 == 0o040000
+    assert not srv.crashed
+
+
+def test_the_root_guard_follows_the_stats_without_a_backend_path(share: Path) -> None:
+    srv = UServer(share)
+    transport = srv.transport()
+    transport.backend_path = ""  # as over a socket
+    with Client(transport, timeout=5) as fs:
+        assert fs._dotu is not None and not fs._dotu.xen9pfsd
+        fs.listdir("")  # the stats give xen-9pfsd away
+        assert fs._dotu.xen9pfsd
+        with pytest.raises(OSError, match="crashes it"):
+            fs.stat("")
+    assert not srv.crashed
+
+
+def test_a_root_tstat_is_sent_to_other_u_servers(share: Path) -> None:
+    srv = UServer(share, stats="spec", root_tstat_crashes=False)
+    transport = srv.transport()
+    transport.backend_path = "/local/domain/0/backend/9pfs/1/0"  # QEMU's
+    with Client(transport, timeout=5) as fs:
+        assert fs.stat("").st_ino == os.stat(share).st_ino
+
+
+def test_xen9pfsd_refuses_symlinks_with_einval_said_clearly(share: Path) -> None:
+    srv = UServer(share)
+    with srv.client() as fs, pytest.raises(OSError, match="symbolic links") as info:
+        fs.symlink("hello.txt", "ln")
+    assert info.value.errno == errno.EOPNOTSUPP

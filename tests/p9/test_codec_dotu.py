@@ -157,3 +157,32 @@ def test_wstat_leaves_every_other_field_untouched() -> None:
     assert s.qid == c.Qid(0xFF, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF)
     assert (s.name, s.uid, s.gid, s.muid, s.extension) == ("",) * 5
     assert (s.n_uid, s.n_gid, s.n_muid) == (0xFFFFFFFF,) * 3
+
+
+def _xen_layout(stat: c.Stat, excess: int = c.XEN9PFSD_STAT_EXCESS, gap: int = 2) -> bytes:
+    fields = stat.pack()[2:]
+    size = len(fields) + excess
+    return struct.pack("<HH", size + gap, size) + fields
+
+
+def test_xen9pfsd_layouts_are_read_with_exactly_their_excess() -> None:
+    """xen-9pfsd counts 71 + len(name) for fields of 61 + len(name) bytes."""
+    entry = _xen_layout(STAT)
+    frame = struct.pack("<IBH", 7 + len(entry), c.Rstat.TYPE, 3) + entry
+    assert c.decode_xen9pfsd_rstat(frame) == c.Rstat(3, STAT)
+    with pytest.raises(c.ProtocolError):
+        c.decode(frame, U)  # not the 9P2000.u layout
+    assert c.parse_xen9pfsd_stats(entry + entry) == [STAT, STAT]
+    for bad in (_xen_layout(STAT, excess=9), _xen_layout(STAT, excess=11),
+                _xen_layout(STAT, gap=0), _xen_layout(STAT, excess=0)):  # fmt: skip
+        with pytest.raises(c.ProtocolError):
+            c.parse_xen9pfsd_stats(bad)
+        with pytest.raises(c.ProtocolError):
+            c.decode_xen9pfsd_rstat(struct.pack("<IBH", 7 + len(bad), c.Rstat.TYPE, 3) + bad)
+    for n in range(1, len(entry)):
+        with pytest.raises(c.ProtocolError):
+            c.parse_xen9pfsd_stats(entry[:n])
+    with pytest.raises(c.ProtocolError):
+        c.decode_xen9pfsd_rstat(frame + b"\0")
+    with pytest.raises(c.ProtocolError):
+        c.decode_xen9pfsd_rstat(c.encode(c.Tstat(1, 2)))

@@ -10,11 +10,21 @@ runs the real one:
   gets Rerror ``EOPNOTSUPP``;
 * removal is Topen or Tcreate with ``ORCLOSE``, then Tclunk;
 * ``max_open_files`` (default 5) counts every fid, the attach root's too:
-  one more gets Rerror ``EMFILE``.
+  one more gets Rerror ``EMFILE``;
+* stats are written as xen-9pfsd writes them (Xen 4.19, 4.20, ``tools/9pfsd/io.c``):
+  both size fields of an Rstat count 10 bytes more than the fields take,
+  and each entry of a directory read carries the two size fields of an
+  Rstat's body (``stats="spec"`` writes the 9P2000.u layout instead);
+* a Tstat of the root fid would crash xen-9pfsd (its name is found with
+  ``strrchr(path, '/') + 1`` on the path ``"."``): here it is recorded in
+  :attr:`UServer.crashed` and never answered;
+* Topen with ``ORCLOSE`` of a directory gets ``EINVAL`` (a directory opens
+  with ``OREAD`` only), and a removal at Tclunk that fails is not reported;
+* a Tcreate of a symbolic link or other special file gets ``EINVAL``.
 
-``extra_ops`` adds requests xen-9pfsd does not serve (``"remove"``,
-``"wstat"``, ``"symlink"``) so the client's paths for richer .u servers are
-tested too.  A *script*, as in :mod:`tests.p9.hostile`, may replace any
+``extra_ops`` adds what xen-9pfsd does not do (``"remove"``, ``"wstat"``,
+``"symlink"``, ``"orclose_dirs"``) so the client's paths for richer .u
+servers are tested too.  A *script*, as in :mod:`tests.p9.hostile`, may replace any
 answer: ``script(request, honest) -> message | bytes | SILENCE | None``.
 
 Reach it in-process with :meth:`UServer.transport` (records what was sent,
@@ -50,7 +60,7 @@ class _Fid:
     is_dir: bool = False
     orclose: bool = False
     opened: bool = False
-    dirdata: bytes = b""
+    dirents: list[bytes] = field(default_factory=list)
     dir_offset: int = 0
 
 
@@ -70,6 +80,8 @@ class UServer:
         *,
         max_open_files: int = 5,
         extra_ops: frozenset[str] | set[str] = frozenset(),
+        stats: str = "xen9pfsd",
+        root_tstat_crashes: bool = True,
     ) -> None:
         self.root = os.path.realpath(root)
         self.script = script
@@ -79,7 +91,29 @@ class UServer:
         self.sent: list[c.Message] = []
         self.stats = _Stats()
         self.msize = 0
+        self.stats_layout = stats
+        #: Whether a request would have crashed xen-9pfsd (a Tstat of the root).
+        self.crashed = False
+        self.root_tstat_crashes = root_tstat_crashes
         self._lock = threading.Lock()
+
+    def _is_root_fid(self, fid: int) -> bool:
+        f = self.fids.get(fid)
+        return f is not None and f.path == self.root
+
+    def _pack_stat(self, stat: c.Stat, *, entry: bool) -> bytes:
+        """A stat's bytes in an Rstat body or a directory read, in the chosen layout."""
+        raw = stat.pack()
+        if self.stats_layout == "spec":
+            return raw if entry else len(raw).to_bytes(2, "little") + raw
+        size = len(raw) - 2 + c.XEN9PFSD_STAT_EXCESS
+        return (size + 2).to_bytes(2, "little") + size.to_bytes(2, "little") + raw[2:]
+
+    def _rstat(self, tag: int, stat: c.Stat) -> bytes:
+        body = self._pack_stat(stat, entry=False)
+        return (7 + len(body)).to_bytes(4, "little") + bytes([c.Rstat.TYPE]) + (
+            tag.to_bytes(2, "little") + body
+        )
 
     @property
     def peak_fids(self) -> int:
@@ -94,17 +128,34 @@ class UServer:
             msg = c.decode(request, U)
             self.sent.append(msg)
             honest_reply: list[c.Message] = []
+            raw_reply: list[bytes] = []
 
             def honest() -> c.Message:
                 if not honest_reply:
-                    honest_reply.append(self._serve(msg))
+                    answer = self._serve(msg)
+                    if isinstance(answer, bytes):  # an Rstat in xen-9pfsd's layout
+                        stat = self._stat(self.fids[msg.fid].path)  # type: ignore[attr-defined]
+                        honest_reply.append(c.Rstat(msg.tag, stat))
+                        raw_reply.append(answer)
+                    else:
+                        honest_reply.append(answer)
                 return honest_reply[0]
 
             reply = self.script(msg, honest) if self.script is not None else None
             if reply is SILENCE:
                 return None
+            if (
+                reply is None
+                and self.root_tstat_crashes
+                and isinstance(msg, c.Tstat)
+                and self._is_root_fid(msg.fid)
+            ):
+                self.crashed = True
+                return None
             if reply is None:
                 reply = honest()
+                if raw_reply:
+                    return raw_reply[0]
             if isinstance(reply, bytes | bytearray):
                 return bytes(reply)
             return c.encode(reply)
@@ -159,13 +210,13 @@ class UServer:
         self.stats.peak_fids = max(self.stats.peak_fids, len(self.fids))
         return None
 
-    def _serve(self, m: c.Message) -> c.Message:
+    def _serve(self, m: c.Message) -> c.Message | bytes:
         try:
             return self._dispatch(m)
         except OSError as exc:
             return self._error(m.tag, exc.errno or errno.EIO)
 
-    def _dispatch(self, m: c.Message) -> c.Message:
+    def _dispatch(self, m: c.Message) -> c.Message | bytes:
         if isinstance(m, c.Tversion):
             self.close()
             self.msize = min(m.msize, 64 * 1024)
@@ -180,7 +231,7 @@ class UServer:
             return self._clunk(m)
         f = self.fids.get(getattr(m, "fid", -1))
         if isinstance(m, c.Tstat) and f is not None:
-            return c.Rstat(m.tag, self._stat(f.path))
+            return self._rstat(m.tag, self._stat(f.path))
         if isinstance(m, c.Topen) and f is not None:
             return self._open(m, f)
         if isinstance(m, c.Tcreate) and f is not None:
@@ -242,7 +293,10 @@ class UServer:
         if f.fd is not None:
             os.close(f.fd)
         if f.orclose:
-            (os.rmdir if f.is_dir else os.unlink)(f.path)
+            try:
+                (os.rmdir if f.is_dir else os.unlink)(f.path)
+            except OSError:
+                pass  # xen-9pfsd does not check unlinkat's result
         return c.Rclunk(m.tag)
 
     def _open(self, m: c.Topen, f: _Fid) -> c.Message:
@@ -250,10 +304,14 @@ class UServer:
             return self._error(m.tag, errno.EINVAL)
         acc = m.mode & 3
         if f.is_dir:
-            if acc != c.OREAD:
-                return self._error(m.tag, errno.EISDIR)
+            if m.mode != c.OREAD and not (
+                "orclose_dirs" in self.extra_ops and m.mode == c.OREAD | c.ORCLOSE
+            ):
+                return self._error(m.tag, errno.EINVAL)
             names = sorted(os.listdir(f.path))
-            f.dirdata = c.pack_stats(self._stat(os.path.join(f.path, n)) for n in names)
+            f.dirents = [
+                self._pack_stat(self._stat(os.path.join(f.path, n)), entry=True) for n in names
+            ]
         else:
             flags = {c.OREAD: os.O_RDONLY, c.OWRITE: os.O_WRONLY, c.ORDWR: os.O_RDWR}.get(
                 acc, os.O_RDONLY
@@ -273,15 +331,15 @@ class UServer:
         path = os.path.join(f.path, m.name)
         if m.perm & c.DMSYMLINK:
             if "symlink" not in self.extra_ops:
-                return self._error(m.tag, errno.EOPNOTSUPP)
+                return self._error(m.tag, errno.EINVAL)
             os.symlink(m.extension, path)
             f.path, f.is_dir, f.opened = path, False, True
         elif m.perm & c.DMDIR:
             os.mkdir(path, m.perm & 0o777)
             f.path, f.opened = path, True
-            f.dirdata = b""
+            f.dirents = []
         elif m.perm & ~0o7777:
-            return self._error(m.tag, errno.EOPNOTSUPP)
+            return self._error(m.tag, errno.EINVAL)
         else:
             acc = m.mode & 3
             flags = {c.OREAD: os.O_RDONLY, c.OWRITE: os.O_WRONLY}.get(acc, os.O_RDWR)
@@ -294,18 +352,16 @@ class UServer:
         count = min(m.count, self.msize - c.IOHDRSZ)
         if f.fd is not None:
             return c.Rread(m.tag, os.pread(f.fd, count, m.offset))
-        data = f.dirdata
-        if m.offset >= len(data):
-            return c.Rread(m.tag, b"")
-        # whole entries only
-        off = m.offset
-        end = off
-        while end < len(data):
-            n = int.from_bytes(data[end : end + 2], "little")
-            if end + 2 + n - off > count:
-                break
-            end += 2 + n
-        return c.Rread(m.tag, data[off:end])
+        # whole entries only, from the entry that starts at the offset
+        at, i = 0, 0
+        while i < len(f.dirents) and at < m.offset:
+            at += len(f.dirents[i])
+            i += 1
+        out = b""
+        while i < len(f.dirents) and len(out) + len(f.dirents[i]) <= count:
+            out += f.dirents[i]
+            i += 1
+        return c.Rread(m.tag, out)
 
     def _wstat(self, m: c.Twstat, f: _Fid) -> c.Message:
         s = m.stat
@@ -333,6 +389,7 @@ class UTransport:
 
     :ivar sent: every request, decoded
     :ivar flushed_tags: tags the client declared free
+    :ivar backend_path: a xen-9pfsd backend directory, as a Frontend to it has
     """
 
     def __init__(self, server: UServer, msize: int) -> None:
@@ -341,6 +398,7 @@ class UTransport:
         self.sent: list[c.Message] = []
         self.flushed_tags: list[int] = []
         self.closed = False
+        self.backend_path = "/local/domain/0/backend/xen_9pfs/1/0"
 
     def request(self, message: bytes, *, timeout: float | None = None) -> bytes:
         self.sent.append(c.decode(message, U))
