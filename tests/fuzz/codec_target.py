@@ -22,7 +22,11 @@ A quarter of the cases are 9P2000.u: messages of that dialect (Topen,
 Tcreate, Tstat/Rstat, Twstat with their nested stat sizes, and an Rread
 carrying packed stats, which go through
 :func:`~pyxen9p.p9.codec.parse_stats`), decoded with
-``decode(frame, dialect="9P2000.u")``.
+``decode(frame, dialect="9P2000.u")``.  Some of them are Rstats laid out
+as xen-9pfsd writes them (sizes 10 bytes over), valid and mutated, for
+:func:`~pyxen9p.p9.codec.decode_xen9pfsd_rstat`; every 9P2000.u Rstat frame
+and Rread also goes through the xen-9pfsd readers, which must either refuse
+it or give back something that re-encodes to the same bytes.
 
 Memory: every decode of a frame with a lying count, and every 16th decode,
 runs under :mod:`tracemalloc`; the peak must stay within a small multiple of
@@ -245,8 +249,46 @@ def mutate(rng: random.Random, raw: bytes, dialect: str = L) -> tuple[str, bytes
     return how, bytes(data)
 
 
+def xen9pfsd_stat(stat: c.Stat) -> bytes:
+    """*stat* as xen-9pfsd writes it: ``tlen[2] size[2]`` and the fields, size 10 over."""
+    fields = stat.pack()[2:]
+    size = len(fields) + c.XEN9PFSD_STAT_EXCESS
+    return struct.pack("<HH", size + 2, size) + fields
+
+
+def xen9pfsd_rstat(tag: int, stat: c.Stat) -> bytes:
+    """An Rstat frame as xen-9pfsd writes it."""
+    body = xen9pfsd_stat(stat)
+    return struct.pack("<IBH", 7 + len(body), c.Rstat.TYPE, tag) + body
+
+
+def check_xen9pfsd(frame: bytes) -> None:
+    """The xen-9pfsd readers refuse *frame* or read what re-encodes to it."""
+    if len(frame) >= c.HEADER_SIZE and frame[4] == c.Rstat.TYPE:
+        try:
+            msg = c.decode_xen9pfsd_rstat(frame)
+        except c.ProtocolError:
+            pass
+        else:
+            assert xen9pfsd_rstat(msg.tag, msg.stat) == frame, frame.hex()
+    if len(frame) >= c.HEADER_SIZE and frame[4] == c.Rread.TYPE:
+        try:
+            data = c.decode(frame, U)
+        except c.ProtocolError:
+            return
+        assert isinstance(data, c.Rread)
+        try:
+            stats = c.parse_xen9pfsd_stats(data.data)
+        except c.ProtocolError:
+            pass
+        else:
+            assert b"".join(xen9pfsd_stat(st) for st in stats) == data.data
+
+
 def check_decode(frame: bytes, *, measure: bool, dialect: str = L) -> c.Message | None:
     """Decode *frame*: a message that re-encodes to *frame*, or ProtocolError."""
+    if dialect == U:
+        check_xen9pfsd(frame)
     if measure:
         tracemalloc.start()
     try:
@@ -309,6 +351,15 @@ class Worker:
             except c.ProtocolError:
                 return "invalid" + suffix
             raise AssertionError(f"encode accepted {bad!r}")
+        if dialect == U and rng.random() < 0.15:
+            raw = xen9pfsd_rstat(integer(rng, "u16"), stat(rng))
+            if rng.random() < 0.3:
+                msg = c.decode_xen9pfsd_rstat(raw)
+                assert xen9pfsd_rstat(msg.tag, msg.stat) == raw
+                return "roundtrip:xen9pfsd"
+            how, frame = mutate(rng, raw, dialect)
+            check_decode(frame, measure=how == "count", dialect=dialect)
+            return f"mutated:{how}:xen9pfsd"
         raw = c.encode(message(rng, dialect=dialect))
         how, frame = mutate(rng, raw, dialect)
         measure = how == "count" or self.count % 16 == 0
