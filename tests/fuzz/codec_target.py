@@ -336,7 +336,9 @@ class Worker:
         """One input; returns its kind."""
         self.count += 1
         roll = rng.random()
-        dialect = U if rng.random() < 0.25 else L
+        # a quarter of the cases are 9P2000.u, chosen by the roll's low digits so
+        # that the 9P2000.L cases draw what they drew before 9P2000.u was added
+        dialect = U if (roll * 1000) % 1 < 0.25 else L
         suffix = ":u" if dialect == U else ""
         if roll < 0.2:
             msg = message(rng, dialect=dialect)
