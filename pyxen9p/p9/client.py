@@ -775,6 +775,11 @@ class Client:
         if isinstance(reply, c.Rlerror):
             raise _server_error(reply.ecode, path)
         if isinstance(reply, c.Rerror):
+            if reply.errno == 0 and self._dotu is not None:
+                # xen-9pfsd may pass on a stale errno of 0 (a walk onto a symbolic link)
+                raise _server_error(
+                    errno.EIO, path, f"{reply.ename or 'error'} (the server sent error number 0)"
+                )
             raise _server_error(reply.errno, path, reply.ename)
         if type(reply) is not rtype:
             raise ProtocolError(

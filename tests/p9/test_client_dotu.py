@@ -524,3 +524,17 @@ def test_xen9pfsd_refuses_symlinks_with_einval_said_clearly(share: Path) -> None
     with srv.client() as fs, pytest.raises(OSError, match="symbolic links") as info:
         fs.symlink("hello.txt", "ln")
     assert info.value.errno == errno.EOPNOTSUPP
+
+
+def test_an_rerror_without_an_errno_is_an_io_error_over_u(share: Path) -> None:
+    """9P2000.u servers may leave errno 0 (xen-9pfsd passes on a stale errno); not .L."""
+
+    def script(m: c.Message, honest: Callable[[], c.Message]) -> c.Message | None:
+        return c.Rerror(m.tag, "Success", 0) if isinstance(m, c.Twalk) and m.wnames else None
+
+    srv = UServer(share, script)
+    with srv.client() as fs:
+        with pytest.raises(OSError, match="error number 0") as info:
+            fs.stat("hello.txt")
+        assert info.value.errno == errno.EIO and not isinstance(info.value, c.ProtocolError)
+        assert fs.fid_count == 1 and len(srv.fids) == 1
