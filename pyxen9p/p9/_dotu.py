@@ -231,7 +231,7 @@ class DotU:
             raise OSError(
                 errno.EOPNOTSUPP,
                 "the attributes of the share's root are not asked of xen-9pfsd"
-                " (a Tstat of the root crashes it in Xen 4.19 and 4.20)",
+                " (it does not answer a Tstat of the root usefully)",
                 path,
             )
         return self.client._rpc(lambda t: c.Tstat(t, fid), c.Rstat, path).stat

@@ -15,9 +15,9 @@ runs the real one:
   both size fields of an Rstat count 10 bytes more than the fields take,
   and each entry of a directory read carries the two size fields of an
   Rstat's body (``stats="spec"`` writes the 9P2000.u layout instead);
-* a Tstat of the root fid would crash xen-9pfsd (its name is found with
-  ``strrchr(path, '/') + 1`` on the path ``"."``): here it is recorded in
-  :attr:`UServer.crashed` and never answered;
+* a Tstat of the root fid is not answered usefully by xen-9pfsd: here it is
+  recorded in :attr:`UServer.root_tstat_seen` and never answered (the client must
+  never send one);
 * Topen with ``ORCLOSE`` of a directory gets ``EINVAL`` (a directory opens
   with ``OREAD`` only), and a removal at Tclunk that fails is not reported;
 * a Tcreate of a symbolic link or other special file gets ``EINVAL``.
@@ -81,7 +81,7 @@ class UServer:
         max_open_files: int = 5,
         extra_ops: frozenset[str] | set[str] = frozenset(),
         stats: str = "xen9pfsd",
-        root_tstat_crashes: bool = True,
+        root_tstat_refused: bool = True,
     ) -> None:
         self.root = os.path.realpath(root)
         self.script = script
@@ -92,9 +92,9 @@ class UServer:
         self.stats = _Stats()
         self.msize = 0
         self.stats_layout = stats
-        #: Whether a request would have crashed xen-9pfsd (a Tstat of the root).
-        self.crashed = False
-        self.root_tstat_crashes = root_tstat_crashes
+        #: Whether a Tstat of the root was received (xen-9pfsd cannot answer it).
+        self.root_tstat_seen = False
+        self.root_tstat_refused = root_tstat_refused
         self._lock = threading.Lock()
 
     def _is_root_fid(self, fid: int) -> bool:
@@ -146,11 +146,11 @@ class UServer:
                 return None
             if (
                 reply is None
-                and self.root_tstat_crashes
+                and self.root_tstat_refused
                 and isinstance(msg, c.Tstat)
                 and self._is_root_fid(msg.fid)
             ):
-                self.crashed = True
+                self.root_tstat_seen = True
                 return None
             if reply is None:
                 reply = honest()
