@@ -93,7 +93,7 @@ def connect(
     agent: str = "auto",
     **client_options: Any,
 ) -> Client:
-    """Connect to a Xen 9pfs share and return a 9P2000.L :class:`~pyxen9p.p9.client.Client`.
+    """Connect to a Xen 9pfs share and return a 9P :class:`~pyxen9p.p9.client.Client`.
 
     Name the device by *tag*, *devid* (``device/9pfs/<devid>``) or XenStore
     *path* (one of them; with *simulate*, none means device 0).
@@ -133,7 +133,9 @@ def connect(
         (an agent serves the real Xen, or a simulated share of the same
         directory)
     :param client_options: passed to :class:`~pyxen9p.p9.client.Client`
-        (``msize``, ``uname``, ``aname``, ``window``...)
+        (``msize``, ``uname``, ``aname``, ``window``, ``version``: the 9P
+        dialect, ``"auto"`` by default, which falls back from 9P2000.L to
+        9P2000.u...)
     :raises OSError: the device cannot be found or connected, or the 9P
         session cannot be established
     :raises ValueError: *server* with a device selector, or an unknown *agent*

@@ -355,7 +355,9 @@ class Xen9pFileSystem(fsspec.AbstractFileSystem):  # type: ignore[misc]
 
             return task
 
-        infos = client._parallel([entry_info(n, e) for n, e in zip(names, entries, strict=True)])
+        infos = client._parallel(
+            [entry_info(n, e) for n, e in zip(names, entries, strict=True)], new_fids=True
+        )
         return [i for i in infos if i is not None]
 
     def walk(

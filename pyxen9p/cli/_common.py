@@ -377,6 +377,7 @@ class _Context:
             "ring_order": self.args.ring_order,
             "timeout": self.args.timeout,
             "allow_reconnect": self.args.allow_reconnect,
+            "version": self.args.version_9p,
         }
 
     def client(self) -> Client:

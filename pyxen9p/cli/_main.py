@@ -63,6 +63,11 @@ def _server_address(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+#: The choices of ``--version-9p`` (:data:`pyxen9p.p9.client.VERSIONS`, not imported
+#: here to keep the start-up light).
+_VERSIONS_9P = ("auto", "9P2000.L", "9P2000.u")
+
+
 def _add_global_options(parser: argparse.ArgumentParser, *, repeated: bool) -> None:
     """The options choosing and tuning the share.
 
@@ -92,6 +97,10 @@ def _add_global_options(parser: argparse.ArgumentParser, *, repeated: bool) -> N
                        help="number of rings wished (default 2; capped by the backend)")
     group.add_argument("--ring-order", type=_ring_order, default=default(None), metavar="N",
                        help="ring order wished, 1..9 (default: the largest allowed)")
+    group.add_argument("--version-9p", dest="version_9p", choices=_VERSIONS_9P,
+                       default=default("auto"), metavar="{auto,9P2000.L,9P2000.u}",
+                       help="the 9P dialect, as Linux's version= mount option: auto (the"
+                            " default) tries 9P2000.L, then 9P2000.u (xen-9pfsd's)")
     group.add_argument("--allow-reconnect", action="store_true", default=default(False),
                        help="connect even if the backend has served this device before (it"
                             " is Closed); QEMU 7.2 aborts on that, so only for a backend"

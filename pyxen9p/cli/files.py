@@ -152,7 +152,14 @@ def cmd_ls(ctx: _Context) -> None:
     dirs: list[str] = []
     for path in paths:
         try:
-            st = fs.lstat(path)
+            try:
+                st = fs.lstat(path)
+            except OSError as exc:
+                # xen-9pfsd's root has no attributes to give (see the user guide)
+                if exc.errno != errno.EOPNOTSUPP or not fs.is_dir(path):
+                    raise
+                dirs.append(path)
+                continue
             is_dir = stat_module.S_ISDIR(st.st_mode)
             if stat_module.S_ISLNK(st.st_mode) and (not args.long or path.endswith("/")):
                 is_dir = fs.is_dir(path)  # a link to a directory lists the directory

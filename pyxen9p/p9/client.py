@@ -1,6 +1,8 @@
-"""A 9P2000.L client with a Pythonic, path-based API.
+"""A 9P2000.L (and 9P2000.u) client with a Pythonic, path-based API.
 
-:class:`Client` speaks 9P2000.L over any :class:`~pyxen9p.p9.transport.Transport`:
+:class:`Client` speaks 9P2000.L, or 9P2000.u to a server that only speaks
+that (xen-9pfsd; see the ``version`` parameter), over any
+:class:`~pyxen9p.p9.transport.Transport`:
 the Xen :class:`~pyxen9p.frontend.Frontend`, or a
 :class:`~pyxen9p.p9.transport.StreamTransport` over TCP, a Unix socket or a
 pair of file descriptors::
@@ -68,6 +70,7 @@ from typing import IO, Any, BinaryIO, Literal, NamedTuple, TypeVar, cast, overlo
 from typing_extensions import Self
 
 from pyxen9p.errors import Pyxen9pError, TransportClosedError, TransportError
+from pyxen9p.p9 import _dotu
 from pyxen9p.p9 import codec as c
 from pyxen9p.p9.codec import ProtocolError
 from pyxen9p.p9.files import OpenMode, RemoteFileIO, parse_mode
@@ -80,6 +83,7 @@ __all__ = [
     "DEFAULT_WINDOW",
     "MAXSYMLINKS",
     "MIN_MSIZE",
+    "VERSIONS",
     "Client",
     "CopyError",
     "DirEntry",
@@ -106,6 +110,10 @@ DEFAULT_MAX_ENTRIES = 1_000_000
 _MAX_TAG = 0xFFFE
 _NTAGS = _MAX_TAG + 1
 _FALLBACK_ERRNOS = frozenset({errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+#: The dialects the client speaks.
+_DIALECTS = (c.VERSION_9P2000_L, c.VERSION_9P2000_U)
+#: The ``version`` choices of :class:`Client`.
+VERSIONS = ("auto", c.VERSION_9P2000_L, c.VERSION_9P2000_U)
 
 _R = TypeVar("_R", bound=c.Message)
 _T = TypeVar("_T")
@@ -409,7 +417,7 @@ def _is_server_error(exc: BaseException) -> bool:
 
 
 class Client:
-    """A 9P2000.L session over *transport*: version negotiation, attach, and file operations.
+    """A 9P session over *transport*: version negotiation, attach, and file operations.
 
     :param transport: carries the messages (:class:`~pyxen9p.frontend.Frontend`,
         :class:`~pyxen9p.p9.transport.StreamTransport`...)
@@ -435,12 +443,17 @@ class Client:
         directories (like the process umask for :func:`os.open`)
     :param close_transport: close *transport* with the client (also when the
         constructor fails)
-    :raises ~pyxen9p.errors.ProtocolError: the server does not speak
-        9P2000.L, or answered with an unusable msize
+    :param version: the 9P dialect, as Linux's ``version=`` mount option:
+        ``"9P2000.L"``, ``"9P2000.u"`` (xen-9pfsd's), or ``"auto"`` (default):
+        9P2000.L, else 9P2000.u if the server refuses it.  Over 9P2000.u
+        the file API works where the server allows (see the user guide);
+        no Tflush is sent: a request that times out ends the session
+    :raises ~pyxen9p.errors.ProtocolError: the server speaks none of the
+        dialects allowed, or answered with an unusable msize
     :raises OSError: the server refused the attach
 
     :ivar msize: the negotiated msize
-    :ivar version: the negotiated version (``"9P2000.L"``)
+    :ivar version: the negotiated version (``"9P2000.L"`` or ``"9P2000.u"``)
     :ivar root_qid: the qid of the attach root
     :ivar timeout: limit for each request (may be changed at any time)
     :ivar flush_timeout: limit for each Rflush
@@ -467,9 +480,12 @@ class Client:
         max_entries: int | None = DEFAULT_MAX_ENTRIES,
         umask: int = 0o022,
         close_transport: bool = True,
+        version: str = "auto",
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
+        if version not in VERSIONS:
+            raise ValueError(f"version must be one of {', '.join(VERSIONS)}, not {version!r}")
         self._transport = transport
         self._close_transport = close_transport
         self.timeout = timeout
@@ -495,8 +511,10 @@ class Client:
         self._closing = False
         self.msize = 0
         self.version = ""
+        #: The 9P2000.u operations, once that dialect is negotiated.
+        self._dotu: _dotu.DotU | None = None
         try:
-            self._negotiate(msize)
+            self._negotiate(msize, version)
             self._root_fid = self._fids.acquire()
             try:
                 rattach = self._rpc(
@@ -532,34 +550,49 @@ class Client:
         """
         return cls(StreamTransport.unix(path), **kwargs)
 
-    def _negotiate(self, msize: int | None) -> None:
+    def _negotiate(self, msize: int | None, version: str = c.VERSION_9P2000_L) -> None:
         limit = int(self._transport.msize)
         want = limit if msize is None else min(msize, limit)
         if want < MIN_MSIZE:
             raise ValueError(f"msize {want} is below the minimum {MIN_MSIZE}")
-        raw = self._transport.request(
-            c.encode(c.Tversion(c.NOTAG, want, c.VERSION_9P2000_L)), timeout=self.timeout
-        )
-        if len(raw) > want:
-            raise ProtocolError(f"Rversion of {len(raw)} bytes exceeds the msize {want}")
-        reply = c.decode(raw)
-        if isinstance(reply, (c.Rlerror, c.Rerror)):
-            err = reply.ecode if isinstance(reply, c.Rlerror) else reply.errno
-            raise ProtocolError(
-                f"the server refused {c.VERSION_9P2000_L}: {os.strerror(err) if err else 'error'}"
-            )
-        if not isinstance(reply, c.Rversion) or reply.tag != c.NOTAG:
-            raise ProtocolError(f"expected an Rversion with NOTAG, got {reply!r}")
-        if reply.version != c.VERSION_9P2000_L:
-            raise ProtocolError(
-                f"the server speaks {reply.version!r}, not {c.VERSION_9P2000_L!r}"
-            )
+        offer = c.VERSION_9P2000_U if version == c.VERSION_9P2000_U else c.VERSION_9P2000_L
+        reply = self._version_request(want, offer)
+        if version == "auto" and not (isinstance(reply, c.Rversion) and reply.version in _DIALECTS):
+            # 9P2000.L refused: offer 9P2000.u, as Linux's version=9p2000.u would
+            first, offer = reply, c.VERSION_9P2000_U
+            reply = self._version_request(want, offer)
+            if not (isinstance(reply, c.Rversion) and reply.version == offer):
+                answers = ", ".join(_version_answer(r) for r in (first, reply))
+                raise ProtocolError(
+                    f"the server speaks neither {c.VERSION_9P2000_L} nor {offer}"
+                    f" (it answered {answers})"
+                )
+        if not isinstance(reply, c.Rversion):
+            raise ProtocolError(f"the server refused {offer}: {_version_answer(reply)}")
+        if version != "auto" and reply.version != offer:
+            raise ProtocolError(f"the server speaks {reply.version!r}, not {offer!r}")
+        if reply.version == c.VERSION_9P2000_U:
+            self._dotu = _dotu.DotU(self)
         if reply.msize > want:
             raise ProtocolError(f"the server raised the msize from {want} to {reply.msize}")
         if reply.msize < MIN_MSIZE:
             raise ProtocolError(f"the server's msize {reply.msize} is below {MIN_MSIZE}")
         self.msize = reply.msize
         self.version = reply.version
+
+    def _version_request(self, want: int, offer: str) -> c.Rversion | c.Rlerror | c.Rerror:
+        """One Tversion: its Rversion, or the error reply."""
+        raw = self._transport.request(
+            c.encode(c.Tversion(c.NOTAG, want, offer)), timeout=self.timeout
+        )
+        if len(raw) > want:
+            raise ProtocolError(f"Rversion of {len(raw)} bytes exceeds the msize {want}")
+        reply = c.decode(raw)  # Rversion, Rerror and Rlerror are all 9P2000.L types
+        if isinstance(reply, c.Rlerror | c.Rerror):
+            return reply
+        if not isinstance(reply, c.Rversion) or reply.tag != c.NOTAG:
+            raise ProtocolError(f"expected an Rversion with NOTAG, got {reply!r}")
+        return reply
 
     # --- state ---------------------------------------------------------------
 
@@ -698,7 +731,14 @@ class Client:
                 raw = self._transport.request(data, timeout=tmo)
             except TimeoutError:
                 reusable = False
-                reusable = self._flush(tag)
+                if self._dotu is not None:
+                    # 9P2000.u servers such as xen-9pfsd refuse Tflush: the
+                    # request may still be answered, so the session ends.
+                    self._declare_dead(
+                        f"no reply to tag {tag} within {tmo:g}s (9P2000.u: no Tflush)"
+                    )
+                else:
+                    reusable = self._flush(tag)
                 outcome = (
                     " (flushed)"
                     if self._dead is None
@@ -714,7 +754,10 @@ class Client:
             except BaseException:
                 # interrupted while waiting (KeyboardInterrupt...): flush the request
                 reusable = False
-                reusable = self._flush(tag)
+                if self._dotu is not None:
+                    self._declare_dead(f"the wait for tag {tag} was interrupted (no Tflush)")
+                else:
+                    reusable = self._flush(tag)
                 raise
         finally:
             if reusable:
@@ -726,12 +769,17 @@ class Client:
     ) -> _R:
         if len(raw) > self.msize:
             raise ProtocolError(f"reply of {len(raw)} bytes exceeds the msize {self.msize}")
-        reply = c.decode(raw)
+        reply = c.decode(raw) if self._dotu is None else self._dotu.decode(raw)
         if reply.tag != tag:
             raise ProtocolError(f"reply tagged {reply.tag} to a request tagged {tag}")
         if isinstance(reply, c.Rlerror):
             raise _server_error(reply.ecode, path)
         if isinstance(reply, c.Rerror):
+            if reply.errno == 0 and self._dotu is not None:
+                # xen-9pfsd may pass on a stale errno of 0 (a walk onto a symbolic link)
+                raise _server_error(
+                    errno.EIO, path, f"{reply.ename or 'error'} (the server sent error number 0)"
+                )
             raise _server_error(reply.errno, path, reply.ename)
         if type(reply) is not rtype:
             raise ProtocolError(
@@ -875,6 +923,8 @@ class Client:
         if fid is None:
             raise _local_error(errno.ENOENT, display)
         try:
+            if self._dotu is not None:
+                return self._dotu.readlink(fid, display)
             return self._rpc(lambda t: c.Treadlink(t, fid), c.Rreadlink, display).target
         finally:
             self._clunk_quiet(fid)
@@ -922,6 +972,8 @@ class Client:
     # --- attributes ------------------------------------------------------------
 
     def _getattr_fid(self, fid: int, path: str) -> os.stat_result:
+        if self._dotu is not None:
+            return self._dotu.getattr(fid, path)
         r = self._rpc(lambda t: c.Tgetattr(t, fid, c.P9_GETATTR_BASIC), c.Rgetattr, path)
         return _stat_result(r)
 
@@ -946,6 +998,9 @@ class Client:
                 raise OverflowError(
                     f"{path}: the time {sec} s is outside the signed 64-bit seconds of 9P"
                 )
+        if self._dotu is not None:
+            self._dotu.setattr(fid, path, valid, mode, uid, gid, size, atime, mtime)
+            return
         self._rpc(
             lambda t: c.Tsetattr(t, fid, valid, mode, uid, gid, size, *atime, *mtime),
             c.Rsetattr,
@@ -953,6 +1008,9 @@ class Client:
         )
 
     def _fsync_fid(self, fid: int, path: str, datasync: bool) -> None:
+        if self._dotu is not None:
+            self._dotu.fsync(fid, path)
+            return
         self._rpc(lambda t: c.Tfsync(t, fid, int(datasync)), c.Rfsync, path)
 
     def stat(self, path: PathArg = "", *, follow_symlinks: bool = True) -> os.stat_result:
@@ -1072,6 +1130,8 @@ class Client:
         """Statistics of the file system holding *path*."""
 
         def action(fid: int, _q: c.Qid, p: str) -> StatFS:
+            if self._dotu is not None:
+                raise _dotu.statfs_unsupported(p)
             r = self._rpc(lambda t: c.Tstatfs(t, fid), c.Rstatfs, p)
             return StatFS(
                 r.type, r.bsize, r.blocks, r.bfree, r.bavail, r.files, r.ffree, r.fsid, r.namelen
@@ -1088,6 +1148,8 @@ class Client:
         (the same as the last, or any earlier one) would make the listing
         endless, and is a protocol error.
         """
+        if self._dotu is not None:
+            return self._dotu.readdir(fid, path)
         self._rpc(lambda t: c.Tlopen(t, fid, c.L_O_RDONLY), c.Rlopen, path)
         count = self.msize - c.READDIRHDRSZ
         limit = self.max_entries
@@ -1150,6 +1212,12 @@ class Client:
     def mkdir(self, path: PathArg, mode: int = 0o777) -> None:
         """Create directory *path* (permissions ``mode & ~umask``)."""
         perm = mode & 0o7777 & ~self.umask
+        if self._dotu is not None:
+            dotu = self._dotu
+            self._with_parent(
+                path, errno.EEXIST, lambda dfid, name, p: dotu.mkdir(dfid, name, perm, p)
+            )
+            return
         self._with_parent(
             path,
             errno.EEXIST,
@@ -1189,7 +1257,7 @@ class Client:
     unlink = remove
 
     def _unlink(self, path: PathArg, flags: int) -> None:
-        if self._has_unlinkat:
+        if self._has_unlinkat and self._dotu is None:
 
             def action(dfid: int, name: str, p: str) -> bool:
                 try:
@@ -1215,6 +1283,14 @@ class Client:
         except BaseException:
             self._clunk_quiet(fid)
             raise
+        if self._dotu is not None:
+            if self._dotu.has_remove:
+                if self._dotu.remove(fid, display):
+                    return
+                # Tremove refused (xen-9pfsd): its fid is clunked; walk again
+                fid, _, _ = self._lookup(path, follow=False)
+            self._dotu.remove_orclose(fid, display, is_dir)
+            return
         try:
             self._rpc(lambda t: c.Tremove(t, fid), c.Rremove, display)
         except (TimeoutError, TransportError):
@@ -1228,8 +1304,21 @@ class Client:
     def rename(self, src: PathArg, dst: PathArg) -> None:
         """Rename *src* to *dst*, replacing *dst* if it exists (as :func:`os.rename` on POSIX).
 
-        Uses Trenameat, or Trename for servers without it.
+        Uses Trenameat, or Trename for servers without it.  Over 9P2000.u
+        a rename is a Twstat of the name: within one directory only
+        (``EXDEV`` otherwise), and ``EOPNOTSUPP`` from a server without
+        Twstat (xen-9pfsd).
         """
+        if self._dotu is not None:
+            dotu = self._dotu
+            sparts = _normalize(_display(src).split("/"))
+            dparts = _normalize(_display(dst).split("/"))
+            if not sparts or not dparts:
+                raise _local_error(errno.EBUSY, _display(src if not sparts else dst))
+            self._with_fid(
+                src, lambda fid, _q, p: dotu.rename(fid, sparts, dparts, p), follow=False
+            )
+            return
 
         def outer(odfid: int, oname: str, sp: str) -> None:
             def inner(ndfid: int, nname: str, dp: str) -> None:
@@ -1259,6 +1348,12 @@ class Client:
 
     def symlink(self, target: str, path: PathArg) -> None:
         """Create a symbolic link *path* pointing to *target* (stored as given)."""
+        if self._dotu is not None:
+            dotu = self._dotu
+            self._with_parent(
+                path, errno.EEXIST, lambda dfid, name, p: dotu.symlink(dfid, name, target, p)
+            )
+            return
         self._with_parent(
             path,
             errno.EEXIST,
@@ -1269,6 +1364,9 @@ class Client:
 
     def readlink(self, path: PathArg) -> str:
         """The target of the symbolic link *path*."""
+        if self._dotu is not None:
+            dotu = self._dotu
+            return self._with_fid(path, lambda fid, _q, p: dotu.readlink(fid, p), follow=False)
         return self._with_fid(
             path,
             lambda fid, _q, p: self._rpc(lambda t: c.Treadlink(t, fid), c.Rreadlink, p).target,
@@ -1276,7 +1374,12 @@ class Client:
         )
 
     def link(self, src: PathArg, dst: PathArg) -> None:
-        """Create a hard link *dst* to the file *src* (a link *src* itself is not followed)."""
+        """Create a hard link *dst* to the file *src* (a link *src* itself is not followed).
+
+        9P2000.u has no hard links: ``EOPNOTSUPP``.
+        """
+        if self._dotu is not None:
+            raise _dotu.link_unsupported(_display(dst))
 
         def outer(fid: int, _q: c.Qid, sp: str) -> None:
             self._with_parent(
@@ -1366,17 +1469,30 @@ class Client:
         try:
             if qid.type & c.QTDIR:
                 raise _local_error(errno.EISDIR, display)
-            reply = self._rpc(
-                lambda t: c.Tlopen(t, fid, flags & ~(c.L_O_CREAT | c.L_O_EXCL)), c.Rlopen, display
-            )
+            rqid, announced = self._open_existing(fid, flags, display)
         except BaseException:
             self._clunk_quiet(fid)
             raise
-        return fid, reply.qid, self._iounit(reply.iounit), display
+        return fid, rqid, self._iounit(announced), display
+
+    def _open_existing(self, fid: int, flags: int, path: str) -> tuple[c.Qid, int]:
+        """Open *fid* with the ``L_O_*`` *flags* (Tlopen, or Topen over 9P2000.u).
+
+        :returns: ``(qid, iounit announced)``
+        """
+        if self._dotu is not None:
+            return self._dotu.open(fid, flags, path)
+        reply = self._rpc(
+            lambda t: c.Tlopen(t, fid, flags & ~(c.L_O_CREAT | c.L_O_EXCL)), c.Rlopen, path
+        )
+        return reply.qid, reply.iounit
 
     def _create(self, path: PathArg, flags: int, perm: int) -> tuple[int, c.Qid, int, str]:
         dfid, name, display = self._lookup_parent(path, errno.EISDIR)
         try:
+            if self._dotu is not None:
+                qid, iounit = self._dotu.create(dfid, name, flags, perm, display)
+                return dfid, qid, self._iounit(iounit), display  # dfid now is the file
             reply = self._rpc(
                 lambda t: c.Tlcreate(t, dfid, name, flags, perm, self.gid), c.Rlcreate, display
             )
@@ -1578,13 +1694,17 @@ class Client:
                 )
             return self._executor
 
-    def _parallel(self, tasks: Sequence[Callable[[], _T]]) -> list[_T]:
+    def _parallel(self, tasks: Sequence[Callable[[], _T]], *, new_fids: bool = False) -> list[_T]:
         """Run *tasks* with up to :attr:`window` in flight; results in order.
 
         Waits for every task even when one fails (so none still uses a fid
         the caller is about to clunk), then raises the first failure.
+
+        :param new_fids: each task walks to a fid of its own: over 9P2000.u
+            (whose servers may count every fid against a small limit) they
+            then run one after another
         """
-        if len(tasks) == 1 or self.window == 1:
+        if len(tasks) == 1 or self.window == 1 or (new_fids and self._dotu is not None):
             return [task() for task in tasks]
         executor = self._get_executor()
         futures: list[Future[_T]] = [executor.submit(task) for task in tasks]
@@ -1974,12 +2094,12 @@ class Client:
             if no_clobber and _local_exists(dfd, name):
                 log.info("copy_out: not replacing %s", lpath)
                 return
-            reply = self._rpc(lambda t: c.Tlopen(t, fid, c.L_O_RDONLY), c.Rlopen, display)
+            _, announced = self._open_existing(fid, c.L_O_RDONLY, display)
             tmp, fd = _local_temporary(dfd, name, lpath, 0o600 if preserve else 0o666)
             try:
                 with open(fd, "wb", closefd=True) as out:
                     self._download(
-                        fid, self._iounit(reply.iounit), display, cast(BinaryIO, out), progress,
+                        fid, self._iounit(announced), display, cast(BinaryIO, out), progress,
                         st.st_size,
                     )
                     out.flush()
@@ -2122,18 +2242,28 @@ class Client:
         the server dropped is reported with a logged warning.
         """
         mode = stat_module.S_IMODE(st.st_mode)
-        self._setattr_fid(
-            fid,
-            path,
-            c.P9_SETATTR_MODE
-            | c.P9_SETATTR_ATIME
-            | c.P9_SETATTR_MTIME
-            | c.P9_SETATTR_ATIME_SET
-            | c.P9_SETATTR_MTIME_SET,
-            mode=mode,
-            atime=divmod(st.st_atime_ns, 1_000_000_000),
-            mtime=divmod(st.st_mtime_ns, 1_000_000_000),
-        )
+        try:
+            self._setattr_fid(
+                fid,
+                path,
+                c.P9_SETATTR_MODE
+                | c.P9_SETATTR_ATIME
+                | c.P9_SETATTR_MTIME
+                | c.P9_SETATTR_ATIME_SET
+                | c.P9_SETATTR_MTIME_SET,
+                mode=mode,
+                atime=divmod(st.st_atime_ns, 1_000_000_000),
+                mtime=divmod(st.st_mtime_ns, 1_000_000_000),
+            )
+        except OSError as exc:
+            if self._dotu is None or self._dotu.has_wstat or exc.errno != errno.EOPNOTSUPP:
+                raise
+            # 9P2000.u without Twstat (xen-9pfsd): files keep the permission
+            # bits they were created with, and the server's times
+            if not self._dotu.warned_preserve:
+                self._dotu.warned_preserve = True
+                log.warning("copy_in: %s: times not preserved (%s)", path, exc.strerror)
+            return
         if mode & 0o7000:
             kept = stat_module.S_IMODE(self._getattr_fid(fid, path).st_mode)
             _report_dropped("copy_in", "the server", path, mode, kept)
@@ -2207,6 +2337,14 @@ class Client:
 
 # --------------------------------------------------------------------------
 # Helpers
+
+
+def _version_answer(reply: c.Rversion | c.Rlerror | c.Rerror) -> str:
+    """What a server answered to a Tversion, for an error message."""
+    if isinstance(reply, c.Rversion):
+        return repr(reply.version)
+    err = reply.ecode if isinstance(reply, c.Rlerror) else reply.errno
+    return os.strerror(err) if 0 < err < 4096 else f"error {err}"
 
 
 def _default_user() -> str:

@@ -1,4 +1,4 @@
-"""The 9P2000.L wire format: one frozen dataclass per message, ``encode`` and ``decode``.
+"""The 9P2000.L and 9P2000.u wire formats: a frozen dataclass per message, ``encode``, ``decode``.
 
 Every message is ``size[4] type[1] tag[2]`` followed by a body, little-endian;
 ``size`` counts the whole message including itself.  The grammar follows
@@ -36,13 +36,23 @@ The error replies are :class:`Rlerror` (9P2000.L, a Linux errno) and the
 legacy :class:`Rerror` (type 107): the 9P2000.u form ``ename[s] errno[4]``
 is decoded, and so is the body made of a bare 4-byte errno that nfs-ganesha
 sends; both decode to an :class:`Rerror`.
+
+9P2000.u, the dialect of xen-9pfsd and of Linux's ``version=9p2000.u``,
+shares the messages of 9P2000 (Tversion, Tauth, Tattach, Rerror, Tflush,
+Twalk, Tread, Twrite, Tclunk, Tremove, same layouts) and adds Topen,
+Tcreate, Tstat and Twstat with the extended :class:`Stat` structure.  The
+dialects are chosen at decoding: ``decode(frame)`` knows 9P2000.L, and
+``decode(frame, dialect=VERSION_9P2000_U)`` knows 9P2000.u (a 9P2000.L-only
+type such as Tlopen is then unknown, and the other way round).  A .u
+directory read (Rread on a directory open with Topen) carries packed
+:class:`Stat` entries: :func:`parse_stats`.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from enum import IntEnum
 from typing import Any, ClassVar, TypeVar
 
@@ -50,6 +60,18 @@ from pyxen9p.errors import ProtocolError
 
 __all__ = [
     "AT_REMOVEDIR",
+    "DMAPPEND",
+    "DMDEVICE",
+    "DMDIR",
+    "DMEXCL",
+    "DMLINK",
+    "DMNAMEDPIPE",
+    "DMSETGID",
+    "DMSETUID",
+    "DMSETVTX",
+    "DMSOCKET",
+    "DMSYMLINK",
+    "DMTMP",
     "DT_BLK",
     "DT_CHR",
     "DT_DIR",
@@ -84,6 +106,14 @@ __all__ = [
     "NOFID",
     "NONUNAME",
     "NOTAG",
+    "OAPPEND",
+    "OEXCL",
+    "OEXEC",
+    "ORCLOSE",
+    "ORDWR",
+    "OREAD",
+    "OTRUNC",
+    "OWRITE",
     "P9_GETATTR_ALL",
     "P9_GETATTR_ATIME",
     "P9_GETATTR_BASIC",
@@ -130,7 +160,9 @@ __all__ = [
     "QTTMP",
     "READDIRHDRSZ",
     "VERSION_9P2000_L",
+    "VERSION_9P2000_U",
     "VERSION_UNKNOWN",
+    "XEN9PFSD_STAT_EXCESS",
     "Dirent",
     "Message",
     "MessageType",
@@ -139,6 +171,7 @@ __all__ = [
     "Rattach",
     "Rauth",
     "Rclunk",
+    "Rcreate",
     "Rerror",
     "Rflush",
     "Rfsync",
@@ -151,6 +184,7 @@ __all__ = [
     "Rlopen",
     "Rmkdir",
     "Rmknod",
+    "Ropen",
     "Rread",
     "Rreaddir",
     "Rreadlink",
@@ -158,17 +192,21 @@ __all__ = [
     "Rrename",
     "Rrenameat",
     "Rsetattr",
+    "Rstat",
     "Rstatfs",
     "Rsymlink",
     "Runlinkat",
     "Rversion",
     "Rwalk",
     "Rwrite",
+    "Rwstat",
     "Rxattrcreate",
     "Rxattrwalk",
+    "Stat",
     "Tattach",
     "Tauth",
     "Tclunk",
+    "Tcreate",
     "Tflush",
     "Tfsync",
     "Tgetattr",
@@ -179,6 +217,7 @@ __all__ = [
     "Tlopen",
     "Tmkdir",
     "Tmknod",
+    "Topen",
     "Tread",
     "Treaddir",
     "Treadlink",
@@ -186,20 +225,26 @@ __all__ = [
     "Trename",
     "Trenameat",
     "Tsetattr",
+    "Tstat",
     "Tstatfs",
     "Tsymlink",
     "Tunlinkat",
     "Tversion",
     "Twalk",
     "Twrite",
+    "Twstat",
     "Txattrcreate",
     "Txattrwalk",
     "decode",
+    "decode_xen9pfsd_rstat",
     "encode",
     "message_class",
     "message_classes",
     "pack_dirents",
+    "pack_stats",
     "parse_dirents",
+    "parse_stats",
+    "parse_xen9pfsd_stats",
     "peek_header",
     "reply_type_for",
 ]
@@ -226,6 +271,8 @@ IOHDRSZ = 24
 READDIRHDRSZ = 24
 #: The protocol version string of 9P2000.L.
 VERSION_9P2000_L = "9P2000.L"
+#: The protocol version string of 9P2000.u (Unix extensions to 9P2000).
+VERSION_9P2000_U = "9P2000.u"
 #: The version string of an Rversion refusing every offered version.
 VERSION_UNKNOWN = "unknown"
 
@@ -248,6 +295,50 @@ QTSYMLINK = 0x02
 QTLINK = 0x01
 #: Qid type bit.
 QTFILE = 0x00
+
+# 9P2000.u Stat.mode and Tcreate perm bits (the high bits of a 9P mode).
+#: Stat mode bit (9P2000.u): a directory.
+DMDIR = 0x80000000
+#: Stat mode bit (9P2000.u): append only.
+DMAPPEND = 0x40000000
+#: Stat mode bit (9P2000.u): exclusive use.
+DMEXCL = 0x20000000
+#: Stat mode bit (9P2000.u): temporary.
+DMTMP = 0x04000000
+#: Stat mode bit (9P2000.u): a symbolic link (its target is the ``extension``).
+DMSYMLINK = 0x02000000
+#: Stat mode bit (9P2000.u): a hard link (legacy).
+DMLINK = 0x01000000
+#: Stat mode bit (9P2000.u): a device (``extension`` is ``"b|c major minor"``).
+DMDEVICE = 0x00800000
+#: Stat mode bit (9P2000.u): a named pipe.
+DMNAMEDPIPE = 0x00200000
+#: Stat mode bit (9P2000.u): a socket.
+DMSOCKET = 0x00100000
+#: Stat mode bit (9P2000.u): set-user-id.
+DMSETUID = 0x00080000
+#: Stat mode bit (9P2000.u): set-group-id.
+DMSETGID = 0x00040000
+#: Stat mode bit (9P2000.u): sticky.
+DMSETVTX = 0x00010000
+
+# Topen / Tcreate modes (9P2000 and 9P2000.u).
+#: Topen/Tcreate mode: read.
+OREAD = 0x00
+#: Topen/Tcreate mode: write.
+OWRITE = 0x01
+#: Topen/Tcreate mode: read and write.
+ORDWR = 0x02
+#: Topen/Tcreate mode: execute.
+OEXEC = 0x03
+#: Topen/Tcreate mode bit: truncate.
+OTRUNC = 0x10
+#: Topen/Tcreate mode bit: remove the file when the fid is clunked.
+ORCLOSE = 0x40
+#: Topen/Tcreate mode bit (9P2000.u, Linux): append.
+OAPPEND = 0x80
+#: Topen/Tcreate mode bit (9P2000.u, Linux's ``P9_OEXCL``): exclusive create.
+OEXCL = 0x1000
 
 # Directory entry types of Rreaddir (Linux DT_* values).
 #: Rreaddir entry type (the Linux ``DT_*`` value).
@@ -442,6 +533,10 @@ class MessageType(IntEnum):
     RFLUSH = 109
     TWALK = 110
     RWALK = 111
+    TOPEN = 112
+    ROPEN = 113
+    TCREATE = 114
+    RCREATE = 115
     TREAD = 116
     RREAD = 117
     TWRITE = 118
@@ -450,6 +545,10 @@ class MessageType(IntEnum):
     RCLUNK = 121
     TREMOVE = 122
     RREMOVE = 123
+    TSTAT = 124
+    RSTAT = 125
+    TWSTAT = 126
+    RWSTAT = 127
 
 
 # --------------------------------------------------------------------------
@@ -561,6 +660,210 @@ def pack_dirents(entries: Iterable[Dirent]) -> bytes:
     return b"".join(e.pack() for e in entries)
 
 
+_STAT_FIXED = struct.Struct("<HIBIQIIIQ")  # type dev qid mode atime mtime length
+_STAT_TAIL = struct.Struct("<III")  # n_uid n_gid n_muid
+#: The smallest 9P2000.u stat after its size field: fixed part, 5 empty strings, 3 ids.
+_STAT_MIN = _STAT_FIXED.size + 5 * 2 + _STAT_TAIL.size
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    """The 9P2000.u stat structure (Tstat/Rstat, Twstat, directory reads of Topen).
+
+    On the wire: ``size[2] type[2] dev[4] qid[13] mode[4] atime[4] mtime[4]
+    length[8] name[s] uid[s] gid[s] muid[s] extension[s] n_uid[4] n_gid[4]
+    n_muid[4]``; ``size`` counts the bytes after itself and must match them
+    exactly.  In a Twstat every integer field set to all ones and every
+    string left empty means "don't touch" (:meth:`wstat`).
+
+    :ivar mode: permission bits and ``DM*`` type bits (:data:`DMDIR`...)
+    :ivar atime: last access, seconds since the epoch (unsigned 32 bits)
+    :ivar mtime: last modification, seconds since the epoch
+    :ivar length: size in bytes
+    :ivar extension: a symbolic link's target, a device's ``"c 1 3"``...
+    :ivar n_uid: numeric owner (``0xFFFFFFFF``: none given)
+    """
+
+    type: int
+    dev: int
+    qid: Qid
+    mode: int
+    atime: int
+    mtime: int
+    length: int
+    name: str
+    uid: str
+    gid: str
+    muid: str
+    extension: str
+    n_uid: int
+    n_gid: int
+    n_muid: int
+
+    @classmethod
+    def wstat(cls, **changes: Any) -> Stat:
+        """A Twstat stat that changes only *changes* (every other field: "don't touch")."""
+        base = cls(
+            0xFFFF, 0xFFFFFFFF, Qid(0xFF, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF), 0xFFFFFFFF,
+            0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF, "", "", "", "", "",
+            0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF,
+        )  # fmt: skip
+        return replace(base, **changes)
+
+    def pack(self) -> bytes:
+        """Return the wire form, its ``size[2]`` included.
+
+        :raises ProtocolError: a field does not fit
+        """
+        try:
+            q = self.qid
+            fixed = _STAT_FIXED.pack(
+                self.type, self.dev, q.type, q.version, q.path,
+                self.mode, self.atime, self.mtime, self.length,
+            )  # fmt: skip
+            tail = _STAT_TAIL.pack(self.n_uid, self.n_gid, self.n_muid)
+        except (struct.error, AttributeError) as exc:
+            raise ProtocolError(f"cannot encode {self!r}: {exc}") from None
+        body = b"".join(
+            [fixed]
+            + [_pack_str(v) for v in (self.name, self.uid, self.gid, self.muid, self.extension)]
+            + [tail]
+        )
+        if len(body) > 0xFFFF:
+            raise ProtocolError(f"a stat of {len(body)} bytes exceeds 65535")
+        return _U16.pack(len(body)) + body
+
+    @classmethod
+    def unpack_from(
+        cls, data: bytes | bytearray | memoryview, off: int, end: int
+    ) -> tuple[Stat, int]:
+        """Decode the stat at *off* (its ``size[2]`` first), within *end*.
+
+        :returns: ``(stat, offset after it)``
+        :raises ProtocolError: truncated, or its size does not match its fields
+        """
+        mv = _as_bytes_view(data)
+        if end - off < 2:
+            raise ProtocolError(f"truncated stat size at offset {off}")
+        (size,) = _U16.unpack_from(mv, off)
+        off += 2
+        if size > end - off:
+            raise ProtocolError(f"stat of {size} bytes at offset {off} runs past the end")
+        if size < _STAT_MIN:
+            raise ProtocolError(f"stat of {size} bytes is shorter than the {_STAT_MIN} minimum")
+        stop = off + size
+        stat, after = _stat_fields(mv, off, stop)
+        if after != stop:
+            raise ProtocolError(
+                f"stat size {size} does not match its fields ({after - off} bytes)"
+            )
+        return stat, stop
+
+
+def _stat_fields(mv: memoryview, off: int, end: int) -> tuple[Stat, int]:
+    """The fields of a stat after its size, read one after another within *end*."""
+    if end - off < _STAT_FIXED.size:
+        raise ProtocolError(f"truncated stat at offset {off}")
+    t, dev, qt, qv, qp, mode, atime, mtime, length = _STAT_FIXED.unpack_from(mv, off)
+    off += _STAT_FIXED.size
+    name, off = _read_str(mv, off, end)
+    uid, off = _read_str(mv, off, end)
+    gid, off = _read_str(mv, off, end)
+    muid, off = _read_str(mv, off, end)
+    extension, off = _read_str(mv, off, end)
+    if end - off < _STAT_TAIL.size:
+        raise ProtocolError(f"truncated stat ids at offset {off}")
+    n_uid, n_gid, n_muid = _STAT_TAIL.unpack_from(mv, off)
+    stat = Stat(
+        t, dev, Qid(qt, qv, qp), mode, atime, mtime, length,
+        name, uid, gid, muid, extension, n_uid, n_gid, n_muid,
+    )  # fmt: skip
+    return stat, off + _STAT_TAIL.size
+
+
+#: How much xen-9pfsd's stat size exceeds its fields (Xen 4.19 and 4.20 count 71 + the
+#: name's length for fields that take 61 + the name's length).
+XEN9PFSD_STAT_EXCESS = 10
+
+
+def _xen9pfsd_stat(mv: memoryview, off: int, end: int) -> tuple[Stat, int]:
+    """A stat as xen-9pfsd writes it: ``tlen[2] size[2]`` then the fields, where
+    ``tlen == size + 2`` and ``size`` is the fields' length plus 10, exactly."""
+    if end - off < 4:
+        raise ProtocolError(f"truncated stat sizes at offset {off}")
+    tlen, size = struct.unpack_from("<HH", mv, off)
+    if tlen != size + 2:
+        raise ProtocolError(f"stat sizes {tlen} and {size} do not differ by 2")
+    stat, after = _stat_fields(mv, off + 4, end)
+    if size != after - off - 4 + XEN9PFSD_STAT_EXCESS:
+        raise ProtocolError(f"stat size {size} is not xen-9pfsd's count for its fields")
+    return stat, after
+
+
+def decode_xen9pfsd_rstat(data: bytes | bytearray | memoryview) -> Rstat:
+    """Decode an Rstat laid out as xen-9pfsd (Xen 4.19, 4.20) sends it.
+
+    Its two size fields count 10 bytes more than the stat's fields take
+    (:data:`XEN9PFSD_STAT_EXCESS`); everything else is the 9P2000.u layout.
+    The decoding is as strict as :func:`decode`'s, with exactly that excess.
+
+    :raises ProtocolError: not such an Rstat
+    """
+    mv = _as_bytes_view(data)
+    n = mv.nbytes
+    size, mtype, tag = peek_header(mv)
+    if size != n:
+        raise ProtocolError(f"size field says {size} bytes but {n} were given")
+    if mtype != MessageType.RSTAT:
+        raise ProtocolError(f"type {mtype} is not an Rstat")
+    stat, after = _xen9pfsd_stat(mv, HEADER_SIZE, n)
+    if after != n:
+        raise ProtocolError(f"Rstat: {n - after} trailing byte(s)")
+    return Rstat(tag, stat)
+
+
+def parse_xen9pfsd_stats(data: bytes | bytearray | memoryview) -> list[Stat]:
+    """Split a directory read as xen-9pfsd (Xen 4.19, 4.20) sends it into its entries.
+
+    Each entry carries two size fields, as an Rstat's body does
+    (``tlen[2] size[2]`` then the fields, ``size`` 10 bytes over); see
+    :func:`decode_xen9pfsd_rstat`.
+
+    :raises ProtocolError: an entry is not laid out that way
+    """
+    mv = _as_bytes_view(data)
+    end = mv.nbytes
+    off = 0
+    out: list[Stat] = []
+    while off < end:
+        stat, off = _xen9pfsd_stat(mv, off, end)
+        out.append(stat)
+    return out
+
+
+def parse_stats(data: bytes | bytearray | memoryview) -> list[Stat]:
+    """Split the ``data`` of a 9P2000.u directory read (Rread) into its :class:`Stat` entries.
+
+    :raises ProtocolError: an entry is truncated or its size lies
+    """
+    mv = _as_bytes_view(data)
+    end = mv.nbytes
+    off = 0
+    out: list[Stat] = []
+    while off < end:
+        stat, off = Stat.unpack_from(mv, off, end)
+        out.append(stat)
+    return out
+
+
+def pack_stats(entries: Iterable[Stat]) -> bytes:
+    """Concatenate the wire forms of *entries* (a 9P2000.u directory read's data).
+
+    :raises ProtocolError: an entry does not fit the wire format
+    """
+    return b"".join(e.pack() for e in entries)
+
+
 # --------------------------------------------------------------------------
 # Low-level helpers
 
@@ -606,7 +909,7 @@ def _read_str(mv: memoryview, off: int, end: int) -> tuple[str, int]:
 # runs of fixed-size kinds are merged into one struct.
 
 _FIXED_KINDS = {"u8": "B", "u16": "H", "u32": "I", "u64": "Q", "i64": "q", "qid": "BIQ"}
-_VAR_KINDS = ("s", "strs", "qids", "data")
+_VAR_KINDS = ("s", "strs", "qids", "data", "stat")
 
 _Parts = list[bytes | bytearray | memoryview]
 
@@ -759,6 +1062,37 @@ class _DataOp(_Op):
         return end_of_data
 
 
+class _StatOp(_Op):
+    """A :class:`Stat` wrapped in one more ``size[2]`` (Rstat, Twstat), as Linux and
+    the Plan 9 manual have it; the outer size must be the stat's own plus 2."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def encode(self, msg: Any, parts: _Parts) -> None:
+        stat = getattr(msg, self.name)
+        if not isinstance(stat, Stat):
+            raise ProtocolError(f"{self.name}: expected a Stat, got {type(stat).__name__}")
+        raw = stat.pack()
+        if len(raw) > 0xFFFF:
+            raise ProtocolError(f"{self.name}: a stat of {len(raw)} bytes exceeds 65535")
+        parts.append(_U16.pack(len(raw)))
+        parts.append(raw)
+
+    def decode(self, mv: memoryview, off: int, end: int, out: list[Any]) -> int:
+        if end - off < 2:
+            raise ProtocolError("truncated stat length")
+        (n,) = _U16.unpack_from(mv, off)
+        off += 2
+        if n > end - off:
+            raise ProtocolError(f"stat length {n} exceeds the {end - off} bytes left")
+        stat, after = Stat.unpack_from(mv, off, off + n)
+        if after != off + n:
+            raise ProtocolError(f"stat length {n} does not match the stat's {after - off} bytes")
+        out.append(stat)
+        return after
+
+
 def _compile(spec: str) -> tuple[list[str], list[_Op]]:
     names: list[str] = []
     ops: list[_Op] = []
@@ -780,6 +1114,8 @@ def _compile(spec: str) -> tuple[list[str], list[_Op]]:
             ops.append(_QidsOp(name))
         elif kind == "data":
             ops.append(_DataOp(name))
+        elif kind == "stat":
+            ops.append(_StatOp(name))
         else:  # pragma: no cover - programming error in this module
             raise AssertionError(f"unknown field kind {kind!r}")
     if run:
@@ -823,20 +1159,32 @@ class Message:
 
 
 _M = TypeVar("_M", bound=type[Message])
+#: The 9P2000.L messages (9P2000's common ones included).
 _BY_TYPE: dict[int, type[Message]] = {}
+#: The 9P2000.u messages (the common ones are added after their definitions).
+_BY_TYPE_U: dict[int, type[Message]] = {}
 
 
-def _message(cls: _M) -> _M:
-    """Register a message class and compile its wire spec (``cls._WIRE``)."""
+def _register(cls: _M, table: dict[int, type[Message]]) -> _M:
     names, ops = _compile(cls._WIRE)
     field_names = [f.name for f in fields(cls)]
     if field_names != ["tag", *names]:  # pragma: no cover - programming error
         raise AssertionError(f"{cls.__name__}: fields {field_names} != wire spec {names}")
-    if cls.TYPE in _BY_TYPE:  # pragma: no cover - programming error
+    if cls.TYPE in _BY_TYPE or cls.TYPE in _BY_TYPE_U:  # pragma: no cover - programming error
         raise AssertionError(f"duplicate type {cls.TYPE}")
     cls._OPS = ops
-    _BY_TYPE[cls.TYPE] = cls
+    table[cls.TYPE] = cls
     return cls
+
+
+def _message(cls: _M) -> _M:
+    """Register a 9P2000.L message class and compile its wire spec (``cls._WIRE``)."""
+    return _register(cls, _BY_TYPE)
+
+
+def _message_u(cls: _M) -> _M:
+    """Register a 9P2000.u-only message class and compile its wire spec."""
+    return _register(cls, _BY_TYPE_U)
 
 
 @_message
@@ -1543,6 +1891,123 @@ class Runlinkat(Message):
 
 
 # --------------------------------------------------------------------------
+# 9P2000.u-only messages
+
+
+@_message_u
+@dataclass(frozen=True, slots=True, repr=False)
+class Topen(Message):
+    """9P2000.u: open *fid* for I/O; *mode*: :data:`OREAD`... | :data:`OTRUNC`, :data:`ORCLOSE`."""
+
+    TYPE: ClassVar[int] = MessageType.TOPEN
+    _WIRE: ClassVar[str] = "fid:u32 mode:u8"
+    fid: int
+    mode: int
+
+
+@_message_u
+@dataclass(frozen=True, slots=True, repr=False)
+class Ropen(Message):
+    """9P2000.u: the opened file's qid and I/O unit (0: none announced)."""
+
+    TYPE: ClassVar[int] = MessageType.ROPEN
+    _WIRE: ClassVar[str] = "qid:qid iounit:u32"
+    qid: Qid
+    iounit: int
+
+
+@_message_u
+@dataclass(frozen=True, slots=True, repr=False)
+class Tcreate(Message):
+    """9P2000.u: create *name* in directory *fid* and open it on *fid*.
+
+    *perm* holds the permission bits and the ``DM*`` type (:data:`DMDIR`,
+    :data:`DMSYMLINK`...); *extension* is a symbolic link's target or a
+    device's ``"c major minor"``.
+    """
+
+    TYPE: ClassVar[int] = MessageType.TCREATE
+    _WIRE: ClassVar[str] = "fid:u32 name:s perm:u32 mode:u8 extension:s"
+    fid: int
+    name: str
+    perm: int
+    mode: int
+    extension: str
+
+
+@_message_u
+@dataclass(frozen=True, slots=True, repr=False)
+class Rcreate(Message):
+    """9P2000.u: the created file's qid and I/O unit."""
+
+    TYPE: ClassVar[int] = MessageType.RCREATE
+    _WIRE: ClassVar[str] = "qid:qid iounit:u32"
+    qid: Qid
+    iounit: int
+
+
+@_message_u
+@dataclass(frozen=True, slots=True, repr=False)
+class Tstat(Message):
+    """9P2000.u: ask for the :class:`Stat` of *fid*."""
+
+    TYPE: ClassVar[int] = MessageType.TSTAT
+    _WIRE: ClassVar[str] = "fid:u32"
+    fid: int
+
+
+@_message_u
+@dataclass(frozen=True, slots=True, repr=False)
+class Rstat(Message):
+    """9P2000.u: the stat (``size[2]`` then the stat with its own ``size[2]``)."""
+
+    TYPE: ClassVar[int] = MessageType.RSTAT
+    _WIRE: ClassVar[str] = "stat:stat"
+    stat: Stat
+
+
+@_message_u
+@dataclass(frozen=True, slots=True, repr=False)
+class Twstat(Message):
+    """9P2000.u: change the attributes of *fid* (see :meth:`Stat.wstat`)."""
+
+    TYPE: ClassVar[int] = MessageType.TWSTAT
+    _WIRE: ClassVar[str] = "fid:u32 stat:stat"
+    fid: int
+    stat: Stat
+
+
+@_message_u
+@dataclass(frozen=True, slots=True, repr=False)
+class Rwstat(Message):
+    """9P2000.u: the attributes are changed."""
+
+    TYPE: ClassVar[int] = MessageType.RWSTAT
+
+
+#: The messages 9P2000.u shares with 9P2000.L (same numbers, same layouts).
+_BY_TYPE_U.update(
+    (cls.TYPE, cls)
+    for cls in (
+        Tversion, Rversion, Tauth, Rauth, Tattach, Rattach, Rerror, Tflush, Rflush,
+        Twalk, Rwalk, Tread, Rread, Twrite, Rwrite, Tclunk, Rclunk, Tremove, Rremove,
+    )
+)  # fmt: skip
+_EVERY_TYPE: dict[int, type[Message]] = {**_BY_TYPE, **_BY_TYPE_U}
+_DIALECTS: dict[str, dict[int, type[Message]]] = {
+    VERSION_9P2000_L: _BY_TYPE,
+    VERSION_9P2000_U: _BY_TYPE_U,
+}
+
+
+def _table(dialect: str) -> dict[int, type[Message]]:
+    try:
+        return _DIALECTS[dialect]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown 9P dialect {dialect!r}") from None
+
+
+# --------------------------------------------------------------------------
 # Encoding and decoding
 
 
@@ -1557,7 +2022,7 @@ def encode(msg: Message) -> bytes:
     :raises ProtocolError: *msg* is not a message or a field does not fit
     """
     cls = type(msg)
-    if not isinstance(msg, Message) or _BY_TYPE.get(cls.TYPE) is not cls:
+    if not isinstance(msg, Message) or _EVERY_TYPE.get(cls.TYPE) is not cls:
         raise ProtocolError(f"not a 9P message: {msg!r}")
     parts: _Parts = [b""]
     for op in cls._OPS:
@@ -1588,20 +2053,24 @@ def peek_header(data: bytes | bytearray | memoryview) -> tuple[int, int, int]:
     return size, mtype, tag
 
 
-def decode(data: bytes | bytearray | memoryview) -> Message:
+def decode(data: bytes | bytearray | memoryview, dialect: str = VERSION_9P2000_L) -> Message:
     """Decode exactly one complete message.
 
     :param data: the message, header included, and nothing else
+    :param dialect: :data:`VERSION_9P2000_L` (default) or :data:`VERSION_9P2000_U`:
+        the message types known (the other dialect's own types are unknown)
     :returns: the message object
     :raises ProtocolError: the data is malformed in any way (see the module
         documentation)
+    :raises ValueError: *dialect* is neither
     """
+    table = _table(dialect)
     mv = _as_bytes_view(data)
     n = mv.nbytes
     size, mtype, tag = peek_header(mv)
     if size != n:
         raise ProtocolError(f"size field says {size} bytes but {n} were given")
-    cls = _BY_TYPE.get(mtype)
+    cls = table.get(mtype)
     if cls is None:
         raise ProtocolError(f"unknown message type {mtype}")
     if cls is Rerror:
@@ -1629,20 +2098,20 @@ def _decode_rerror(mv: memoryview, tag: int) -> Rerror:
     return Rerror(tag, ename, err)
 
 
-def message_class(mtype: int) -> type[Message]:
-    """Return the class of message type number *mtype*.
+def message_class(mtype: int, dialect: str = VERSION_9P2000_L) -> type[Message]:
+    """Return the class of message type number *mtype* in *dialect* (default 9P2000.L).
 
-    :raises ProtocolError: no such 9P2000.L message type
+    :raises ProtocolError: no such message type in *dialect*
     """
-    cls = _BY_TYPE.get(mtype)
+    cls = _table(dialect).get(mtype)
     if cls is None:
         raise ProtocolError(f"unknown message type {mtype!r}")
     return cls
 
 
-def message_classes() -> dict[int, type[Message]]:
-    """Return a new mapping of every known type number to its class."""
-    return dict(_BY_TYPE)
+def message_classes(dialect: str = VERSION_9P2000_L) -> dict[int, type[Message]]:
+    """Return a new mapping of every type number of *dialect* (default 9P2000.L) to its class."""
+    return dict(_table(dialect))
 
 
 def reply_type_for(request: Message | type[Message] | int) -> type[Message]:
@@ -1663,7 +2132,7 @@ def reply_type_for(request: Message | type[Message] | int) -> type[Message]:
         mtype = request.TYPE
     else:
         raise ProtocolError(f"not a 9P message: {request!r}")
-    cls = _BY_TYPE.get(mtype)
+    cls = _EVERY_TYPE.get(mtype)
     if cls is None or mtype % 2 != 0:
         raise ProtocolError(f"{mtype!r} is not a request type")
-    return _BY_TYPE[mtype + 1]
+    return _EVERY_TYPE[mtype + 1]

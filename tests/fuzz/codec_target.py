@@ -1,4 +1,4 @@
-"""Fuzz target ``codec``: every 9P2000.L message type, valid and mutated.
+"""Fuzz target ``codec``: every 9P2000.L and 9P2000.u message type, valid and mutated.
 
 Each case is one input to :func:`pyxen9p.p9.codec.decode` (or one encode
 of a message with out-of-range fields):
@@ -18,6 +18,16 @@ of a message with out-of-range fields):
   raise ``ProtocolError``; nothing else.  An Rreaddir's entries go through
   :func:`~pyxen9p.p9.codec.parse_dirents` the same way.
 
+A quarter of the cases are 9P2000.u: messages of that dialect (Topen,
+Tcreate, Tstat/Rstat, Twstat with their nested stat sizes, and an Rread
+carrying packed stats, which go through
+:func:`~pyxen9p.p9.codec.parse_stats`), decoded with
+``decode(frame, dialect="9P2000.u")``.  Some of them are Rstats laid out
+as xen-9pfsd writes them (sizes 10 bytes over), valid and mutated, for
+:func:`~pyxen9p.p9.codec.decode_xen9pfsd_rstat`; every 9P2000.u Rstat frame
+and Rread also goes through the xen-9pfsd readers, which must either refuse
+it or give back something that re-encodes to the same bytes.
+
 Memory: every decode of a frame with a lying count, and every 16th decode,
 runs under :mod:`tracemalloc`; the peak must stay within a small multiple of
 the frame's length (a decoder that believed a count of 2**32 would allocate
@@ -35,6 +45,13 @@ from typing import Any
 from pyxen9p.p9 import codec as c
 
 CLASSES = [c.message_classes()[t] for t in sorted(c.message_classes())]
+U = c.VERSION_9P2000_U
+L = c.VERSION_9P2000_L
+#: the classes of each dialect
+DIALECT_CLASSES = {
+    L: CLASSES,
+    U: [c.message_classes(U)[t] for t in sorted(c.message_classes(U))],
+}
 _MAX = {"u8": 0xFF, "u16": 0xFFFF, "u32": 0xFFFFFFFF, "u64": (1 << 64) - 1, "i64": (1 << 63) - 1}
 #: the smallest value of the signed kinds (the others start at 0)
 _MIN = {"i64": -(1 << 63)}
@@ -57,6 +74,8 @@ def fields_of(cls: type[c.Message]) -> list[tuple[str, str]]:
             out.append((op.name, "qids"))
         elif isinstance(op, c._DataOp):
             out.append((op.name, "data"))
+        elif isinstance(op, c._StatOp):
+            out.append((op.name, "stat"))
         else:  # pragma: no cover - a new kind of field
             raise AssertionError(f"unknown field op {op!r}")
     return out
@@ -109,12 +128,29 @@ def value(rng: random.Random, kind: str) -> Any:
     if kind == "data":
         n = rng.choice([0, 1, rng.randrange(64), rng.randrange(4096)])
         return rng.randbytes(n)
+    if kind == "stat":
+        return stat(rng)
     raise AssertionError(kind)
 
 
-def message(rng: random.Random, cls: type[c.Message] | None = None) -> c.Message:
-    """A random valid message (of *cls*, or of a random type)."""
-    cls = cls if cls is not None else rng.choice(CLASSES)
+def stat(rng: random.Random) -> c.Stat:
+    """A random 9P2000.u stat."""
+    return c.Stat(
+        integer(rng, "u16"), integer(rng, "u32"), qid(rng),
+        *(integer(rng, k) for k in ("u32", "u32", "u32", "u64")),
+        *(string(rng) for _ in range(5)),
+        *(integer(rng, "u32") for _ in range(3)),
+    )  # fmt: skip
+
+
+def message(
+    rng: random.Random, cls: type[c.Message] | None = None, dialect: str = L
+) -> c.Message:
+    """A random valid message (of *cls*, or of a random type of *dialect*)."""
+    cls = cls if cls is not None else rng.choice(DIALECT_CLASSES[dialect])
+    if cls is c.Rread and dialect == U and rng.random() < 0.5:
+        stats = [stat(rng) for _ in range(rng.randrange(4))]
+        return c.Rread(integer(rng, "u16"), c.pack_stats(stats))
     if cls is c.Rreaddir and rng.random() < 0.7:
         entries = [
             c.Dirent(qid(rng), integer(rng, "u64"), integer(rng, "u8"), string(rng))
@@ -124,10 +160,10 @@ def message(rng: random.Random, cls: type[c.Message] | None = None) -> c.Message
     return cls(integer(rng, "u16"), *(value(rng, k) for _, k in fields_of(cls)))
 
 
-def invalid_message(rng: random.Random) -> c.Message:
+def invalid_message(rng: random.Random, dialect: str = L) -> c.Message:
     """A message of a random type with one field the wire cannot carry."""
     for _ in range(100):
-        cls = rng.choice(CLASSES)
+        cls = rng.choice(DIALECT_CLASSES[dialect])
         names = fields_of(cls)
         if names:
             break
@@ -146,13 +182,18 @@ def invalid_message(rng: random.Random) -> c.Message:
         bad = rng.choice([(c.Qid(0, 0, 0),) * (c.MAXWELEM + 1), ("q",), 5])
     elif kind == "qid":
         bad = rng.choice([(0, 0, 0), c.Qid(256, 0, 0), c.Qid(0, -1, 0), None])
+    elif kind == "stat":
+        bad = rng.choice(
+            [None, "stat", c.Stat.wstat(name="\ud800"), c.Stat.wstat(atime=-1),
+             c.Stat.wstat(name="x" * 40000, uid="y" * 30000), c.Stat.wstat(qid=(0, 0, 0))]
+        )  # fmt: skip
     else:  # data
         bad = rng.choice(["text", 5, None, [1, 2]])
     values[index] = bad
     return cls(*values)
 
 
-def mutate(rng: random.Random, raw: bytes) -> tuple[str, bytes]:
+def mutate(rng: random.Random, raw: bytes, dialect: str = L) -> tuple[str, bytes]:
     """One mutation of the frame *raw*; returns its name and the new frame."""
     data = bytearray(raw)
     how = rng.choice(
@@ -197,22 +238,61 @@ def mutate(rng: random.Random, raw: bytes) -> tuple[str, bytes]:
         if len(data) >= 5:
             data[4] = rng.randrange(256)
     elif how == "splice":
-        other = c.encode(message(rng))
+        other = c.encode(message(rng, dialect=dialect))
         data = data[: rng.randrange(7, len(data) + 1)] + other[rng.randrange(len(other)) :]
     else:  # random body behind a valid header of a random type
         data = bytearray(raw[:7]) + rng.randbytes(rng.randrange(64))
-        data[4] = rng.choice(CLASSES).TYPE if rng.random() < 0.9 else rng.randrange(256)
+        classes = DIALECT_CLASSES[dialect]
+        data[4] = rng.choice(classes).TYPE if rng.random() < 0.9 else rng.randrange(256)
     if len(data) >= 4 and rng.random() < 0.85:
         struct.pack_into("<I", data, 0, len(data))
     return how, bytes(data)
 
 
-def check_decode(frame: bytes, *, measure: bool) -> c.Message | None:
+def xen9pfsd_stat(stat: c.Stat) -> bytes:
+    """*stat* as xen-9pfsd writes it: ``tlen[2] size[2]`` and the fields, size 10 over."""
+    fields = stat.pack()[2:]
+    size = len(fields) + c.XEN9PFSD_STAT_EXCESS
+    return struct.pack("<HH", size + 2, size) + fields
+
+
+def xen9pfsd_rstat(tag: int, stat: c.Stat) -> bytes:
+    """An Rstat frame as xen-9pfsd writes it."""
+    body = xen9pfsd_stat(stat)
+    return struct.pack("<IBH", 7 + len(body), c.Rstat.TYPE, tag) + body
+
+
+def check_xen9pfsd(frame: bytes) -> None:
+    """The xen-9pfsd readers refuse *frame* or read what re-encodes to it."""
+    if len(frame) >= c.HEADER_SIZE and frame[4] == c.Rstat.TYPE:
+        try:
+            msg = c.decode_xen9pfsd_rstat(frame)
+        except c.ProtocolError:
+            pass
+        else:
+            assert xen9pfsd_rstat(msg.tag, msg.stat) == frame, frame.hex()
+    if len(frame) >= c.HEADER_SIZE and frame[4] == c.Rread.TYPE:
+        try:
+            data = c.decode(frame, U)
+        except c.ProtocolError:
+            return
+        assert isinstance(data, c.Rread)
+        try:
+            stats = c.parse_xen9pfsd_stats(data.data)
+        except c.ProtocolError:
+            pass
+        else:
+            assert b"".join(xen9pfsd_stat(st) for st in stats) == data.data
+
+
+def check_decode(frame: bytes, *, measure: bool, dialect: str = L) -> c.Message | None:
     """Decode *frame*: a message that re-encodes to *frame*, or ProtocolError."""
+    if dialect == U:
+        check_xen9pfsd(frame)
     if measure:
         tracemalloc.start()
     try:
-        msg = c.decode(frame)
+        msg = c.decode(frame, dialect)
     except c.ProtocolError as exc:
         assert str(exc), "a ProtocolError without a message"
         return None
@@ -227,7 +307,14 @@ def check_decode(frame: bytes, *, measure: bool) -> c.Message | None:
     again = c.encode(msg)
     if not (isinstance(msg, c.Rerror) and len(frame) == c.HEADER_SIZE + 4):
         assert again == frame, f"{msg!r} re-encodes differently: {frame.hex()} -> {again.hex()}"
-    assert c.decode(again) == msg
+    assert c.decode(again, dialect) == msg
+    if isinstance(msg, c.Rread) and dialect == U:
+        try:
+            stats = c.parse_stats(msg.data)
+        except c.ProtocolError:
+            pass
+        else:
+            assert c.pack_stats(stats) == msg.data
     if isinstance(msg, c.Rreaddir):
         try:
             entries = c.parse_dirents(msg.data)
@@ -249,28 +336,41 @@ class Worker:
         """One input; returns its kind."""
         self.count += 1
         roll = rng.random()
+        # a quarter of the cases are 9P2000.u, chosen by the roll's low digits so
+        # that the 9P2000.L cases draw what they drew before 9P2000.u was added
+        dialect = U if (roll * 1000) % 1 < 0.25 else L
+        suffix = ":u" if dialect == U else ""
         if roll < 0.2:
-            msg = message(rng)
+            msg = message(rng, dialect=dialect)
             raw = c.encode(msg)
-            assert c.decode(raw) == msg, msg
-            check_decode(raw, measure=self.count % 16 == 0)
-            return "roundtrip"
+            assert c.decode(raw, dialect) == msg, msg
+            check_decode(raw, measure=self.count % 16 == 0, dialect=dialect)
+            return "roundtrip" + suffix
         if roll < 0.25:
-            bad = invalid_message(rng)
+            bad = invalid_message(rng, dialect)
             try:
                 c.encode(bad)
             except c.ProtocolError:
-                return "invalid"
+                return "invalid" + suffix
             raise AssertionError(f"encode accepted {bad!r}")
-        raw = c.encode(message(rng))
-        how, frame = mutate(rng, raw)
+        if dialect == U and rng.random() < 0.15:
+            raw = xen9pfsd_rstat(integer(rng, "u16"), stat(rng))
+            if rng.random() < 0.3:
+                msg = c.decode_xen9pfsd_rstat(raw)
+                assert xen9pfsd_rstat(msg.tag, msg.stat) == raw
+                return "roundtrip:xen9pfsd"
+            how, frame = mutate(rng, raw, dialect)
+            check_decode(frame, measure=how == "count", dialect=dialect)
+            return f"mutated:{how}:xen9pfsd"
+        raw = c.encode(message(rng, dialect=dialect))
+        how, frame = mutate(rng, raw, dialect)
         measure = how == "count" or self.count % 16 == 0
-        decoded = check_decode(frame, measure=measure)
+        decoded = check_decode(frame, measure=measure, dialect=dialect)
         if decoded is not None:
             self.notes["mutated frames that decoded"] += 1
         if measure:
             self.notes["mutated frames decoded under tracemalloc"] += 1
-        return f"mutated:{how}"
+        return f"mutated:{how}{suffix}"
 
     def close(self) -> None:
         """Nothing to release."""

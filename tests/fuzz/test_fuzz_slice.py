@@ -200,3 +200,10 @@ def test_a_hung_case_is_reported_with_its_replay_command() -> None:
     assert "FUZZ HANG: codec case 0 (seed s)" in proc.stderr
     assert "scripts/fuzz --target codec --seed s --case 0" in proc.stderr
     assert "time.sleep(30)" in proc.stderr or "in case" in proc.stderr
+
+
+def test_every_9p2000u_message_type_is_generated() -> None:
+    rng = random.Random(0)
+    u = c.VERSION_9P2000_U
+    seen = {type(codec_target.message(rng, dialect=u)) for _ in range(3000)}
+    assert seen == set(c.message_classes(u).values())

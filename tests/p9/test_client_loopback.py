@@ -103,7 +103,7 @@ def test_version_negotiation_refusals(
 ) -> None:
     transport = ScriptedTransport(root, intercept)
     with pytest.raises(c.ProtocolError, match=match):
-        Client(transport, aname=str(root))
+        Client(transport, aname=str(root), version="9P2000.L")
     assert transport.closed  # owned by the client, closed on failure
     assert isinstance(transport.sent[0], c.Tversion)
     assert transport.sent[0].tag == c.NOTAG
