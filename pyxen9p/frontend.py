@@ -891,18 +891,18 @@ class Frontend:
             steps.append(evtchn.close)
         if sharer is not None:
             steps.append(sharer.close)
-        if self._stalled is not None:
-            self._defer(steps)
-            return
-        with ExitStack() as cleanup:
-            for step in reversed(steps):
-                cleanup.callback(step)
+        self._release_or_defer(steps)
 
     def _release_reachable(self, store: XenStoreLike | None) -> None:
         steps: list[Callable[[], None]] = []
         if store is not None:
             steps.append(store.close)
         steps.append(self._close_pipe)
+        self._release_or_defer(steps)
+
+    def _release_or_defer(self, steps: list[Callable[[], None]]) -> None:
+        """Run the release *steps* (every one, even if some fail), or leave them
+        to a stalled receiver thread that may still reach what they release."""
         if self._stalled is not None:
             self._defer(steps)
             return

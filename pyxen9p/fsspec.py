@@ -98,15 +98,6 @@ def _open_client(selectors: dict[str, Any], options: dict[str, Any]) -> Client:
     )
 
 
-def _usable(client: Client) -> bool:
-    """Whether *client* can still carry requests (not closed, its transport not failed)."""
-    return (
-        not client.closed
-        and client._dead is None
-        and bool(getattr(client.transport, "connected", True))
-    )
-
-
 class _Connections:
     """The connections of this process, shared by the instances with the same arguments."""
 
@@ -120,7 +111,7 @@ class _Connections:
     def get(self, key: str, factory: Callable[[], Client]) -> Client:
         with self._lock:
             client = self._clients.get(key)
-            if client is not None and _usable(client):
+            if client is not None and client.usable:
                 return client
             if client is not None:
                 del self._clients[key]

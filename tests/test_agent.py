@@ -81,6 +81,18 @@ class Agent:
             assert time.monotonic() < deadline, f"no {path}: {self.stderr()}"
             time.sleep(0.05)
 
+    def listening(self, runtime: Path, name: str, timeout: float = 30.0) -> list[str]:
+        """The addresses the agent *name* listens on, once its lock file says."""
+        lock = runtime / f"{name}.lock"
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                listen = json.loads(lock.read_text()).get("listen")
+                if listen:
+                    return list(listen)
+            assert time.monotonic() < deadline and self.proc.poll() is None, self.stderr()
+            time.sleep(0.05)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -436,16 +448,7 @@ def test_tcp_is_loopback_only_unless_allowed(share: Path, runtime: Path) -> None
     assert os.listdir(runtime) == []  # nothing left behind
     name = agent.agent_name(simulate=share)
     with running(["--simulate", str(share), "serve", "--listen", "tcp:127.0.0.1:0"], env) as a:
-        lock = runtime / f"{name}.lock"
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError, ValueError):
-                listen = json.loads(lock.read_text()).get("listen")
-                if listen:
-                    break
-            assert time.monotonic() < deadline and a.proc.poll() is None, a.stderr()
-            time.sleep(0.05)
-        (address,) = listen
+        (address,) = a.listening(runtime, name)
         assert address.startswith("tcp:127.0.0.1:") and not address.endswith(":0")
         r = cli("--server", address, "cat", "a.txt", env=env)
         assert (r.returncode, r.stdout) == (0, "hello"), r.stderr

@@ -539,10 +539,24 @@ def test_hostile_errors_and_silence(hostile_root: Path) -> None:
 # p9fs (PyPI): an independent fsspec 9P2000.L client, over TCP
 
 
-@pytest.fixture
-def tcp_server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+@pytest.fixture(params=["file-server", "agent"])
+def tcp_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """A 9P2000.L server on a loopback TCP port: pyxen9p's FileServer, or
+    ``pyxen9p serve``'s TCP listener (a real agent program on a simulated Xen)."""
     root = tmp_path / "export"
     root.mkdir()
+    if request.param == "agent":
+        from test_agent import child_env, running
+
+        from pyxen9p import agent
+
+        runtime = tmp_path / "run"
+        argv = ["--simulate", str(root), "serve", "--listen", "tcp:127.0.0.1:0"]
+        with running(argv, child_env(runtime)) as a:
+            (address,) = a.listening(runtime, agent.agent_name(simulate=root))
+            yield int(address.rsplit(":", 1)[1]), root
+            assert a.stop() == 0, a.stderr()
+        return
     server = FileServer(root)
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -569,6 +583,8 @@ def tcp_server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
 
 
 def test_p9fs_reads_and_writes_through_a_pyxen9p_server(tcp_server: tuple[int, Path]) -> None:
+    """PyPI's p9fs, an independent client, through pyxen9p's server and through
+    the agent's TCP listener (issue 10: the agent serves any 9P2000.L client)."""
     try:
         import p9fs
     except ImportError:

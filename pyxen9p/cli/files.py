@@ -613,12 +613,17 @@ def _args_ls(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="*", metavar="PATH", help="what to list (default: /)")
 
 
-def _args_get(p: argparse.ArgumentParser) -> None:
+def _copy_options(p: argparse.ArgumentParser) -> None:
+    """The options ``get`` and ``put`` share."""
     p.add_argument("-r", "--recursive", action="store_true", help="copy a directory tree")
     p.add_argument("-n", "--no-clobber", action="store_true",
                    help="do not replace existing files (or links)")
     p.add_argument("--no-preserve", action="store_true",
                    help="do not copy the permission bits and times")
+
+
+def _args_get(p: argparse.ArgumentParser) -> None:
+    _copy_options(p)
     p.add_argument("remote", metavar="REMOTE", help="the file or directory on the share")
     p.add_argument("local", nargs="?", metavar="LOCAL",
                    help="where to put it (default: its name in the current directory;"
@@ -626,11 +631,7 @@ def _args_get(p: argparse.ArgumentParser) -> None:
 
 
 def _args_put(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-r", "--recursive", action="store_true", help="copy a directory tree")
-    p.add_argument("-n", "--no-clobber", action="store_true",
-                   help="do not replace existing files (or links)")
-    p.add_argument("--no-preserve", action="store_true",
-                   help="do not copy the permission bits and times")
+    _copy_options(p)
     p.add_argument("local", metavar="LOCAL", help="the local file or directory")
     p.add_argument("remote", nargs="?", metavar="REMOTE",
                    help="where to put it (default: its name at the root; an existing"

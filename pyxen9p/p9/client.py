@@ -574,6 +574,16 @@ class Client:
         return self._closed
 
     @property
+    def usable(self) -> bool:
+        """Whether the client can still carry requests: not closed, the server
+        not declared unresponsive, the transport (if it says) still connected."""
+        return (
+            not self._closed
+            and self._dead is None
+            and bool(getattr(self._transport, "connected", True))
+        )
+
+    @property
     def fid_count(self) -> int:
         """Fids currently in use, the attach root's included (1 when idle)."""
         return self._fids.count

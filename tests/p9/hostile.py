@@ -22,6 +22,9 @@ Three ways to reach it, one script for all:
 * :meth:`HostileServer.client_over_socket`: a real
   :class:`~pyxen9p.p9.transport.StreamTransport` on a socket pair, served by
   a thread, so framing lies (sizes, garbage) reach the real read loop;
+* :meth:`HostileServer.listen_unix`: a listening Unix socket, each
+  connection served by a thread, for a client in another process (the FUSE
+  mount's tests);
 * :meth:`HostileServer.handle`: ``request bytes -> reply bytes``, the
   handler interface of :class:`~pyxen9p.sim.backend.Sim9pfsBackend`, so the
   same script can sit behind the simulated Xen transport.
@@ -144,6 +147,32 @@ class HostileServer:
         options.setdefault("aname", self.server.root)
         options.setdefault("timeout", 10)
         return Client(StreamTransport.from_socket(ours), **options)
+
+    def listen_unix(self, path: str | Path) -> None:
+        """Serve each connection to the Unix socket *path* in a thread (until :meth:`close`).
+
+        All connections share the one server session (its fids): enough for
+        one client at a time, as a test's mount process is.
+        """
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen()
+        self._sockets.append(listener)
+
+        def accept() -> None:
+            while True:
+                try:
+                    sock, _ = listener.accept()
+                except OSError:
+                    return
+                self._sockets.append(sock)
+                thread = threading.Thread(target=self._serve, args=(sock,), daemon=True)
+                self._threads.append(thread)
+                thread.start()
+
+        thread = threading.Thread(target=accept, daemon=True)
+        self._threads.append(thread)
+        thread.start()
 
     def _serve(self, sock: socket.socket) -> None:
         try:

@@ -303,3 +303,19 @@ def test_closed_client(root: Path) -> None:
     with Client(transport, aname=str(root)):
         pass
     assert transport.closed
+
+
+def test_usable_until_closed_or_declared_dead(root: Path) -> None:
+    def intercept(m: c.Message) -> c.Message | None:
+        if isinstance(m, (c.Tstatfs, c.Tflush)):
+            raise TimeoutError(errno.ETIMEDOUT, "stuck server")
+        return None
+
+    with Client(ScriptedTransport(root), aname=str(root)) as client:
+        assert client.usable
+    assert not client.usable  # closed
+    with Client(ScriptedTransport(root, intercept), aname=str(root), flush_timeout=0.1) as client:
+        assert client.usable
+        with pytest.raises(TimeoutError):
+            client.statfs()
+        assert not client.usable  # its Tflush was not answered either
