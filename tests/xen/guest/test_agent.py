@@ -358,6 +358,70 @@ def test_the_kernel_mounts_the_agent_socket(served: Served, tmp_path: Path) -> N
     assert served.device.backend_state() == XenbusState.CONNECTED
 
 
+# --------------------------------------------------------------------------- FUSE
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """``{relative path: kind and content digest or link target}`` of *root*, in dom0."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            found[rel] = "link " + os.readlink(path)
+        elif path.is_dir():
+            found[rel] = "dir"
+        else:
+            found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def test_fuse_mount_through_the_agent(served: Served, tmp_path: Path) -> None:
+    """``pyxen9p --path DEV --via-agent mount MNT`` (in the background once
+    mounted), then cp -a, diff -r, find, tar and rm -r on it; the exported
+    directory shows what they did; ``pyxen9p umount`` unmounts."""
+    export, mnt = served.export, tmp_path / "fuse"
+    xenlab.ensure_modules("fuse")
+    mnt.mkdir()
+    src = tmp_path / "src"
+    (src / "d" / "e").mkdir(parents=True)
+    (src / "a.txt").write_text("through FUSE, the agent and QEMU\n")
+    (src / "d" / "big.bin").write_bytes(os.urandom(2 * MIB + 3))
+    (src / "d" / "e" / "empty").write_bytes(b"")
+    os.chmod(src / "d" / "e" / "empty", 0o600)
+    os.symlink("../a.txt", src / "d" / "link")
+    started = time.monotonic()
+    res = run_cli("--path", served.device.frontend, "--via-agent", "mount", str(mnt))
+    assert res.returncode == 0, res.stdout + res.stderr
+    mount_s = time.monotonic() - started
+    try:
+        entry = kernel_helpers.mounted(mnt)
+        assert entry is not None and entry["type"] == "fuse.pyxen9p", entry
+        assert (mnt / "hello.txt").read_text() == "hello through the agent\n"
+        xenlab.sh(["cp", "-a", str(src), str(mnt / "copy")], timeout=120)
+        assert _tree(export / "copy") == _tree(src), "the share's host side differs"
+        xenlab.sh(["diff", "-r", "--no-dereference", str(src), str(mnt / "copy")], timeout=120)
+        found = xenlab.sh(["find", str(mnt / "copy"), "-printf", "%P %y %m\n"], timeout=60)
+        expected = xenlab.sh(["find", str(src), "-printf", "%P %y %m\n"], timeout=60)
+        assert sorted(found.stdout.splitlines()) == sorted(expected.stdout.splitlines())
+        archive = tmp_path / "copy.tar"
+        xenlab.sh(["tar", "-cf", str(archive), "-C", str(mnt), "copy"], timeout=120)
+        names = xenlab.sh(["tar", "-tf", str(archive)], timeout=60).stdout.split()
+        assert sorted(n.rstrip("/") for n in names) == sorted(
+            ["copy", *(f"copy/{rel}" for rel in _tree(src))]
+        )
+        xenlab.sh(["rm", "-r", str(mnt / "copy")], timeout=60)
+        assert not (export / "copy").exists()
+        report(f"pyxen9p mount through the agent: mounted in {mount_s:.1f}s;"
+               " cp -a, diff -r, find, tar, rm -r ok")  # fmt: skip
+    finally:
+        done = run_cli("umount", str(mnt))
+        if kernel_helpers.mounted(mnt) is not None:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert kernel_helpers.mounted(mnt) is None
+    assert served.agent.proc.poll() is None
+
+
 # --------------------------------------------------------------------------- SIGTERM
 
 
