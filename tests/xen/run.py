@@ -1052,7 +1052,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Boot a real Xen 4.17 hypervisor with a Debian 12 dom0 under QEMU (TCG) and run "
             "pyxen9p's guest tests (tests/xen/guest/test_<group>.py) in dom0. Needs root and "
-            "the Debian packages debootstrap, qemu-system-x86, e2fsprogs."
+            "the Debian packages debootstrap, qemu-system-x86, e2fsprogs, python3-pip."
         ),
         epilog=(
             f"groups: {groups}. Exit status: 0 all passed, 1 test failure, "
