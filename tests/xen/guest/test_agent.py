@@ -462,10 +462,26 @@ def test_sigterm_ends_the_agent_cleanly(served: Served) -> None:
 # --------------------------------------------------------------------------- figures
 
 
-LINE = re.compile(
-    r"(?P<name>[a-z_]+): agent=(?P<a>[0-9]+\.[0-9]) (?P<unit>MB/s|op/s) "
-    r"direct=(?P<b>[0-9]+\.[0-9]) (?P=unit) ratio=(?P<ratio>[0-9]+\.[0-9]{3})"
-)
+def _check_bench(output: str, subject: str, reference: str, names: dict[str, str]) -> None:
+    """*output* has one well-formed ``name: SUBJECT=... REFERENCE=... ratio=...`` line
+    for each of *names* (name -> unit), and nothing else but ``#`` comments."""
+    line_re = re.compile(
+        rf"(?P<name>[a-z_]+): {subject}=(?P<a>[0-9]+\.[0-9]) (?P<unit>MB/s|op/s) "
+        rf"{reference}=(?P<b>[0-9]+\.[0-9]) (?P=unit) ratio=(?P<ratio>[0-9]+\.[0-9]{{3}})"
+    )
+    seen = {}
+    for line in output.splitlines():
+        if line.startswith("#"):
+            continue
+        match = line_re.fullmatch(line)
+        assert match, f"malformed line {line!r}"
+        a, b, ratio = float(match["a"]), float(match["b"]), float(match["ratio"])
+        assert a > 0 and b > 0
+        # the ratio is that of the unrounded rates: within the printed rates' rounding
+        low, high = max(a - 0.05, 0.0) / (b + 0.05), (a + 0.05) / max(b - 0.05, 1e-9)
+        assert low - 0.0005 <= ratio <= high + 0.0005, line
+        seen[match["name"]] = match["unit"]
+    assert seen == names
 
 
 def _bench_requested() -> bool:
@@ -507,16 +523,37 @@ def test_benchmark_the_agent_against_a_direct_connection(
     elif results:
         Path(results, "bench-realxen-agent-quick.txt").write_text(output)
     assert res.returncode == 0, f"{res.args}\n{output}\n{res.stderr}"
-    names = {}
-    for line in output.splitlines():
-        if line.startswith("#"):
-            continue
-        match = LINE.fullmatch(line)
-        assert match, f"malformed line {line!r}"
-        a, b, ratio = float(match["a"]), float(match["b"]), float(match["ratio"])
-        assert a > 0 and b > 0
-        low, high = max(a - 0.05, 0.0) / (b + 0.05), (a + 0.05) / max(b - 0.05, 1e-9)
-        assert low - 0.0005 <= ratio <= high + 0.0005, line
-        names[match["name"]] = match["unit"]
-    assert names == {"stat": "op/s", "seq_read": "MB/s", "seq_write": "MB/s"}
+    _check_bench(output, "agent", "direct",
+                 {"stat": "op/s", "seq_read": "MB/s", "seq_write": "MB/s"})  # fmt: skip
     assert "# agent: msize=" in output
+
+
+@pytest.mark.timeout(900)
+def test_benchmark_fuse_against_the_kernel(
+    lab: ModuleLab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``bench/bench_realxen_fuse.py``: ``pyxen9p mount`` next to the kernel's
+    9pnet_xen mount of the same share (tiny sizes by default; the full
+    benchmark, shown and saved as ``bench-realxen-fuse.txt``, with ``--bench``)."""
+    lab.restart_qemu()
+    full = _bench_requested()
+    argv = [str(SRC / "bench" / "bench_realxen_fuse.py")]
+    if not full:
+        argv += ["--quick", "--repeat", "1", "--warmup", "0", "--files", "20", "--size-mib", "1"]
+    res = kernel_helpers.run_python(argv, timeout=850 if full else 300)
+    output = res.stdout
+    results = os.environ.get("PYXEN9P_RESULTS")
+    name = "bench-realxen-fuse.txt" if full else "bench-realxen-fuse-quick.txt"
+    if results:
+        Path(results, name).write_text(output + res.stderr)
+    if full:
+        with capsys.disabled():
+            print(f"\n--- bench/bench_realxen_fuse.py {res.args[-1]}\n{output}{res.stderr}",
+                  flush=True)
+    assert res.returncode == 0, f"{res.args}\n{output}\n{res.stderr}"
+    _check_bench(output, "fuse", "kernel",
+                 {"seq_write": "MB/s", "seq_read": "MB/s", "ls_l": "op/s"})  # fmt: skip
+    # nothing is left mounted
+    mounts = Path("/proc/mounts").read_text().splitlines()
+    assert [m for m in mounts if " 9p " in m and "trans=xen" in m] == []
+    assert [m for m in mounts if "fuse.pyxen9p" in m] == []
