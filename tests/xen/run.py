@@ -27,6 +27,7 @@ import datetime
 import errno
 import fcntl
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -72,7 +73,12 @@ PACKAGES = (
     "python3-typing-extensions",
     "busybox-static",
     "strace",
+    "fuse3",
 )
+#: Python packages that Debian 12 does not have, from PyPI: downloaded as wheels
+#: on the host by its own ``pip download`` (the host's pip configuration
+#: applies) and unpacked into the image's ``dist-packages``.  Pure Python only.
+GUEST_WHEELS = ("mfusepy==3.1.1",)
 #: Bump to force a rebuild when something outside the hashed files changes.
 IMAGE_RECIPE_VERSION = "1"
 IMAGE_FILES = ("rootfs.img", "xen", "vmlinuz", "initrd.img")
@@ -90,6 +96,8 @@ HOST_TOOLS = {
 HOST_FILES = {
     "/usr/share/keyrings/debian-archive-keyring.gpg": "debian-archive-keyring",
 }
+#: Python module of this interpreter -> Debian package that provides it
+HOST_MODULES = {"pip": "python3-pip"}
 
 XEN_CMDLINE = (
     "console=com1 com1=115200,8n1 dom0_mem=2048M,max:2048M dom0_max_vcpus=2 "
@@ -145,6 +153,7 @@ def missing_host_packages() -> list[str]:
     path = os.environ.get("PATH", "") + os.pathsep + extra
     missing = {pkg for tool, pkg in HOST_TOOLS.items() if shutil.which(tool, path=path) is None}
     missing |= {pkg for file, pkg in HOST_FILES.items() if not os.path.exists(file)}
+    missing |= {pkg for mod, pkg in HOST_MODULES.items() if importlib.util.find_spec(mod) is None}
     return sorted(missing)
 
 
@@ -391,6 +400,7 @@ def image_key(plan: MirrorPlan) -> str:
         SUITE.encode(),
         ",".join(BASE_PACKAGES).encode(),
         " ".join(PACKAGES).encode(),
+        " ".join(GUEST_WHEELS).encode(),
         plan.mirror.encode(),
         plan.chroot_sources.encode(),
     ]
@@ -527,6 +537,8 @@ def build_image(
         out.mkdir()
         sources_file = work / "host.sources"
         sources_file.write_text(plan.chroot_sources)
+        wheels = work / "wheels"
+        download_wheels(wheels, timeout)
         conf = host_apt_conf_dir()
         env = {
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
@@ -543,6 +555,7 @@ def build_image(
             "BASE_PKGS": ",".join(BASE_PACKAGES),
             "PACKAGES": " ".join(PACKAGES),
             "IMAGE_DIR": str(IMAGE_DIR),
+            "WHEELS": str(wheels),
             "HEADROOM_MB": "1024",
         }
         for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
@@ -571,6 +584,7 @@ def build_image(
                 "mirror": plan.mirror,
                 "base_packages": list(BASE_PACKAGES),
                 "packages": list(PACKAGES),
+                "wheels": list(GUEST_WHEELS),
                 "built": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 "build_seconds": round(time.monotonic() - started, 1),
             }
@@ -586,6 +600,30 @@ def build_image(
         prune(images, keep_images, {key})
         prune_debs(cache / "debs", target / "packages.txt")
         return target
+
+
+def download_wheels(directory: Path, timeout: float) -> None:
+    """Download :data:`GUEST_WHEELS` (no dependencies, wheels only) into *directory*
+    with this machine's ``pip download``.
+
+    :raises HarnessError: if pip fails
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    if not GUEST_WHEELS:
+        return
+    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+           "--only-binary=:all:", "--dest", str(directory), *GUEST_WHEELS]  # fmt: skip
+    try:
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, check=False,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        raise HarnessError(f"pip download {' '.join(GUEST_WHEELS)} timed out") from None
+    if done.returncode != 0:
+        raise HarnessError(
+            f"pip download {' '.join(GUEST_WHEELS)} failed: {done.stderr.strip()[-2000:]}"
+        )
 
 
 def prune_debs(debs: Path, packages_txt: Path) -> None:
@@ -1014,7 +1052,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Boot a real Xen 4.17 hypervisor with a Debian 12 dom0 under QEMU (TCG) and run "
             "pyxen9p's guest tests (tests/xen/guest/test_<group>.py) in dom0. Needs root and "
-            "the Debian packages debootstrap, qemu-system-x86, e2fsprogs."
+            "the Debian packages debootstrap, qemu-system-x86, e2fsprogs, python3-pip."
         ),
         epilog=(
             f"groups: {groups}. Exit status: 0 all passed, 1 test failure, "

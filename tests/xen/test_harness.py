@@ -365,7 +365,8 @@ def test_file_lock_times_out(tmp_path: Path) -> None:
 def test_missing_host_packages_names_debian_packages(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(run, "HOST_TOOLS", {"definitely-not-a-tool-xyz": "some-package"})
     monkeypatch.setattr(run, "HOST_FILES", {"/nonexistent/keyring.gpg": "keyring-package"})
-    assert run.missing_host_packages() == ["keyring-package", "some-package"]
+    monkeypatch.setattr(run, "HOST_MODULES", {"no_such_module_xyz": "module-package"})
+    assert run.missing_host_packages() == ["keyring-package", "module-package", "some-package"]
 
 
 def test_help_runs() -> None:

@@ -19,6 +19,7 @@
 #   BASE_PKGS    comma-separated packages for debootstrap --include
 #   PACKAGES     space-separated packages installed in the chroot with apt-get
 #   IMAGE_DIR    directory holding the files baked into the image
+#   WHEELS       directory of pure-Python wheels unpacked into dist-packages (may be empty)
 #   HEADROOM_MB  free space left in the image
 set -euo pipefail
 
@@ -72,6 +73,18 @@ chroot "$R" apt-get -q update > "$WORK/apt.log" 2>&1 || { tail -n 40 "$WORK/apt.
 chroot "$R" apt-get -q -y -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
     install $PACKAGES >> "$WORK/apt.log" 2>&1 || { tail -n 60 "$WORK/apt.log"; exit 1; }
 chroot "$R" dpkg-query -W -f '${Package} ${Version}\n' > "$OUT/packages.txt"
+if [ -n "${WHEELS:-}" ] && compgen -G "$WHEELS/*.whl" > /dev/null; then
+    stage "wheels: $(cd "$WHEELS" && echo *.whl)"
+    purelib=$(chroot "$R" python3 -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+    mkdir -p "$R$purelib" "$R/tmp/wheels"
+    cp "$WHEELS"/*.whl "$R/tmp/wheels/"
+    for whl in "$R"/tmp/wheels/*.whl; do
+        chroot "$R" python3 -m zipfile -e "/tmp/wheels/${whl##*/}" "$purelib"
+    done
+    rm -rf "$R/tmp/wheels"
+    chroot "$R" python3 -c 'import mfusepy' || { echo "mfusepy does not import"; exit 1; }
+    echo "$(cd "$WHEELS" && ls *.whl)" >> "$OUT/packages.txt"
+fi
 umount "$R/var/cache/apt/archives"
 umount "$R/dev/pts" 2>/dev/null || true
 umount "$R/dev" "$R/sys" "$R/proc"
