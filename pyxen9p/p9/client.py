@@ -389,6 +389,8 @@ class Client:
         self._has_unlinkat = True
         self._has_renameat = True
         self._tags = self._session.tags
+        # the hot path: no forwarding frame per request (the method below documents it)
+        self._rpc = self._session.rpc  # type: ignore[method-assign]
         self._fids = self._session.fids
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None

@@ -280,19 +280,19 @@ class TagPool:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while self._tags.full:
+            tag = self._tags.acquire()
+            while tag is None:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(errno.ETIMEDOUT, "no free 9P tag")
                 self._cond.wait(1.0 if left is None else min(left, 1.0))
-            tag = self._tags.acquire()
-            assert tag is not None
+                tag = self._tags.acquire()
             return tag
 
     def release(self, tag: int) -> None:
         """*tag* may be reused."""
         with self._cond:
-            self._tags.release(tag)
+            self._tags.busy.discard(tag)  # TagAllocator.release, inlined: every request
             self._cond.notify()
 
     def quarantine(self, tag: int) -> None:
@@ -371,6 +371,7 @@ class ClientSession:
     :ivar fids: the fid pool
     :ivar dead: why the server was declared unresponsive, or ``None``
     :ivar closed: whether the session is closed
+    :ivar dotu: whether the negotiated dialect is 9P2000.u (no Tflush)
     :ivar decode: the decoder of replies (the dialect's)
     :ivar root_fid: the fid of the attach root (after :meth:`attach`)
     """
@@ -384,6 +385,7 @@ class ClientSession:
         self.flushes_sent = 0
         self.msize = 0
         self.version = ""
+        self.dotu = False
         self.tags = TagPool()
         self.fids = FidPool()
         self.dead: TransportError | None = None
@@ -393,11 +395,6 @@ class ClientSession:
         self.root_fid = c.NOFID
         self._lock = threading.Lock()
         self._deferred: list[int] = []
-
-    @property
-    def dotu(self) -> bool:
-        """Whether the negotiated dialect is 9P2000.u (no Tflush)."""
-        return self.version == c.VERSION_9P2000_U
 
     # --- negotiation ---------------------------------------------------------
 
@@ -436,6 +433,7 @@ class ClientSession:
             raise ProtocolError(f"the server's msize {reply.msize} is below {MIN_MSIZE}")
         self.msize = reply.msize
         self.version = reply.version
+        self.dotu = reply.version == c.VERSION_9P2000_U
 
     def _version_request(self, want: int, offer: str) -> c.Rversion | c.Rlerror | c.Rerror:
         """One Tversion: its Rversion, or the error reply."""
