@@ -389,7 +389,7 @@ class Client:
         self._has_unlinkat = True
         self._has_renameat = True
         self._tags = self._session.tags
-        # the hot path: no forwarding frame per request (the method below documents it)
+        # the hot path: no forwarding frame per request (the method _rpc documents it)
         self._rpc = self._session.rpc  # type: ignore[method-assign]
         self._fids = self._session.fids
         self._lock = threading.Lock()
@@ -587,6 +587,8 @@ class Client:
         *,
         timeout: _TimeoutArg = _DEFAULT,
     ) -> _R:
+        """``make(tag)`` sent, its reply checked: :meth:`ClientSession.rpc
+        <pyxen9p.p9.session.ClientSession.rpc>` (bound to each instance by ``__init__``)."""
         return self._session.rpc(make, rtype, path, timeout=timeout)
 
     def _flush(self, oldtag: int) -> bool:
