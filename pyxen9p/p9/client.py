@@ -48,7 +48,6 @@ always clunked: after an error too.
 from __future__ import annotations
 
 import contextlib
-import enum
 import errno
 import functools
 import getpass
@@ -59,7 +58,6 @@ import posixpath
 import secrets
 import stat as stat_module
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -69,11 +67,12 @@ from typing import IO, Any, BinaryIO, Literal, NamedTuple, TypeVar, cast, overlo
 
 from typing_extensions import Self
 
-from pyxen9p.errors import Pyxen9pError, TransportClosedError, TransportError
+from pyxen9p.errors import Pyxen9pError, TransportError
 from pyxen9p.p9 import _dotu
 from pyxen9p.p9 import codec as c
 from pyxen9p.p9.codec import ProtocolError
 from pyxen9p.p9.files import OpenMode, RemoteFileIO, parse_mode
+from pyxen9p.p9.session import _DEFAULT, ClientSession, _TimeoutArg
 from pyxen9p.p9.transport import StreamTransport, Transport
 
 __all__ = [
@@ -106,12 +105,7 @@ DEFAULT_WINDOW = 8
 DEFAULT_MAX_READ = 1 << 30
 #: Default :attr:`Client.max_entries`: the most entries one directory listing takes.
 DEFAULT_MAX_ENTRIES = 1_000_000
-#: Highest tag given to requests (NOTAG, 0xFFFF, is Tversion's).
-_MAX_TAG = 0xFFFE
-_NTAGS = _MAX_TAG + 1
 _FALLBACK_ERRNOS = frozenset({errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
-#: The dialects the client speaks.
-_DIALECTS = (c.VERSION_9P2000_L, c.VERSION_9P2000_U)
 #: The ``version`` choices of :class:`Client`.
 VERSIONS = ("auto", c.VERSION_9P2000_L, c.VERSION_9P2000_U)
 
@@ -139,14 +133,6 @@ ProgressCallback = Callable[[int, int], None]
 ErrorCallback = Callable[[OSError | ValueError], object]
 
 
-class _Default(enum.Enum):
-    TOKEN = 0
-
-
-_DEFAULT = _Default.TOKEN
-_TimeoutArg = float | None | Literal[_Default.TOKEN]
-
-
 class StatFS(NamedTuple):
     """File system statistics (Rstatfs), as ``statfs(2)`` returns them."""
 
@@ -168,97 +154,6 @@ class StatFS(NamedTuple):
     fsid: int
     #: Longest file name.
     namelen: int
-
-
-# --------------------------------------------------------------------------
-# Tags and fids
-
-
-class _TagPool:
-    """Tags ``0..0xFFFE`` handed out round-robin; a tag is reused only once released."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._busy: set[int] = set()
-        self._stuck: set[int] = set()
-        self._next = 0
-
-    def acquire(self, timeout: float | None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while len(self._busy) >= _NTAGS:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(errno.ETIMEDOUT, "no free 9P tag")
-                self._cond.wait(1.0 if left is None else min(left, 1.0))
-            tag = self._next
-            while tag in self._busy:
-                tag = (tag + 1) % _NTAGS
-            self._busy.add(tag)
-            self._next = (tag + 1) % _NTAGS
-            return tag
-
-    def release(self, tag: int) -> None:
-        with self._cond:
-            self._busy.discard(tag)
-            self._cond.notify()
-
-    def quarantine(self, tag: int) -> None:
-        """Never reuse *tag*: its reply may still come."""
-        with self._cond:
-            self._busy.add(tag)
-            self._stuck.add(tag)
-
-    @property
-    def in_use(self) -> int:
-        with self._cond:
-            return len(self._busy) - len(self._stuck)
-
-    @property
-    def stuck(self) -> frozenset[int]:
-        with self._cond:
-            return frozenset(self._stuck)
-
-
-class _FidPool:
-    """Fids, recycled most-recently-freed first."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._free: list[int] = []
-        self._next = 0
-        self._used: set[int] = set()
-        self.lost = 0
-
-    def acquire(self) -> int:
-        with self._lock:
-            if self._free:
-                fid = self._free.pop()
-            else:
-                if self._next >= c.NOFID:
-                    raise OSError(errno.EMFILE, "out of 9P fids")
-                fid = self._next
-                self._next += 1
-            self._used.add(fid)
-            return fid
-
-    def release(self, fid: int) -> None:
-        with self._lock:
-            if fid in self._used:
-                self._used.remove(fid)
-                self._free.append(fid)
-
-    def lose(self, fid: int) -> None:
-        """Forget *fid* without reusing it: the server's state for it is unknown."""
-        with self._lock:
-            if fid in self._used:
-                self._used.remove(fid)
-                self.lost += 1
-
-    @property
-    def count(self) -> int:
-        with self._lock:
-            return len(self._used)
 
 
 # --------------------------------------------------------------------------
@@ -452,16 +347,11 @@ class Client:
         dialects allowed, or answered with an unusable msize
     :raises OSError: the server refused the attach
 
-    :ivar msize: the negotiated msize
-    :ivar version: the negotiated version (``"9P2000.L"`` or ``"9P2000.u"``)
     :ivar root_qid: the qid of the attach root
-    :ivar timeout: limit for each request (may be changed at any time)
-    :ivar flush_timeout: limit for each Rflush
     :ivar window: requests in flight for large transfers
     :ivar max_read: the bound of whole-file reads and of a download's growth
         (may be changed at any time)
     :ivar max_entries: the bound of one directory listing (may be changed at any time)
-    :ivar flushes_sent: how many Tflush requests were sent
     """
 
     def __init__(
@@ -486,10 +376,8 @@ class Client:
             raise ValueError("window must be at least 1")
         if version not in VERSIONS:
             raise ValueError(f"version must be one of {', '.join(VERSIONS)}, not {version!r}")
-        self._transport = transport
+        self._session = ClientSession(transport, timeout=timeout, flush_timeout=flush_timeout)
         self._close_transport = close_transport
-        self.timeout = timeout
-        self.flush_timeout = flush_timeout
         self.window = window
         self.max_read = max_read
         self.max_entries = max_entries
@@ -498,38 +386,21 @@ class Client:
         self.uname = _default_user() if uname is None else uname
         self.aname = aname
         self.n_uname = os.getuid() if n_uname is None else n_uname
-        self.flushes_sent = 0
-        self._dead: TransportError | None = None
         self._has_unlinkat = True
         self._has_renameat = True
-        self._tags = _TagPool()
-        self._fids = _FidPool()
+        self._tags = self._session.tags
+        # the hot path: no forwarding frame per request (the method _rpc documents it)
+        self._rpc = self._session.rpc  # type: ignore[method-assign]
+        self._fids = self._session.fids
         self._lock = threading.Lock()
-        self._deferred: list[int] = []
         self._executor: ThreadPoolExecutor | None = None
-        self._closed = False
-        self._closing = False
-        self.msize = 0
-        self.version = ""
         #: The 9P2000.u operations, once that dialect is negotiated.
         self._dotu: _dotu.DotU | None = None
         try:
             self._negotiate(msize, version)
-            self._root_fid = self._fids.acquire()
-            try:
-                rattach = self._rpc(
-                    lambda t: c.Tattach(
-                        t, self._root_fid, c.NOFID, self.uname, self.aname, self.n_uname
-                    ),
-                    c.Rattach,
-                    aname or "/",
-                )
-            except BaseException:
-                self._fids.release(self._root_fid)
-                raise
-            self.root_qid = rattach.qid
+            self.root_qid = self._session.attach(self.uname, self.aname, self.n_uname)
         except BaseException:
-            self._closed = True
+            self._session.closed = True
             if close_transport:
                 transport.close()
             raise
@@ -551,60 +422,80 @@ class Client:
         return cls(StreamTransport.unix(path), **kwargs)
 
     def _negotiate(self, msize: int | None, version: str = c.VERSION_9P2000_L) -> None:
-        limit = int(self._transport.msize)
-        want = limit if msize is None else min(msize, limit)
-        if want < MIN_MSIZE:
-            raise ValueError(f"msize {want} is below the minimum {MIN_MSIZE}")
-        offer = c.VERSION_9P2000_U if version == c.VERSION_9P2000_U else c.VERSION_9P2000_L
-        reply = self._version_request(want, offer)
-        if version == "auto" and not (isinstance(reply, c.Rversion) and reply.version in _DIALECTS):
-            # 9P2000.L refused: offer 9P2000.u, as Linux's version=9p2000.u would
-            first, offer = reply, c.VERSION_9P2000_U
-            reply = self._version_request(want, offer)
-            if not (isinstance(reply, c.Rversion) and reply.version == offer):
-                answers = ", ".join(_version_answer(r) for r in (first, reply))
-                raise ProtocolError(
-                    f"the server speaks neither {c.VERSION_9P2000_L} nor {offer}"
-                    f" (it answered {answers})"
-                )
-        if not isinstance(reply, c.Rversion):
-            raise ProtocolError(f"the server refused {offer}: {_version_answer(reply)}")
-        if version != "auto" and reply.version != offer:
-            raise ProtocolError(f"the server speaks {reply.version!r}, not {offer!r}")
-        if reply.version == c.VERSION_9P2000_U:
+        self._session.negotiate(msize, version)
+        if self._session.dotu:
             self._dotu = _dotu.DotU(self)
-        if reply.msize > want:
-            raise ProtocolError(f"the server raised the msize from {want} to {reply.msize}")
-        if reply.msize < MIN_MSIZE:
-            raise ProtocolError(f"the server's msize {reply.msize} is below {MIN_MSIZE}")
-        self.msize = reply.msize
-        self.version = reply.version
-
-    def _version_request(self, want: int, offer: str) -> c.Rversion | c.Rlerror | c.Rerror:
-        """One Tversion: its Rversion, or the error reply."""
-        raw = self._transport.request(
-            c.encode(c.Tversion(c.NOTAG, want, offer)), timeout=self.timeout
-        )
-        if len(raw) > want:
-            raise ProtocolError(f"Rversion of {len(raw)} bytes exceeds the msize {want}")
-        reply = c.decode(raw)  # Rversion, Rerror and Rlerror are all 9P2000.L types
-        if isinstance(reply, c.Rlerror | c.Rerror):
-            return reply
-        if not isinstance(reply, c.Rversion) or reply.tag != c.NOTAG:
-            raise ProtocolError(f"expected an Rversion with NOTAG, got {reply!r}")
-        return reply
+            self._session.decode = self._dotu.decode
 
     # --- state ---------------------------------------------------------------
 
     @property
     def transport(self) -> Transport:
         """The transport carrying the messages."""
-        return self._transport
+        return self._session.transport
+
+    @property
+    def _transport(self) -> Transport:
+        return self._session.transport
+
+    @_transport.setter
+    def _transport(self, value: Transport) -> None:
+        self._session.transport = value
+
+    @property
+    def session(self) -> ClientSession:
+        """The session layer under the path API (tags, fids, requests, flushes)."""
+        return self._session
+
+    @property
+    def msize(self) -> int:
+        """The negotiated msize."""
+        return self._session.msize
+
+    @property
+    def version(self) -> str:
+        """The negotiated version (``"9P2000.L"`` or ``"9P2000.u"``)."""
+        return self._session.version
+
+    @property
+    def timeout(self) -> float | None:
+        """Limit in seconds for each request (may be changed at any time)."""
+        return self._session.timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._session.timeout = value
+
+    @property
+    def flush_timeout(self) -> float:
+        """Limit for each Rflush."""
+        return self._session.flush_timeout
+
+    @flush_timeout.setter
+    def flush_timeout(self, value: float) -> None:
+        self._session.flush_timeout = value
+
+    @property
+    def flushes_sent(self) -> int:
+        """How many Tflush requests were sent."""
+        return self._session.flushes_sent
 
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
-        return self._closed
+        return self._session.closed
+
+    @property
+    def _closed(self) -> bool:
+        return self._session.closed
+
+    @property
+    def _dead(self) -> TransportError | None:
+        return self._session.dead
+
+    @property
+    def _root_fid(self) -> int:
+        return self._session.root_fid
 
     @property
     def usable(self) -> bool:
@@ -642,25 +533,11 @@ class Client:
         return self.msize - c.IOHDRSZ
 
     def _check_open(self) -> None:
-        if self._closed:
-            raise TransportClosedError(errno.ENOTCONN, "the 9P client is closed")
-        if self._dead is not None:
-            raise self._dead
+        self._session.check_open()
 
     def _declare_dead(self, reason: str) -> None:
-        """The server answers nothing, not even a Tflush: fail everything now.
-
-        Requests in flight fail at once instead of each waiting for its own
-        timeout (and its own Tflush); every later call fails too.
-        """
-        with self._lock:
-            if self._dead is not None:
-                return
-            self._dead = TransportError(errno.ETIMEDOUT, f"the 9P server is unresponsive: {reason}")
-        log.warning("%s", self._dead)
-        abort = getattr(self._transport, "abort", None)
-        if abort is not None:
-            abort(self._dead)
+        """The server answers nothing, not even a Tflush: fail everything now."""
+        self._session.declare_dead(reason)
 
     def __enter__(self) -> Self:
         return self
@@ -674,17 +551,11 @@ class Client:
 
     def close(self) -> None:
         """Clunk every fid the client holds, close the transport if it owns it (idempotent)."""
-        with self._lock:
-            if self._closed or self._closing:
-                return
-            self._closing = True
+        if not self._session.begin_close():
+            return
         try:
-            self._process_deferred()
-            self._clunk_quiet(self._root_fid)
+            self._session.close(self._close_transport)
         finally:
-            self._closed = True
-            if self._close_transport:
-                self._transport.close()
             if self._executor is not None:
                 self._executor.shutdown(wait=True, cancel_futures=True)
                 self._executor = None
@@ -716,147 +587,25 @@ class Client:
         *,
         timeout: _TimeoutArg = _DEFAULT,
     ) -> _R:
-        self._check_open()
-        tmo = self.timeout if timeout is _DEFAULT else timeout
-        tag = self._tags.acquire(tmo)
-        reusable = True
-        try:
-            message = make(tag)
-            data = c.encode(message)
-            if len(data) > self.msize:
-                raise ProtocolError(
-                    f"{type(message).__name__} of {len(data)} bytes exceeds the msize {self.msize}"
-                )
-            try:
-                raw = self._transport.request(data, timeout=tmo)
-            except TimeoutError:
-                reusable = False
-                if self._dotu is not None:
-                    # 9P2000.u servers such as xen-9pfsd refuse Tflush: the
-                    # request may still be answered, so the session ends.
-                    self._declare_dead(
-                        f"no reply to tag {tag} within {tmo:g}s (9P2000.u: no Tflush)"
-                    )
-                else:
-                    reusable = self._flush(tag)
-                outcome = (
-                    " (flushed)"
-                    if self._dead is None
-                    else ", nor to its Tflush: the 9P server is unresponsive"
-                )
-                raise TimeoutError(
-                    errno.ETIMEDOUT,
-                    f"{type(message).__name__}: no reply within {tmo:g}s{outcome}",
-                    path,
-                ) from None
-            except (TransportError, ValueError, InterruptedError, RuntimeError):
-                raise  # the transport is done with this tag
-            except BaseException:
-                # interrupted while waiting (KeyboardInterrupt...): flush the request
-                reusable = False
-                if self._dotu is not None:
-                    self._declare_dead(f"the wait for tag {tag} was interrupted (no Tflush)")
-                else:
-                    reusable = self._flush(tag)
-                raise
-        finally:
-            if reusable:
-                self._tags.release(tag)
-        return self._check_reply(raw, tag, message, rtype, path)
-
-    def _check_reply(
-        self, raw: bytes, tag: int, message: c.Message, rtype: type[_R], path: str | None
-    ) -> _R:
-        if len(raw) > self.msize:
-            raise ProtocolError(f"reply of {len(raw)} bytes exceeds the msize {self.msize}")
-        reply = c.decode(raw) if self._dotu is None else self._dotu.decode(raw)
-        if reply.tag != tag:
-            raise ProtocolError(f"reply tagged {reply.tag} to a request tagged {tag}")
-        if isinstance(reply, c.Rlerror):
-            raise _server_error(reply.ecode, path)
-        if isinstance(reply, c.Rerror):
-            if reply.errno == 0 and self._dotu is not None:
-                # xen-9pfsd may pass on a stale errno of 0 (a walk onto a symbolic link)
-                raise _server_error(
-                    errno.EIO, path, f"{reply.ename or 'error'} (the server sent error number 0)"
-                )
-            raise _server_error(reply.errno, path, reply.ename)
-        if type(reply) is not rtype:
-            raise ProtocolError(
-                f"{type(reply).__name__} in reply to {type(message).__name__}"
-                f" (expected {rtype.__name__})"
-            )
-        return reply
+        """``make(tag)`` sent, its reply checked: :meth:`ClientSession.rpc
+        <pyxen9p.p9.session.ClientSession.rpc>` (bound to each instance by ``__init__``)."""
+        return self._session.rpc(make, rtype, path, timeout=timeout)
 
     def _flush(self, oldtag: int) -> bool:
         """Flush *oldtag*; return whether it may be reused."""
-        with self._lock:
-            self.flushes_sent += 1
-        try:
-            ftag = self._tags.acquire(self.flush_timeout)
-        except TimeoutError:
-            self._tags.quarantine(oldtag)
-            return False
-        try:
-            raw = self._transport.request(
-                c.encode(c.Tflush(ftag, oldtag)), timeout=self.flush_timeout
-            )
-            reply = c.decode(raw)
-        except TransportError:
-            self._tags.release(ftag)
-            return True  # the transport is gone: nothing will come for either tag
-        except TimeoutError:
-            self._tags.quarantine(ftag)
-            self._tags.quarantine(oldtag)
-            self._declare_dead(
-                f"no reply to tag {oldtag}, nor to its Tflush within {self.flush_timeout:g}s"
-            )
-            return False
-        except BaseException as exc:
-            self._tags.quarantine(ftag)
-            self._tags.quarantine(oldtag)
-            log.warning("Tflush of tag %d failed (%s): both tags are retired", oldtag, exc)
-            if isinstance(exc, Exception):
-                return False
-            raise
-        self._tags.release(ftag)
-        if not isinstance(reply, c.Rflush) or reply.tag != ftag:
-            log.warning("unexpected reply to Tflush(%d): %r; the tag is retired", oldtag, reply)
-            self._tags.quarantine(oldtag)
-            return False
-        self._transport.flushed(oldtag)
-        return True
+        return self._session.flush(oldtag)
 
     # --- fids --------------------------------------------------------------------
 
     def _clunk_quiet(self, fid: int) -> None:
         """Clunk *fid* and forget it, whatever happens (errors are only logged)."""
-        try:
-            self._rpc(lambda t: c.Tclunk(t, fid), c.Rclunk)
-        except TimeoutError:
-            self._fids.lose(fid)
-            log.warning("Tclunk of fid %d timed out: the fid is given up", fid)
-        except (OSError, ValueError) as exc:
-            # an error reply still clunks the fid; a dead transport leaves nothing to clunk
-            log.debug("Tclunk of fid %d: %s", fid, exc)
-            self._fids.release(fid)
-        except BaseException:
-            self._fids.lose(fid)
-            raise
-        else:
-            self._fids.release(fid)
+        self._session.clunk_quiet(fid)
 
     def _defer_clunk(self, fid: int) -> None:
-        with self._lock:
-            self._deferred.append(fid)
+        self._session.defer_clunk(fid)
 
     def _process_deferred(self) -> None:
-        if not self._deferred:
-            return
-        with self._lock:
-            fids, self._deferred = self._deferred, []
-        for fid in fids:
-            self._clunk_quiet(fid)
+        self._session.process_deferred()
 
     def _walk(self, parts: Sequence[str], display: str) -> tuple[int | None, list[c.Qid]]:
         """Walk from the root through *parts* (any number) to a new fid.
@@ -2339,14 +2088,6 @@ class Client:
 # Helpers
 
 
-def _version_answer(reply: c.Rversion | c.Rlerror | c.Rerror) -> str:
-    """What a server answered to a Tversion, for an error message."""
-    if isinstance(reply, c.Rversion):
-        return repr(reply.version)
-    err = reply.ecode if isinstance(reply, c.Rlerror) else reply.errno
-    return os.strerror(err) if 0 < err < 4096 else f"error {err}"
-
-
 def _default_user() -> str:
     try:
         return getpass.getuser()
@@ -2378,16 +2119,6 @@ def _normalize(names: Sequence[str]) -> list[str]:
 
 def _local_error(err: int, path: str, text: str | None = None) -> OSError:
     return OSError(err, text or os.strerror(err), path)
-
-
-def _server_error(err: int, path: str | None, text: str | None = None) -> OSError:
-    if not 0 < err < 4096:
-        message = f"{text or 'error'} (the server sent the invalid error number {err})"
-        if path is not None:
-            return ProtocolError(errno.EPROTO, message, path)
-        return ProtocolError(errno.EPROTO, message)
-    message = text or os.strerror(err)
-    return OSError(err, message, path) if path is not None else OSError(err, message)
 
 
 def _join(directory: str, name: str) -> str:

@@ -114,6 +114,7 @@ from typing_extensions import Self
 
 from pyxen9p.errors import ProtocolError, Pyxen9pError, TransportClosedError, TransportError
 from pyxen9p.p9 import codec as c
+from pyxen9p.p9.session import IdPool
 from pyxen9p.p9.transport import Transport
 
 __all__ = [
@@ -250,41 +251,8 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
     return PeerCredentials(pid, uid, gid)
 
 
-class _IdPool:
-    """Numbers ``0 .. limit-1`` handed out and returned (backend tags and fids)."""
-
-    def __init__(self, limit: int) -> None:
-        self._limit = limit
-        self._next = 0
-        self._free: list[int] = []
-        self.used: set[int] = set()
-
-    def alloc(self, like: int = 0, modulus: int = 1) -> int:
-        """A free number congruent to *like* modulo *modulus*."""
-        n = -1
-        if modulus == 1:
-            if self._free:
-                n = self._free.pop()
-        else:
-            for i in range(len(self._free) - 1, -1, -1):
-                if self._free[i] % modulus == like % modulus:
-                    n = self._free.pop(i)
-                    break
-        if n < 0:
-            while self._next < self._limit and self._next % modulus != like % modulus:
-                self._free.append(self._next)
-                self._next += 1
-            if self._next >= self._limit:  # pragma: no cover - Limits keep the pool large enough
-                raise OSError(errno.EAGAIN, "the multiplexer ran out of backend identifiers")
-            n = self._next
-            self._next += 1
-        self.used.add(n)
-        return n
-
-    def free(self, n: int) -> None:
-        if n in self.used:
-            self.used.remove(n)
-            self._free.append(n)
+#: The error of an exhausted backend tag or fid pool (Limits keep the pools large enough).
+_OUT_OF_IDS = "the multiplexer ran out of backend identifiers"
 
 
 class _Violation(Pyxen9pError):
@@ -460,10 +428,10 @@ class Multiplexer:
         self._watch_interval = watch_interval
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sender: _Sender | None = None
-        self._tags = _IdPool(c.NOTAG)
+        self._tags = IdPool(c.NOTAG, errno.EAGAIN, _OUT_OF_IDS)
         rings = getattr(transport, "num_rings", 1)
         self._rings = rings if isinstance(rings, int) and 1 <= rings <= 256 else 1
-        self._fids = _IdPool(c.NOFID)
+        self._fids = IdPool(c.NOFID, errno.EAGAIN, _OUT_OF_IDS)
         self._clients: dict[_Client, asyncio.Task[None]] = {}
         self._servers: list[tuple[asyncio.AbstractServer, str | None]] = []
         self._stopped = asyncio.Event()
