@@ -22,7 +22,6 @@ one connection and multiplexes it to local programs over a Unix socket.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -484,18 +483,6 @@ def _check_bench(output: str, subject: str, reference: str, names: dict[str, str
     assert seen == names
 
 
-def _bench_requested() -> bool:
-    """Whether the harness was run with ``--bench`` (``request.json`` says so)."""
-    results = os.environ.get("PYXEN9P_RESULTS")
-    if not results:
-        return False
-    try:
-        request = json.loads((Path(results) / "request.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return bool(request.get("bench"))
-
-
 @pytest.mark.timeout(900)
 def test_benchmark_the_agent_against_a_direct_connection(
     lab: ModuleLab, capsys: pytest.CaptureFixture[str]
@@ -507,7 +494,7 @@ def test_benchmark_the_agent_against_a_direct_connection(
     folder, when the harness is given ``--bench``.
     """
     lab.restart_qemu()
-    full = _bench_requested()
+    full = xenlab.bench_requested()
     argv = [str(SRC / "bench" / "bench_realxen_agent.py")]
     if not full:
         argv += ["--quick", "--repeat", "1", "--warmup", "0", "--ops", "10", "--size-mib", "1"]
@@ -536,7 +523,7 @@ def test_benchmark_fuse_against_the_kernel(
     9pnet_xen mount of the same share (tiny sizes by default; the full
     benchmark, shown and saved as ``bench-realxen-fuse.txt``, with ``--bench``)."""
     lab.restart_qemu()
-    full = _bench_requested()
+    full = xenlab.bench_requested()
     argv = [str(SRC / "bench" / "bench_realxen_fuse.py")]
     if not full:
         argv += ["--quick", "--repeat", "1", "--warmup", "0", "--files", "20", "--size-mib", "1"]

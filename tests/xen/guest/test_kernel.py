@@ -12,7 +12,6 @@ or the full benchmark when the harness is given ``--bench``).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import stat
@@ -255,18 +254,6 @@ LINE = re.compile(
 )
 
 
-def _bench_requested() -> bool:
-    """Whether the harness was run with ``--bench`` (``request.json`` says so)."""
-    results = os.environ.get("PYXEN9P_RESULTS")
-    if not results:
-        return False
-    try:
-        request = json.loads((Path(results) / "request.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return bool(request.get("bench"))
-
-
 @pytest.mark.timeout(900)
 def test_benchmark_against_the_kernel(
     capsys: pytest.CaptureFixture[str], fresh_dom0_qemu: None
@@ -278,7 +265,7 @@ def test_benchmark_against_the_kernel(
     when the harness is given ``--bench``.
     """
     src = Path(os.environ.get("PYXEN9P_SRC", Path(__file__).resolve().parents[3]))
-    full = _bench_requested()
+    full = xenlab.bench_requested()
     argv = [str(src / "bench" / "bench_realxen.py")]
     if not full:
         argv += ["--quick", "--repeat", "1", "--warmup", "0", "--ops", "10", "--size-mib", "1"]

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import enum
 import itertools
+import json
 import os
 import shlex
 import shutil
@@ -820,3 +821,15 @@ def restart_dom0_qemu(drop: Iterable[Dom0NinePDevice] = (), timeout: float = 60.
         xs_rm(dev.backend)
         xs_rm(dev.frontend)
     return start_dom0_qemu(argv, timeout)
+
+
+def bench_requested() -> bool:
+    """Whether the harness was run with ``--bench`` (its ``request.json`` says so)."""
+    results = os.environ.get("PYXEN9P_RESULTS")
+    if not results:
+        return False
+    try:
+        request = json.loads((Path(results) / "request.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(request.get("bench"))
