@@ -24,7 +24,7 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
@@ -32,10 +32,22 @@ from functools import partial
 
 from typing_extensions import Self
 
-from pyxen9p._inflight import InFlight
+from pyxen9p._requests import (
+    RREAD,
+    RREAD_HEADER_SIZE,
+    Message,
+    RequestTable,
+    as_pieces,
+    check_batch,
+    failed_future,
+    parse_header,
+    rread_target,
+    writable_target,
+)
 from pyxen9p.barrier import Barriers, get_barriers
 from pyxen9p.errors import (
     BackendError,
+    ProtocolError,
     RingProtocolError,
     TransportClosedError,
     TransportError,
@@ -50,7 +62,6 @@ from pyxen9p.interfaces import (
     XenStoreOps,
 )
 from pyxen9p.ring import (
-    HEADER,
     HEADER_SIZE,
     MAX_RING_ORDER,
     MIN_RING_ORDER,
@@ -179,7 +190,6 @@ class _Ring:
         self.producer: Producer | None = None
         self.consumer: Consumer | None = None
         self.views: list[ByteRing] = []
-        self.outstanding: dict[int, InFlight] = {}
         self.send_lock = threading.Lock()
         self.space = threading.Condition()
 
@@ -356,7 +366,7 @@ class Frontend:
         self.backend_versions: frozenset[int] = frozenset()
         self.backend_max_rings = 0
         self.backend_max_ring_order = 0
-        self.dropped_replies = 0
+        self._table = RequestTable()
 
     def _find_device(self, devid: int | None, tag: str | None, path: str | None) -> str:
         store = self._require_store()
@@ -544,7 +554,11 @@ class Frontend:
     # --- sending ---------------------------------------------------------
 
     def submit(
-        self, message: bytes | bytearray | memoryview, *, timeout: float | None = None
+        self,
+        message: Message,
+        *,
+        timeout: float | None = None,
+        into: memoryview | None = None,
     ) -> Future[bytes]:
         """Put one complete 9P message on its ring; return a future of the reply.
 
@@ -552,36 +566,123 @@ class Frontend:
         for room (up to *timeout*).  The tag stays reserved until its reply
         (or the connection's end) even if the caller stops waiting.
 
+        :param message: the encoded message, whole or as a tuple/list of
+            bytes-like pieces (say a Twrite's header and the caller's
+            payload), each copied once, straight into the ring
+        :param into: a writable byte buffer: if the reply is an Rread its
+            data is copied from the ring straight into ``into[:count]`` and
+            the future's result is the reply's 11-byte header only (a count
+            larger than *into* or than the frame fails this request with
+            :class:`~pyxen9p.errors.ProtocolError`); other replies come whole.
+            It must stay valid until the future is done or the tag flushed
         :raises ValueError: malformed message, or its tag already in flight
         :raises TransportClosedError: the transport is closed or failed
         :raises TimeoutError: no room on the ring within *timeout*
         """
-        data = bytes(message)
-        if len(data) < HEADER_SIZE:
-            raise ValueError(f"a 9P message needs at least {HEADER_SIZE} bytes")
-        size, mtype, tag = HEADER.unpack_from(data)
-        if size != len(data):
-            raise ValueError(f"header says {size} bytes, message has {len(data)}")
-        if size > self.msize:
-            raise ValueError(f"{size}-byte message exceeds the transport's msize {self.msize}")
+        views, total = as_pieces(message)
+        _size, mtype, tag = parse_header(views, total, self.msize)
+        target = writable_target(into)
         self._check_usable()
         ring = self._rings[tag % self.num_rings]
-        request = InFlight(tag, mtype)
-        with self._lock:
-            self._check_usable()
-            if tag in ring.outstanding:
-                raise ValueError(f"tag {tag} is already in flight")
-            ring.outstanding[tag] = request
+        request = self._table.register(tag, mtype, target)
         try:
-            self._send(ring, data, timeout)
+            self._send(ring, views, total, timeout)
+            self._notify(ring)
         except BaseException:
-            with self._lock:
-                if ring.outstanding.get(tag) is request:
-                    del ring.outstanding[tag]
+            self._table.unregister(request)
             raise
         return request.future
 
-    def _send(self, ring: _Ring, data: bytes, timeout: float | None) -> None:
+    def submit_many(
+        self,
+        messages: Sequence[Message],
+        *,
+        timeout: float | None = None,
+        into: Sequence[memoryview | None] | None = None,
+    ) -> list[Future[bytes]]:
+        """Put several messages on their rings, in order, and notify each ring
+        touched once: a chain (walk, getattr, clunk) on one ring costs one
+        notification.
+
+        Every message is checked before anything is sent: a malformed one,
+        two with the same tag, or an *into* list of another length raise
+        :class:`ValueError` and nothing is sent; a transport closed or failed
+        by then raises its :class:`~pyxen9p.errors.TransportError`.
+
+        Otherwise one future per message is returned, in order.  If a message
+        cannot be put (its tag is in flight: :class:`ValueError`; no room on
+        its ring within *timeout*: :class:`TimeoutError`; the transport
+        failed: its error), it and every message after it are **not sent**:
+        their futures are returned already failed with that exception, and
+        their tags are not reserved.  The messages before it were sent (their
+        rings are notified) and their futures resolve as usual.
+
+        :param timeout: limit for getting each message onto its ring
+        :param into: ``None``, or one entry per message (see :meth:`submit`)
+        """
+        return self._submit_batch(messages, timeout, into)
+
+    def _submit_batch(
+        self,
+        messages: Sequence[Message],
+        timeout: float | None,
+        into: Sequence[memoryview | None] | None,
+    ) -> list[Future[bytes]]:
+        checked = check_batch(messages, into, self.msize)
+        self._check_usable()
+        futures: list[Future[bytes]] = []
+        touched: list[_Ring] = []
+        failure: BaseException | None = None
+        try:
+            for views, total, mtype, tag, target in checked:
+                if failure is None:
+                    ring = self._rings[tag % self.num_rings]
+                    try:
+                        request = self._table.register(tag, mtype, target)
+                    except (ValueError, TransportError) as exc:
+                        failure = exc
+                    else:
+                        try:
+                            self._send(ring, views, total, timeout, touched)
+                        except (TimeoutError, TransportError) as exc:
+                            self._table.unregister(request)
+                            failure = exc
+                        except BaseException:
+                            self._table.unregister(request)
+                            raise
+                        else:
+                            if ring not in touched:
+                                touched.append(ring)
+                            futures.append(request.future)
+                            continue
+                futures.append(failed_future(failure))
+        finally:
+            for ring in touched:
+                self._notify(ring)
+        return futures
+
+    def _send(
+        self,
+        ring: _Ring,
+        views: list[memoryview],
+        total: int,
+        timeout: float | None,
+        unnotified: list[_Ring] | None = None,
+    ) -> None:
+        """Copy one message onto *ring* (waiting for room); the caller notifies."""
+        producer = ring.producer
+        if ring.send_lock.acquire(blocking=False):
+            # the fast path: nobody else is sending on this ring, and there is room
+            try:
+                if producer is not None and not self._closed and self._failure is None:
+                    try:
+                        if producer.put_pieces(views, total):
+                            return
+                    except RingProtocolError as exc:
+                        self._fail(exc)
+                        raise
+            finally:
+                ring.send_lock.release()
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def remaining() -> float:
@@ -603,16 +704,21 @@ class Frontend:
                 if producer is None:
                     raise TransportClosedError(errno.ENOTCONN, "the frontend is closed")
                 try:
-                    published = producer.put(data)
+                    published = producer.put_pieces(views, total)
                 except RingProtocolError as exc:
                     self._fail(exc)
                     raise
                 if published:
                     break
+                if unnotified is not None and ring in unnotified:
+                    # a batch waiting for room: the backend must see what is there
+                    self._notify(ring)
                 with ring.space:
                     ring.space.wait(min(remaining(), 0.05))
         finally:
             ring.send_lock.release()
+
+    def _notify(self, ring: _Ring) -> None:
         evtchn, port = self._evtchn, ring.port
         if evtchn is not None and port is not None:
             try:
@@ -623,12 +729,18 @@ class Frontend:
                 raise failure from exc
 
     def request(
-        self, message: bytes | bytearray | memoryview, *, timeout: float | None = 60.0
+        self,
+        message: Message,
+        *,
+        timeout: float | None = 60.0,
+        into: memoryview | None = None,
     ) -> bytes:
         """Send one complete 9P message and return its complete reply.
 
+        :param message: whole, or as pieces (see :meth:`submit`)
         :param timeout: overall limit in seconds (``None``: wait as long as the
             connection lives; a backend that leaves Connected ends it)
+        :param into: where an Rread's data goes (see :meth:`submit`)
         :raises TimeoutError: no reply in time (the tag stays reserved until
             the reply arrives; a 9P client should send Tflush)
         :raises TransportClosedError: the connection ended first
@@ -643,9 +755,12 @@ class Frontend:
         """
         if threading.current_thread() is self._receiver:
             raise RuntimeError("a request from the frontend's own receiver thread would deadlock")
+        if timeout is None:
+            future = self.submit(message, into=into)
+            return future.result()
         start = time.monotonic()
-        future = self.submit(message, timeout=timeout)
-        left = None if timeout is None else max(timeout - (time.monotonic() - start), 0.0)
+        future = self.submit(message, timeout=timeout, into=into)
+        left = max(timeout - (time.monotonic() - start), 0.0)
         try:
             return future.result(left)
         except FutureTimeout:
@@ -653,11 +768,17 @@ class Frontend:
             raise TimeoutError(errno.ETIMEDOUT, f"no reply within {timeout:g}s") from None
 
     async def request_async(
-        self, message: bytes | bytearray | memoryview, *, timeout: float | None = None
+        self,
+        message: Message,
+        *,
+        timeout: float | None = None,
+        into: memoryview | None = None,
     ) -> bytes:
         """:meth:`request` for asyncio: awaits the reply without blocking the loop."""
         loop = asyncio.get_running_loop()
-        future = await loop.run_in_executor(None, lambda: self.submit(message, timeout=timeout))
+        future = await loop.run_in_executor(
+            None, lambda: self.submit(message, timeout=timeout, into=into)
+        )
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
         except asyncio.TimeoutError:
@@ -665,11 +786,12 @@ class Frontend:
             raise TimeoutError(errno.ETIMEDOUT, f"no reply within {timeout}s") from None
 
     def _abandon(self, future: Future[bytes]) -> None:
-        with self._lock:
-            for ring in self._rings:
-                for request in ring.outstanding.values():
-                    if request.future is future:
-                        request.abandoned = True
+        self._table.abandon(future)
+
+    def abandon(self, future: Future[bytes]) -> None:
+        """The caller stopped waiting for *future*: its tag stays reserved
+        until the reply comes or :meth:`flushed` frees it."""
+        self._table.abandon(future)
 
     def flushed(self, tag: int) -> None:
         """Free *tag* after the 9P server answered a Tflush for it.
@@ -679,17 +801,16 @@ class Frontend:
         client hands the tag back here.  A waiter still attached gets
         :class:`InterruptedError`.
         """
-        with self._lock:
-            request = None
-            for ring in self._rings:
-                request = ring.outstanding.pop(tag, None) or request
-        if request is not None and not request.future.done():
-            request.future.set_exception(InterruptedError(errno.EINTR, f"tag {tag} was flushed"))
+        self._table.flushed(tag)
 
     def outstanding_tags(self) -> set[int]:
         """Tags sent and not yet answered (including abandoned ones)."""
-        with self._lock:
-            return {tag for ring in self._rings for tag in ring.outstanding}
+        return self._table.tags()
+
+    @property
+    def dropped_replies(self) -> int:
+        """Replies received for tags not in flight on their ring."""
+        return self._table.dropped_replies
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -773,40 +894,53 @@ class Frontend:
             )
 
     def _drain(self, ring: _Ring) -> None:
+        """Read every reply queued whole on *ring*, once each, and hand it over."""
         consumer = ring.consumer
         if consumer is None:
             return
         consumed = False
+        table = self._table
         try:
             while True:
                 header = consumer.peek_header(self.msize)
                 if header is None:
                     break
                 size, mtype, tag = header
+                consumed = True
+                request = table.take(tag) if tag % self.num_rings == ring.index else None
+                if request is None:
+                    if tag % self.num_rings != ring.index:
+                        table.dropped_replies += 1
+                    consumer.skip(size)
+                    consumer.publish()
+                    log.warning(
+                        "dropping a reply for tag %d not in flight on ring %d", tag, ring.index
+                    )
+                    continue
+                if request.into is not None and mtype == RREAD and request.type + 1 == RREAD:
+                    count = consumer.peek_u32(HEADER_SIZE) if size >= RREAD_HEADER_SIZE else -1
+                    target = rread_target(request, mtype, size, count)
+                    if target is None:  # too short to be an Rread
+                        target = ProtocolError(f"Rread (tag {tag}) of only {size} bytes")
+                    if isinstance(target, ProtocolError):
+                        consumer.skip(size)
+                        consumer.publish()
+                        request.reject(target)
+                        continue
+                    head = consumer.take(RREAD_HEADER_SIZE)
+                    consumer.take_into(target)
+                    consumer.publish()
+                    request.resolve(mtype, head)
+                    continue
                 reply = consumer.take(size)
                 consumer.publish()
-                consumed = True
-                self._deliver(ring, mtype, tag, reply)
+                request.resolve(mtype, reply)
         finally:
             with ring.space:
                 ring.space.notify_all()
             # the backend may wait for room in `in`, or for our notice at all
             if consumed and self._evtchn is not None and ring.port is not None:
                 self._evtchn.notify(ring.port)
-
-    def _deliver(self, ring: _Ring, mtype: int, tag: int, reply: bytes) -> None:
-        with self._lock:
-            request = ring.outstanding.get(tag)
-            if request is None:
-                self.dropped_replies += 1
-                log.warning("dropping a reply for tag %d not in flight on ring %d", tag, ring.index)
-                return
-            del ring.outstanding[tag]
-        wrong = request.wrong_reply(mtype)
-        if wrong is not None:
-            request.future.set_exception(wrong)
-        elif not request.future.done():
-            request.future.set_result(reply)
 
     def abort(self, exc: TransportError) -> None:
         """Give up on the backend: every request in flight and every later one
@@ -821,12 +955,7 @@ class Frontend:
         with self._lock:
             if self._failure is None:
                 self._failure = exc
-            pending = [r for ring in self._rings for r in ring.outstanding.values()]
-            for ring in self._rings:
-                ring.outstanding.clear()
-        for request in pending:
-            if not request.future.done():
-                request.future.set_exception(self._failure)
+        self._table.fail(exc)
         for ring in self._rings:
             with ring.space:
                 ring.space.notify_all()
