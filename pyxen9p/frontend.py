@@ -106,6 +106,9 @@ MAX_RINGS = 64
 _FREE_STATES = (XenbusState.UNKNOWN, XenbusState.INITIALISING, XenbusState.CLOSED)
 #: Seconds :meth:`Frontend.close` waits for the receiver thread to stop.
 _RECEIVER_STOP_TIMEOUT = 10.0
+#: Seconds a caller receiving its own reply polls the event channel at most
+#: before looking whether the connection ended.
+_LEAD_POLL = 0.05
 
 
 class DeviceNotFoundError(TransportError):
@@ -361,6 +364,12 @@ class Frontend:
         self._handover_lock = threading.Lock()
         self._handover: list[Callable[[], None]] | None = None
         self._receiver_exited = False
+        # the receiving role: whoever holds _rx_lock polls the event channel
+        # and drains the rings (a caller of request(), or the receiver thread)
+        self._rx_lock = threading.Lock()
+        self._rx_owner: threading.Thread | None = None
+        self._leader_inside = False  # a leader may still reach the rings after close
+        self._lead_poller: select.poll | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.tag = None
         self.backend_versions: frozenset[int] = frozenset()
@@ -579,6 +588,13 @@ class Frontend:
         :raises TransportClosedError: the transport is closed or failed
         :raises TimeoutError: no room on the ring within *timeout*
         """
+        future = self._submit(message, timeout, into)
+        self._ensure_receiver()
+        return future
+
+    def _submit(
+        self, message: Message, timeout: float | None, into: memoryview | None
+    ) -> Future[bytes]:
         views, total = as_pieces(message)
         _size, mtype, tag = parse_header(views, total, self.msize)
         target = writable_target(into)
@@ -592,6 +608,18 @@ class Frontend:
             self._table.unregister(request)
             raise
         return request.future
+
+    def _ensure_receiver(self) -> None:
+        """Requests are in flight that no caller waits on the event channel
+        for: make sure the receiver thread takes the receiving role."""
+        if not self._rx_lock.locked():
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
 
     def submit_many(
         self,
@@ -620,7 +648,9 @@ class Frontend:
         :param timeout: limit for getting each message onto its ring
         :param into: ``None``, or one entry per message (see :meth:`submit`)
         """
-        return self._submit_batch(messages, timeout, into)
+        futures = self._submit_batch(messages, timeout, into)
+        self._ensure_receiver()
+        return futures
 
     def _submit_batch(
         self,
@@ -713,6 +743,8 @@ class Frontend:
                 if unnotified is not None and ring in unnotified:
                     # a batch waiting for room: the backend must see what is there
                     self._notify(ring)
+                # replies must be read for the backend to go on
+                self._ensure_receiver()
                 with ring.space:
                     ring.space.wait(min(remaining(), 0.05))
         finally:
@@ -753,16 +785,18 @@ class Frontend:
             future's done-callback runs there): the reply could never be
             received while that thread waits for it
         """
-        if threading.current_thread() is self._receiver:
+        me = threading.current_thread()
+        if me is self._receiver or me is self._rx_owner:
             raise RuntimeError("a request from the frontend's own receiver thread would deadlock")
-        if timeout is None:
-            future = self.submit(message, into=into)
-            return future.result()
         start = time.monotonic()
-        future = self.submit(message, timeout=timeout, into=into)
-        left = max(timeout - (time.monotonic() - start), 0.0)
+        future = self._submit(message, timeout, into)
+        if self._rx_lock.acquire(blocking=False):
+            # nobody is receiving: wait on the event channel ourselves
+            self._lead(future, None if timeout is None else start + timeout)
         try:
-            return future.result(left)
+            if timeout is None:
+                return future.result()
+            return future.result(max(timeout - (time.monotonic() - start), 0.0))
         except FutureTimeout:
             self._abandon(future)
             raise TimeoutError(errno.ETIMEDOUT, f"no reply within {timeout:g}s") from None
@@ -828,7 +862,9 @@ class Frontend:
         finally:
             with self._handover_lock:
                 self._receiver_exited = True
-                work, self._handover = self._handover, None
+                work = None
+                if not self._leader_inside:
+                    work, self._handover = self._handover, None
             if work is not None:
                 log.info("the receiver thread stopped: releasing what it could reach")
                 self._run_all(work)
@@ -843,35 +879,51 @@ class Frontend:
                 log.exception("releasing the frontend after its receiver stopped failed")
 
     def _receive_loop(self) -> None:
+        """The receiver thread: watches the backend's state always, and takes
+        the receiving role (the event channel) whenever requests are in
+        flight and no caller of :meth:`request` has it."""
         evtchn, store = self._evtchn, self._store
         assert evtchn is not None and store is not None
-        poller = select.poll()
         ev_fd, xs_fd = evtchn.fileno(), store.fileno()
-        poller.register(ev_fd, select.POLLIN)
-        poller.register(xs_fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        leading_poller = select.poll()
+        idle_poller = select.poll()
+        for poller in (leading_poller, idle_poller):
+            poller.register(xs_fd, select.POLLIN)
+            poller.register(self._wake_r, select.POLLIN)
+        leading_poller.register(ev_fd, select.POLLIN)
+        me = threading.current_thread()
+        rx = self._rx_lock
         try:
             # replies may already be queued: look at every ring once
-            for ring in self._rings:
-                self._drain(ring)
+            with rx:
+                self._rx_owner = me
+                try:
+                    for ring in self._rings:
+                        self._drain(ring)
+                finally:
+                    self._rx_owner = None
             while not self._closed and self._failure is None:
-                events = poller.poll(500)
-                readable = {fd for fd, _ in events}
-                if self._wake_r in readable:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except BlockingIOError:
-                        pass
-                if self._closed:
-                    break
-                if ev_fd in readable:
-                    port = evtchn.pending()
-                    signalled = self._by_port.get(port)
-                    if signalled is not None:
-                        self._drain(signalled)
-                    evtchn.unmask(port)
-                if xs_fd in readable or not events:
-                    self._check_backend()
+                leading = bool(self._table.pending) and rx.acquire(blocking=False)
+                try:
+                    if leading:
+                        self._rx_owner = me
+                    events = (leading_poller if leading else idle_poller).poll(500)
+                    readable = {fd for fd, _ in events}
+                    if self._wake_r in readable:
+                        try:
+                            os.read(self._wake_r, 4096)
+                        except BlockingIOError:
+                            pass
+                    if self._closed:
+                        break
+                    if leading and ev_fd in readable:
+                        self._on_event(evtchn)
+                    if xs_fd in readable or not events:
+                        self._check_backend()
+                finally:
+                    if leading:
+                        self._rx_owner = None
+                        rx.release()
         except TransportError as exc:
             self._fail(exc)
         except OSError as exc:
@@ -879,6 +931,72 @@ class Frontend:
         except Exception as exc:  # never die silently with callers waiting
             log.exception("pyxen9p receiver crashed")
             self._fail(TransportError(errno.EIO, f"receiver crashed: {exc!r}"))
+
+    def _on_event(self, evtchn: EventChannelLike) -> None:
+        """The event channel is readable: drain the signalled ring, unmask."""
+        port = evtchn.pending()
+        signalled = self._by_port.get(port)
+        if signalled is not None:
+            self._drain(signalled)
+        evtchn.unmask(port)
+
+    def _lead(self, future: Future[bytes], deadline: float | None) -> None:
+        """Hold the receiving role (``_rx_lock``, taken by the caller) until
+        *future* is done, the deadline passes or the connection ends: poll
+        the event channel and deliver every reply that comes, then hand the
+        role back (to the receiver thread if requests are still in flight).
+
+        A failure of the rings fails the connection, as in the receiver thread.
+        """
+        me = threading.current_thread()
+        self._rx_owner = me
+        try:
+            evtchn = self._evtchn
+            if evtchn is None or self._closed or self._failure is not None:
+                return
+            poller = self._lead_poller
+            if poller is None:
+                poller = self._lead_poller = select.poll()
+                poller.register(evtchn.fileno(), select.POLLIN)
+            # the reply may be there already
+            for ring in self._rings:
+                if future.done():
+                    return
+                self._drain(ring)
+            while not future.done() and not self._closed and self._failure is None:
+                wait = _LEAD_POLL
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        return
+                if poller.poll(wait * 1000):
+                    self._on_event(evtchn)
+        except TransportError as exc:
+            self._fail(exc)
+        except OSError as exc:
+            self._fail(TransportError(exc.errno or errno.EIO, f"receiving failed: {exc}"))
+        except Exception as exc:  # never leave the other callers waiting
+            log.exception("pyxen9p receiving (in a caller) crashed")
+            self._fail(TransportError(errno.EIO, f"receiving crashed: {exc!r}"))
+        finally:
+            self._leave_lead()
+
+    def _leave_lead(self) -> None:
+        """Give the receiving role up; run a teardown left to this leader."""
+        with self._handover_lock:
+            self._rx_owner = None
+            self._rx_lock.release()
+            work = None
+            if self._leader_inside:
+                self._leader_inside = False
+                if self._receiver_exited:
+                    work, self._handover = self._handover, None
+        if work is not None:
+            log.info("the receiving caller left: releasing what it could reach")
+            self._run_all(work)
+            return
+        if self._table.pending and not self._closed:
+            self._wake()  # the receiver thread takes over
 
     def _check_backend(self) -> None:
         watch, store = self._backend_watch, self._store
@@ -1042,7 +1160,7 @@ class Frontend:
     def _defer(self, steps: list[Callable[[], None]]) -> None:
         """Leave *steps* to the stalled receiver, or run them if it has exited."""
         with self._handover_lock:
-            if not self._receiver_exited:
+            if not self._receiver_exited or self._leader_inside:
                 self._handover = (self._handover or []) + steps
                 return
         self._run_all(steps)
@@ -1115,6 +1233,32 @@ class Frontend:
                 )
                 self._stalled = receiver
         self._receiver = None
+        self._stop_leader(receiver)
+
+    def _stop_leader(self, receiver: threading.Thread) -> None:
+        """Take the receiving role for good, so no caller reads the rings any
+        more; a caller that keeps it (closing from a done-callback it runs,
+        or stuck in one) releases what it can reach as it leaves.  (The
+        receiver thread holding it is a stalled receiver, handled above.)"""
+        me = threading.current_thread()
+        if self._rx_owner is receiver:
+            return
+        if self._rx_owner is not me and self._rx_lock.acquire(timeout=_RECEIVER_STOP_TIMEOUT):
+            return  # kept: the connection is over
+        with self._handover_lock:
+            owner = self._rx_owner
+            if owner is receiver:
+                return
+            if owner is not me and self._rx_lock.acquire(blocking=False):
+                return
+            self._leader_inside = True
+        if owner is not me:
+            log.error(
+                "a caller receiving replies did not stop within %gs: it releases the rings,"
+                " the event channel and the XenStore connection when it leaves",
+                _RECEIVER_STOP_TIMEOUT,
+            )
+        self._stalled = owner or me
 
     def _close_pipe(self) -> None:
         for fd in (self._wake_r, self._wake_w):
