@@ -652,6 +652,10 @@ class StreamTransport:
             return
         if pending.abandoned:
             return
+        if pending.into is not None and mtype == RREAD and pending.wrong_reply(mtype) is None:
+            # an Rread with data for a buffer reaches here only if too short
+            pending.reject(ProtocolError(f"Rread (tag {tag}) of only {len(frame)} bytes"))
+            return
         pending.resolve(mtype, frame)
 
     def abort(self, exc: TransportError) -> None:
