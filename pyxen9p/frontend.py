@@ -588,13 +588,13 @@ class Frontend:
         :raises TransportClosedError: the transport is closed or failed
         :raises TimeoutError: no room on the ring within *timeout*
         """
-        future = self._submit(message, timeout, into)
+        future, _ring = self._submit(message, timeout, into)
         self._ensure_receiver()
         return future
 
     def _submit(
         self, message: Message, timeout: float | None, into: memoryview | None
-    ) -> Future[bytes]:
+    ) -> tuple[Future[bytes], _Ring]:
         views, total = as_pieces(message)
         _size, mtype, tag = parse_header(views, total, self.msize)
         target = writable_target(into)
@@ -607,7 +607,7 @@ class Frontend:
         except BaseException:
             self._table.unregister(request)
             raise
-        return request.future
+        return request.future, ring
 
     def _ensure_receiver(self) -> None:
         """Requests are in flight that no caller waits on the event channel
@@ -789,10 +789,10 @@ class Frontend:
         if me is self._receiver or me is self._rx_owner:
             raise RuntimeError("a request from the frontend's own receiver thread would deadlock")
         start = time.monotonic()
-        future = self._submit(message, timeout, into)
+        future, ring = self._submit(message, timeout, into)
         if self._rx_lock.acquire(blocking=False):
             # nobody is receiving: wait on the event channel ourselves
-            self._lead(future, None if timeout is None else start + timeout)
+            self._lead(future, ring, None if timeout is None else start + timeout)
         try:
             if timeout is None:
                 return future.result()
@@ -894,14 +894,17 @@ class Frontend:
         me = threading.current_thread()
         rx = self._rx_lock
         try:
-            # replies may already be queued: look at every ring once
-            with rx:
-                self._rx_owner = me
+            # replies may already be queued: look at every ring once (unless
+            # a caller receives already: never block on the role, close() may
+            # be waiting for this thread from a done-callback that caller runs)
+            if rx.acquire(blocking=False):
                 try:
+                    self._rx_owner = me
                     for ring in self._rings:
                         self._drain(ring)
                 finally:
                     self._rx_owner = None
+                    rx.release()
             while not self._closed and self._failure is None:
                 leading = bool(self._table.pending) and rx.acquire(blocking=False)
                 try:
@@ -940,7 +943,7 @@ class Frontend:
             self._drain(signalled)
         evtchn.unmask(port)
 
-    def _lead(self, future: Future[bytes], deadline: float | None) -> None:
+    def _lead(self, future: Future[bytes], ring: _Ring, deadline: float | None) -> None:
         """Hold the receiving role (``_rx_lock``, taken by the caller) until
         *future* is done, the deadline passes or the connection ends: poll
         the event channel and deliver every reply that comes, then hand the
@@ -959,10 +962,7 @@ class Frontend:
                 poller = self._lead_poller = select.poll()
                 poller.register(evtchn.fileno(), select.POLLIN)
             # the reply may be there already
-            for ring in self._rings:
-                if future.done():
-                    return
-                self._drain(ring)
+            self._drain(ring)
             while not future.done() and not self._closed and self._failure is None:
                 wait = _LEAD_POLL
                 if deadline is not None:
@@ -1054,6 +1054,7 @@ class Frontend:
                 consumer.publish()
                 request.resolve(mtype, reply)
         finally:
+            # a sender may wait for the room the backend's consuming made in `out`
             with ring.space:
                 ring.space.notify_all()
             # the backend may wait for room in `in`, or for our notice at all
