@@ -790,7 +790,31 @@ class Frontend:
             raise RuntimeError("a request from the frontend's own receiver thread would deadlock")
         start = time.monotonic()
         future, ring = self._submit(message, timeout, into)
-        if self._rx_lock.acquire(blocking=False):
+        return self._wait(future, ring, start, timeout)
+
+    def result(self, future: Future[bytes], *, timeout: float | None = 60.0) -> bytes:
+        """Wait for the reply of a future from :meth:`submit` or
+        :meth:`submit_many`, receiving on the event channel in this thread
+        while no other thread is (as :meth:`request` does): a chain sent with
+        :meth:`submit_many` and waited for here costs no thread handoff when
+        this caller is alone.
+
+        :param timeout: limit in seconds (``None``: as long as the connection lives)
+        :raises TimeoutError: no reply in time (the tag stays reserved, as
+            for :meth:`request`)
+        :raises RuntimeError: called from a thread that delivers replies (a
+            done-callback)
+        :raises: whatever the future was failed with
+        """
+        me = threading.current_thread()
+        if not future.done() and (me is self._receiver or me is self._rx_owner):
+            raise RuntimeError("waiting from the frontend's own receiver thread would deadlock")
+        return self._wait(future, None, time.monotonic(), timeout)
+
+    def _wait(
+        self, future: Future[bytes], ring: _Ring | None, start: float, timeout: float | None
+    ) -> bytes:
+        if not future.done() and self._rx_lock.acquire(blocking=False):
             # nobody is receiving: wait on the event channel ourselves
             self._lead(future, ring, None if timeout is None else start + timeout)
         try:
@@ -943,7 +967,7 @@ class Frontend:
             self._drain(signalled)
         evtchn.unmask(port)
 
-    def _lead(self, future: Future[bytes], ring: _Ring, deadline: float | None) -> None:
+    def _lead(self, future: Future[bytes], ring: _Ring | None, deadline: float | None) -> None:
         """Hold the receiving role (``_rx_lock``, taken by the caller) until
         *future* is done, the deadline passes or the connection ends: poll
         the event channel and deliver every reply that comes, then hand the
@@ -962,7 +986,8 @@ class Frontend:
                 poller = self._lead_poller = select.poll()
                 poller.register(evtchn.fileno(), select.POLLIN)
             # the reply may be there already
-            self._drain(ring)
+            if ring is not None:
+                self._drain(ring)
             while not future.done() and not self._closed and self._failure is None:
                 wait = _LEAD_POLL
                 if deadline is not None:

@@ -559,3 +559,25 @@ def test_stream_rread_larger_than_the_staging_buffer_goes_straight_into() -> Non
         assert t.request(tread(3, b"after"), timeout=5) == echo(tread(3, b"after"))
         # the same large Rread without into= comes whole
         assert t.request(tread(1, b""), timeout=10) == rread(1, big)
+
+
+@pytest.mark.parametrize("transport", ["xen", "stream"])
+def test_result_waits_for_a_batch(transport: str) -> None:
+    def handler(request: bytes) -> bytes:
+        tag = HEADER.unpack_from(request)[2]
+        return b"" if tag == 9 else echo(request)  # tag 9 is never answered
+
+    with _transport(transport, handler) as t:
+        result = t.result  # type: ignore[attr-defined]
+        for round_ in range(10):
+            chain = [frame(TREAD, tag, b"r%d" % round_) for tag in (0, 2, 4)]
+            futures = t.submit_many(chain, timeout=5)  # type: ignore[attr-defined]
+            for message, future in zip(chain, futures, strict=True):
+                assert result(future, timeout=5) == echo(message)
+        stuck = t.submit(frame(TREAD, 9, b"never"), timeout=5)  # type: ignore[attr-defined]
+        with pytest.raises(TimeoutError, match="no reply within"):
+            result(stuck, timeout=0.2)
+        assert t.outstanding_tags() == {9}  # type: ignore[attr-defined]
+        t.flushed(9)
+        with pytest.raises(InterruptedError):
+            result(stuck, timeout=1)
