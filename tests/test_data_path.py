@@ -581,3 +581,16 @@ def test_result_waits_for_a_batch(transport: str) -> None:
         t.flushed(9)
         with pytest.raises(InterruptedError):
             result(stuck, timeout=1)
+
+
+def test_stream_pieces_larger_than_the_socket_buffer_go_out_whole() -> None:
+    payload = bytes(range(251)) * 6000  # 1,506,000 bytes: many partial writev calls
+    with _transport("stream", echo) as t:
+        message = (struct.pack("<IBH", 7 + 3 + len(payload), 118, 7), b"abc", memoryview(payload))
+        reply = t.request(message, timeout=20)
+        assert reply == echo(b"".join(bytes(p) for p in message))
+        futures = t.submit_many(  # type: ignore[attr-defined]
+            [message, frame(118, 8, b"small")], timeout=20
+        )
+        assert futures[0].result(20) == reply
+        assert futures[1].result(20) == echo(frame(118, 8, b"small"))
