@@ -6,7 +6,11 @@
     (:class:`~pyxen9p.ring.Producer` on one side, :class:`~pyxen9p.ring.Consumer`
     on the other, driven alternately in one thread over anonymous shared
     memory) in messages of msize (half a ring), against a plain copy of the
-    same bytes, in the same chunks, into a ``bytearray``.
+    same bytes, in the same chunks, into a ``bytearray``.  The data path of
+    the frontend: each message is put as two pieces (its 11-byte header and
+    a view of its payload in the source: ``put_pieces``) and taken out as
+    its header plus its payload copied straight into the destination
+    (``take_into``), so each byte is copied once into the ring and once out.
 ``rt_small_<N>thread(s)``
     Round trips of small 9P-shaped frames through :class:`pyxen9p.frontend.Frontend`
     on a :class:`~pyxen9p.sim.platform.SimulatedXen` with a
@@ -19,8 +23,13 @@
     Context for the line above: that multiplexing socket client against a
     single caller doing blocking ``send``/``recv`` itself (no receiver thread).
 ``rt_large``
-    Round trips of msize frames (a Twrite-shaped request echoed back whole)
-    through the simulated backend against the socketpair.
+    Round trips of msize frames through the simulated backend against the
+    socketpair.  The request is a Tread-shaped frame carrying
+    ``count[4] data[count]``, so its echo is a well-formed Rread: the
+    frontend sends it as two pieces (header, and a view of the payload) and
+    receives the reply's data straight into a buffer (``into=``), the paths
+    a client's write and read take; the socket side sends and receives
+    whole frames.
 
 Run ``python bench/bench_transport.py`` (about a minute), ``--quick`` for a
 smoke run, ``--json PATH`` for machine-readable results, ``--profile`` for a
@@ -75,6 +84,8 @@ from pyxen9p.sim.platform import SimulatedXen
 
 TREAD = 116
 TWRITE = 118
+#: ``size[4] type[1] tag[2] count[4]``: the header part of a Twrite or an Rread
+RREAD_HEAD = 11
 #: Body of the small frames: a Tread's ``fid[4] offset[8] count[4]``.
 SMALL_BODY = bytes(range(16))
 FE_DOMID = 7
@@ -142,6 +153,8 @@ class RingPair:
 
         self.producer = Producer(self._out_fe, lambda: fe.out_cons, store_out_prod, barriers)
         self.consumer = Consumer(self._out_be, lambda: be.out_prod, store_out_cons, barriers)
+        #: where the payloads taken out go (set by the benchmark)
+        self.target = memoryview(bytearray(0))
 
     def transfer(self, source: memoryview, check: bool = False) -> int:
         """Push *source* (whole msize messages) through the ring and take every
@@ -154,17 +167,26 @@ class RingPair:
         """
         producer, consumer, msize = self.producer, self.consumer, self.msize
         total = len(source)
+        target = self.target
         sent = received = 0
         while received < total:
             before = received
-            while sent < total and producer.put(source[sent : sent + msize]):
+            while sent < total and producer.put_pieces(
+                (source[sent : sent + RREAD_HEAD], source[sent + RREAD_HEAD : sent + msize]), msize
+            ):
                 sent += msize
             while (header := consumer.peek_header(msize)) is not None:
-                data = consumer.take(header[0])
+                size = header[0]
+                head = consumer.take(RREAD_HEAD)
+                consumer.take_into(target[received + RREAD_HEAD : received + size])
                 consumer.publish()
-                if check and data != source[received : received + header[0]]:
+                if check and (
+                    head != source[received : received + RREAD_HEAD]
+                    or target[received + RREAD_HEAD : received + size]
+                    != source[received + RREAD_HEAD : received + size]
+                ):
                     raise RuntimeError(f"message at offset {received} came out corrupted")
-                received += header[0]
+                received += size
             if received == before:
                 raise RuntimeError(f"ring stalled at {received} of {total} bytes")
         return received
@@ -197,7 +219,13 @@ def bench_ring(order: int, total: int, options: Options, out: TextIO) -> Result:
     try:
         messages = make_messages(total, pair.msize)
         destination = bytearray(len(messages))
-        with memoryview(messages) as source, memoryview(destination) as target:
+        received = bytearray(len(messages))
+        with (
+            memoryview(messages) as source,
+            memoryview(destination) as target,
+            memoryview(received) as ring_target,
+        ):
+            pair.target = ring_target
             moved = len(source)
             comment(
                 f"ring order {order}: ring {pair.size} B per direction, msize {pair.msize} B,"
@@ -219,6 +247,7 @@ def bench_ring(order: int, total: int, options: Options, out: TextIO) -> Result:
             runs = measure_pair(subject, reference, options)
             if target != source:
                 raise RuntimeError("the reference copy is wrong")
+            pair.target = memoryview(bytearray(0))
     finally:
         pair.close()
     return Result(
@@ -413,12 +442,18 @@ def socket_echo(mux: bool = True) -> Iterator[SocketEcho]:
 
 
 def run_clients(
-    request: Request, messages: Sequence[bytes], count: int, units: float | None = None
+    request: Request,
+    messages: Sequence[bytes],
+    count: int,
+    units: float | None = None,
+    reply_size: Callable[[bytes], int] = len,
 ) -> Sample:
     """Send ``messages[i]`` *count* times from thread *i*, each waiting for
     its reply before the next.
 
     :param units: what the sample counts (default: the round trips)
+    :param reply_size: the size of the reply a request returned (its length;
+        its header's size field when the data went elsewhere)
 
     One message means the calling thread does the work itself.
 
@@ -429,7 +464,7 @@ def run_clients(
     def work(message: bytes) -> None:
         expected = len(message)
         for _ in range(count):
-            if len(request(message)) != expected:
+            if reply_size(request(message)) != expected:
                 raise RuntimeError("reply of the wrong size")
 
     done = count * len(messages) if units is None else units
@@ -536,22 +571,49 @@ def bench_socket_mux(count: int, options: Options, out: TextIO) -> Result:
     )
 
 
+def sim_read_into(frontend: Frontend, buffer: memoryview) -> Request:
+    """``message -> Rread header`` through *frontend*: the message goes as two
+    pieces (header, payload view), the reply's data into *buffer*."""
+
+    def request(message: bytes) -> bytes:
+        view = memoryview(message)
+        head = frontend.request(
+            (view[:RREAD_HEAD], view[RREAD_HEAD:]), timeout=WAIT, into=buffer
+        )
+        if len(head) != RREAD_HEAD:
+            raise RuntimeError("the Rread's data did not go into the buffer")
+        return head
+
+    return request
+
+
+def frame_size(reply: bytes) -> int:
+    """The size field of a reply's header."""
+    return int.from_bytes(reply[:4], "little")
+
+
 def bench_large(count: int, options: Options, out: TextIO) -> Result:
     """msize round trips (request and reply both msize bytes): MB/s of requests."""
     with simulated_frontend() as frontend, socket_echo() as echo:
         msize = frontend.msize
-        message = frame(TWRITE, 1, os.urandom(msize - HEADER_SIZE))
+        payload = os.urandom(msize - RREAD_HEAD)
+        message = frame(TREAD, 1, len(payload).to_bytes(4, "little") + payload)
         comment(
             f"rt_large: rings={frontend.num_rings} order={frontend.ring_order}"
             f" msize={msize} B, {count} round trips per repetition (MB/s of requests;"
-            " each is echoed back whole)",
+            " each is echoed back as an Rread: pieces out, into= back on the frontend)",
             out,
         )
+        buffer = memoryview(bytearray(msize))
+        sim = sim_read_into(frontend, buffer)
         check_echo(sim_request(frontend), message)
+        expected = echo_handler(message)[:RREAD_HEAD]
+        if sim(message) != expected or buffer[: len(payload)] != payload:
+            raise RuntimeError("the Rread's data did not arrive whole in the buffer")
         check_echo(echo.request, message)
         moved = count * msize / MB
         runs = measure_pair(
-            lambda: run_clients(sim_request(frontend), [message], count, moved),
+            lambda: run_clients(sim, [message], count, moved, frame_size),
             lambda: run_clients(echo.request, [message], count, moved),
             options,
         )

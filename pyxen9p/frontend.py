@@ -24,7 +24,7 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
@@ -32,10 +32,22 @@ from functools import partial
 
 from typing_extensions import Self
 
-from pyxen9p._inflight import InFlight
+from pyxen9p._requests import (
+    RREAD,
+    RREAD_HEADER_SIZE,
+    Message,
+    RequestTable,
+    as_pieces,
+    check_batch,
+    failed_future,
+    parse_header,
+    rread_target,
+    writable_target,
+)
 from pyxen9p.barrier import Barriers, get_barriers
 from pyxen9p.errors import (
     BackendError,
+    ProtocolError,
     RingProtocolError,
     TransportClosedError,
     TransportError,
@@ -50,7 +62,6 @@ from pyxen9p.interfaces import (
     XenStoreOps,
 )
 from pyxen9p.ring import (
-    HEADER,
     HEADER_SIZE,
     MAX_RING_ORDER,
     MIN_RING_ORDER,
@@ -95,6 +106,9 @@ MAX_RINGS = 64
 _FREE_STATES = (XenbusState.UNKNOWN, XenbusState.INITIALISING, XenbusState.CLOSED)
 #: Seconds :meth:`Frontend.close` waits for the receiver thread to stop.
 _RECEIVER_STOP_TIMEOUT = 10.0
+#: Seconds a caller receiving its own reply polls the event channel at most
+#: before looking whether the connection ended.
+_LEAD_POLL = 0.05
 
 
 class DeviceNotFoundError(TransportError):
@@ -179,7 +193,6 @@ class _Ring:
         self.producer: Producer | None = None
         self.consumer: Consumer | None = None
         self.views: list[ByteRing] = []
-        self.outstanding: dict[int, InFlight] = {}
         self.send_lock = threading.Lock()
         self.space = threading.Condition()
 
@@ -351,12 +364,18 @@ class Frontend:
         self._handover_lock = threading.Lock()
         self._handover: list[Callable[[], None]] | None = None
         self._receiver_exited = False
+        # the receiving role: whoever holds _rx_lock polls the event channel
+        # and drains the rings (a caller of request(), or the receiver thread)
+        self._rx_lock = threading.Lock()
+        self._rx_owner: threading.Thread | None = None
+        self._leader_inside = False  # a leader may still reach the rings after close
+        self._lead_poller: select.poll | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.tag = None
         self.backend_versions: frozenset[int] = frozenset()
         self.backend_max_rings = 0
         self.backend_max_ring_order = 0
-        self.dropped_replies = 0
+        self._table = RequestTable()
 
     def _find_device(self, devid: int | None, tag: str | None, path: str | None) -> str:
         store = self._require_store()
@@ -544,7 +563,11 @@ class Frontend:
     # --- sending ---------------------------------------------------------
 
     def submit(
-        self, message: bytes | bytearray | memoryview, *, timeout: float | None = None
+        self,
+        message: Message,
+        *,
+        timeout: float | None = None,
+        into: memoryview | None = None,
     ) -> Future[bytes]:
         """Put one complete 9P message on its ring; return a future of the reply.
 
@@ -552,36 +575,144 @@ class Frontend:
         for room (up to *timeout*).  The tag stays reserved until its reply
         (or the connection's end) even if the caller stops waiting.
 
+        :param message: the encoded message, whole or as a tuple/list of
+            bytes-like pieces (say a Twrite's header and the caller's
+            payload), each copied once, straight into the ring
+        :param into: a writable byte buffer: if the reply is an Rread its
+            data is copied from the ring straight into ``into[:count]`` and
+            the future's result is the reply's 11-byte header only (a count
+            larger than *into* or than the frame fails this request with
+            :class:`~pyxen9p.errors.ProtocolError`); other replies come whole.
+            It must stay valid until the future is done or the tag flushed
         :raises ValueError: malformed message, or its tag already in flight
         :raises TransportClosedError: the transport is closed or failed
         :raises TimeoutError: no room on the ring within *timeout*
         """
-        data = bytes(message)
-        if len(data) < HEADER_SIZE:
-            raise ValueError(f"a 9P message needs at least {HEADER_SIZE} bytes")
-        size, mtype, tag = HEADER.unpack_from(data)
-        if size != len(data):
-            raise ValueError(f"header says {size} bytes, message has {len(data)}")
-        if size > self.msize:
-            raise ValueError(f"{size}-byte message exceeds the transport's msize {self.msize}")
+        future, _ring = self._submit(message, timeout, into)
+        self._ensure_receiver()
+        return future
+
+    def _submit(
+        self, message: Message, timeout: float | None, into: memoryview | None
+    ) -> tuple[Future[bytes], _Ring]:
+        views, total = as_pieces(message)
+        _size, mtype, tag = parse_header(views, total, self.msize)
+        target = writable_target(into)
         self._check_usable()
         ring = self._rings[tag % self.num_rings]
-        request = InFlight(tag, mtype)
-        with self._lock:
-            self._check_usable()
-            if tag in ring.outstanding:
-                raise ValueError(f"tag {tag} is already in flight")
-            ring.outstanding[tag] = request
+        request = self._table.register(tag, mtype, target)
         try:
-            self._send(ring, data, timeout)
+            self._send(ring, views, total, timeout)
+            self._notify(ring)
         except BaseException:
-            with self._lock:
-                if ring.outstanding.get(tag) is request:
-                    del ring.outstanding[tag]
+            self._table.unregister(request)
             raise
-        return request.future
+        return request.future, ring
 
-    def _send(self, ring: _Ring, data: bytes, timeout: float | None) -> None:
+    def _ensure_receiver(self) -> None:
+        """Requests are in flight that no caller waits on the event channel
+        for: make sure the receiver thread takes the receiving role."""
+        if not self._rx_lock.locked():
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    def submit_many(
+        self,
+        messages: Sequence[Message],
+        *,
+        timeout: float | None = None,
+        into: Sequence[memoryview | None] | None = None,
+    ) -> list[Future[bytes]]:
+        """Put several messages on their rings, in order, and notify each ring
+        touched once: a chain (walk, getattr, clunk) on one ring costs one
+        notification.
+
+        Every message is checked before anything is sent: a malformed one,
+        two with the same tag, or an *into* list of another length raise
+        :class:`ValueError` and nothing is sent; a transport closed or failed
+        by then raises its :class:`~pyxen9p.errors.TransportError`.
+
+        Otherwise one future per message is returned, in order.  If a message
+        cannot be put (its tag is in flight: :class:`ValueError`; no room on
+        its ring within *timeout*: :class:`TimeoutError`; the transport
+        failed: its error), it and every message after it are **not sent**:
+        their futures are returned already failed with that exception, and
+        their tags are not reserved.  The messages before it were sent (their
+        rings are notified) and their futures resolve as usual.
+
+        :param timeout: limit for getting each message onto its ring
+        :param into: ``None``, or one entry per message (see :meth:`submit`)
+        """
+        futures = self._submit_batch(messages, timeout, into)
+        self._ensure_receiver()
+        return futures
+
+    def _submit_batch(
+        self,
+        messages: Sequence[Message],
+        timeout: float | None,
+        into: Sequence[memoryview | None] | None,
+    ) -> list[Future[bytes]]:
+        checked = check_batch(messages, into, self.msize)
+        self._check_usable()
+        futures: list[Future[bytes]] = []
+        touched: list[_Ring] = []
+        failure: BaseException | None = None
+        try:
+            for views, total, mtype, tag, target in checked:
+                if failure is None:
+                    ring = self._rings[tag % self.num_rings]
+                    try:
+                        request = self._table.register(tag, mtype, target)
+                    except (ValueError, TransportError) as exc:
+                        failure = exc
+                    else:
+                        try:
+                            self._send(ring, views, total, timeout, touched)
+                        except (TimeoutError, TransportError) as exc:
+                            self._table.unregister(request)
+                            failure = exc
+                        except BaseException:
+                            self._table.unregister(request)
+                            raise
+                        else:
+                            if ring not in touched:
+                                touched.append(ring)
+                            futures.append(request.future)
+                            continue
+                futures.append(failed_future(failure))
+        finally:
+            for ring in touched:
+                self._notify(ring)
+        return futures
+
+    def _send(
+        self,
+        ring: _Ring,
+        views: list[memoryview],
+        total: int,
+        timeout: float | None,
+        unnotified: list[_Ring] | None = None,
+    ) -> None:
+        """Copy one message onto *ring* (waiting for room); the caller notifies."""
+        producer = ring.producer
+        if ring.send_lock.acquire(blocking=False):
+            # the fast path: nobody else is sending on this ring, and there is room
+            try:
+                if producer is not None and not self._closed and self._failure is None:
+                    try:
+                        if producer.put_pieces(views, total):
+                            return
+                    except RingProtocolError as exc:
+                        self._fail(exc)
+                        raise
+            finally:
+                ring.send_lock.release()
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def remaining() -> float:
@@ -603,16 +734,23 @@ class Frontend:
                 if producer is None:
                     raise TransportClosedError(errno.ENOTCONN, "the frontend is closed")
                 try:
-                    published = producer.put(data)
+                    published = producer.put_pieces(views, total)
                 except RingProtocolError as exc:
                     self._fail(exc)
                     raise
                 if published:
                     break
+                if unnotified is not None and ring in unnotified:
+                    # a batch waiting for room: the backend must see what is there
+                    self._notify(ring)
+                # replies must be read for the backend to go on
+                self._ensure_receiver()
                 with ring.space:
                     ring.space.wait(min(remaining(), 0.05))
         finally:
             ring.send_lock.release()
+
+    def _notify(self, ring: _Ring) -> None:
         evtchn, port = self._evtchn, ring.port
         if evtchn is not None and port is not None:
             try:
@@ -623,12 +761,18 @@ class Frontend:
                 raise failure from exc
 
     def request(
-        self, message: bytes | bytearray | memoryview, *, timeout: float | None = 60.0
+        self,
+        message: Message,
+        *,
+        timeout: float | None = 60.0,
+        into: memoryview | None = None,
     ) -> bytes:
         """Send one complete 9P message and return its complete reply.
 
+        :param message: whole, or as pieces (see :meth:`submit`)
         :param timeout: overall limit in seconds (``None``: wait as long as the
             connection lives; a backend that leaves Connected ends it)
+        :param into: where an Rread's data goes (see :meth:`submit`)
         :raises TimeoutError: no reply in time (the tag stays reserved until
             the reply arrives; a 9P client should send Tflush)
         :raises TransportClosedError: the connection ended first
@@ -641,23 +785,58 @@ class Frontend:
             future's done-callback runs there): the reply could never be
             received while that thread waits for it
         """
-        if threading.current_thread() is self._receiver:
+        me = threading.current_thread()
+        if me is self._receiver or me is self._rx_owner:
             raise RuntimeError("a request from the frontend's own receiver thread would deadlock")
         start = time.monotonic()
-        future = self.submit(message, timeout=timeout)
-        left = None if timeout is None else max(timeout - (time.monotonic() - start), 0.0)
+        future, ring = self._submit(message, timeout, into)
+        return self._wait(future, ring, start, timeout)
+
+    def result(self, future: Future[bytes], *, timeout: float | None = 60.0) -> bytes:
+        """Wait for the reply of a future from :meth:`submit` or
+        :meth:`submit_many`, receiving on the event channel in this thread
+        while no other thread is (as :meth:`request` does): a chain sent with
+        :meth:`submit_many` and waited for here costs no thread handoff when
+        this caller is alone.
+
+        :param timeout: limit in seconds (``None``: as long as the connection lives)
+        :raises TimeoutError: no reply in time (the tag stays reserved, as
+            for :meth:`request`)
+        :raises RuntimeError: called from a thread that delivers replies (a
+            done-callback)
+        :raises: whatever the future was failed with
+        """
+        me = threading.current_thread()
+        if not future.done() and (me is self._receiver or me is self._rx_owner):
+            raise RuntimeError("waiting from the frontend's own receiver thread would deadlock")
+        return self._wait(future, None, time.monotonic(), timeout)
+
+    def _wait(
+        self, future: Future[bytes], ring: _Ring | None, start: float, timeout: float | None
+    ) -> bytes:
+        if not future.done() and self._rx_lock.acquire(blocking=False):
+            # nobody is receiving: wait on the event channel ourselves
+            self._lead(future, ring, None if timeout is None else start + timeout)
         try:
-            return future.result(left)
+            if timeout is None:
+                return future.result()
+            return future.result(max(timeout - (time.monotonic() - start), 0.0))
         except FutureTimeout:
             self._abandon(future)
             raise TimeoutError(errno.ETIMEDOUT, f"no reply within {timeout:g}s") from None
 
     async def request_async(
-        self, message: bytes | bytearray | memoryview, *, timeout: float | None = None
+        self,
+        message: Message,
+        *,
+        timeout: float | None = None,
+        into: memoryview | None = None,
     ) -> bytes:
         """:meth:`request` for asyncio: awaits the reply without blocking the loop."""
         loop = asyncio.get_running_loop()
-        future = await loop.run_in_executor(None, lambda: self.submit(message, timeout=timeout))
+        future = await loop.run_in_executor(
+            None, lambda: self.submit(message, timeout=timeout, into=into)
+        )
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
         except asyncio.TimeoutError:
@@ -665,11 +844,12 @@ class Frontend:
             raise TimeoutError(errno.ETIMEDOUT, f"no reply within {timeout}s") from None
 
     def _abandon(self, future: Future[bytes]) -> None:
-        with self._lock:
-            for ring in self._rings:
-                for request in ring.outstanding.values():
-                    if request.future is future:
-                        request.abandoned = True
+        self._table.abandon(future)
+
+    def abandon(self, future: Future[bytes]) -> None:
+        """The caller stopped waiting for *future*: its tag stays reserved
+        until the reply comes or :meth:`flushed` frees it."""
+        self._table.abandon(future)
 
     def flushed(self, tag: int) -> None:
         """Free *tag* after the 9P server answered a Tflush for it.
@@ -679,17 +859,16 @@ class Frontend:
         client hands the tag back here.  A waiter still attached gets
         :class:`InterruptedError`.
         """
-        with self._lock:
-            request = None
-            for ring in self._rings:
-                request = ring.outstanding.pop(tag, None) or request
-        if request is not None and not request.future.done():
-            request.future.set_exception(InterruptedError(errno.EINTR, f"tag {tag} was flushed"))
+        self._table.flushed(tag)
 
     def outstanding_tags(self) -> set[int]:
         """Tags sent and not yet answered (including abandoned ones)."""
-        with self._lock:
-            return {tag for ring in self._rings for tag in ring.outstanding}
+        return self._table.tags()
+
+    @property
+    def dropped_replies(self) -> int:
+        """Replies received for tags not in flight on their ring."""
+        return self._table.dropped_replies
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -707,7 +886,9 @@ class Frontend:
         finally:
             with self._handover_lock:
                 self._receiver_exited = True
-                work, self._handover = self._handover, None
+                work = None
+                if not self._leader_inside:
+                    work, self._handover = self._handover, None
             if work is not None:
                 log.info("the receiver thread stopped: releasing what it could reach")
                 self._run_all(work)
@@ -722,35 +903,54 @@ class Frontend:
                 log.exception("releasing the frontend after its receiver stopped failed")
 
     def _receive_loop(self) -> None:
+        """The receiver thread: watches the backend's state always, and takes
+        the receiving role (the event channel) whenever requests are in
+        flight and no caller of :meth:`request` has it."""
         evtchn, store = self._evtchn, self._store
         assert evtchn is not None and store is not None
-        poller = select.poll()
         ev_fd, xs_fd = evtchn.fileno(), store.fileno()
-        poller.register(ev_fd, select.POLLIN)
-        poller.register(xs_fd, select.POLLIN)
-        poller.register(self._wake_r, select.POLLIN)
+        leading_poller = select.poll()
+        idle_poller = select.poll()
+        for poller in (leading_poller, idle_poller):
+            poller.register(xs_fd, select.POLLIN)
+            poller.register(self._wake_r, select.POLLIN)
+        leading_poller.register(ev_fd, select.POLLIN)
+        me = threading.current_thread()
+        rx = self._rx_lock
         try:
-            # replies may already be queued: look at every ring once
-            for ring in self._rings:
-                self._drain(ring)
+            # replies may already be queued: look at every ring once (unless
+            # a caller receives already: never block on the role, close() may
+            # be waiting for this thread from a done-callback that caller runs)
+            if rx.acquire(blocking=False):
+                try:
+                    self._rx_owner = me
+                    for ring in self._rings:
+                        self._drain(ring)
+                finally:
+                    self._rx_owner = None
+                    rx.release()
             while not self._closed and self._failure is None:
-                events = poller.poll(500)
-                readable = {fd for fd, _ in events}
-                if self._wake_r in readable:
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except BlockingIOError:
-                        pass
-                if self._closed:
-                    break
-                if ev_fd in readable:
-                    port = evtchn.pending()
-                    signalled = self._by_port.get(port)
-                    if signalled is not None:
-                        self._drain(signalled)
-                    evtchn.unmask(port)
-                if xs_fd in readable or not events:
-                    self._check_backend()
+                leading = bool(self._table.pending) and rx.acquire(blocking=False)
+                try:
+                    if leading:
+                        self._rx_owner = me
+                    events = (leading_poller if leading else idle_poller).poll(500)
+                    readable = {fd for fd, _ in events}
+                    if self._wake_r in readable:
+                        try:
+                            os.read(self._wake_r, 4096)
+                        except BlockingIOError:
+                            pass
+                    if self._closed:
+                        break
+                    if leading and ev_fd in readable:
+                        self._on_event(evtchn)
+                    if xs_fd in readable or not events:
+                        self._check_backend()
+                finally:
+                    if leading:
+                        self._rx_owner = None
+                        rx.release()
         except TransportError as exc:
             self._fail(exc)
         except OSError as exc:
@@ -758,6 +958,70 @@ class Frontend:
         except Exception as exc:  # never die silently with callers waiting
             log.exception("pyxen9p receiver crashed")
             self._fail(TransportError(errno.EIO, f"receiver crashed: {exc!r}"))
+
+    def _on_event(self, evtchn: EventChannelLike) -> None:
+        """The event channel is readable: drain the signalled ring, unmask."""
+        port = evtchn.pending()
+        signalled = self._by_port.get(port)
+        if signalled is not None:
+            self._drain(signalled)
+        evtchn.unmask(port)
+
+    def _lead(self, future: Future[bytes], ring: _Ring | None, deadline: float | None) -> None:
+        """Hold the receiving role (``_rx_lock``, taken by the caller) until
+        *future* is done, the deadline passes or the connection ends: poll
+        the event channel and deliver every reply that comes, then hand the
+        role back (to the receiver thread if requests are still in flight).
+
+        A failure of the rings fails the connection, as in the receiver thread.
+        """
+        me = threading.current_thread()
+        self._rx_owner = me
+        try:
+            evtchn = self._evtchn
+            if evtchn is None or self._closed or self._failure is not None:
+                return
+            poller = self._lead_poller
+            if poller is None:
+                poller = self._lead_poller = select.poll()
+                poller.register(evtchn.fileno(), select.POLLIN)
+            # the reply may be there already
+            if ring is not None:
+                self._drain(ring)
+            while not future.done() and not self._closed and self._failure is None:
+                wait = _LEAD_POLL
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                    if wait <= 0:
+                        return
+                if poller.poll(wait * 1000):
+                    self._on_event(evtchn)
+        except TransportError as exc:
+            self._fail(exc)
+        except OSError as exc:
+            self._fail(TransportError(exc.errno or errno.EIO, f"receiving failed: {exc}"))
+        except Exception as exc:  # never leave the other callers waiting
+            log.exception("pyxen9p receiving (in a caller) crashed")
+            self._fail(TransportError(errno.EIO, f"receiving crashed: {exc!r}"))
+        finally:
+            self._leave_lead()
+
+    def _leave_lead(self) -> None:
+        """Give the receiving role up; run a teardown left to this leader."""
+        with self._handover_lock:
+            self._rx_owner = None
+            self._rx_lock.release()
+            work = None
+            if self._leader_inside:
+                self._leader_inside = False
+                if self._receiver_exited:
+                    work, self._handover = self._handover, None
+        if work is not None:
+            log.info("the receiving caller left: releasing what it could reach")
+            self._run_all(work)
+            return
+        if self._table.pending and not self._closed:
+            self._wake()  # the receiver thread takes over
 
     def _check_backend(self) -> None:
         watch, store = self._backend_watch, self._store
@@ -773,40 +1037,54 @@ class Frontend:
             )
 
     def _drain(self, ring: _Ring) -> None:
+        """Read every reply queued whole on *ring*, once each, and hand it over."""
         consumer = ring.consumer
         if consumer is None:
             return
         consumed = False
+        table = self._table
         try:
             while True:
                 header = consumer.peek_header(self.msize)
                 if header is None:
                     break
                 size, mtype, tag = header
+                consumed = True
+                request = table.take(tag) if tag % self.num_rings == ring.index else None
+                if request is None:
+                    if tag % self.num_rings != ring.index:
+                        table.dropped_replies += 1
+                    consumer.skip(size)
+                    consumer.publish()
+                    log.warning(
+                        "dropping a reply for tag %d not in flight on ring %d", tag, ring.index
+                    )
+                    continue
+                if request.into is not None and mtype == RREAD and request.type + 1 == RREAD:
+                    count = consumer.peek_u32(HEADER_SIZE) if size >= RREAD_HEADER_SIZE else -1
+                    target = rread_target(request, mtype, size, count)
+                    if target is None:  # too short to be an Rread
+                        target = ProtocolError(f"Rread (tag {tag}) of only {size} bytes")
+                    if isinstance(target, ProtocolError):
+                        consumer.skip(size)
+                        consumer.publish()
+                        request.reject(target)
+                        continue
+                    head = consumer.take(RREAD_HEADER_SIZE)
+                    consumer.take_into(target)
+                    consumer.publish()
+                    request.resolve(mtype, head)
+                    continue
                 reply = consumer.take(size)
                 consumer.publish()
-                consumed = True
-                self._deliver(ring, mtype, tag, reply)
+                request.resolve(mtype, reply)
         finally:
+            # a sender may wait for the room the backend's consuming made in `out`
             with ring.space:
                 ring.space.notify_all()
             # the backend may wait for room in `in`, or for our notice at all
             if consumed and self._evtchn is not None and ring.port is not None:
                 self._evtchn.notify(ring.port)
-
-    def _deliver(self, ring: _Ring, mtype: int, tag: int, reply: bytes) -> None:
-        with self._lock:
-            request = ring.outstanding.get(tag)
-            if request is None:
-                self.dropped_replies += 1
-                log.warning("dropping a reply for tag %d not in flight on ring %d", tag, ring.index)
-                return
-            del ring.outstanding[tag]
-        wrong = request.wrong_reply(mtype)
-        if wrong is not None:
-            request.future.set_exception(wrong)
-        elif not request.future.done():
-            request.future.set_result(reply)
 
     def abort(self, exc: TransportError) -> None:
         """Give up on the backend: every request in flight and every later one
@@ -821,12 +1099,7 @@ class Frontend:
         with self._lock:
             if self._failure is None:
                 self._failure = exc
-            pending = [r for ring in self._rings for r in ring.outstanding.values()]
-            for ring in self._rings:
-                ring.outstanding.clear()
-        for request in pending:
-            if not request.future.done():
-                request.future.set_exception(self._failure)
+        self._table.fail(exc)
         for ring in self._rings:
             with ring.space:
                 ring.space.notify_all()
@@ -913,7 +1186,7 @@ class Frontend:
     def _defer(self, steps: list[Callable[[], None]]) -> None:
         """Leave *steps* to the stalled receiver, or run them if it has exited."""
         with self._handover_lock:
-            if not self._receiver_exited:
+            if not self._receiver_exited or self._leader_inside:
                 self._handover = (self._handover or []) + steps
                 return
         self._run_all(steps)
@@ -986,6 +1259,32 @@ class Frontend:
                 )
                 self._stalled = receiver
         self._receiver = None
+        self._stop_leader(receiver)
+
+    def _stop_leader(self, receiver: threading.Thread) -> None:
+        """Take the receiving role for good, so no caller reads the rings any
+        more; a caller that keeps it (closing from a done-callback it runs,
+        or stuck in one) releases what it can reach as it leaves.  (The
+        receiver thread holding it is a stalled receiver, handled above.)"""
+        me = threading.current_thread()
+        if self._rx_owner is receiver:
+            return
+        if self._rx_owner is not me and self._rx_lock.acquire(timeout=_RECEIVER_STOP_TIMEOUT):
+            return  # kept: the connection is over
+        with self._handover_lock:
+            owner = self._rx_owner
+            if owner is receiver:
+                return
+            if owner is not me and self._rx_lock.acquire(blocking=False):
+                return
+            self._leader_inside = True
+        if owner is not me:
+            log.error(
+                "a caller receiving replies did not stop within %gs: it releases the rings,"
+                " the event channel and the XenStore connection when it leaves",
+                _RECEIVER_STOP_TIMEOUT,
+            )
+        self._stalled = owner or me
 
     def _close_pipe(self) -> None:
         for fd in (self._wake_r, self._wake_w):

@@ -194,14 +194,30 @@ class ByteRing:
             self.buffer[: n - first] = data[first:]
 
     def read(self, index: int, n: int) -> bytes:
-        """Copy *n* bytes out of the ring starting at *index*, wrapping once."""
+        """Copy *n* bytes out of the ring starting at *index*, wrapping once
+        (one copy per byte, also across the wrap)."""
         if not 0 <= n <= self.size:
             raise ValueError(f"cannot read {n} bytes from a ring of {self.size}")
         start = index & (self.size - 1)
         first = min(n, self.size - start)
         if first == n:
-            return bytes(self.buffer[start : start + n])
-        return bytes(self.buffer[start:]) + bytes(self.buffer[: n - first])
+            return self.buffer[start : start + n].tobytes()
+        return b"".join((self.buffer[start:], self.buffer[: n - first]))
+
+    def readinto(self, index: int, target: memoryview) -> None:
+        """Copy ``target.nbytes`` bytes from *index* straight into *target*."""
+        n = target.nbytes
+        if n > self.size:
+            raise ValueError(f"cannot read {n} bytes from a ring of {self.size}")
+        start = index & (self.size - 1)
+        first = min(n, self.size - start)
+        target[:first] = self.buffer[start : start + first]
+        if first < n:
+            target[first:] = self.buffer[: n - first]
+
+    def u32(self, index: int) -> int:
+        """The little-endian 32-bit value at *index* (it may wrap)."""
+        return int.from_bytes(self.read(index, 4), "little")
 
     def release(self) -> None:
         """Drop the view of the shared buffer."""
@@ -255,6 +271,26 @@ class Producer:
         self._store_prod(self.prod)
         return True
 
+    def put_pieces(self, pieces: list[memoryview] | tuple[memoryview, ...], total: int) -> bool:
+        """:meth:`put` for a message given as *pieces* (flat byte views whose
+        lengths add up to *total*), copied straight from each piece.
+
+        :returns: ``False`` (writing nothing) if there is not enough room
+        """
+        if total > self.ring.size:
+            raise ValueError(f"a {total}-byte message can never fit a {self.ring.size}-byte ring")
+        if self.free() < total:
+            return False
+        index = self.prod
+        for piece in pieces:
+            if piece.nbytes:
+                self.ring.write(index, piece)
+                index += piece.nbytes
+        self._barriers.wmb()
+        self.prod = (self.prod + total) & _MASK32
+        self._store_prod(self.prod)
+        return True
+
 
 class Consumer:
     """The reading side of one :class:`ByteRing`.
@@ -279,6 +315,7 @@ class Consumer:
         self._store_cons = store_cons
         self._barriers = barriers
         self.cons = cons & _MASK32
+        self._readinto: Callable[[int, memoryview], None] | None = getattr(ring, "readinto", None)
 
     def available(self) -> int:
         """Bytes the peer has published and this side has not consumed."""
@@ -326,6 +363,24 @@ class Consumer:
         data = self.ring.read(self.cons, n)
         self.cons = (self.cons + n) & _MASK32
         return data
+
+    def take_into(self, target: memoryview) -> None:
+        """Copy ``target.nbytes`` already-validated bytes into *target* and
+        advance the private index (published by :meth:`publish`)."""
+        if self._readinto is not None:
+            self._readinto(self.cons, target)
+        else:  # a ring-like with only read() (a test's guard, say)
+            target[:] = self.ring.read(self.cons, target.nbytes)
+        self.cons = (self.cons + target.nbytes) & _MASK32
+
+    def skip(self, n: int) -> None:
+        """Pass over *n* already-validated bytes without reading them."""
+        self.cons = (self.cons + n) & _MASK32
+
+    def peek_u32(self, offset: int) -> int:
+        """The little-endian 32-bit value *offset* bytes past the private
+        index (inside a message already validated as queued whole)."""
+        return self.ring.u32(self.cons + offset)
 
     def publish(self) -> None:
         """Publish the private consumer index, after the data was read."""

@@ -28,14 +28,27 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from typing_extensions import Self
 
-from pyxen9p._inflight import InFlight
-from pyxen9p.errors import FramingError, TransportClosedError, TransportError
+from pyxen9p._requests import (
+    RREAD,
+    RREAD_HEADER_SIZE,
+    Message,
+    Request,
+    RequestTable,
+    as_pieces,
+    check_batch,
+    failed_future,
+    parse_header,
+    rread_target,
+    writable_target,
+)
+from pyxen9p.errors import FramingError, ProtocolError, TransportClosedError, TransportError
 from pyxen9p.p9.codec import HEADER_SIZE
 
 __all__ = [
@@ -52,6 +65,23 @@ DEFAULT_STREAM_MSIZE = 1024 * 1024 + 4096
 
 _HEADER = struct.Struct("<IBH")
 _READ_CHUNK = 256 * 1024
+_IOV_MAX = 1024
+
+
+def _after(views: list[memoryview], skip: int) -> list[memoryview]:
+    """The part of *views* after its first *skip* bytes (at most IOV_MAX views)."""
+    if not skip:
+        return views[:_IOV_MAX]
+    out: list[memoryview] = []
+    for view in views:
+        if skip >= view.nbytes:
+            skip -= view.nbytes
+            continue
+        out.append(view[skip:] if skip else view)
+        skip = 0
+        if len(out) == _IOV_MAX:
+            break
+    return out
 
 
 @runtime_checkable
@@ -62,6 +92,37 @@ class Transport(Protocol):
 
     :ivar msize: the largest message, in bytes, the transport carries; the
         client negotiates an msize no larger than this
+
+    Optional capabilities (both :class:`~pyxen9p.frontend.Frontend` and
+    :class:`StreamTransport` have them; a client checks with ``getattr``
+    before using them on another transport):
+
+    ``num_rings: int``
+        requests are served in order per ring, and the tag *T* goes on ring
+        ``T % num_rings`` (a stream has one ring)
+    ``submit(message, *, timeout=None, into=None) -> Future[bytes]``
+        send without waiting.  *message* may be bytes-like or a tuple/list
+        of bytes-like pieces (sent back to back, copied once each, never
+        joined first).  *into* is an optional writable byte buffer: an Rread
+        reply's data goes straight into ``into[:count]`` and the future's
+        result is the 11-byte Rread header; a count larger than *into* or
+        than the frame fails that request with
+        :class:`~pyxen9p.errors.ProtocolError` (the connection goes on);
+        other replies come whole.  ``request`` takes the same two arguments
+    ``submit_many(messages, *, timeout=None, into=None) -> list[Future[bytes]]``
+        several messages in order, one notification (one system call) per
+        ring touched; see :meth:`StreamTransport.submit_many` for what happens
+        when one of them cannot be sent
+    ``result(future, *, timeout=60.0) -> bytes``
+        wait for a future from ``submit`` or ``submit_many`` as ``request``
+        waits (a timeout raises :class:`TimeoutError` and leaves the tag
+        reserved).  On the Xen frontend the waiting thread receives on the
+        event channel itself while no other thread does, so a chain sent
+        with ``submit_many`` and waited for with ``result`` costs no thread
+        handoff for a lone caller
+    ``abandon(future)``
+        the caller stopped waiting (the tag stays reserved until the reply
+        or :meth:`flushed`)
     """
 
     msize: int
@@ -117,6 +178,8 @@ class StreamTransport:
     """
 
     msize: int
+    #: A stream is one ring: its messages are read by the peer in order.
+    num_rings: int = 1
 
     def __init__(
         self,
@@ -131,13 +194,12 @@ class StreamTransport:
             raise ValueError(f"msize {msize} is smaller than a 9P header")
         self.msize = msize
         self.name = name
-        self.dropped_replies = 0
+        self._table = RequestTable()
         self._rfd = rfd
         self._wfd = wfd
         self._owned = owned
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
-        self._pending: dict[int, InFlight] = {}
         self._failure: TransportError | None = None
         self._closed = False
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -232,8 +294,12 @@ class StreamTransport:
 
     def outstanding_tags(self) -> set[int]:
         """Tags sent and not yet answered (including those nobody waits for)."""
-        with self._lock:
-            return set(self._pending)
+        return self._table.tags()
+
+    @property
+    def dropped_replies(self) -> int:
+        """Replies received for tags nobody waits for."""
+        return self._table.dropped_replies
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -244,41 +310,91 @@ class StreamTransport:
     # --- sending -----------------------------------------------------------
 
     def submit(
-        self, message: bytes | bytearray | memoryview, *, timeout: float | None = None
+        self,
+        message: Message,
+        *,
+        timeout: float | None = None,
+        into: memoryview | None = None,
     ) -> Future[bytes]:
         """Send one complete message; return a future of its reply.
 
+        :param message: whole, or a tuple/list of bytes-like pieces written
+            with one ``writev`` (never joined first)
         :param timeout: limit for getting the message out (``None``: no limit
             while the transport lives)
+        :param into: a writable byte buffer for an Rread's data (see
+            :class:`Transport`); it must stay valid until the future is done
+            or the tag flushed
         :raises ValueError: malformed message, too large, or its tag in flight
         :raises TimeoutError: the message could not be written in time (nothing
             was sent: if part of it was, the transport fails instead)
         :raises ~pyxen9p.errors.TransportError: the transport failed or is closed
         """
-        data = bytes(message)
-        if len(data) < HEADER_SIZE:
-            raise ValueError(f"a 9P message needs at least {HEADER_SIZE} bytes")
-        size, mtype, tag = _HEADER.unpack_from(data)
-        if size != len(data):
-            raise ValueError(f"header says {size} bytes, message has {len(data)}")
-        if size > self.msize:
-            raise ValueError(f"{size}-byte message exceeds the transport's msize {self.msize}")
-        pending = InFlight(tag, mtype)
-        with self._lock:
-            self._check_usable()
-            if tag in self._pending:
-                raise ValueError(f"tag {tag} is already in flight")
-            self._pending[tag] = pending
+        views, total = as_pieces(message)
+        _size, mtype, tag = parse_header(views, total, self.msize)
+        target = writable_target(into)
+        self._check_usable()
+        pending = self._table.register(tag, mtype, target)
         try:
-            self._send(data, timeout)
+            self._send(views, total, timeout)
         except BaseException:
-            with self._lock:
-                if self._pending.get(tag) is pending:
-                    del self._pending[tag]
+            self._table.unregister(pending)
             raise
         return pending.future
 
-    def _send(self, data: bytes, timeout: float | None) -> None:
+    def submit_many(
+        self,
+        messages: Sequence[Message],
+        *,
+        timeout: float | None = None,
+        into: Sequence[memoryview | None] | None = None,
+    ) -> list[Future[bytes]]:
+        """Send several messages in order with as few ``writev`` calls as the
+        kernel allows (one, usually); one future per message.
+
+        Every message is checked before anything is sent: a malformed one,
+        two with the same tag, or an *into* list of another length raise
+        :class:`ValueError` and nothing is sent; a transport closed or failed
+        by then raises its :class:`~pyxen9p.errors.TransportError`.
+
+        A message whose tag is in flight is not sent, nor is any after it:
+        their futures come back already failed with that
+        :class:`ValueError`, their tags not reserved; the ones before it are
+        sent.  A write that times out before the first byte sends nothing
+        (every future fails with :class:`TimeoutError`); one that times out
+        part way fails the transport, as :meth:`submit` does.
+
+        :param timeout: limit for getting the messages out
+        :param into: ``None``, or one entry per message (see :meth:`submit`)
+        """
+        checked = check_batch(messages, into, self.msize)
+        self._check_usable()
+        registered: list[Request] = []
+        failure: BaseException | None = None
+        for _views, _total, mtype, tag, target in checked:
+            try:
+                registered.append(self._table.register(tag, mtype, target))
+            except (ValueError, TransportError) as exc:
+                failure = exc
+                break
+        views = [v for entry in checked[: len(registered)] for v in entry[0]]
+        total = sum(entry[1] for entry in checked[: len(registered)])
+        if registered:
+            try:
+                self._send(views, total, timeout)
+            except BaseException as exc:
+                for request in registered:
+                    self._table.unregister(request)
+                if not isinstance(exc, (TimeoutError, TransportError)):
+                    raise
+                failure = exc
+                registered = []
+        futures = [request.future for request in registered]
+        while len(futures) < len(checked):
+            futures.append(failed_future(failure))
+        return futures
+
+    def _send(self, views: list[memoryview], total: int, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def slice_left() -> float:
@@ -289,17 +405,16 @@ class StreamTransport:
                 raise TimeoutError(errno.ETIMEDOUT, f"could not send within {timeout:g}s")
             return min(left, 1.0)
 
-        while not self._send_lock.acquire(timeout=slice_left()):
-            self._check_usable()
+        if not self._send_lock.acquire(blocking=False):
+            while not self._send_lock.acquire(timeout=slice_left()):
+                self._check_usable()
         sent = 0
         try:
-            view = memoryview(data)
-            poller = select.poll()
-            poller.register(self._wfd, select.POLLOUT)
-            while sent < len(data):
+            poller: select.poll | None = None
+            while sent < total:
                 self._check_usable()
                 try:
-                    sent += os.write(self._wfd, view[sent:])
+                    sent += os.writev(self._wfd, _after(views, sent))
                     continue
                 except (BlockingIOError, InterruptedError):
                     pass
@@ -313,14 +428,17 @@ class StreamTransport:
                     if sent:
                         failure = TransportError(
                             errno.ETIMEDOUT,
-                            f"timed out after writing {sent} of {len(data)} bytes of a message",
+                            f"timed out after writing {sent} of {total} bytes of a message",
                         )
                         self._fail(failure)
                         raise failure from None
                     raise
+                if poller is None:
+                    poller = select.poll()
+                    poller.register(self._wfd, select.POLLOUT)
                 poller.poll(wait * 1000)
         except BaseException as exc:
-            if 0 < sent < len(data) and not isinstance(exc, TransportError):
+            if 0 < sent < total and not isinstance(exc, TransportError):
                 # interrupted in the middle of a message: the stream is out of step
                 self._fail(
                     TransportError(errno.EIO, f"interrupted after {sent} bytes of a message")
@@ -330,12 +448,18 @@ class StreamTransport:
             self._send_lock.release()
 
     def request(
-        self, message: bytes | bytearray | memoryview, *, timeout: float | None = 60.0
+        self,
+        message: Message,
+        *,
+        timeout: float | None = 60.0,
+        into: memoryview | None = None,
     ) -> bytes:
         """Send one complete 9P message and return its complete reply.
 
+        :param message: whole, or as pieces (see :meth:`submit`)
         :param timeout: overall limit in seconds (``None``: as long as the
             transport lives)
+        :param into: where an Rread's data goes (see :meth:`submit`)
         :raises TimeoutError: no reply in time (the tag stays reserved until
             its reply arrives or :meth:`flushed` frees it)
         :raises ~pyxen9p.errors.TransportError: the transport failed or was closed
@@ -344,7 +468,7 @@ class StreamTransport:
         if threading.current_thread() is self._reader:
             raise RuntimeError("a request from the transport's own reader thread would deadlock")
         start = time.monotonic()
-        future = self.submit(message, timeout=timeout)
+        future = self.submit(message, timeout=timeout, into=into)
         left = None if timeout is None else max(timeout - (time.monotonic() - start), 0.0)
         try:
             return future.result(left)
@@ -357,27 +481,43 @@ class StreamTransport:
                 self._abandon(future)
             raise
 
+    def result(self, future: Future[bytes], *, timeout: float | None = 60.0) -> bytes:
+        """Wait for the reply of a future from :meth:`submit` or :meth:`submit_many`.
+
+        :raises TimeoutError: no reply in time (the tag stays reserved, as
+            for :meth:`request`)
+        :raises RuntimeError: called from the reader thread (a done-callback)
+        :raises: whatever the future was failed with
+        """
+        if not future.done() and threading.current_thread() is self._reader:
+            raise RuntimeError("waiting from the transport's own reader thread would deadlock")
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            self._abandon(future)
+            raise TimeoutError(errno.ETIMEDOUT, f"no reply within {timeout:g}s") from None
+
     def _abandon(self, future: Future[bytes]) -> None:
-        with self._lock:
-            for pending in self._pending.values():
-                if pending.future is future:
-                    pending.abandoned = True
+        self._table.abandon(future)
+
+    def abandon(self, future: Future[bytes]) -> None:
+        """The caller stopped waiting for *future*: its tag stays reserved
+        until the reply comes or :meth:`flushed` frees it."""
+        self._table.abandon(future)
 
     def flushed(self, tag: int) -> None:
         """Free *tag* after the server answered a Tflush for it.
 
         A waiter still attached gets :class:`InterruptedError`.
         """
-        with self._lock:
-            pending = self._pending.pop(tag, None)
-        if pending is not None and not pending.future.done():
-            pending.future.set_exception(InterruptedError(errno.EINTR, f"tag {tag} was flushed"))
+        self._table.flushed(tag)
 
     # --- receiving ---------------------------------------------------------
 
     def _read_loop(self) -> None:
         # Small frames are cut out of a staging buffer; a frame larger than it
-        # is read straight into a buffer of its own.
+        # is read straight into a buffer of its own, and an Rread's data for
+        # a request with an ``into`` buffer straight into that buffer.
         buf = bytearray(_READ_CHUNK)
         view = memoryview(buf)
         start = end = 0
@@ -389,12 +529,24 @@ class StreamTransport:
                 avail = end - start
                 if avail >= HEADER_SIZE:
                     size = self._check_frame(view[start : start + HEADER_SIZE])
+                    mtype = buf[start + 4]
+                    if mtype == RREAD and avail >= RREAD_HEADER_SIZE <= size:
+                        used = self._maybe_into(view, start, end, size, poller)
+                        if used is None:
+                            return
+                        if used:
+                            start += min(used, avail)
+                            if start >= end:
+                                start = end = 0
+                            continue
                     if avail >= size:
-                        frame = bytes(view[start : start + size])
+                        frame = view[start : start + size].tobytes()
                         start += size
+                        if start == end:
+                            start = end = 0
                         self._deliver(frame)
                         continue
-                    if size > len(buf):
+                    if size > len(buf) and (mtype != RREAD or avail >= RREAD_HEADER_SIZE):
                         big = bytearray(size)
                         big[:avail] = view[start:end]
                         start = end = 0
@@ -403,7 +555,7 @@ class StreamTransport:
                         self._deliver(bytes(big))
                         continue
                 if (start and end == len(buf)) or start > len(buf) // 2:
-                    buf[:avail] = bytes(view[start:end])  # make room at the end
+                    buf[:avail] = view[start:end]  # make room at the end
                     start, end = 0, avail
                 n = self._read_into(view[end:], poller)
                 if n is None:
@@ -422,6 +574,59 @@ class StreamTransport:
         except Exception as exc:  # never die silently with callers waiting
             log.exception("pyxen9p stream reader crashed")
             self._fail(TransportError(errno.EIO, f"reader crashed: {exc!r}"))
+
+    def _maybe_into(
+        self, view: memoryview, start: int, end: int, size: int, poller: select.poll
+    ) -> int | None:
+        """An Rread (its size checked, its 11-byte header staged at *start*):
+        if its request has an ``into`` buffer, copy the data there, straight
+        from the stream for what is not staged yet, and resolve it.
+
+        :returns: 0 if the frame is to be delivered whole, else the frame's
+            size (consumed: what was staged, and the rest from the stream);
+            ``None`` if the transport closed meanwhile
+        """
+        tag, count = struct.unpack_from("<HI", view, start + 5)
+        request = self._table.peek(tag)
+        if request is None or request.into is None or request.wrong_reply(RREAD) is not None:
+            return 0
+        target = rread_target(request, RREAD, size, count)
+        if target is None:
+            return 0
+        staged = min(end - start, size)
+        if isinstance(target, ProtocolError):
+            if not self._discard(size - staged, poller):
+                return None
+            request = self._table.take(tag)
+            if request is not None:
+                request.reject(target)
+            return size
+        head = view[start : start + RREAD_HEADER_SIZE].tobytes()
+        have = staged - RREAD_HEADER_SIZE
+        target[:have] = view[start + RREAD_HEADER_SIZE : start + staged]
+        if have < count and not self._fill(target, have, poller):
+            return None
+        request = self._table.take(tag)
+        if request is not None:
+            request.resolve(RREAD, head)
+        return size
+
+    def _discard(self, n: int, poller: select.poll) -> bool:
+        """Read and drop *n* bytes of the stream; False if the transport closed."""
+        if n <= 0:
+            return True
+        scratch = memoryview(bytearray(min(n, _READ_CHUNK)))
+        while n > 0:
+            got = self._read_into(scratch[: min(n, scratch.nbytes)], poller)
+            if got is None:
+                return False
+            if got == 0:
+                raise TransportClosedError(
+                    errno.ECONNRESET,
+                    f"the peer ({self.name}) closed the connection in the middle of a message",
+                )
+            n -= got
+        return True
 
     def _read_into(self, target: memoryview, poller: select.poll) -> int | None:
         """Read what is available into *target*: the byte count, 0 at EOF, None if closed."""
@@ -462,21 +667,19 @@ class StreamTransport:
 
     def _deliver(self, frame: bytes) -> None:
         _, mtype, tag = _HEADER.unpack_from(frame)
-        with self._lock:
-            pending = self._pending.pop(tag, None)
-            if pending is None:
-                self.dropped_replies += 1
+        pending = self._table.take(tag)
         if pending is None:
-            log.warning("%s: dropping a reply (type %d) for tag %d not in flight",
-                        self.name, mtype, tag)
+            log.warning(
+                "%s: dropping a reply (type %d) for tag %d not in flight", self.name, mtype, tag
+            )
             return
-        if pending.future.done() or pending.abandoned:
+        if pending.abandoned:
             return
-        wrong = pending.wrong_reply(mtype)
-        if wrong is not None:
-            pending.future.set_exception(wrong)
-        else:
-            pending.future.set_result(frame)
+        if pending.into is not None and mtype == RREAD and pending.wrong_reply(mtype) is None:
+            # an Rread with data for a buffer reaches here only if too short
+            pending.reject(ProtocolError(f"Rread (tag {tag}) of only {len(frame)} bytes"))
+            return
+        pending.resolve(mtype, frame)
 
     def abort(self, exc: TransportError) -> None:
         """Fail every request in flight and every later one with *exc* at once
@@ -488,12 +691,7 @@ class StreamTransport:
         with self._lock:
             if self._failure is None:
                 self._failure = exc
-            failure = self._failure
-            pending = list(self._pending.values())
-            self._pending.clear()
-        for p in pending:
-            if not p.future.done():
-                p.future.set_exception(failure)
+        self._table.fail(exc)
         self._wake()
 
     def _wake(self) -> None:

@@ -1,0 +1,305 @@
+"""The table of 9P requests in flight: one implementation for every transport.
+
+Both :class:`~pyxen9p.frontend.Frontend` and
+:class:`~pyxen9p.p9.transport.StreamTransport` keep their requests here, so
+registering a tag, matching a reply to it, abandoning, flushing and failing
+everything behave the same on every transport.
+
+A :class:`Request` may carry an ``into`` buffer: a transport that sees an
+Rread for it copies the payload straight into that buffer, and the request's
+future then resolves to the reply's 11-byte header only
+(:func:`rread_target`).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import struct
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+
+from pyxen9p.errors import ProtocolError, TransportError
+
+__all__ = [
+    "RREAD",
+    "RREAD_HEADER",
+    "RREAD_HEADER_SIZE",
+    "Message",
+    "Request",
+    "RequestTable",
+    "as_pieces",
+    "check_batch",
+    "failed_future",
+    "parse_header",
+    "rread_target",
+    "writable_target",
+]
+
+log = logging.getLogger(__name__)
+
+_RLERROR = 7
+_RERROR = 107
+#: The 9P type of Rread.
+RREAD = 117
+#: ``size[4] type[1] tag[2] count[4]``: what precedes an Rread's data.
+RREAD_HEADER = struct.Struct("<IBHI")
+RREAD_HEADER_SIZE = RREAD_HEADER.size
+_HEADER = struct.Struct("<IBH")
+
+Piece = bytes | bytearray | memoryview
+#: A 9P message: whole, or a tuple/list of pieces sent back to back.
+Message = Piece | tuple[Piece, ...] | list[Piece]
+
+
+def as_pieces(message: Message) -> tuple[list[memoryview], int]:
+    """Byte views of a message given whole or as pieces, and its total length.
+
+    Nothing is copied: each piece becomes a flat ``"B"`` view.
+
+    :raises TypeError: if a piece is not bytes-like
+    """
+    if isinstance(message, (tuple, list)):
+        views = [_flat(piece) for piece in message]
+    else:
+        views = [_flat(message)]
+    return views, sum(v.nbytes for v in views)
+
+
+def _flat(piece: Piece) -> memoryview:
+    view = piece if isinstance(piece, memoryview) else memoryview(piece)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+def parse_header(views: list[memoryview], total: int, msize: int) -> tuple[int, int, int]:
+    """Check the 9P header of a message given as *views*: ``(size, type, tag)``.
+
+    :raises ValueError: shorter than a header, size field different from the
+        pieces' total, or larger than *msize*
+    """
+    if total < _HEADER.size:
+        raise ValueError(f"a 9P message needs at least {_HEADER.size} bytes")
+    first = views[0]
+    if first.nbytes >= _HEADER.size:
+        size, mtype, tag = _HEADER.unpack_from(first)
+    else:
+        size, mtype, tag = _HEADER.unpack(b"".join(bytes(v) for v in views)[: _HEADER.size])
+    if size != total:
+        raise ValueError(f"header says {size} bytes, message has {total}")
+    if size > msize:
+        raise ValueError(f"{size}-byte message exceeds the transport's msize {msize}")
+    return int(size), int(mtype), int(tag)
+
+
+def writable_target(into: memoryview | bytearray | None) -> memoryview | None:
+    """*into* as a flat writable byte view (``None`` stays ``None``).
+
+    :raises ValueError: if *into* is read-only
+    """
+    if into is None:
+        return None
+    view = into if isinstance(into, memoryview) else memoryview(into)
+    if view.readonly:
+        raise ValueError("into must be a writable buffer")
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+def check_batch(
+    messages: Sequence[Message],
+    into: Sequence[memoryview | None] | None,
+    msize: int,
+) -> list[tuple[list[memoryview], int, int, int, memoryview | None]]:
+    """Check every message of a batch before any is sent:
+    ``(views, total, type, tag, into)`` for each.
+
+    :raises ValueError: a malformed message, two with one tag, or an *into*
+        list of another length than *messages*
+    """
+    if into is not None and len(into) != len(messages):
+        raise ValueError(f"{len(into)} into buffers for {len(messages)} messages")
+    checked = []
+    seen: set[int] = set()
+    for i, message in enumerate(messages):
+        views, total = as_pieces(message)
+        _size, mtype, tag = parse_header(views, total, msize)
+        if tag in seen:
+            raise ValueError(f"tag {tag} appears twice in one batch")
+        seen.add(tag)
+        checked.append((views, total, mtype, tag, writable_target(into[i] if into else None)))
+    return checked
+
+
+def failed_future(exc: BaseException | None) -> Future[bytes]:
+    """A future already failed with *exc* (a message of a batch not sent)."""
+    future: Future[bytes] = Future()
+    future.set_exception(exc if exc is not None else RuntimeError("not sent"))
+    return future
+
+
+class Request:
+    """One 9P request sent and not yet answered.
+
+    :ivar tag: its tag
+    :ivar type: its message type (the reply must be ``type + 1`` or an error)
+    :ivar future: resolved with the reply's bytes, or an exception
+    :ivar abandoned: the caller stopped waiting (the tag stays reserved)
+    :ivar into: where an Rread's payload goes (``None``: the reply is returned whole)
+    """
+
+    __slots__ = ("abandoned", "future", "into", "tag", "type")
+
+    def __init__(self, tag: int, mtype: int, into: memoryview | None = None) -> None:
+        self.tag = tag
+        self.type = mtype
+        self.future: Future[bytes] = Future()
+        self.abandoned = False
+        self.into = into
+
+    def wrong_reply(self, mtype: int) -> ProtocolError | None:
+        """The error for a reply of type *mtype* to this request, or ``None``
+        if that type may answer it (``type + 1``, Rlerror or Rerror).
+
+        Every transport raises this same :class:`~pyxen9p.errors.ProtocolError`.
+        """
+        if mtype in (self.type + 1, _RLERROR, _RERROR):
+            return None
+        return ProtocolError(
+            f"reply of type {mtype} to a request of type {self.type} (tag {self.tag})"
+        )
+
+    def resolve(self, mtype: int, reply: bytes) -> None:
+        """Resolve the future with *reply* (of type *mtype*), or with the
+        :class:`~pyxen9p.errors.ProtocolError` of a wrong type."""
+        future = self.future
+        if future.done():
+            return
+        wrong = self.wrong_reply(mtype)
+        try:
+            if wrong is not None:
+                future.set_exception(wrong)
+            else:
+                future.set_result(reply)
+        except Exception:  # an InvalidStateError race with a cancel: nobody waits
+            pass
+
+    def reject(self, exc: BaseException) -> None:
+        """Fail the future with *exc* (unless it is done already)."""
+        if not self.future.done():
+            try:
+                self.future.set_exception(exc)
+            except Exception:
+                pass
+
+
+def rread_target(
+    request: Request, mtype: int, size: int, count: int
+) -> memoryview | ProtocolError | None:
+    """Where the payload of a reply goes for an ``into`` request.
+
+    :returns: ``None`` if the reply is delivered whole (no ``into``, or not
+        an Rread), the slice of ``into`` to fill, or the
+        :class:`~pyxen9p.errors.ProtocolError` for a count larger than the
+        frame or than the buffer (that request fails; the framing is intact)
+    """
+    into = request.into
+    if into is None or mtype != RREAD or size < RREAD_HEADER_SIZE:
+        return None
+    if count != size - RREAD_HEADER_SIZE:
+        return ProtocolError(
+            f"Rread (tag {request.tag}) announces {count} bytes in a frame of {size} bytes"
+        )
+    if count > into.nbytes:
+        return ProtocolError(
+            f"Rread (tag {request.tag}) carries {count} bytes, more than the"
+            f" {into.nbytes}-byte buffer given"
+        )
+    return into[:count]
+
+
+class RequestTable:
+    """The requests in flight on one transport, by tag.
+
+    Thread-safe.  Once :meth:`fail` was called, every later :meth:`register`
+    raises the failure.
+
+    :ivar dropped_replies: replies that answered no request in flight
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pending: dict[int, Request] = {}
+        self.failure: TransportError | None = None
+        self.dropped_replies = 0
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def register(self, tag: int, mtype: int, into: memoryview | None = None) -> Request:
+        """Reserve *tag* for a request of type *mtype*.
+
+        :raises ValueError: the tag is in flight
+        :raises ~pyxen9p.errors.TransportError: the table failed (closed transport)
+        """
+        request = Request(tag, mtype, into)
+        with self.lock:
+            if self.failure is not None:
+                raise self.failure
+            if tag in self.pending:
+                raise ValueError(f"tag {tag} is already in flight")
+            self.pending[tag] = request
+        return request
+
+    def unregister(self, request: Request) -> None:
+        """Forget *request* (it was never sent)."""
+        with self.lock:
+            if self.pending.get(request.tag) is request:
+                del self.pending[request.tag]
+
+    def take(self, tag: int) -> Request | None:
+        """Remove and return the request for *tag*, or count a dropped reply."""
+        with self.lock:
+            request = self.pending.pop(tag, None)
+            if request is None:
+                self.dropped_replies += 1
+        return request
+
+    def peek(self, tag: int) -> Request | None:
+        """The request for *tag*, left in place."""
+        return self.pending.get(tag)
+
+    def abandon(self, future: Future[bytes]) -> None:
+        """The caller stopped waiting for *future*: its tag stays reserved."""
+        with self.lock:
+            for request in self.pending.values():
+                if request.future is future:
+                    request.abandoned = True
+
+    def flushed(self, tag: int) -> None:
+        """Free *tag* (Rflush came: no reply will); a waiter gets ``InterruptedError``."""
+        with self.lock:
+            request = self.pending.pop(tag, None)
+        if request is not None:
+            request.reject(InterruptedError(errno.EINTR, f"tag {tag} was flushed"))
+
+    def fail(self, exc: TransportError) -> TransportError:
+        """Fail every request in flight, and every later registration, with
+        the first failure recorded; return it."""
+        with self.lock:
+            if self.failure is None:
+                self.failure = exc
+            failure = self.failure
+            pending = list(self.pending.values())
+            self.pending.clear()
+        for request in pending:
+            request.reject(failure)
+        return failure
+
+    def tags(self) -> set[int]:
+        """Tags in flight (including abandoned ones)."""
+        with self.lock:
+            return set(self.pending)
