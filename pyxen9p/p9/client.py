@@ -185,7 +185,9 @@ class DirEntry:
     :ivar qid: the entry's qid
     """
 
-    __slots__ = ("_client", "_index", "_lstat", "_siblings", "_stat", "d_type", "name", "path", "qid")
+    __slots__ = (
+        "_client", "_index", "_lstat", "_siblings", "_stat", "d_type", "name", "path", "qid",
+    )  # fmt: skip
 
     def __init__(self, client: Client, directory: str, dirent: c.Dirent) -> None:
         self._client = client
@@ -1760,7 +1762,9 @@ class Client:
             raise ProtocolError(f"Rread of {len(read.data)} bytes for a Tread of {count}")
         st = _stat_result(attr)
         if self.max_read is not None and st.st_size > self.max_read:
-            raise self._read_limit_error(display, self.max_read, f"the file has {st.st_size} bytes:")
+            raise self._read_limit_error(
+                display, self.max_read, f"the file has {st.st_size} bytes:"
+            )
         if not stat_module.S_ISREG(st.st_mode) or len(read.data) != st.st_size:
             return None
         return read.data
@@ -2321,8 +2325,8 @@ class Client:
                     except (OSError, ValueError) as exc:
                         failed(exc)
                         continue
-                for exc in self._copy_files_in(here.files, state, preserve, no_clobber):
-                    failed(exc)
+                for failure in self._copy_files_in(here.files, state, preserve, no_clobber):
+                    failed(failure)
                 stack.append((here, False))
                 stack.extend((sub, True) for sub in reversed(here.subdirs))
                 continue

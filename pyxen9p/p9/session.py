@@ -59,10 +59,10 @@ __all__ = [
     "IdPool",
     "TagAllocator",
     "TagPool",
+    "Wire",
     "check_reply",
     "server_error",
     "version_answer",
-    "Wire",
 ]
 
 log = logging.getLogger(__name__)
