@@ -780,15 +780,32 @@ class Client:
         :returns: the chain, or ``None`` when the path must be walked the
             sequential way (more names than one Twalk takes)
         """
-        if len(parts) > c.MAXWELEM:
-            return None
-        newfid = self._fids.acquire()
-        walk = functools.partial(c.Twalk, fid=self._root_fid, newfid=newfid, wnames=tuple(parts))
+        return self._start_walk_chains([(display, parts, after)])[0]
+
+    def _start_walk_chains(
+        self, items: Sequence[tuple[str, list[str], Callable[[int], Sequence[Step]]]]
+    ) -> list[Chain | None]:
+        """:meth:`_start_walk_chain` of each ``(display, parts, after)``, all
+        sent to the transport in one batch."""
+        specs: list[tuple[Sequence[Step], str | None, int | None]] = []
+        fids: list[int] = []
+        walkable = [len(parts) <= c.MAXWELEM for _, parts, _ in items]
         try:
-            return self._session.chain([(walk, c.Rwalk), *after(newfid)], display, clunk=newfid)
+            for (display, parts, after), ok in zip(items, walkable, strict=True):
+                if not ok:
+                    continue
+                newfid = self._fids.acquire()
+                fids.append(newfid)
+                walk = functools.partial(
+                    c.Twalk, fid=self._root_fid, newfid=newfid, wnames=tuple(parts)
+                )
+                specs.append(([(walk, c.Rwalk), *after(newfid)], display, newfid))
+            chains = iter(self._session.chain_many(specs) if specs else [])
         except BaseException:
-            self._fids.release(newfid)  # nothing was sent
+            for fid in fids:
+                self._fids.release(fid)  # nothing was sent
             raise
+        return [next(chains) if ok else None for ok in walkable]
 
     def _finish_walk_chain(
         self, chain: Chain, display: str, parts: list[str], follow: bool
@@ -903,17 +920,20 @@ class Client:
             except (OSError, ValueError) as exc:
                 results.append(exc)
 
+        batch = max(self.batch, 1)
         try:
-            for path in paths:
-                if len(started) >= max(self.batch, 1):
-                    settle()
-                display = _display(path)
-                parts = _normalize(display.split("/"))
-                started.append(
-                    (display, parts, self._start_walk_chain(display, parts, _getattr_step))
+            for at in range(0, len(paths), batch):
+                items = []
+                for path in paths[at : at + batch]:
+                    display = _display(path)
+                    items.append((display, _normalize(display.split("/")), _getattr_step))
+                chains = self._start_walk_chains(items)
+                started.extend(
+                    (display, parts, chain)
+                    for (display, parts, _), chain in zip(items, chains, strict=True)
                 )
-            while started:
-                settle()
+                while started:
+                    settle()
         finally:
             for _, _, chain in started:  # left after a failure: their fids and tags
                 if chain is not None:
@@ -1339,14 +1359,18 @@ class Client:
                     failure = failure or outcome
                 left.remove(name)
 
+            batch = max(self.batch, 1)
             try:
-                for name in names:
-                    if len(started) >= max(self.batch, 1):
+                for at in range(0, len(names), batch):
+                    group = names[at : at + batch]
+                    specs: list[tuple[Sequence[Step], str | None, int | None]] = [
+                        ([(functools.partial(c.Tunlinkat, dirfd=dfid, name=name, flags=flags),
+                           c.Runlinkat)], display, None)
+                        for name in group
+                    ]  # fmt: skip
+                    started.extend(zip(group, self._session.chain_many(specs), strict=True))
+                    while started:
                         settle()
-                    step = functools.partial(c.Tunlinkat, dirfd=dfid, name=name, flags=flags)
-                    started.append((name, self._session.chain([(step, c.Runlinkat)], display)))
-                while started:
-                    settle()
             finally:
                 for _, chain in started:
                     with contextlib.suppress(BaseException):
@@ -2360,16 +2384,23 @@ class Client:
         :class:`OSError` or :class:`ValueError` is raised after that.
         """
 
-        def one(lsub: str, rsub: str) -> OSError | ValueError | None:
+        def one(lsub: str, rsub: str, clobber: bool = no_clobber) -> OSError | ValueError | None:
             try:
-                self._copy_file_in(lsub, rsub, progress, preserve, no_clobber, follow=False)
+                self._copy_file_in(lsub, rsub, progress, preserve, clobber, follow=False)
             except (OSError, ValueError) as exc:
                 return exc
             return None
 
-        if len(files) < 2 or self.tree_workers < 2 or self._dotu is not None:
+        outcomes: list[OSError | ValueError | None] = [None] * len(files)
+        todo = list(range(len(files)))
+        if self._session.pipelined and len(files) > 1:
+            todo = self._create_many_small(files, outcomes, progress, preserve, no_clobber)
+        if not todo:
+            pass
+        elif len(todo) < 2 or self.tree_workers < 2 or self._dotu is not None:
             # one at a time: over 9P2000.u a server may count every fid
-            outcomes = [one(lsub, rsub) for _, lsub, rsub, _ in files]
+            for i in todo:
+                outcomes[i] = one(files[i][1], files[i][2])
         else:
             with self._lock:
                 self._check_open()
@@ -2378,7 +2409,7 @@ class Client:
                         max_workers=self.tree_workers, thread_name_prefix="pyxen9p-tree"
                     )
                 executor = self._tree_executor
-            futures = [executor.submit(one, lsub, rsub) for _, lsub, rsub, _ in files]
+            futures = [executor.submit(one, files[i][1], files[i][2]) for i in todo]
             try:
                 wait_futures(futures)
             except BaseException:
@@ -2386,8 +2417,81 @@ class Client:
                     future.cancel()
                 wait_futures(futures)
                 raise
-            outcomes = [future.result() for future in futures]
+            for i, future in zip(todo, futures, strict=True):
+                outcomes[i] = future.result()
         return [exc for exc in outcomes if exc is not None]
+
+    def _create_many_small(
+        self,
+        files: Sequence[tuple[str, str, str, os.stat_result]],
+        outcomes: list[OSError | ValueError | None],
+        progress: _Progress,
+        preserve: bool,
+        no_clobber: bool,
+    ) -> list[int]:
+        """Create the small new files of *files* with :meth:`_create_small`'s
+        chains, up to :attr:`batch` sent at once, from this thread.
+
+        :returns: the indices left to copy the usual way (failures are put in
+            *outcomes*)
+        """
+        rest: list[int] = []
+        small: list[tuple[int, bytes, tuple[str, list[str], Callable[[int], Sequence[Step]]]]] = []
+        for i, (_, lsub, rsub, _) in enumerate(files):
+            try:
+                local = _read_local_small(lsub, self.default_iounit)
+            except (OSError, ValueError) as exc:
+                outcomes[i] = exc
+                continue
+            if local == "skip":
+                continue
+            if local is None:
+                rest.append(i)
+                continue
+            st, data = local
+            perm = stat_module.S_IMODE(st.st_mode) if preserve else 0o666 & ~self.umask
+            plan = self._create_plan(rsub, data, perm, st if preserve else None)
+            if plan is None:
+                rest.append(i)
+            else:
+                small.append((i, data, plan))
+        self._check_open()
+        self._process_deferred()
+        batch = max(self.batch, 1)
+        again: list[int] = []
+        for at in range(0, len(small), batch):
+            group = small[at : at + batch]
+            chains = self._start_walk_chains([plan for _, _, plan in group])
+            finished = 0
+            try:
+                for (i, data, plan), chain in zip(group, chains, strict=True):
+                    finished += 1
+                    try:
+                        done = (
+                            None if chain is None
+                            else self._create_outcome(chain, plan, data, no_clobber, progress)
+                        )
+                    except TransportError:
+                        raise
+                    except (OSError, ValueError) as exc:
+                        outcomes[i] = exc
+                        continue
+                    if done == "overwrite":
+                        again.append(i)
+                    elif done is None:
+                        rest.append(i)
+            finally:
+                for chain in chains[finished:]:  # after a failure: their fids and tags
+                    if chain is not None:
+                        with contextlib.suppress(BaseException):
+                            chain.finish()
+        for i in again:  # written short: the file just created, written again
+            try:
+                self._copy_file_in(files[i][1], files[i][2], progress, preserve, False,
+                                   follow=False)
+            except (OSError, ValueError) as exc:
+                outcomes[i] = exc
+        return sorted(rest)
 
     def _set_preserved(
         self, fid: int, _qid: c.Qid | None, path: str, *, st: os.stat_result
@@ -2497,11 +2601,26 @@ class Client:
             check); ``"overwrite"`` after a short write (the file created
             here is to be written again)
         """
+        plan = self._create_plan(rpath, data, perm, st)
+        if plan is None:
+            return None
+        self._check_open()
+        self._process_deferred()
+        (chain,) = self._start_walk_chains([plan])
+        if chain is None:
+            return None
+        return self._create_outcome(chain, plan, data, no_clobber, progress)
+
+    def _create_plan(
+        self, rpath: str, data: bytes, perm: int, st: os.stat_result | None
+    ) -> tuple[str, list[str], Callable[[int], Sequence[Step]]] | None:
+        """The chain of :meth:`_create_small`: ``(display, parent's names,
+        steps after the walk)``, or ``None`` (the usual way)."""
         if st is not None and stat_module.S_IMODE(st.st_mode) & 0o7000:
             return None  # the bits the server keeps are read back: the usual way
         display = _display(rpath)
         parts = _normalize(display.split("/"))
-        if not parts:
+        if not parts or len(parts) > c.MAXWELEM + 1:
             return None
         name = parts[-1]
         flags = c.L_O_WRONLY | c.L_O_CREAT | c.L_O_EXCL
@@ -2519,20 +2638,27 @@ class Client:
                          | c.P9_SETATTR_ATIME_SET | c.P9_SETATTR_MTIME_SET)
                 atime = divmod(st.st_atime_ns, 1_000_000_000)
                 mtime = divmod(st.st_mtime_ns, 1_000_000_000)
+                mode = stat_module.S_IMODE(st.st_mode)
 
                 def setattr_(t: int) -> c.Message:
-                    return c.Tsetattr(t, fid, valid, stat_module.S_IMODE(st.st_mode), 0, 0, 0,
-                                      *atime, *mtime)
+                    return c.Tsetattr(t, fid, valid, mode, 0, 0, 0, *atime, *mtime)
 
                 steps.append((setattr_, c.Rsetattr))
             return tuple(steps)
 
-        self._check_open()
-        self._process_deferred()
-        chain = self._start_walk_chain(display, parts[:-1], after)
-        if chain is None:
-            return None
-        got = self._finish_walk_chain(chain, display, parts[:-1], True)
+        return display, parts[:-1], after
+
+    def _create_outcome(
+        self,
+        chain: Chain,
+        plan: tuple[str, list[str], Callable[[int], Sequence[Step]]],
+        data: bytes,
+        no_clobber: bool,
+        progress: _Progress,
+    ) -> Literal["done", "overwrite"] | None:
+        """What the chain of :meth:`_create_plan` did (see :meth:`_create_small`)."""
+        display, parent, _ = plan
+        got = self._finish_walk_chain(chain, display, parent, True)
         if got is None:
             return None
         qids, outcomes = got
@@ -2541,7 +2667,7 @@ class Client:
         created = outcomes[0]
         if isinstance(created, FileExistsError):
             if no_clobber:
-                log.info("copy_in: not replacing %s", rpath)
+                log.info("copy_in: not replacing %s", display)
                 return "done"
             return None
         for outcome in outcomes:
@@ -2759,6 +2885,40 @@ def _scan_local(
             else:
                 log.warning("copy_in: skipping %s (%s)", entry.path, _kind(st.st_mode))
     return root, total
+
+
+def _read_local_small(
+    lpath: str, limit: int
+) -> tuple[os.stat_result, bytes] | Literal["skip"] | None:
+    """The attributes and data of the local regular file *lpath* (a link is
+    not followed) if it holds at most *limit* bytes; ``None`` if larger;
+    ``"skip"`` (logged) if it is not a regular file."""
+    st = os.stat(lpath, follow_symlinks=False)
+    if not stat_module.S_ISREG(st.st_mode):
+        log.warning("copy_in: skipping %s (%s)", lpath, _kind(st.st_mode))
+        return "skip"
+    if st.st_size > limit:
+        return None
+    fd = os.open(lpath, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if not stat_module.S_ISREG(st.st_mode):
+            log.warning("copy_in: skipping %s (%s)", lpath, _kind(st.st_mode))
+            return "skip"
+        os.set_blocking(fd, True)
+        chunks = []
+        got = 0
+        while got <= limit:
+            chunk = os.read(fd, limit + 1 - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    finally:
+        os.close(fd)
+    if got > limit:
+        return None
+    return st, b"".join(chunks)
 
 
 def _kind(mode: int) -> str:

@@ -971,43 +971,75 @@ class ClientSession:
         :raises TimeoutError: no free tags in time (nothing was sent; the
             *clunk* fid is still the caller's)
         """
+        return self.chain_many([(steps, path, clunk)], timeout=timeout)[0]
+
+    def chain_many(
+        self,
+        specs: Sequence[tuple[Sequence[Step], str | None, int | None]],
+        *,
+        timeout: _TimeoutArg = _DEFAULT,
+    ) -> list[Chain]:
+        """Several :meth:`chain` calls at once: ``(steps, path, clunk)`` each.
+
+        Each chain is on one ring (successive chains on successive rings);
+        all their requests go to the transport in one batch
+        (:meth:`Wire.submit_many`: one notification per ring).
+
+        :raises TimeoutError: no free tags in time (nothing was sent; the
+            *clunk* fids are still the caller's)
+        """
         self.check_open()
         if self._clunks:
             self._expire_clunks()
         tmo = self.timeout if timeout is _DEFAULT else timeout
-        count = len(steps) + (clunk is not None)
-        tags = self.tags.acquire_group(count, self.wire.num_rings, tmo)
-        messages: list[c.Message] = []
+        groups: list[list[int]] = []
+        messages: list[list[c.Message]] = []
         datas: list[Pieces] = []
         try:
-            for tag, (make, _) in zip(tags, steps, strict=False):
-                message = make(tag)
-                data = c.encode(message)
-                if len(data) > self.msize:
-                    raise ProtocolError(
-                        f"{type(message).__name__} of {len(data)} bytes exceeds the msize"
-                        f" {self.msize}"
-                    )
-                messages.append(message)
-                datas.append(data)
-            if clunk is not None:
-                datas.append(c.encode(c.Tclunk(tags[-1], clunk)))
+            for steps, _, clunk in specs:
+                count = len(steps) + (clunk is not None)
+                tags = self.tags.acquire_group(count, self.wire.num_rings, tmo)
+                groups.append(tags)
+                encoded: list[c.Message] = []
+                for tag, (make, _) in zip(tags, steps, strict=False):
+                    message = make(tag)
+                    data = c.encode(message)
+                    if len(data) > self.msize:
+                        raise ProtocolError(
+                            f"{type(message).__name__} of {len(data)} bytes exceeds the msize"
+                            f" {self.msize}"
+                        )
+                    encoded.append(message)
+                    datas.append(data)
+                if clunk is not None:
+                    datas.append(c.encode(c.Tclunk(tags[-1], clunk)))
+                messages.append(encoded)
         except BaseException:
-            for tag in tags:
-                self.tags.release(tag)
+            for tags in groups:
+                for tag in tags:
+                    self.tags.release(tag)
             raise
         futures, failure = self.wire.submit_many(datas, timeout=tmo)
-        chain = Chain(self, steps, messages, tags, futures[: len(steps)], failure, path, tmo, clunk)
-        chain.sent = len(futures)
-        if clunk is not None:
-            if len(futures) == count:
-                deadline = None if tmo is None else time.monotonic() + tmo
-                self._background_clunk(clunk, tags[-1], futures[-1], deadline)
-            elif isinstance(failure, _Uncertain):
-                self.tags.quarantine(tags[-1])
-            else:
-                self.tags.release(tags[-1])
-        return chain
+        chains: list[Chain] = []
+        at = 0
+        for (steps, path, clunk), tags, encoded in zip(specs, groups, messages, strict=True):
+            count = len(tags)
+            mine = futures[at : at + count]
+            at += count
+            chain = Chain(
+                self, steps, encoded, tags, mine[: len(steps)], failure, path, tmo, clunk
+            )
+            chain.sent = len(mine)
+            chains.append(chain)
+            if clunk is not None:
+                if len(mine) == count:
+                    deadline = None if tmo is None else time.monotonic() + tmo
+                    self._background_clunk(clunk, tags[-1], mine[-1], deadline)
+                elif isinstance(failure, _Uncertain):
+                    self.tags.quarantine(tags[-1])
+                else:
+                    self.tags.release(tags[-1])
+        return chains
 
     def _background_clunk(
         self, fid: int, tag: int, future: Future[bytes], deadline: float | None
