@@ -532,12 +532,12 @@ def test_copy_in_keeps_on_error_semantics(root: Path, kind: str, tmp_path: Path)
 # The simulated Xen (two rings) and a socket
 
 
-@pytest.fixture
-def simxen(root: Path) -> Iterator[Client]:
+@pytest.fixture(params=[1, 2])
+def simxen(root: Path, request: pytest.FixtureRequest) -> Iterator[Client]:
     server = FileServer(root)
     try:
         with machine(handler=server.handle) as m:
-            fe = m.connect(rings=2)
+            fe = m.connect(rings=request.param)
             with Client(fe, aname=str(root), timeout=20) as client:
                 yield client
             assert m.xen.resources(FE_DOMID).clean
