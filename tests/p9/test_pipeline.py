@@ -532,28 +532,21 @@ def test_copy_in_keeps_on_error_semantics(root: Path, kind: str, tmp_path: Path)
 # The simulated Xen (two rings) and a socket
 
 
-@pytest.fixture(params=[1, 2])
-def simxen(root: Path, request: pytest.FixtureRequest) -> Iterator[Client]:
+@pytest.fixture(params=["simxen-1ring", "simxen-2rings", "socket"])
+def any_client(root: Path, request: pytest.FixtureRequest) -> Iterator[Client]:
+    if request.param == "socket":
+        with HostileServer(root) as hostile, hostile.client_over_socket(pipeline=True) as client:
+            yield client
+        return
     server = FileServer(root)
     try:
         with machine(handler=server.handle) as m:
-            fe = m.connect(rings=request.param)
+            fe = m.connect(rings=1 if request.param == "simxen-1ring" else 2)
             with Client(fe, aname=str(root), timeout=20) as client:
                 yield client
             assert m.xen.resources(FE_DOMID).clean
     finally:
         server.close()
-
-
-@pytest.fixture
-def socket_client(root: Path) -> Iterator[Client]:
-    with HostileServer(root) as server, server.client_over_socket(pipeline=True) as client:
-        yield client
-
-
-@pytest.fixture(params=["simxen", "socket_client"])
-def any_client(request: pytest.FixtureRequest) -> Client:
-    return request.getfixturevalue(request.param)  # type: ignore[no-any-return]
 
 
 def test_pipelined_paths_end_to_end(any_client: Client, root: Path, tmp_path: Path) -> None:
