@@ -595,7 +595,7 @@ class Client:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"msize={self.msize}"
-        return f"<Client {self.aname or '/'!r} {state} fids={self.fid_count}>"
+        return f"<Client {self.aname or '/'!r} {state} fids={self._fids.count}>"
 
     def close(self) -> None:
         """Clunk every fid the client holds, close the transport if it owns it (idempotent)."""
