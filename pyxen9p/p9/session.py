@@ -507,7 +507,7 @@ class Wire:
 
     def submit_many(
         self, messages: Sequence[Pieces], *, timeout: float | None
-    ) -> tuple[list[Future[bytes]], BaseException | None]:
+    ) -> tuple[list[Future[bytes]], BaseException | _Uncertain | None]:
         """Send *messages* in order: the futures of those sent, and why the
         rest were not (``None``: all were).
 
@@ -530,11 +530,12 @@ class Wire:
         return futures, None
 
 
-class _Uncertain(Exception):
-    """A batch the transport refused: some of it may have been sent."""
+class _Uncertain:
+    """Why a batch the transport refused was not sent: some of it may have been."""
+
+    __slots__ = ("cause",)
 
     def __init__(self, cause: BaseException) -> None:
-        super().__init__(str(cause))
         self.cause = cause
 
 
@@ -571,7 +572,7 @@ class Chain:
         messages: list[c.Message],
         tags: list[int],
         futures: list[Future[bytes]],
-        failure: BaseException | None,
+        failure: BaseException | _Uncertain | None,
         path: str | None,
         timeout: float | None,
         clunk: int | None,

@@ -581,3 +581,49 @@ def test_pipelined_paths_end_to_end(any_client: Client, root: Path, tmp_path: Pa
         client.rmtree("/")
     assert info.value.errno == errno.EBUSY
     assert client.fid_count == 1 and client.tags_in_use == 0
+
+
+# --------------------------------------------------------------------------
+# A transport that refuses part of a chain
+
+
+def test_a_batch_refused_as_a_whole_gives_up_its_fid_and_tags(root: Path) -> None:
+    server, transport, client = scripted(root, "new")
+    with server, client:
+        real = transport.submit_many
+
+        def refuse(messages: list[Any], *, timeout: float | None = None) -> list[Future[bytes]]:
+            raise TimeoutError(errno.ETIMEDOUT, "no room on the ring")
+
+        transport.submit_many = refuse  # type: ignore[method-assign]
+        with pytest.raises(TimeoutError):
+            client.stat("f")
+        # it may have been sent in part: the fid and the tags are never reused
+        assert client.lost_fids == 1 and client.fid_count == 1
+        assert len(client.stuck_tags) == 3
+        transport.submit_many = real  # type: ignore[method-assign]
+        assert client.stat("f").st_size == 5
+        assert client.fid_count == 1
+
+
+def test_a_chain_sent_in_part_is_cleaned_up(root: Path) -> None:
+    server, transport, client = scripted(root, "old")
+    with server, client:
+        real = transport.submit
+        calls = []
+
+        def second_fails(message: bytes, *, timeout: float | None = None) -> Future[bytes]:
+            calls.append(message[4])
+            if len(calls) == 2:
+                raise TimeoutError(errno.ETIMEDOUT, "no room on the ring")
+            return real(message, timeout=timeout)
+
+        transport.submit = second_fails  # type: ignore[method-assign]
+        with pytest.raises(TimeoutError):
+            client.stat("f")  # the walk went out, the getattr did not
+        transport.submit = real  # type: ignore[method-assign]
+        # the Tclunk that was not sent with the chain was sent on its own
+        assert client.fid_count == 1 and client.lost_fids == 0
+        assert client.tags_in_use == 0 and not client.stuck_tags
+        assert isinstance(transport.sent[-1], c.Tclunk)
+        assert client.stat("f").st_size == 5
