@@ -454,9 +454,9 @@ class Wire:
     :param ordered: the server processes each ring's requests one after
         another in the ring's order (QEMU's backend, xen-9pfsd, pyxen9p's
         server on a stream); ``None``: the transport's ``in_order`` attribute
-        if it has one, else ``True`` for a transport with rings (a Xen
-        frontend) and ``False`` otherwise (diod, for one, runs a
-        connection's requests on several threads)
+        if it has one, else ``True`` for a Xen frontend (a transport with a
+        ``ring_order``) and ``False`` otherwise (a stream: diod, for one,
+        runs a connection's requests on several threads)
 
     :ivar num_rings: the transport's rings
     :ivar into: the transport reads Rread data into the caller's buffer (and
@@ -477,7 +477,12 @@ class Wire:
         self.batch = self.asynchronous and callable(getattr(transport, "submit_many", None))
         if ordered is None:
             declared = getattr(transport, "in_order", None)
-            ordered = declared if isinstance(declared, bool) else isinstance(rings, int)
+            if isinstance(declared, bool):
+                ordered = declared
+            else:
+                # FALLBACK until transports say it (in_order): a Xen frontend
+                # (it has a ring order) is served in order, a stream may not be
+                ordered = isinstance(getattr(transport, "ring_order", None), int)
         self.ordered = bool(ordered) and self.asynchronous
 
     def submit(

@@ -257,6 +257,10 @@ def test_the_wire_detects_what_the_transport_offers(root: Path) -> None:
             wire = Wire(new)
             assert (wire.into, wire.batch, wire.num_rings) == (True, True, 3)
             assert Wire(new, ordered=False).ordered is False
+            new.in_order = None  # type: ignore[assignment]  # says nothing
+            assert Wire(new).ordered is False  # rings alone do not say it
+            new.ring_order = 8  # type: ignore[attr-defined]
+            assert Wire(new).ordered is True  # a Xen frontend
         finally:
             old.close()
             new.close()
