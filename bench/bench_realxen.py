@@ -14,6 +14,24 @@ a device whose frontend is outside ``device/``, driven by pyxen9p
     seq_read: pyxen9p=... MB/s kernel=... MB/s ratio=...
     stat: pyxen9p=... op/s kernel=... op/s ratio=...
     small_read: pyxen9p=... op/s kernel=... op/s ratio=...
+    ls_l: pyxen9p=... entry/s kernel=... entry/s ratio=...
+
+``ls_l`` lists a directory of ``--entries`` files with the attributes of
+each, as ``ls -l`` does: on the kernel's mount :func:`os.scandir` and
+:func:`os.lstat` of each entry, with pyxen9p its
+:meth:`~pyxen9p.p9.client.Client.scandir` and
+:meth:`~pyxen9p.p9.client.DirEntry.stat` of each entry.  After each result
+line a ``#`` line gives the median process CPU time per unit of each side
+(all threads), and for the two sequential lines one more splits it into
+user and system time per MB::
+
+    # seq_read: CPU per MB (process): pyxen9p=... ms (user ... + sys ...)
+      kernel=... ms (user ... + sys ...)
+
+(one line).
+The kernel's frontend runs in the reading process's system calls, so its
+work is the kernel side's system time; QEMU's CPU (the same backend for
+both sides) is in neither figure.
 
 ``cache=none`` makes every ``read``/``write``/``stat`` on the kernel's mount
 a 9P request: the transport is measured, not the page cache.  The kernel is
@@ -31,11 +49,15 @@ bench/bench_realxen.py``.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
+import statistics
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -64,6 +86,58 @@ CHUNK = 1 << 20
 SMALL = 4096
 
 
+class CpuSplit:
+    """User and system CPU seconds of the process, per repetition (see :meth:`measure`)."""
+
+    def __init__(self) -> None:
+        self.user: list[float] = []
+        self.system: list[float] = []
+
+    @contextmanager
+    def measure(self) -> Iterator[None]:
+        """Record the process's user and system time spent in the block."""
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        yield
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        self.user.append(after.ru_utime - before.ru_utime)
+        self.system.append(after.ru_stime - before.ru_stime)
+
+    def per_unit_ms(self, units: float) -> tuple[float, float]:
+        """Median user and system milliseconds per unit."""
+        if not self.user:
+            return 0.0, 0.0
+        return (statistics.median(self.user) * 1e3 / units,
+                statistics.median(self.system) * 1e3 / units)
+
+
+def cpu_split_line(name: str, per: str, units: float, sides: dict[str, CpuSplit]) -> str:
+    """``# <name>: CPU per <per> (process): <side>=<total> ms (user <u> + sys <s>) ...``."""
+    parts = []
+    for label, split in sides.items():
+        user, system = split.per_unit_ms(units)
+        parts.append(f"{label}={user + system:.2f} ms (user {user:.2f} + sys {system:.2f})")
+    return f"# {name}: CPU per {per} (process): {' '.join(parts)}"
+
+
+def kernel_ls_l(directory: Path) -> int:
+    """``ls -l`` on the kernel's mount: the entries, each lstat'ed; their count."""
+    count = 0
+    with os.scandir(directory) as it:
+        for entry in it:
+            os.lstat(entry.path)
+            count += 1
+    return count
+
+
+def pyxen9p_ls_l(client: Any, directory: str) -> int:
+    """``ls -l`` with pyxen9p: scandir and each entry's attributes; their count."""
+    count = 0
+    for entry in client.scandir(directory):
+        entry.stat(follow_symlinks=False)
+        count += 1
+    return count
+
+
 def _kernel_write(path: Path, data: memoryview) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -90,13 +164,16 @@ def _kernel_read(path: Path, buf: bytearray) -> int:
         os.close(fd)
 
 
-def run(args_size_mib: int, ops: int, kernel_msize: int | None, options: Options) -> list[Result]:
+def run(
+    args_size_mib: int, ops: int, kernel_msize: int | None, options: Options, entries: int = 1000
+) -> list[Result]:
     """Set both frontends up on a fresh dom0 directory, measure, tear everything down.
 
     :param args_size_mib: size of the sequential file in MiB
     :param ops: operations per repetition of the small-operation benchmarks
     :param kernel_msize: the kernel mount's msize (``None``: pyxen9p's)
-    :returns: the four results
+    :param entries: files in the directory of the ``ls_l`` benchmark
+    :returns: the five results
     """
     out = sys.stdout
     base = Path("/srv/share")
@@ -123,25 +200,40 @@ def run(args_size_mib: int, ops: int, kernel_msize: int | None, options: Options
                 )
                 comment(
                     f"file {size} bytes in {CHUNK}-byte calls; {ops} ops of each small kind;"
-                    f" {options.repeat} repetitions (median), {options.warmup} warm-up",
+                    f" {entries} entries listed; {options.repeat} repetitions (median),"
+                    f" {options.warmup} warm-up; pipelined={client.pipelined}",
                     out,
                 )
                 (share / "small").write_bytes(small)
+                listing = share / "listing"
+                listing.mkdir()
+                for i in range(entries):
+                    (listing / f"entry{i:05d}").write_bytes(b"x" * (i % 100))
+                cpu = {name: {"pyxen9p": CpuSplit(), "kernel": CpuSplit()}
+                       for name in ("seq_write", "seq_read")}
 
                 def p_write() -> Sample:
-                    with timed(size / MB) as t, client.open("seq-p", "wb", buffering=0) as f:
+                    with (
+                        cpu["seq_write"]["pyxen9p"].measure(),
+                        timed(size / MB) as t,
+                        client.open("seq-p", "wb", buffering=0) as f,
+                    ):
                         for at in range(0, size, CHUNK):
                             f.write(data[at : at + CHUNK])
                     return t.sample
 
                 def k_write() -> Sample:
-                    with timed(size / MB) as t:
+                    with cpu["seq_write"]["kernel"].measure(), timed(size / MB) as t:
                         _kernel_write(mnt / "seq-k", data)
                     return t.sample
 
                 def p_read() -> Sample:
                     total = 0
-                    with timed(size / MB) as t, client.open("seq-p", "rb", buffering=0) as f:
+                    with (
+                        cpu["seq_read"]["pyxen9p"].measure(),
+                        timed(size / MB) as t,
+                        client.open("seq-p", "rb", buffering=0) as f,
+                    ):
                         while n := f.readinto(buf):
                             total += n
                     if total != size:
@@ -149,7 +241,7 @@ def run(args_size_mib: int, ops: int, kernel_msize: int | None, options: Options
                     return t.sample
 
                 def k_read() -> Sample:
-                    with timed(size / MB) as t:
+                    with cpu["seq_read"]["kernel"].measure(), timed(size / MB) as t:
                         total = _kernel_read(mnt / "seq-k", buf)
                     if total != size:
                         raise RuntimeError(f"the kernel read {total} bytes of {size}")
@@ -186,21 +278,44 @@ def run(args_size_mib: int, ops: int, kernel_msize: int | None, options: Options
                         raise RuntimeError("the kernel read the small file wrong")
                     return t.sample
 
+                def p_ls() -> Sample:
+                    with timed(entries) as t:
+                        n = pyxen9p_ls_l(client, "listing")
+                    if n != entries:
+                        raise RuntimeError(f"pyxen9p listed {n} entries of {entries}")
+                    return t.sample
+
+                def k_ls() -> Sample:
+                    with timed(entries) as t:
+                        n = kernel_ls_l(mnt / "listing")
+                    if n != entries:
+                        raise RuntimeError(f"the kernel listed {n} entries of {entries}")
+                    return t.sample
+
                 plan: list[tuple[str, str, Callable[[], Sample], Callable[[], Sample]]] = [
                     ("seq_write", "MB", p_write, k_write),
                     ("seq_read", "MB", p_read, k_read),
                     ("stat", "op", p_stat, k_stat),
                     ("small_read", "op", p_small, k_small),
+                    ("ls_l", "entry", p_ls, k_ls),
                 ]
                 for name, per, subject, reference in plan:
                     sub, ref = measure_pair(subject, reference, options)
                     result = Result(
                         name, "pyxen9p", "kernel", per, sub, ref,
                         {"size": size, "chunk": CHUNK, "ops": ops, "small": SMALL,
-                         "pyxen9p_msize": client.msize, "kernel_msize": km.msize},
+                         "entries": entries, "pyxen9p_msize": client.msize,
+                         "kernel_msize": km.msize},
                     )  # fmt: skip
                     print(result.line(), file=out, flush=True)
                     print(result.cpu_line(), file=out, flush=True)
+                    if name in cpu:
+                        line = cpu_split_line(name, "MB", size / MB, cpu[name])
+                        print(line, file=out, flush=True)
+                        for label, split in cpu[name].items():
+                            user, system = split.per_unit_ms(size / MB)
+                            result.params[f"{label}_user_ms_per_mb"] = user
+                            result.params[f"{label}_sys_ms_per_mb"] = system
                     results.append(result)
                     if name == "seq_write":
                         # both files hold what was written (checked once, untimed)
@@ -221,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="sequential file size in MiB (default 16; 2 with --quick)")
     parser.add_argument("--ops", type=int, default=None,
                         help="small operations per repetition (default 100; 20 with --quick)")
+    parser.add_argument("--entries", type=int, default=None,
+                        help="files listed by ls_l (default 1000; 50 with --quick)")
     parser.add_argument("--kernel-msize", type=int, default=None,
                         help="msize of the kernel mount (default: the msize pyxen9p negotiated)")
     parser.set_defaults(repeat=None)
@@ -232,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("bench_realxen.py runs in dom0 of a real Xen (see its --help)")
     size = args.size_mib or (2 if options.quick else 16)
     ops = args.ops or (20 if options.quick else 100)
-    results = run(size, ops, args.kernel_msize, options)
+    entries = args.entries or (50 if options.quick else 1000)
+    results = run(size, ops, args.kernel_msize, options, entries)
     report(results, args.json, sys.stdout)
     return 0
 

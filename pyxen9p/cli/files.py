@@ -402,18 +402,7 @@ def cmd_mkdir(ctx: _Context) -> None:
 
 def _rmtree(fs: Client, top: str) -> None:
     """Remove the directory *top* and everything below it (links are not followed)."""
-    stack = [(top, False)]
-    while stack:
-        path, emptied = stack.pop()
-        if emptied:
-            fs.rmdir(path)
-            continue
-        stack.append((path, True))
-        for entry in fs.scandir(path):
-            if entry.is_dir(follow_symlinks=False):
-                stack.append((entry.path, False))
-            else:
-                fs.remove(entry.path)
+    fs.rmtree(top)
 
 
 def cmd_rm(ctx: _Context) -> None:

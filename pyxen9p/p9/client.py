@@ -72,7 +72,7 @@ from pyxen9p.p9 import _dotu
 from pyxen9p.p9 import codec as c
 from pyxen9p.p9.codec import ProtocolError
 from pyxen9p.p9.files import OpenMode, RemoteFileIO, parse_mode
-from pyxen9p.p9.session import _DEFAULT, ClientSession, _TimeoutArg
+from pyxen9p.p9.session import _DEFAULT, Chain, ClientSession, Outcome, Step, _TimeoutArg
 from pyxen9p.p9.transport import StreamTransport, Transport
 
 __all__ = [
@@ -105,6 +105,14 @@ DEFAULT_WINDOW = 8
 DEFAULT_MAX_READ = 1 << 30
 #: Default :attr:`Client.max_entries`: the most entries one directory listing takes.
 DEFAULT_MAX_ENTRIES = 1_000_000
+#: Default :attr:`Client.batch`: compound operations (a stat's walk + getattr
+#: + clunk, an unlink) kept in flight by the operations on many entries
+#: (attributes of a listing, removal of a tree).
+DEFAULT_BATCH = 32
+#: Default :attr:`Client.tree_workers`: files of a tree copied at once by :meth:`Client.copy_in`.
+DEFAULT_TREE_WORKERS = 16
+#: Entries of a listing whose attributes :meth:`DirEntry.stat` asks for together.
+_PREFETCH = 256
 _FALLBACK_ERRNOS = frozenset({errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
 #: The ``version`` choices of :class:`Client`.
 VERSIONS = ("auto", c.VERSION_9P2000_L, c.VERSION_9P2000_U)
@@ -165,7 +173,11 @@ class DirEntry:
 
     The type comes from the Rreaddir entry; :meth:`stat` (and the ``is_*``
     methods when the type is unknown, or a link must be followed) ask the
-    server with Tgetattr and cache the answer.
+    server with Tgetattr and cache the answer.  Over a transport that
+    pipelines (:attr:`Client.pipelined`), the first :meth:`stat` of an entry
+    not yet known asks for the attributes of up to 256 entries of the same
+    listing at once (each a walk + getattr + clunk on one ring, many in
+    flight), as ``ls -l`` needs them.
 
     :ivar name: the entry's name
     :ivar path: the scanned directory's path joined with :attr:`name`
@@ -173,7 +185,9 @@ class DirEntry:
     :ivar qid: the entry's qid
     """
 
-    __slots__ = ("_client", "_lstat", "_stat", "d_type", "name", "path", "qid")
+    __slots__ = (
+        "_client", "_index", "_lstat", "_siblings", "_stat", "d_type", "name", "path", "qid",
+    )  # fmt: skip
 
     def __init__(self, client: Client, directory: str, dirent: c.Dirent) -> None:
         self._client = client
@@ -183,6 +197,8 @@ class DirEntry:
         self.qid = dirent.qid
         self._stat: os.stat_result | None = None
         self._lstat: os.stat_result | None = None
+        self._siblings: list[DirEntry] | None = None
+        self._index = 0
 
     def inode(self) -> int:
         """The inode number: the qid's path."""
@@ -196,6 +212,8 @@ class DirEntry:
             if self._stat is None:
                 self._stat = self._client.stat(self.path)
             return self._stat
+        if self._lstat is None and self._siblings is not None:
+            self._client._prefetch_lstat(self._siblings, self._index)
         if self._lstat is None:
             self._lstat = self._client.lstat(self.path)
         return self._lstat
@@ -261,11 +279,13 @@ class _Progress:
     total: int
     callback: ProgressCallback | None
     done: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, n: int) -> None:
-        self.done += n
-        if self.callback is not None:
-            self.callback(self.done, self.total)
+        with self.lock:  # files of a tree are copied by several threads
+            self.done += n
+            if self.callback is not None:
+                self.callback(self.done, self.total)
 
 
 class CopyError(Pyxen9pError, OSError):
@@ -338,6 +358,14 @@ class Client:
         directories (like the process umask for :func:`os.open`)
     :param close_transport: close *transport* with the client (also when the
         constructor fails)
+    :param pipeline: write compound operations (walk + getattr + clunk for a
+        :meth:`stat`, walk + getattr + open + read + clunk for a small
+        :meth:`read_bytes`) back to back on one ring, waiting once.  Only
+        for a server that runs each ring's requests in order (QEMU's
+        backend, xen-9pfsd, pyxen9p's own server); ``None`` (default): as
+        the transport says (yes for a Xen frontend, no for a stream, whose
+        server may run a connection's requests on several threads).  Never
+        over 9P2000.u
     :param version: the 9P dialect, as Linux's ``version=`` mount option:
         ``"9P2000.L"``, ``"9P2000.u"`` (xen-9pfsd's), or ``"auto"`` (default):
         9P2000.L, else 9P2000.u if the server refuses it.  Over 9P2000.u
@@ -371,12 +399,20 @@ class Client:
         umask: int = 0o022,
         close_transport: bool = True,
         version: str = "auto",
+        pipeline: bool | None = None,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
         if version not in VERSIONS:
             raise ValueError(f"version must be one of {', '.join(VERSIONS)}, not {version!r}")
-        self._session = ClientSession(transport, timeout=timeout, flush_timeout=flush_timeout)
+        self._session = ClientSession(
+            transport, timeout=timeout, flush_timeout=flush_timeout, pipeline=pipeline
+        )
+        #: Compound operations kept in flight by operations on many entries.
+        self.batch = DEFAULT_BATCH
+        #: Files copied at once by a tree copy (:meth:`copy_in`).
+        self.tree_workers = DEFAULT_TREE_WORKERS
+        self._tree_executor: ThreadPoolExecutor | None = None
         self._close_transport = close_transport
         self.window = window
         self.max_read = max_read
@@ -509,8 +545,20 @@ class Client:
 
     @property
     def fid_count(self) -> int:
-        """Fids currently in use, the attach root's included (1 when idle)."""
+        """Fids currently in use, the attach root's included (1 when idle).
+
+        Waits first for the Tclunks still in flight (those of pipelined
+        operations, which return without waiting for them), giving up any
+        not answered within :attr:`timeout`.
+        """
+        self._session.drain_clunks(self.timeout)
         return self._fids.count
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether compound operations are written back to back on one ring
+        (see the ``pipeline`` parameter)."""
+        return self._session.pipelined
 
     @property
     def lost_fids(self) -> int:
@@ -547,7 +595,7 @@ class Client:
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"msize={self.msize}"
-        return f"<Client {self.aname or '/'!r} {state} fids={self.fid_count}>"
+        return f"<Client {self.aname or '/'!r} {state} fids={self._fids.count}>"
 
     def close(self) -> None:
         """Clunk every fid the client holds, close the transport if it owns it (idempotent)."""
@@ -559,6 +607,9 @@ class Client:
             if self._executor is not None:
                 self._executor.shutdown(wait=True, cancel_futures=True)
                 self._executor = None
+            if self._tree_executor is not None:
+                self._tree_executor.shutdown(wait=True, cancel_futures=True)
+                self._tree_executor = None
 
     # --- requests --------------------------------------------------------------
 
@@ -718,6 +769,197 @@ class Client:
         finally:
             self._clunk_quiet(dirfid)
 
+    # --- pipelined compound operations ------------------------------------------
+
+    def _start_walk_chain(
+        self, display: str, parts: list[str], after: Callable[[int], Sequence[Step]]
+    ) -> Chain | None:
+        """Twalk from the root to a new fid, ``after(newfid)``'s steps, and a
+        Tclunk of the new fid, back to back on one ring.
+
+        :returns: the chain, or ``None`` when the path must be walked the
+            sequential way (more names than one Twalk takes)
+        """
+        return self._start_walk_chains([(display, parts, after)])[0]
+
+    def _start_walk_chains(
+        self, items: Sequence[tuple[str, list[str], Callable[[int], Sequence[Step]]]]
+    ) -> list[Chain | None]:
+        """:meth:`_start_walk_chain` of each ``(display, parts, after)``, all
+        sent to the transport in one batch."""
+        specs: list[tuple[Sequence[Step], str | None, int | None]] = []
+        fids: list[int] = []
+        walkable = [len(parts) <= c.MAXWELEM for _, parts, _ in items]
+        try:
+            for (display, parts, after), ok in zip(items, walkable, strict=True):
+                if not ok:
+                    continue
+                newfid = self._fids.acquire()
+                fids.append(newfid)
+                walk = functools.partial(
+                    c.Twalk, fid=self._root_fid, newfid=newfid, wnames=tuple(parts)
+                )
+                specs.append(([(walk, c.Rwalk), *after(newfid)], display, newfid))
+            chains = iter(self._session.chain_many(specs) if specs else [])
+        except BaseException:
+            for fid in fids:
+                self._fids.release(fid)  # nothing was sent
+            raise
+        return [next(chains) if ok else None for ok in walkable]
+
+    def _finish_walk_chain(
+        self, chain: Chain, display: str, parts: list[str], follow: bool
+    ) -> tuple[list[c.Qid], list[Outcome]] | None:
+        """The walk's qids and the later steps' outcomes of a chain of
+        :meth:`_start_walk_chain`.
+
+        A failure maps to the first failing step: the walk's own error, or
+        ``ENOENT`` (``ENOTDIR``) for a walk that stopped short.
+
+        :returns: ``None`` when a symbolic link is on the way (the client
+            resolves links: the sequential way)
+        """
+        outcomes = chain.finish()
+        walk = outcomes[0]
+        if isinstance(walk, BaseException):
+            raise walk
+        assert isinstance(walk, c.Rwalk)
+        qids = list(walk.wqids)
+        if len(qids) > len(parts):
+            raise ProtocolError(f"Rwalk has {len(qids)} qids for {len(parts)} names")
+        limit = len(parts) if follow else len(parts) - 1
+        if any(q.type & c.QTSYMLINK for q in qids[:limit]):
+            return None
+        if len(qids) < len(parts):
+            if qids and not qids[-1].type & c.QTDIR:
+                raise _local_error(errno.ENOTDIR, display)
+            raise _local_error(errno.ENOENT, display)
+        return qids, outcomes[1:]
+
+    def _walk_chain(
+        self, path: PathArg, follow: bool, after: Callable[[int], Sequence[Step]]
+    ) -> tuple[str, list[c.Qid], list[Outcome]] | None:
+        """:meth:`_start_walk_chain` and :meth:`_finish_walk_chain` of *path*.
+
+        :returns: ``(display, qids, outcomes)``, or ``None``: the sequential way
+        """
+        self._check_open()
+        self._process_deferred()
+        display = _display(path)
+        parts = _normalize(display.split("/"))
+        chain = self._start_walk_chain(display, parts, after)
+        if chain is None:
+            return None
+        got = self._finish_walk_chain(chain, display, parts, follow)
+        return None if got is None else (display, *got)
+
+    def _lookup_qid(self, path: PathArg, follow: bool) -> c.Qid:
+        """The qid of *path* (a walk and a clunk, pipelined when possible)."""
+        if self._session.pipelined:
+            got = self._walk_chain(path, follow, lambda fid: ())
+            if got is not None:
+                _, qids, _ = got
+                return qids[-1] if qids else self.root_qid
+        fid, qid, _ = self._lookup(path, follow=follow)
+        self._clunk_quiet(fid)
+        return qid
+
+    def _stat_chain(self, path: PathArg, follow: bool) -> os.stat_result | None:
+        """Walk + getattr + clunk of *path* on one ring; ``None``: the sequential way."""
+        got = self._walk_chain(path, follow, _getattr_step)
+        if got is None:
+            return None
+        r = got[2][0]
+        if isinstance(r, BaseException):
+            raise r
+        assert isinstance(r, c.Rgetattr)
+        return _stat_result(r)
+
+    def _stat_many(
+        self, paths: Sequence[str], follow: bool
+    ) -> list[os.stat_result | OSError | ValueError]:
+        """The attributes of each of *paths* (or why not), in order.
+
+        Pipelined: up to :attr:`batch` walk + getattr + clunk chains in
+        flight, spread over the rings; otherwise one :meth:`stat` after
+        another.  A failed transport is raised.
+        """
+        results: list[os.stat_result | OSError | ValueError] = []
+
+        def one(path: str) -> os.stat_result | OSError | ValueError:
+            try:
+                return self.stat(path, follow_symlinks=follow)
+            except TransportError:
+                raise
+            except (OSError, ValueError) as exc:
+                return exc
+
+        if not self._session.pipelined:
+            return [one(p) for p in paths]
+        self._check_open()
+        self._process_deferred()
+        started: deque[tuple[str, list[str], Chain | None]] = deque()
+
+        def settle() -> None:
+            display, parts, chain = started.popleft()
+            if chain is None:
+                results.append(one(display))
+                return
+            try:
+                got = self._finish_walk_chain(chain, display, parts, follow)
+                if got is None:
+                    results.append(one(display))
+                    return
+                r = got[1][0]
+                if isinstance(r, BaseException):
+                    raise r
+                assert isinstance(r, c.Rgetattr)
+                results.append(_stat_result(r))
+            except TransportError:
+                raise
+            except (OSError, ValueError) as exc:
+                results.append(exc)
+
+        batch = max(self.batch, 1)
+        try:
+            for at in range(0, len(paths), batch):
+                items = []
+                for path in paths[at : at + batch]:
+                    display = _display(path)
+                    items.append((display, _normalize(display.split("/")), _getattr_step))
+                chains = self._start_walk_chains(items)
+                started.extend(
+                    (display, parts, chain)
+                    for (display, parts, _), chain in zip(items, chains, strict=True)
+                )
+                while started:
+                    settle()
+        finally:
+            for _, _, chain in started:  # left after a failure: their fids and tags
+                if chain is not None:
+                    with contextlib.suppress(BaseException):
+                        chain.finish()
+        return results
+
+    def _prefetch_lstat(self, entries: list[DirEntry], index: int) -> None:
+        """Ask at once for the attributes of up to 256 entries of a listing
+        from *index* on (wrapping around) not known yet (pipelined only)."""
+        if not self._session.pipelined:
+            return
+        wanted: list[DirEntry] = []
+        n = len(entries)
+        for k in range(n):
+            entry = entries[(index + k) % n]
+            if entry._lstat is None:
+                wanted.append(entry)
+                if len(wanted) >= _PREFETCH:
+                    break
+        if len(wanted) < 2:
+            return
+        for entry, st in zip(wanted, self._stat_many([e.path for e in wanted], False), strict=True):
+            if isinstance(st, os.stat_result):
+                entry._lstat = st
+
     # --- attributes ------------------------------------------------------------
 
     def _getattr_fid(self, fid: int, path: str) -> os.stat_result:
@@ -768,7 +1010,15 @@ class Client:
         ``st_ino`` is the qid path, ``st_dev`` is 0; times have nanoseconds
         (``st_mtime_ns``...), and ``st_blksize``, ``st_blocks``, ``st_rdev``
         are set.
+
+        Pipelined (see :attr:`pipelined`): walk, getattr and clunk are
+        written back to back on one ring and the call returns without
+        waiting for the clunk.
         """
+        if self._session.pipelined:
+            st = self._stat_chain(path, follow_symlinks)
+            if st is not None:
+                return st
         return self._with_fid(
             path, lambda fid, _q, p: self._getattr_fid(fid, p), follow=follow_symlinks
         )
@@ -780,23 +1030,21 @@ class Client:
     def exists(self, path: PathArg, *, follow_symlinks: bool = True) -> bool:
         """Whether *path* exists (a dangling link does not, unless not following)."""
         try:
-            fid, _, _ = self._lookup(path, follow=follow_symlinks)
+            self._lookup_qid(path, follow_symlinks)
         except (FileNotFoundError, NotADirectoryError):
             return False
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 return False
             raise
-        self._clunk_quiet(fid)
         return True
 
     def is_dir(self, path: PathArg) -> bool:
         """Whether *path* is a directory (following links)."""
         try:
-            fid, qid, _ = self._lookup(path)
+            qid = self._lookup_qid(path, True)
         except (FileNotFoundError, NotADirectoryError):
             return False
-        self._clunk_quiet(fid)
         return bool(qid.type & c.QTDIR)
 
     def is_file(self, path: PathArg) -> bool:
@@ -809,10 +1057,9 @@ class Client:
     def is_symlink(self, path: PathArg) -> bool:
         """Whether *path* is a symbolic link."""
         try:
-            fid, qid, _ = self._lookup(path, follow=False)
+            qid = self._lookup_qid(path, False)
         except (FileNotFoundError, NotADirectoryError):
             return False
-        self._clunk_quiet(fid)
         return bool(qid.type & c.QTSYMLINK)
 
     def chmod(self, path: PathArg, mode: int, *, follow_symlinks: bool = True) -> None:
@@ -951,7 +1198,11 @@ class Client:
             dirents = action(fid, qid, display)
         finally:
             self._clunk_quiet(fid)
-        return ScandirIterator([DirEntry(self, display, d) for d in dirents])
+        entries = [DirEntry(self, display, d) for d in dirents]
+        for i, entry in enumerate(entries):
+            entry._siblings = entries
+            entry._index = i
+        return ScandirIterator(entries)
 
     def listdir(self, path: PathArg = "") -> list[str]:
         """The names in directory *path* (``.`` and ``..`` left out), in server order."""
@@ -1049,6 +1300,103 @@ class Client:
             self._fids.release(fid)  # Tremove clunks the fid even when it fails
             raise
         self._fids.release(fid)
+
+    def rmtree(self, path: PathArg) -> None:
+        """Remove the directory *path* and everything below it, like
+        :func:`shutil.rmtree` (symbolic links are removed, never followed).
+
+        The entries of each directory are removed together: one walk to the
+        directory, then up to :attr:`batch` Tunlinkat requests in flight
+        (spread over the rings), subdirectories first emptied the same way.
+        Every entry of a directory is tried; the first failure is then raised.
+        """
+        display = _display(path)
+        if not _normalize(display.split("/")):
+            raise _local_error(errno.EBUSY, display)
+        # (directory, its subdirectories' names once emptied, or None: to list)
+        stack: list[tuple[str, list[str] | None]] = [(display, None)]
+        while stack:
+            here, subdirs = stack.pop()
+            if subdirs is not None:
+                self._unlink_names(here, subdirs, c.AT_REMOVEDIR)
+                continue
+            entries = list(self.scandir(here))
+            dirs = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+            subdir_names = set(dirs)
+            others = [e.name for e in entries if e.name not in subdir_names]
+            self._unlink_names(here, others, 0)
+            stack.append((here, dirs))
+            stack.extend((_join(here, name), None) for name in reversed(dirs))
+        self.rmdir(display)
+
+    def _unlink_names(self, directory: str, names: Sequence[str], flags: int) -> None:
+        """Remove each of *names* from *directory* (Tunlinkat with *flags*),
+        up to :attr:`batch` at once; every one is tried, then the first
+        failure is raised."""
+        if not names:
+            return
+        if not self._has_unlinkat or self._dotu is not None or not self._session.wire.asynchronous:
+            self._each_then_raise([_join(directory, n) for n in names], flags)
+            return
+        dfid, qid, display = self._lookup(directory)
+        failure: BaseException | None = None
+        left = list(names)
+        try:
+            if not qid.type & c.QTDIR:
+                raise _local_error(errno.ENOTDIR, display)
+            started: deque[tuple[str, Chain]] = deque()
+
+            def settle() -> None:
+                nonlocal failure
+                name, chain = started.popleft()
+                (outcome,) = chain.finish()
+                if isinstance(outcome, BaseException):
+                    if isinstance(outcome, OSError) and outcome.errno in _FALLBACK_ERRNOS:
+                        self._has_unlinkat = False
+                        return  # left for the fallback
+                    if isinstance(outcome, OSError):
+                        outcome = OSError(outcome.errno, outcome.strerror, _join(display, name))
+                    failure = failure or outcome
+                left.remove(name)
+
+            batch = max(self.batch, 1)
+            try:
+                for at in range(0, len(names), batch):
+                    group = names[at : at + batch]
+                    specs: list[tuple[Sequence[Step], str | None, int | None]] = [
+                        ([(functools.partial(c.Tunlinkat, dirfd=dfid, name=name, flags=flags),
+                           c.Runlinkat)], display, None)
+                        for name in group
+                    ]  # fmt: skip
+                    started.extend(zip(group, self._session.chain_many(specs), strict=True))
+                    while started:
+                        settle()
+            finally:
+                for _, chain in started:
+                    with contextlib.suppress(BaseException):
+                        chain.finish()
+        finally:
+            self._clunk_quiet(dfid)
+        if left and not self._has_unlinkat:
+            try:
+                self._each_then_raise([_join(directory, n) for n in left], flags)
+            except (OSError, ValueError) as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    def _each_then_raise(self, paths: Sequence[str], flags: int) -> None:
+        """:meth:`_unlink` each of *paths*; then raise the first failure."""
+        failure: OSError | ValueError | None = None
+        for p in paths:
+            try:
+                self._unlink(p, flags)
+            except TransportError:
+                raise
+            except (OSError, ValueError) as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     def rename(self, src: PathArg, dst: PathArg) -> None:
         """Rename *src* to *dst*, replacing *dst* if it exists (as :func:`os.rename` on POSIX).
@@ -1397,10 +1745,53 @@ class Client:
     def read_bytes(self, path: PathArg) -> bytes:
         """The whole content of file *path*.
 
+        Pipelined (see :attr:`pipelined`), a small file costs one wait: walk,
+        getattr, open, a read of one I/O unit and the clunk are written back
+        to back on one ring (a file larger than the read is then read the
+        usual way).
+
         :raises OSError: ``EFBIG``: more than :attr:`max_read` bytes
         """
+        if self._session.pipelined:
+            data = self._read_small(path)
+            if data is not None:
+                return data
         with self.open(path, "rb") as f:
             return f.read()
+
+    def _read_small(self, path: PathArg) -> bytes | None:
+        """The whole of *path* in one chain, or ``None`` (larger than one
+        read, not a regular file, or links on the way: the usual way)."""
+        count = self.default_iounit
+
+        def after(fid: int) -> tuple[Step, ...]:
+            return (
+                *_getattr_step(fid),
+                (functools.partial(c.Tlopen, fid=fid, flags=c.L_O_RDONLY), c.Rlopen),
+                (functools.partial(c.Tread, fid=fid, offset=0, count=count), c.Rread),
+            )
+
+        got = self._walk_chain(path, True, after)
+        if got is None:
+            return None
+        display, qids, outcomes = got
+        if (qids[-1] if qids else self.root_qid).type & c.QTDIR:
+            raise _local_error(errno.EISDIR, display)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        attr, _, read = outcomes
+        assert isinstance(attr, c.Rgetattr) and isinstance(read, c.Rread)
+        if len(read.data) > count:
+            raise ProtocolError(f"Rread of {len(read.data)} bytes for a Tread of {count}")
+        st = _stat_result(attr)
+        if self.max_read is not None and st.st_size > self.max_read:
+            raise self._read_limit_error(
+                display, self.max_read, f"the file has {st.st_size} bytes:"
+            )
+        if not stat_module.S_ISREG(st.st_mode) or len(read.data) != st.st_size:
+            return None
+        return read.data
 
     def write_bytes(self, path: PathArg, data: bytes | bytearray | memoryview) -> int:
         """Create or truncate file *path* and write *data*; return its length."""
@@ -1479,12 +1870,9 @@ class Client:
         return reply.data
 
     def _write_at(self, fid: int, offset: int, data: memoryview, path: str) -> int:
-        # the codec copies a memoryview's bytes without an intermediate copy
-        payload = cast(bytes, data)
-        reply = self._rpc(lambda t: c.Twrite(t, fid, offset, payload), c.Rwrite, path)
-        if reply.count > data.nbytes:
-            raise ProtocolError(f"Rwrite of {reply.count} bytes for a Twrite of {data.nbytes}")
-        return reply.count
+        # header and payload go as two pieces: the payload is copied once,
+        # into the ring (or the joined message, for a transport without pieces)
+        return self._session.write_from(fid, offset, data, path)
 
     def _pread_chunks(
         self, fid: int, offset: int, n: int, iounit: int, path: str
@@ -1510,14 +1898,27 @@ class Client:
         """Read into *mv* at *offset*; return the byte count (short at EOF).
 
         At most :attr:`window` I/O units are asked for at once (the caller
-        reads on).
+        reads on), all in flight together; each reply's data goes straight
+        into its part of *mv* (see :meth:`ClientSession.read_many_into
+        <pyxen9p.p9.session.ClientSession.read_many_into>`).
         """
         n = min(mv.nbytes, iounit * self.window)
+        spans = [(o, min(iounit, n - o)) for o in range(0, n, iounit)]
+        counts = self._read_spans(fid, [(offset + o, mv[o : o + k]) for o, k in spans], path)
         total = 0
-        for data in self._pread_chunks(fid, offset, n, iounit, path):
-            mv[total : total + len(data)] = data
-            total += len(data)
+        for (_, k), got in zip(spans, counts, strict=True):
+            total += got
+            if got < k:
+                break
         return total
+
+    def _read_spans(self, fid: int, spans: list[tuple[int, memoryview]], path: str) -> list[int]:
+        """Tread into each ``(offset, buffer)`` of *spans*, all in flight: the byte counts."""
+        if len(spans) > 1 and not self._session.wire.asynchronous:
+            # FALLBACK (a transport with request() only): a thread per request in flight
+            read = self._session.read_into
+            return self._parallel([functools.partial(read, fid, o, mv, path) for o, mv in spans])
+        return self._session.read_many_into(fid, spans, path)
 
     def _pwrite_from(
         self, fid: int, offset: int, mv: memoryview, iounit: int, path: str, *, parallel: bool
@@ -1560,53 +1961,43 @@ class Client:
             it is copied), else ``EFBIG``
         """
         limit = None if size is None or self.max_read is None else size + self.max_read
-        executor = self._get_executor()
         depth = 2 * self.window
-        inflight: deque[tuple[Future[bytes], int]] = deque()
+        # as many Treads at once as the size known needs (a small file: one),
+        # at most 2 * window; their data put straight into one buffer
+        chunks = depth if size is None else max(1, min(depth, -(-size // iounit)))
+        buffer = memoryview(bytearray(iounit * chunks))
         offset = done = 0
-        eof = False
-
-        def take(data: bytes) -> None:
-            nonlocal done
-            if limit is not None and done + len(data) > limit:
-                assert size is not None and self.max_read is not None
-                raise self._read_limit_error(
-                    path, self.max_read, f"the file grew past its size ({size}) by"
-                )
-            out.write(data)
-            done += len(data)
-            progress.add(len(data))
-
-        try:
-            while True:
-                while not eof and len(inflight) < depth:
-                    inflight.append(
-                        (executor.submit(self._read_at, fid, offset, iounit, path), offset)
+        ahead = chunks
+        crossed = False  # read past the size known: the file grew, or ends there
+        while True:
+            if size is not None and offset < size:
+                ahead = max(1, min(chunks, -(-(size - offset) // iounit)))
+            elif size is not None and not crossed:
+                crossed, ahead = True, 1
+            spans = [(offset + i * iounit, buffer[i * iounit : (i + 1) * iounit])
+                     for i in range(ahead)]
+            counts = self._read_spans(fid, spans, path)
+            short = False
+            for (at, view), got in zip(spans, counts, strict=True):
+                if limit is not None and done + got > limit:
+                    assert size is not None and self.max_read is not None
+                    raise self._read_limit_error(
+                        path, self.max_read, f"the file grew past its size ({size}) by"
                     )
-                    offset += iounit
-                if not inflight:
-                    return done
-                future, at = inflight.popleft()
-                data = future.result()
-                take(data)
-                got = len(data)
-                # a short read is the end of the file only when a read returns
-                # nothing, or when it ends where the file was known to end
-                while data and got < iounit and (size is None or at + got < size):
-                    data = self._read_at(fid, at + got, iounit - got, path)
-                    take(data)
-                    got += len(data)
+                if got:
+                    out.write(view[:got])
+                    done += got
+                    progress.add(got)
+                offset = at + got
                 if got < iounit:
-                    eof = True  # the reads already sent past the end are ignored
-                    for later, _ in inflight:
-                        later.cancel()
-                    wait_futures([f for f, _ in inflight])
-                    inflight.clear()
-        except BaseException:
-            for future, _ in inflight:
-                future.cancel()
-            wait_futures([f for f, _ in inflight])
-            raise
+                    # a short read is the end of the file only when a read returns
+                    # nothing, or when it ends where the file was known to end;
+                    # the reads sent past it are ignored (read on from its end)
+                    if got == 0 or (size is not None and offset >= size):
+                        return done
+                    short = True
+                    break
+            ahead = 1 if short else min(2 * ahead, chunks)
 
     def _upload(
         self, fid: int, iounit: int, path: str, src: BinaryIO, progress: _Progress
@@ -1958,11 +2349,8 @@ class Client:
                     except (OSError, ValueError) as exc:
                         failed(exc)
                         continue
-                for _, lsub, rsub, _ in here.files:
-                    try:
-                        self._copy_file_in(lsub, rsub, state, preserve, no_clobber, follow=False)
-                    except (OSError, ValueError) as exc:
-                        failed(exc)
+                for failure in self._copy_files_in(here.files, state, preserve, no_clobber):
+                    failed(failure)
                 stack.append((here, False))
                 stack.extend((sub, True) for sub in reversed(here.subdirs))
                 continue
@@ -1981,6 +2369,129 @@ class Client:
         if errors:
             raise CopyError(errors)
         return state.done
+
+    def _copy_files_in(
+        self,
+        files: Sequence[tuple[str, str, str, os.stat_result]],
+        progress: _Progress,
+        preserve: bool,
+        no_clobber: bool,
+    ) -> list[OSError | ValueError]:
+        """Copy the local *files* of one directory, up to :attr:`tree_workers`
+        at once: the failures, in the files' order.
+
+        Every copy started is waited for; an exception other than an
+        :class:`OSError` or :class:`ValueError` is raised after that.
+        """
+
+        def one(lsub: str, rsub: str, clobber: bool = no_clobber) -> OSError | ValueError | None:
+            try:
+                self._copy_file_in(lsub, rsub, progress, preserve, clobber, follow=False)
+            except (OSError, ValueError) as exc:
+                return exc
+            return None
+
+        outcomes: list[OSError | ValueError | None] = [None] * len(files)
+        todo = list(range(len(files)))
+        if self._session.pipelined and len(files) > 1:
+            todo = self._create_many_small(files, outcomes, progress, preserve, no_clobber)
+        if not todo:
+            pass
+        elif len(todo) < 2 or self.tree_workers < 2 or self._dotu is not None:
+            # one at a time: over 9P2000.u a server may count every fid
+            for i in todo:
+                outcomes[i] = one(files[i][1], files[i][2])
+        else:
+            with self._lock:
+                self._check_open()
+                if self._tree_executor is None:
+                    self._tree_executor = ThreadPoolExecutor(
+                        max_workers=self.tree_workers, thread_name_prefix="pyxen9p-tree"
+                    )
+                executor = self._tree_executor
+            futures = [executor.submit(one, files[i][1], files[i][2]) for i in todo]
+            try:
+                wait_futures(futures)
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                wait_futures(futures)
+                raise
+            for i, future in zip(todo, futures, strict=True):
+                outcomes[i] = future.result()
+        return [exc for exc in outcomes if exc is not None]
+
+    def _create_many_small(
+        self,
+        files: Sequence[tuple[str, str, str, os.stat_result]],
+        outcomes: list[OSError | ValueError | None],
+        progress: _Progress,
+        preserve: bool,
+        no_clobber: bool,
+    ) -> list[int]:
+        """Create the small new files of *files* with :meth:`_create_small`'s
+        chains, up to :attr:`batch` sent at once, from this thread.
+
+        :returns: the indices left to copy the usual way (failures are put in
+            *outcomes*)
+        """
+        rest: list[int] = []
+        small: list[tuple[int, bytes, tuple[str, list[str], Callable[[int], Sequence[Step]]]]] = []
+        for i, (_, lsub, rsub, _) in enumerate(files):
+            try:
+                local = _read_local_small(lsub, self.default_iounit)
+            except (OSError, ValueError) as exc:
+                outcomes[i] = exc
+                continue
+            if local == "skip":
+                continue
+            if local is None:
+                rest.append(i)
+                continue
+            st, data = local
+            perm = stat_module.S_IMODE(st.st_mode) if preserve else 0o666 & ~self.umask
+            plan = self._create_plan(rsub, data, perm, st if preserve else None)
+            if plan is None:
+                rest.append(i)
+            else:
+                small.append((i, data, plan))
+        self._check_open()
+        self._process_deferred()
+        batch = max(self.batch, 1)
+        again: list[int] = []
+        for at in range(0, len(small), batch):
+            group = small[at : at + batch]
+            chains = self._start_walk_chains([plan for _, _, plan in group])
+            finished = 0
+            try:
+                for (i, data, plan), chain in zip(group, chains, strict=True):
+                    finished += 1
+                    try:
+                        done = (
+                            None if chain is None
+                            else self._create_outcome(chain, plan, data, no_clobber, progress)
+                        )
+                    except TransportError:
+                        raise
+                    except (OSError, ValueError) as exc:
+                        outcomes[i] = exc
+                        continue
+                    if done == "overwrite":
+                        again.append(i)
+                    elif done is None:
+                        rest.append(i)
+            finally:
+                for chain in chains[finished:]:  # after a failure: their fids and tags
+                    if chain is not None:
+                        with contextlib.suppress(BaseException):
+                            chain.finish()
+        for i in again:  # written short: the file just created, written again
+            try:
+                self._copy_file_in(files[i][1], files[i][2], progress, preserve, False,
+                                   follow=False)
+            except (OSError, ValueError) as exc:
+                outcomes[i] = exc
+        return sorted(rest)
 
     def _set_preserved(
         self, fid: int, _qid: c.Qid | None, path: str, *, st: os.stat_result
@@ -2044,6 +2555,18 @@ class Client:
                 return
             os.set_blocking(fd, True)
             perm = stat_module.S_IMODE(st.st_mode) if preserve else 0o666 & ~self.umask
+            if self._session.pipelined and st.st_size <= self.default_iounit:
+                data = src.read(self.default_iounit + 1)
+                done = None
+                if len(data) <= self.default_iounit:
+                    done = self._create_small(
+                        rpath, data, perm, st if preserve else None, no_clobber, progress
+                    )
+                if done == "done":
+                    return
+                if done == "overwrite":
+                    no_clobber = False  # the file is the one just created: write it again
+                src.seek(0)
             try:
                 fid, _, iounit, display = self._open_fid(
                     rpath, parse_mode("xb" if no_clobber else "wb"), perm
@@ -2059,6 +2582,106 @@ class Client:
                     self._set_preserved(fid, None, display, st=st)
             finally:
                 self._clunk_quiet(fid)
+
+    def _create_small(
+        self,
+        rpath: str,
+        data: bytes,
+        perm: int,
+        st: os.stat_result | None,
+        no_clobber: bool,
+        progress: _Progress,
+    ) -> Literal["done", "overwrite"] | None:
+        """Create the new file *rpath* holding *data* in one chain: walk to the
+        directory, Tlcreate (exclusive), Twrite, Tsetattr (with *st*: its
+        permission bits and times), Tclunk, back to back on one ring.
+
+        :returns: ``"done"``; ``None`` when the usual way must do it (the file
+            exists and may be replaced, links on the way, set-ID bits to
+            check); ``"overwrite"`` after a short write (the file created
+            here is to be written again)
+        """
+        plan = self._create_plan(rpath, data, perm, st)
+        if plan is None:
+            return None
+        self._check_open()
+        self._process_deferred()
+        (chain,) = self._start_walk_chains([plan])
+        if chain is None:
+            return None
+        return self._create_outcome(chain, plan, data, no_clobber, progress)
+
+    def _create_plan(
+        self, rpath: str, data: bytes, perm: int, st: os.stat_result | None
+    ) -> tuple[str, list[str], Callable[[int], Sequence[Step]]] | None:
+        """The chain of :meth:`_create_small`: ``(display, parent's names,
+        steps after the walk)``, or ``None`` (the usual way)."""
+        if st is not None and stat_module.S_IMODE(st.st_mode) & 0o7000:
+            return None  # the bits the server keeps are read back: the usual way
+        display = _display(rpath)
+        parts = _normalize(display.split("/"))
+        if not parts or len(parts) > c.MAXWELEM + 1:
+            return None
+        name = parts[-1]
+        flags = c.L_O_WRONLY | c.L_O_CREAT | c.L_O_EXCL
+        gid = self.gid
+
+        def after(fid: int) -> tuple[Step, ...]:
+            steps: list[Step] = [
+                (functools.partial(c.Tlcreate, fid=fid, name=name, flags=flags, mode=perm,
+                                   gid=gid), c.Rlcreate),
+            ]
+            if data:
+                steps.append((functools.partial(c.Twrite, fid=fid, offset=0, data=data), c.Rwrite))
+            if st is not None:
+                valid = (c.P9_SETATTR_MODE | c.P9_SETATTR_ATIME | c.P9_SETATTR_MTIME
+                         | c.P9_SETATTR_ATIME_SET | c.P9_SETATTR_MTIME_SET)
+                atime = divmod(st.st_atime_ns, 1_000_000_000)
+                mtime = divmod(st.st_mtime_ns, 1_000_000_000)
+                mode = stat_module.S_IMODE(st.st_mode)
+
+                def setattr_(t: int) -> c.Message:
+                    return c.Tsetattr(t, fid, valid, mode, 0, 0, 0, *atime, *mtime)
+
+                steps.append((setattr_, c.Rsetattr))
+            return tuple(steps)
+
+        return display, parts[:-1], after
+
+    def _create_outcome(
+        self,
+        chain: Chain,
+        plan: tuple[str, list[str], Callable[[int], Sequence[Step]]],
+        data: bytes,
+        no_clobber: bool,
+        progress: _Progress,
+    ) -> Literal["done", "overwrite"] | None:
+        """What the chain of :meth:`_create_plan` did (see :meth:`_create_small`)."""
+        display, parent, _ = plan
+        got = self._finish_walk_chain(chain, display, parent, True)
+        if got is None:
+            return None
+        qids, outcomes = got
+        if qids and not qids[-1].type & c.QTDIR:
+            raise _local_error(errno.ENOTDIR, display)
+        created = outcomes[0]
+        if isinstance(created, FileExistsError):
+            if no_clobber:
+                log.info("copy_in: not replacing %s", display)
+                return "done"
+            return None
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        if data:
+            written = outcomes[1]
+            assert isinstance(written, c.Rwrite)
+            if written.count > len(data):
+                raise ProtocolError(f"Rwrite of {written.count} bytes for a Twrite of {len(data)}")
+            if written.count < len(data):
+                return "overwrite"
+        progress.add(len(data))
+        return "done"
 
     def _copy_link_in(self, lpath: str, rpath: str, no_clobber: bool) -> None:
         """Recreate the local symbolic link *lpath* as *rpath*."""
@@ -2143,6 +2766,11 @@ def _checked_names(entries: list[c.Dirent], path: str) -> list[c.Dirent]:
             raise ProtocolError(f"Rreaddir for {path!r}: the entry name {name!r} is listed twice")
         seen.add(name)
     return entries
+
+
+def _getattr_step(fid: int) -> tuple[Step]:
+    """The Tgetattr step of a chain on *fid* (basic attributes)."""
+    return ((functools.partial(c.Tgetattr, fid=fid, request_mask=c.P9_GETATTR_BASIC), c.Rgetattr),)
 
 
 def _stat_result(r: c.Rgetattr) -> os.stat_result:
@@ -2257,6 +2885,40 @@ def _scan_local(
             else:
                 log.warning("copy_in: skipping %s (%s)", entry.path, _kind(st.st_mode))
     return root, total
+
+
+def _read_local_small(
+    lpath: str, limit: int
+) -> tuple[os.stat_result, bytes] | Literal["skip"] | None:
+    """The attributes and data of the local regular file *lpath* (a link is
+    not followed) if it holds at most *limit* bytes; ``None`` if larger;
+    ``"skip"`` (logged) if it is not a regular file."""
+    st = os.stat(lpath, follow_symlinks=False)
+    if not stat_module.S_ISREG(st.st_mode):
+        log.warning("copy_in: skipping %s (%s)", lpath, _kind(st.st_mode))
+        return "skip"
+    if st.st_size > limit:
+        return None
+    fd = os.open(lpath, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if not stat_module.S_ISREG(st.st_mode):
+            log.warning("copy_in: skipping %s (%s)", lpath, _kind(st.st_mode))
+            return "skip"
+        os.set_blocking(fd, True)
+        chunks = []
+        got = 0
+        while got <= limit:
+            chunk = os.read(fd, limit + 1 - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    finally:
+        os.close(fd)
+    if got > limit:
+        return None
+    return st, b"".join(chunks)
 
 
 def _kind(mode: int) -> str:

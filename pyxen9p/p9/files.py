@@ -220,8 +220,17 @@ class RemoteFileIO(io.RawIOBase):
         chunks: list[bytes] = []
         pos = self._pos
         if size > pos:
-            chunks = client._pread_chunks(self._fid, pos, size - pos, self.iounit, self.name)
-            pos += sum(len(chunk) for chunk in chunks)
+            # the size known, read straight into one buffer, a window of Treads at a time
+            buf = bytearray(size - pos)
+            got = 0
+            with memoryview(buf) as mv:
+                while got < len(buf):
+                    n = client._pread_into(self._fid, pos + got, mv[got:], self.iounit, self.name)
+                    if not n:
+                        break
+                    got += n
+            chunks.append(bytes(buf) if got == len(buf) else bytes(buf[:got]))
+            pos += got
         # the file may have grown (or be a special file with no size): read to EOF
         while True:
             # ask for one byte past the limit, to tell "exactly the limit" from "more"

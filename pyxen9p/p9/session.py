@@ -14,6 +14,11 @@ needs whatever it does with files:
 * :class:`FidPool`: a thread-safe :class:`IdPool` of fids;
 * :func:`check_reply`: a raw reply checked against its request (size, tag,
   type) and error replies mapped to :class:`OSError`; pure;
+* :class:`Wire`: the session's view of the transport's sending side, which
+  detects what the transport offers (rings, message pieces, reads straight
+  into the caller's buffer, batches) and falls back where it does not;
+* :class:`Chain`: requests written back to back on one ring (a compound
+  operation such as walk + getattr + clunk), each reply checked;
 * :class:`ClientSession`: one blocking 9P session over a
   :class:`~pyxen9p.p9.transport.Transport`: version negotiation, attach,
   :meth:`ClientSession.rpc` (a request and its checked reply), the Tflush of a
@@ -29,12 +34,16 @@ from __future__ import annotations
 
 import enum
 import errno
+import inspect
 import logging
 import os
+import struct
 import threading
 import time
-from collections.abc import Callable
-from typing import Literal, TypeVar
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Literal, TypeVar
 
 from pyxen9p.errors import TransportClosedError, TransportError
 from pyxen9p.p9 import codec as c
@@ -44,11 +53,13 @@ from pyxen9p.p9.transport import Transport
 __all__ = [
     "MAX_TAG",
     "MIN_MSIZE",
+    "Chain",
     "ClientSession",
     "FidPool",
     "IdPool",
     "TagAllocator",
     "TagPool",
+    "Wire",
     "check_reply",
     "server_error",
     "version_answer",
@@ -65,6 +76,16 @@ _NTAGS = MAX_TAG + 1
 _DIALECTS = (c.VERSION_9P2000_L, c.VERSION_9P2000_U)
 
 _R = TypeVar("_R", bound=c.Message)
+
+#: size type tag fid offset count: the fixed part of Tread (and Twrite's, data apart)
+_TREAD = struct.Struct("<IBHIQI")
+#: size type tag count: the fixed part of Rread
+_RREAD = struct.Struct("<IBHI")
+_TREAD_TYPE = int(c.MessageType.TREAD)
+_RREAD_TYPE = int(c.MessageType.RREAD)
+_TWRITE_TYPE = int(c.MessageType.TWRITE)
+#: A message as the wire takes it: whole, or pieces written one after another.
+Pieces = bytes | tuple[bytes | bytearray | memoryview, ...]
 
 
 class _Default(enum.Enum):
@@ -170,6 +191,35 @@ class TagAllocator:
         self.busy.add(tag)
         self._next = (tag + 1) % _NTAGS
         return tag
+
+    def acquire_group(self, count: int, modulus: int) -> list[int] | None:
+        """*count* free tags congruent modulo *modulus* (one ring's), or ``None``.
+
+        The first is the next round-robin tag (so successive groups spread
+        over the rings); the round-robin goes on after it.
+        """
+        if len(self.busy) + count > _NTAGS:
+            return None
+        first = self.acquire()
+        if first is None:
+            return None
+        tags = [first]
+        tag = first
+        for _ in range(_NTAGS // max(modulus, 1) + 1):
+            if len(tags) == count:
+                break
+            tag += modulus
+            if tag >= _NTAGS:
+                tag = first % modulus
+            if tag not in self.busy:
+                self.busy.add(tag)
+                tags.append(tag)
+        self._next = (first + 1) % _NTAGS
+        if len(tags) < count:
+            for t in tags:
+                self.busy.discard(t)
+            return None
+        return tags
 
     def release(self, tag: int) -> None:
         """*tag* may be reused."""
@@ -289,6 +339,23 @@ class TagPool:
                 tag = self._tags.acquire()
             return tag
 
+    def acquire_group(self, count: int, modulus: int, timeout: float | None) -> list[int]:
+        """*count* free tags of one ring (congruent modulo *modulus*), waiting
+        at most *timeout* seconds.
+
+        :raises TimeoutError: not enough became free in time
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            tags = self._tags.acquire_group(count, modulus)
+            while tags is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(errno.ETIMEDOUT, "no free 9P tags")
+                self._cond.wait(1.0 if left is None else min(left, 1.0))
+                tags = self._tags.acquire_group(count, modulus)
+            return tags
+
     def release(self, tag: int) -> None:
         """*tag* may be reused."""
         with self._cond:
@@ -351,6 +418,263 @@ class FidPool:
 
 
 # --------------------------------------------------------------------------
+# The wire: what the transport offers
+
+
+def _accepts(method: Any, name: str) -> bool:
+    """Whether *method* takes a keyword argument *name*."""
+    try:
+        return name in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class Wire:
+    """The session's view of its transport's sending side (feature-detecting adapter).
+
+    Every transport has ``request(bytes)``; the Xen frontend and the stream
+    transport also have ``submit(bytes) -> Future``.  A transport may offer
+    more, detected once here:
+
+    * ``num_rings`` (the ring of a tag is ``tag % num_rings``; 1 when absent);
+    * ``submit(message, *, timeout=None, into=None)`` whose *message* may be a
+      tuple of bytes-like pieces (written one after another, never joined),
+      and whose *into* is a writable memoryview that receives an Rread's data
+      straight from the transport, the future's result then being only the
+      11-byte Rread header (size, type, tag, count);  detected by ``into`` in
+      its signature;
+    * ``submit_many(messages, *, timeout=None) -> list[Future]`` (one
+      notification per ring for the whole batch).
+
+    Where a feature is missing the wire falls back (marked ``FALLBACK``): the
+    pieces are joined, the reply's data is copied into the buffer from the
+    reply, a batch is submitted one message at a time, a transport without
+    ``submit`` is driven through ``request`` (the future is then already done).
+
+    :param ordered: the server processes each ring's requests one after
+        another in the ring's order (QEMU's backend, xen-9pfsd, pyxen9p's
+        server on a stream); ``None``: the transport's ``in_order`` attribute
+        if it has one, else ``True`` for a Xen frontend (a transport with a
+        ``ring_order``) and ``False`` otherwise (a stream: diod, for one,
+        runs a connection's requests on several threads)
+
+    :ivar num_rings: the transport's rings
+    :ivar into: the transport reads Rread data into the caller's buffer (and
+        takes message pieces)
+    :ivar batch: the transport has ``submit_many``
+    :ivar asynchronous: the transport has ``submit``
+    :ivar ordered: requests written back to back on one ring are processed
+        in that order: compound operations are pipelined
+    """
+
+    def __init__(self, transport: Any, *, ordered: bool | None = None) -> None:
+        self.transport = transport
+        rings = getattr(transport, "num_rings", None)
+        self.num_rings = max(1, int(rings)) if isinstance(rings, int) else 1
+        submit = getattr(transport, "submit", None)
+        self.asynchronous = callable(submit)
+        self.into = self.asynchronous and _accepts(submit, "into")
+        self.batch = self.asynchronous and callable(getattr(transport, "submit_many", None))
+        if ordered is None:
+            declared = getattr(transport, "in_order", None)
+            if isinstance(declared, bool):
+                ordered = declared
+            else:
+                # FALLBACK until transports say it (in_order): a Xen frontend
+                # (it has a ring order) is served in order, a stream may not be
+                ordered = isinstance(getattr(transport, "ring_order", None), int)
+        self.ordered = bool(ordered) and self.asynchronous
+
+    def submit(
+        self,
+        message: Pieces,
+        *,
+        timeout: float | None,
+        into: memoryview | None = None,
+    ) -> Future[bytes]:
+        """Send *message*; a future of its reply (see the class for *into*)."""
+        if self.into:
+            if into is None:
+                return self.transport.submit(message, timeout=timeout)  # type: ignore[no-any-return]
+            return self.transport.submit(message, timeout=timeout, into=into)  # type: ignore[no-any-return]
+        # FALLBACK (a transport that takes whole messages only): join the pieces
+        data = message if isinstance(message, bytes) else b"".join(message)
+        if self.asynchronous:
+            return self.transport.submit(data, timeout=timeout)  # type: ignore[no-any-return]
+        # FALLBACK (request only): the exchange happens now; whatever ends it
+        # (a timeout, an interruption) is the future's, as if while waiting
+        future: Future[bytes] = Future()
+        try:
+            future.set_result(self.transport.request(data, timeout=timeout))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
+
+    def submit_many(
+        self, messages: Sequence[Pieces], *, timeout: float | None
+    ) -> tuple[list[Future[bytes]], BaseException | _Uncertain | None]:
+        """Send *messages* in order: the futures of those sent, and why the
+        rest were not (``None``: all were).
+
+        A batch the transport refused as a whole is reported as not sent at
+        all, though the transport may have sent part of it: the caller then
+        gives up its tags (and fids) for good.
+        """
+        if self.batch and len(messages) > 1:
+            try:
+                return list(self.transport.submit_many(list(messages), timeout=timeout)), None
+            except Exception as exc:
+                return [], _Uncertain(exc)
+        # FALLBACK: one message at a time, in order (on one ring, so in order there)
+        futures: list[Future[bytes]] = []
+        for message in messages:
+            try:
+                futures.append(self.submit(message, timeout=timeout))
+            except Exception as exc:
+                return futures, exc
+        return futures, None
+
+
+class _Uncertain:
+    """Why a batch the transport refused was not sent: some of it may have been."""
+
+    __slots__ = ("cause",)
+
+    def __init__(self, cause: BaseException) -> None:
+        self.cause = cause
+
+
+#: One step of a :class:`Chain`: ``make(tag)`` and the reply type expected.
+Step = tuple[Callable[[int], c.Message], type[c.Message]]
+#: What a step of a chain gave: its checked reply, or why it has none.
+Outcome = c.Message | BaseException
+
+
+class _Clunk:
+    """A Tclunk nobody waits for: the fid and tag are freed when its reply comes."""
+
+    __slots__ = ("deadline", "fid", "future", "settled", "tag")
+
+    def __init__(self, fid: int, tag: int, future: Future[bytes], deadline: float | None):
+        self.fid = fid
+        self.tag = tag
+        self.future = future
+        self.deadline = deadline
+        self.settled = False
+
+
+class Chain:
+    """Requests written back to back on one ring, each reply checked (see
+    :meth:`ClientSession.chain`).
+
+    :ivar sent: how many steps went out
+    """
+
+    def __init__(
+        self,
+        session: ClientSession,
+        steps: Sequence[Step],
+        messages: list[c.Message],
+        tags: list[int],
+        futures: list[Future[bytes]],
+        failure: BaseException | _Uncertain | None,
+        path: str | None,
+        timeout: float | None,
+        clunk: int | None,
+    ) -> None:
+        self._session = session
+        self._steps = steps
+        self._messages = messages
+        self._tags = tags
+        self._futures = futures
+        self._failure = failure
+        self._path = path
+        self._timeout = timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._clunk = clunk
+        self.sent = len(futures)
+
+    def finish(self) -> list[Outcome]:
+        """Wait for every step's reply: one outcome per step, in order.
+
+        A step that timed out is flushed; a Tclunk that could not be sent
+        with the chain is sent now, and waited for.
+        """
+        session = self._session
+        outcomes: list[Outcome] = []
+        pending = list(range(len(self._steps)))
+        try:
+            for i in range(len(self._steps)):
+                outcomes.append(self._settle(i))
+                pending.remove(i)
+        except BaseException:
+            # interrupted while waiting: nobody will read the remaining replies
+            for i in pending:
+                self._give_up(i)
+            raise
+        finally:
+            if self._clunk is not None and self.sent <= len(self._steps):
+                if isinstance(self._failure, _Uncertain):
+                    session.fids.lose(self._clunk)  # its Tclunk may be on the ring
+                else:
+                    session.clunk_quiet(self._clunk)  # its Tclunk was never sent
+        return outcomes
+
+    def _settle(self, i: int) -> Outcome:
+        session = self._session
+        tag = self._tags[i]
+        message = self._messages[i]
+        if i >= len(self._futures):
+            if not isinstance(self._failure, _Uncertain):
+                session.tags.release(tag)
+            else:
+                session.tags.quarantine(tag)
+            assert self._failure is not None
+            cause = self._failure
+            return cause.cause if isinstance(cause, _Uncertain) else cause
+        left = None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
+        try:
+            raw = self._futures[i].result(left)
+        except FutureTimeout:
+            reusable = session.flush(tag)
+            if reusable:
+                session.tags.release(tag)
+            outcome = (
+                " (flushed)"
+                if session.dead is None
+                else ", nor to its Tflush: the 9P server is unresponsive"
+            )
+            return TimeoutError(
+                errno.ETIMEDOUT,
+                f"{type(message).__name__}: no reply within {self._timeout:g}s{outcome}",
+                self._path,
+            )
+        except Exception as exc:
+            session.tags.release(tag)  # the transport is done with this tag
+            return exc
+        session.tags.release(tag)
+        try:
+            return check_reply(
+                raw, tag, message, self._steps[i][1], self._path, session.msize, session.decode,
+                dotu=session.dotu,
+            )
+        except (OSError, ValueError) as exc:
+            return exc
+
+    def _give_up(self, i: int) -> None:
+        session = self._session
+        tag = self._tags[i]
+        if i >= len(self._futures):
+            session.tags.release(tag)
+        elif not self._futures[i].done():
+            if not session.flush(tag):
+                return
+            session.tags.release(tag)
+        else:
+            session.tags.release(tag)
+
+
+# --------------------------------------------------------------------------
 # The session
 
 
@@ -361,7 +685,10 @@ class ClientSession:
     :param timeout: limit in seconds for each request (``None``: no limit)
     :param flush_timeout: limit for the Rflush after a request timed out;
         without it the session is declared dead
+    :param pipeline: write compound operations back to back on one ring
+        (:class:`Wire`'s *ordered*; ``None``: as the transport says)
 
+    :ivar wire: the transport's sending side, as detected
     :ivar msize: the negotiated msize (0 before :meth:`negotiate`)
     :ivar version: the negotiated version
     :ivar timeout: limit for each request (may be changed at any time)
@@ -377,8 +704,14 @@ class ClientSession:
     """
 
     def __init__(
-        self, transport: Transport, *, timeout: float | None, flush_timeout: float
+        self,
+        transport: Transport,
+        *,
+        timeout: float | None,
+        flush_timeout: float,
+        pipeline: bool | None = None,
     ) -> None:
+        self._pipeline = pipeline
         self.transport = transport
         self.timeout = timeout
         self.flush_timeout = flush_timeout
@@ -395,6 +728,18 @@ class ClientSession:
         self.root_fid = c.NOFID
         self._lock = threading.Lock()
         self._deferred: list[int] = []
+        self._clunks: dict[int, _Clunk] = {}
+        self._clunks_done = threading.Condition(self._lock)
+
+    @property
+    def transport(self) -> Transport:
+        """The transport (settable: its :attr:`wire` is detected again)."""
+        return self._transport
+
+    @transport.setter
+    def transport(self, value: Transport) -> None:
+        self._transport = value
+        self.wire = Wire(value, ordered=self._pipeline)
 
     # --- negotiation ---------------------------------------------------------
 
@@ -605,6 +950,359 @@ class ClientSession:
         self.transport.flushed(oldtag)
         return True
 
+    @property
+    def pipelined(self) -> bool:
+        """Whether compound operations are written back to back on one ring:
+        the transport has rings processed in order, and the dialect is 9P2000.L."""
+        return self.wire.ordered and not self.dotu
+
+    def chain(
+        self,
+        steps: Sequence[Step],
+        path: str | None = None,
+        *,
+        clunk: int | None = None,
+        timeout: _TimeoutArg = _DEFAULT,
+    ) -> Chain:
+        """Write the requests ``make(tag)`` of *steps* back to back on one ring.
+
+        The server runs them in that order (see :attr:`pipelined`): a step
+        may use a fid an earlier step creates.  :meth:`Chain.finish` waits
+        for their replies.  With *clunk*, a Tclunk of that fid is written
+        last on the same ring and nobody waits for it: the fid and its tag
+        are freed when its reply comes (an error reply too: a Tclunk always
+        forgets the fid), or given up for good when none comes within the
+        timeout (see :meth:`drain_clunks`).
+
+        :raises TimeoutError: no free tags in time (nothing was sent; the
+            *clunk* fid is still the caller's)
+        """
+        return self.chain_many([(steps, path, clunk)], timeout=timeout)[0]
+
+    def chain_many(
+        self,
+        specs: Sequence[tuple[Sequence[Step], str | None, int | None]],
+        *,
+        timeout: _TimeoutArg = _DEFAULT,
+    ) -> list[Chain]:
+        """Several :meth:`chain` calls at once: ``(steps, path, clunk)`` each.
+
+        Each chain is on one ring (successive chains on successive rings);
+        all their requests go to the transport in one batch
+        (:meth:`Wire.submit_many`: one notification per ring).
+
+        :raises TimeoutError: no free tags in time (nothing was sent; the
+            *clunk* fids are still the caller's)
+        """
+        self.check_open()
+        if self._clunks:
+            self._expire_clunks()
+        tmo = self.timeout if timeout is _DEFAULT else timeout
+        groups: list[list[int]] = []
+        messages: list[list[c.Message]] = []
+        datas: list[Pieces] = []
+        try:
+            for steps, _, clunk in specs:
+                count = len(steps) + (clunk is not None)
+                tags = self.tags.acquire_group(count, self.wire.num_rings, tmo)
+                groups.append(tags)
+                encoded: list[c.Message] = []
+                for tag, (make, _) in zip(tags, steps, strict=False):
+                    message = make(tag)
+                    data = c.encode(message)
+                    if len(data) > self.msize:
+                        raise ProtocolError(
+                            f"{type(message).__name__} of {len(data)} bytes exceeds the msize"
+                            f" {self.msize}"
+                        )
+                    encoded.append(message)
+                    datas.append(data)
+                if clunk is not None:
+                    datas.append(c.encode(c.Tclunk(tags[-1], clunk)))
+                messages.append(encoded)
+        except BaseException:
+            for tags in groups:
+                for tag in tags:
+                    self.tags.release(tag)
+            raise
+        futures, failure = self.wire.submit_many(datas, timeout=tmo)
+        chains: list[Chain] = []
+        at = 0
+        for (steps, path, clunk), tags, encoded in zip(specs, groups, messages, strict=True):
+            count = len(tags)
+            mine = futures[at : at + count]
+            at += count
+            chain = Chain(
+                self, steps, encoded, tags, mine[: len(steps)], failure, path, tmo, clunk
+            )
+            chain.sent = len(mine)
+            chains.append(chain)
+            if clunk is not None:
+                if len(mine) == count:
+                    deadline = None if tmo is None else time.monotonic() + tmo
+                    self._background_clunk(clunk, tags[-1], mine[-1], deadline)
+                elif isinstance(failure, _Uncertain):
+                    self.tags.quarantine(tags[-1])
+                else:
+                    self.tags.release(tags[-1])
+        return chains
+
+    def _background_clunk(
+        self, fid: int, tag: int, future: Future[bytes], deadline: float | None
+    ) -> None:
+        entry = _Clunk(fid, tag, future, deadline)
+        with self._lock:
+            self._clunks[tag] = entry
+        future.add_done_callback(lambda f: self._clunk_answered(entry, f))
+
+    def _clunk_answered(self, entry: _Clunk, future: Future[bytes]) -> None:
+        """The reply (or the end) of a background Tclunk: free its fid and tag.
+
+        Runs on the transport's receiving thread: takes locks, never waits.
+        """
+        with self._lock:
+            if entry.settled:
+                return  # given up already (timed out)
+            entry.settled = True
+            self._clunks.pop(entry.tag, None)
+            self._clunks_done.notify_all()
+        exc = future.exception()
+        if isinstance(exc, TimeoutError):  # pragma: no cover - futures do not time out
+            self.fids.lose(entry.fid)
+        else:
+            # an Rclunk, an error reply (the fid is clunked all the same), or a
+            # transport that ended (nothing is left to clunk)
+            self.fids.release(entry.fid)
+        self.tags.release(entry.tag)
+        if exc is None:
+            raw = future.result()
+            if len(raw) >= c.HEADER_SIZE and raw[4] not in (
+                int(c.MessageType.RCLUNK), int(c.MessageType.RLERROR), int(c.MessageType.RERROR)
+            ):
+                log.warning("reply of type %d to a Tclunk (fid %d)", raw[4], entry.fid)
+
+    def _expire_clunks(self, *, everything: bool = False) -> None:
+        """Give up the background clunks past their deadline (or all of
+        them): their fids are never reused, their tags flushed (or retired)."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [
+                e
+                for e in self._clunks.values()
+                if everything or (e.deadline is not None and e.deadline <= now)
+            ]
+            for entry in expired:
+                entry.settled = True
+                del self._clunks[entry.tag]
+            if expired:
+                self._clunks_done.notify_all()
+        for entry in expired:
+            self.fids.lose(entry.fid)
+            log.warning("Tclunk of fid %d timed out: the fid is given up", entry.fid)
+            if self.dotu or self.dead is not None:
+                self.tags.quarantine(entry.tag)
+            elif self.flush(entry.tag):
+                self.tags.release(entry.tag)
+
+    def drain_clunks(self, timeout: float | None = None) -> None:
+        """Wait until no background clunk is in flight, giving up (see
+        :meth:`chain`) those whose reply does not come by their deadline, or
+        all that remain after *timeout* seconds (``None``: their deadlines)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if not self._clunks:
+                    return
+                deadlines = [e.deadline for e in self._clunks.values() if e.deadline is not None]
+                now = time.monotonic()
+                limit = min(deadlines) if deadlines else None
+                if end is not None and (limit is None or end < limit):
+                    limit = end
+                wait = 1.0 if limit is None else max(limit - now, 0.0)
+                if wait > 0:
+                    self._clunks_done.wait(min(wait, 1.0))
+                    continue
+            if end is not None and time.monotonic() >= end:
+                self._expire_clunks(everything=True)
+                return
+            self._expire_clunks()
+
+    @property
+    def clunks_in_flight(self) -> int:
+        """Background Tclunks not yet answered."""
+        with self._lock:
+            return len(self._clunks)
+
+    # --- data ------------------------------------------------------------------
+
+    def read_into(
+        self,
+        fid: int,
+        offset: int,
+        mv: memoryview,
+        path: str | None,
+        *,
+        timeout: _TimeoutArg = _DEFAULT,
+    ) -> int:
+        """Tread of ``mv.nbytes`` bytes at *offset* of *fid*, the data put in *mv*.
+
+        The transport puts the data straight into *mv* when it can
+        (:attr:`Wire.into`); else it is copied there once from the reply.
+
+        :returns: the byte count read (0 at the end of the file)
+        """
+        return self.read_many_into(fid, [(offset, mv)], path, timeout=timeout)[0]
+
+    def read_many_into(
+        self,
+        fid: int,
+        spans: Sequence[tuple[int, memoryview]],
+        path: str | None,
+        *,
+        timeout: _TimeoutArg = _DEFAULT,
+    ) -> list[int]:
+        """:meth:`read_into` of each ``(offset, buffer)`` of *spans*, all in
+        flight together (no thread per request): the byte counts, in order.
+
+        Every request sent is waited for, even after one failed; then the
+        first failure is raised.
+        """
+        self.check_open()
+        tmo = self.timeout if timeout is _DEFAULT else timeout
+        into = self.wire.into
+        sent: list[tuple[int, Future[bytes] | BaseException, int]] = []
+        failure: BaseException | None = None
+        for offset, mv in spans:
+            try:
+                tag = self.tags.acquire(tmo)
+            except BaseException as exc:
+                failure = exc
+                break
+            data = _TREAD.pack(_TREAD.size, _TREAD_TYPE, tag, fid, offset, mv.nbytes)
+            sent.append((tag, self._send(tag, data, tmo, mv if into else None), offset))
+        counts: list[int] = []
+        for (tag, future, offset), (_, mv) in zip(sent, spans, strict=False):
+            try:
+                raw = self._await(tag, future, "Tread", path, tmo)
+                counts.append(self._rread(raw, tag, fid, offset, mv, path))
+            except BaseException as exc:
+                if failure is None:
+                    failure = exc
+        if failure is not None:
+            raise failure
+        return counts
+
+    def _rread(
+        self, raw: bytes, tag: int, fid: int, offset: int, mv: memoryview, path: str | None
+    ) -> int:
+        """The byte count of the reply *raw* to a Tread into *mv*, its data put there."""
+        count = mv.nbytes
+        if len(raw) >= _RREAD.size and raw[4] == _RREAD_TYPE:
+            size, _, rtag, n = _RREAD.unpack_from(raw)
+            if rtag != tag:
+                raise ProtocolError(f"reply tagged {rtag} to a request tagged {tag}")
+            if n > count:
+                raise ProtocolError(f"Rread of {n} bytes for a Tread of {count}")
+            if len(raw) == _RREAD.size and size == _RREAD.size + n and self.wire.into:
+                return int(n)  # the transport put the data in mv
+            if size != len(raw) or len(raw) != _RREAD.size + n:
+                raise ProtocolError(f"Rread of {len(raw)} bytes says {size} and count {n}")
+            mv[:n] = memoryview(raw)[_RREAD.size :]
+            return int(n)
+        message = c.Tread(tag, fid, offset, count)
+        check_reply(raw, tag, message, c.Rread, path, self.msize, self.decode, dotu=self.dotu)
+        raise ProtocolError(f"malformed Rread of {len(raw)} bytes")
+
+    def write_from(
+        self,
+        fid: int,
+        offset: int,
+        mv: memoryview,
+        path: str | None,
+        *,
+        timeout: _TimeoutArg = _DEFAULT,
+    ) -> int:
+        """Twrite of *mv* at *offset* of *fid*, sent as two pieces (header,
+        the caller's bytes) when the transport takes pieces.
+
+        :returns: the byte count written
+        """
+        count = mv.nbytes
+        size = _TREAD.size + count
+        if size > self.msize:
+            raise ProtocolError(f"Twrite of {size} bytes exceeds the msize {self.msize}")
+        self.check_open()
+        tmo = self.timeout if timeout is _DEFAULT else timeout
+        tag = self.tags.acquire(tmo)
+        header = _TREAD.pack(size, _TWRITE_TYPE, tag, fid, offset, count)
+        raw = self._await(tag, self._send(tag, (header, mv), tmo, None), "Twrite", path, tmo)
+        message = c.Twrite(tag, fid, offset, b"")
+        reply = check_reply(
+            raw, tag, message, c.Rwrite, path, self.msize, self.decode, dotu=self.dotu
+        )
+        if reply.count > count:
+            raise ProtocolError(f"Rwrite of {reply.count} bytes for a Twrite of {count}")
+        return reply.count
+
+    def _send(
+        self, tag: int, message: Pieces, tmo: float | None, into: memoryview | None
+    ) -> Future[bytes] | BaseException:
+        """Send *message* (tagged *tag*): its future, or why it was not sent
+        (the tag is then released)."""
+        try:
+            return self.wire.submit(message, timeout=tmo, into=into)
+        except BaseException as exc:
+            self.tags.release(tag)
+            return exc
+
+    def _await(
+        self,
+        tag: int,
+        future: Future[bytes] | BaseException,
+        name: str,
+        path: str | None,
+        tmo: float | None,
+    ) -> bytes:
+        """The reply of :meth:`_send`; the tag is released (or flushed, or
+        retired) here, as :meth:`rpc` does."""
+        if isinstance(future, BaseException):
+            raise future
+        reusable = True
+        try:
+            try:
+                try:
+                    return future.result(tmo)
+                except FutureTimeout:
+                    raise TimeoutError(errno.ETIMEDOUT, "no reply") from None
+            except TimeoutError:
+                reusable = False
+                if self.dotu:
+                    self.declare_dead(
+                        f"no reply to tag {tag} within {tmo:g}s (9P2000.u: no Tflush)"
+                    )
+                else:
+                    reusable = self.flush(tag)
+                outcome = (
+                    " (flushed)"
+                    if self.dead is None
+                    else ", nor to its Tflush: the 9P server is unresponsive"
+                )
+                raise TimeoutError(
+                    errno.ETIMEDOUT, f"{name}: no reply within {tmo:g}s{outcome}", path
+                ) from None
+            except (TransportError, ValueError, InterruptedError, RuntimeError):
+                raise  # the transport is done with this tag
+            except BaseException:
+                reusable = False
+                if self.dotu:
+                    self.declare_dead(f"the wait for tag {tag} was interrupted (no Tflush)")
+                else:
+                    reusable = self.flush(tag)
+                raise
+        finally:
+            if reusable:
+                self.tags.release(tag)
+
     # --- clunks ----------------------------------------------------------------
 
     def clunk_quiet(self, fid: int) -> None:
@@ -645,6 +1343,7 @@ class ClientSession:
         """
         try:
             self.process_deferred()
+            self.drain_clunks(self.timeout)
             self.clunk_quiet(self.root_fid)
         finally:
             self.closed = True

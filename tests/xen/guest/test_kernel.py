@@ -249,8 +249,13 @@ def test_teardown_leaves_no_mount_device_or_node(tmp_path: Path, fresh_dom0_qemu
 
 
 LINE = re.compile(
-    r"(?P<name>[a-z_]+): pyxen9p=(?P<a>[0-9]+\.[0-9]) (?P<unit>MB/s|op/s) "
+    r"(?P<name>[a-z_]+): pyxen9p=(?P<a>[0-9]+\.[0-9]) (?P<unit>MB/s|op/s|entry/s) "
     r"kernel=(?P<b>[0-9]+\.[0-9]) (?P=unit) ratio=(?P<ratio>[0-9]+\.[0-9]{3})"
+)
+#: ``pyxen9p=1.00 ms (user 0.50 + sys 0.50) kernel=...``: bench_realxen.py's CPU split
+CPU_SPLIT = " ".join(
+    rf"{side}=[0-9]+\.[0-9]{{2}} ms \(user [0-9]+\.[0-9]{{2}} \+ sys [0-9]+\.[0-9]{{2}}\)"
+    for side in ("pyxen9p", "kernel")
 )
 
 
@@ -258,7 +263,8 @@ LINE = re.compile(
 def test_benchmark_against_the_kernel(
     capsys: pytest.CaptureFixture[str], fresh_dom0_qemu: None
 ) -> None:
-    """``bench/bench_realxen.py`` runs and prints four well-formed ratio lines.
+    """``bench/bench_realxen.py`` runs and prints five well-formed ratio lines,
+    and the user/system CPU split per MB of the two sequential ones.
 
     Tiny sizes by default (a check that it works); the full benchmark, its
     output shown and saved as ``bench-realxen.txt`` in the results folder,
@@ -268,7 +274,8 @@ def test_benchmark_against_the_kernel(
     full = xenlab.bench_requested()
     argv = [str(src / "bench" / "bench_realxen.py")]
     if not full:
-        argv += ["--quick", "--repeat", "1", "--warmup", "0", "--ops", "10", "--size-mib", "1"]
+        argv += ["--quick", "--repeat", "1", "--warmup", "0", "--ops", "10", "--size-mib", "1",
+                 "--entries", "20"]
     res = kernel_helpers.run_python(argv, timeout=850 if full else 240)
     output = res.stdout
     if full:
@@ -292,7 +299,12 @@ def test_benchmark_against_the_kernel(
         lines[match["name"]] = match["unit"]
     assert lines == {
         "seq_write": "MB/s", "seq_read": "MB/s", "stat": "op/s", "small_read": "op/s",
+        "ls_l": "entry/s",
     }  # fmt: skip
+    for name in ("seq_write", "seq_read"):
+        assert re.search(rf"^# {name}: CPU per MB \(process\): {CPU_SPLIT}$", output, re.M), (
+            f"no CPU split line for {name}:\n{output}"
+        )
     assert "# pyxen9p: msize=" in output
     # it cleaned up after itself: no kernel 9pfs mount over Xen is left
     mounts = Path("/proc/mounts").read_text().splitlines()

@@ -1,0 +1,633 @@
+"""Pipelined compound operations (issue 11): chains written back to back on one ring.
+
+A stat is walk + getattr + clunk on one ring, a small read_bytes walk +
+getattr + open + read + clunk; the caller does not wait for the clunk.
+Checked here: against the simulated Xen (two rings), over a socket, and
+against the scripted hostile server behind a transport that has ``submit``
+(the server runs each request in order, as QEMU does; the replies may come
+back out of order, late or never): the first failing step's errno, no fid
+leak (``fid_count`` back to 1), no hang.  Also the session's
+transport adapter (:class:`~pyxen9p.p9.session.Wire`) against a transport
+of today's contract (``submit(bytes)``) and one of the new contract
+(message pieces, ``into``, ``submit_many``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import stat as stat_module
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
+from typing import Any
+
+import pytest
+from frontend_helpers import FE_DOMID, machine
+
+from pyxen9p.errors import TransportClosedError
+from pyxen9p.p9 import codec as c
+from pyxen9p.p9.client import Client, CopyError
+from pyxen9p.p9.server import FileServer
+from pyxen9p.p9.session import TagAllocator, Wire
+
+from .hostile import SILENCE, HostileServer, Script, on
+from .userver import UServer
+
+# --------------------------------------------------------------------------
+# A transport with submit() to the hostile server
+
+
+class AsyncTransport:
+    """A transport of today's contract (``submit(bytes) -> Future``) to a
+    :class:`HostileServer`, with rings.
+
+    One thread runs the requests in the order submitted (as QEMU's backend
+    runs a ring's); the replies are handed back in batches, reversed when
+    *reorder* (a chain's replies out of order).  A script's SILENCE leaves
+    the future pending until a Tflush frees the tag.
+    """
+
+    in_order = True
+
+    def __init__(self, server: HostileServer, *, rings: int = 2, reorder: bool = False) -> None:
+        self.server = server
+        self.num_rings = rings
+        self.msize = 256 * 1024
+        self.reorder = reorder
+        self.closed = False
+        self.sent: list[c.Message] = []
+        self.pieces_seen = 0
+        self._pending: dict[int, Future[bytes]] = {}
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[tuple[int, bytes, Any] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _join(self, message: Any) -> bytes:
+        return bytes(message)
+
+    def submit(self, message: bytes, *, timeout: float | None = None) -> Future[bytes]:
+        return self._submit(self._join(message), None)
+
+    def _submit(self, data: bytes, into: memoryview | None) -> Future[bytes]:
+        if self.closed:
+            raise TransportClosedError(errno.ENOTCONN, "closed")
+        tag = struct.unpack_from("<H", data, 5)[0]
+        future: Future[bytes] = Future()
+        with self._lock:
+            if tag in self._pending:
+                raise ValueError(f"tag {tag} is already in flight")
+            self._pending[tag] = future
+            try:
+                self.sent.append(c.decode(data))
+            except c.ProtocolError:
+                self.sent.append(c.decode(data, c.VERSION_9P2000_U))
+        self._queue.put((tag, data, into))
+        return future
+
+    def request(self, message: bytes, *, timeout: float | None = None) -> bytes:
+        future = self.submit(message, timeout=timeout)
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            raise TimeoutError(errno.ETIMEDOUT, "no reply") from None
+
+    def _deliver(self, tag: int, reply: bytes, into: memoryview | None) -> None:
+        with self._lock:
+            future = self._pending.pop(tag, None)
+        if future is None:
+            return
+        if into is not None and reply[4] == 117:
+            (count,) = struct.unpack_from("<I", reply, 7)
+            into[:count] = reply[11 : 11 + count]
+            reply = reply[:11]
+        future.set_result(reply)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            time.sleep(0.002)  # let a chain arrive whole
+            batch = [item]
+            while True:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    break
+                batch.append(more)
+            answers = []
+            for tag, data, into in batch:  # run in order
+                reply = self.server.answer(data)
+                if reply is not None:
+                    answers.append((tag, reply, into))
+            if self.reorder:
+                answers.reverse()
+            for answer in answers:
+                self._deliver(*answer)
+
+    def flushed(self, tag: int) -> None:
+        with self._lock:
+            future = self._pending.pop(tag, None)
+        if future is not None and not future.done():
+            future.set_exception(InterruptedError(errno.EINTR, f"tag {tag} was flushed"))
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._queue.put(None)
+        self._thread.join(5)
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(TransportClosedError(errno.ENOTCONN, "closed"))
+
+
+class NewAsyncTransport(AsyncTransport):
+    """The new contract: message pieces, ``into``, ``submit_many``."""
+
+    def _join(self, message: Any) -> bytes:
+        if isinstance(message, tuple):
+            self.pieces_seen += 1
+            return b"".join(bytes(p) for p in message)
+        return bytes(message)
+
+    def submit(  # type: ignore[override]
+        self, message: Any, *, timeout: float | None = None, into: memoryview | None = None
+    ) -> Future[bytes]:
+        return self._submit(self._join(message), into)
+
+    def submit_many(
+        self, messages: list[Any], *, timeout: float | None = None
+    ) -> list[Future[bytes]]:
+        return [self.submit(m, timeout=timeout) for m in messages]
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "f").write_bytes(b"hello")
+    (export / "d").mkdir()
+    (export / "d" / "g").write_bytes(b"x" * 10)
+    os.symlink("d/g", export / "link")
+    return export
+
+
+@pytest.fixture(params=["old", "new"])
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def scripted(
+    root: Path, kind: str, script: Script | None = None, *, reorder: bool = True, **options: Any
+) -> tuple[HostileServer, AsyncTransport, Client]:
+    server = HostileServer(root, script)
+    cls = NewAsyncTransport if kind == "new" else AsyncTransport
+    transport = cls(server, reorder=reorder)
+    options.setdefault("aname", str(root))
+    options.setdefault("timeout", 5)
+    client = Client(transport, **options)
+    return server, transport, client
+
+
+@pytest.fixture
+def hostile_client(root: Path, kind: str) -> Iterator[tuple[HostileServer, AsyncTransport, Client]]:
+    server, transport, client = scripted(root, kind)
+    try:
+        yield server, transport, client
+    finally:
+        client.close()
+        server.close()
+
+
+def sent_types(transport: AsyncTransport, start: int) -> list[str]:
+    return [type(m).__name__ for m in transport.sent[start:]]
+
+
+# --------------------------------------------------------------------------
+# Pure parts
+
+
+def test_a_group_of_tags_is_on_one_ring() -> None:
+    tags = TagAllocator()
+    for modulus in (1, 2, 3, 8):
+        group = tags.acquire_group(4, modulus)
+        assert group is not None and len(set(group)) == 4
+        assert len({t % modulus for t in group}) == 1
+    # the next group starts on the next ring
+    a = tags.acquire_group(2, 2)
+    b = tags.acquire_group(2, 2)
+    assert a is not None and b is not None and a[0] % 2 != b[0] % 2
+    full = TagAllocator()
+    full.busy = set(range(0xFFFF)) - {0, 2}
+    assert full.acquire_group(3, 2) is None and full.busy == set(range(0xFFFF)) - {0, 2}
+
+
+def test_the_wire_detects_what_the_transport_offers(root: Path) -> None:
+    class RequestOnly:
+        msize = 8192
+
+        def request(self, message: bytes, *, timeout: float | None = None) -> bytes:
+            raise AssertionError
+
+    wire = Wire(RequestOnly())
+    assert (wire.asynchronous, wire.into, wire.batch, wire.ordered, wire.num_rings) == (
+        False, False, False, False, 1,
+    )  # fmt: skip
+    with HostileServer(root) as server:
+        old = AsyncTransport(server)
+        new = NewAsyncTransport(server, rings=3)
+        try:
+            wire = Wire(old)
+            assert (wire.asynchronous, wire.into, wire.batch, wire.ordered) == (
+                True, False, False, True,
+            )  # fmt: skip
+            wire = Wire(new)
+            assert (wire.into, wire.batch, wire.num_rings) == (True, True, 3)
+            assert Wire(new, ordered=False).ordered is False
+            new.in_order = None  # type: ignore[assignment]  # says nothing
+            assert Wire(new).ordered is False  # rings alone do not say it
+            new.ring_order = 8  # type: ignore[attr-defined]
+            assert Wire(new).ordered is True  # a Xen frontend
+        finally:
+            old.close()
+            new.close()
+
+
+# --------------------------------------------------------------------------
+# Against the hostile server
+
+
+def test_stat_is_one_chain_and_does_not_wait_for_the_clunk(hostile_client: Any) -> None:
+    _server, transport, client = hostile_client
+    assert client.pipelined
+    start = len(transport.sent)
+    st = client.stat("d/g")
+    assert st.st_size == 10
+    assert sent_types(transport, start) == ["Twalk", "Tgetattr", "Tclunk"]
+    walk, getattr_, clunk = transport.sent[start:]
+    assert walk.tag % 2 == getattr_.tag % 2 == clunk.tag % 2  # one ring
+    assert getattr_.fid == clunk.fid == walk.newfid
+    assert client.fid_count == 1 and client.tags_in_use == 0
+
+
+def test_a_failed_walk_gives_the_walks_errno(root: Path, kind: str) -> None:
+    def script(request: c.Message, honest: Any) -> Any:
+        if isinstance(request, c.Twalk) and request.wnames == ("f",):
+            return c.Rlerror(request.tag, errno.EACCES)
+        return None
+
+    server, _transport, client = scripted(root, kind, script)
+    with server, client:
+        with pytest.raises(PermissionError) as info:
+            client.stat("f")
+        assert info.value.errno == errno.EACCES and info.value.filename == "f"
+        with pytest.raises(FileNotFoundError):
+            client.stat("missing")  # the real ENOENT of the walk
+        assert not client.exists("missing") and not client.is_dir("missing")
+        assert client.fid_count == 1 and client.lost_fids == 0
+
+
+def test_a_failed_getattr_gives_its_errno(root: Path, kind: str) -> None:
+    script = on(c.Tgetattr, lambda r, h: c.Rlerror(r.tag, errno.EIO))
+    server, _transport, client = scripted(root, kind, script)
+    with server, client:
+        with pytest.raises(OSError) as info:
+            client.stat("f")
+        assert info.value.errno == errno.EIO
+        assert client.fid_count == 1
+
+
+def test_a_short_walk_is_enoent(root: Path, kind: str) -> None:
+    def script(request: c.Message, honest: Any) -> Any:
+        if isinstance(request, c.Twalk) and request.wnames == ("d", "g"):
+            reply = honest()
+            return c.Rwalk(request.tag, reply.wqids[:1])
+        return None
+
+    server, _transport, client = scripted(root, kind, script)
+    with server, client:
+        with pytest.raises(FileNotFoundError) as info:
+            client.stat("d/g")
+        assert info.value.errno == errno.ENOENT and info.value.filename == "d/g"
+        with pytest.raises(FileNotFoundError):
+            client.read_bytes("d/g")
+        assert client.fid_count == 1
+
+
+def test_a_clunk_never_answered_gives_the_fid_up_without_a_hang(root: Path, kind: str) -> None:
+    silenced: list[int] = []
+
+    def script(request: c.Message, honest: Any) -> Any:
+        if isinstance(request, c.Tclunk) and request.fid != 0 and not silenced:
+            silenced.append(request.fid)
+            return SILENCE
+        return None
+
+    server, transport, client = scripted(root, kind, script, timeout=0.5)
+    with server, client:
+        assert client.session.root_fid == 0
+        started = time.monotonic()
+        assert client.stat("f").st_size == 5  # returns without waiting for the clunk
+        assert time.monotonic() - started < 0.4
+        assert client.fid_count == 1  # given up after the timeout
+        assert client.lost_fids == 1
+        assert client.session.clunks_in_flight == 0
+        assert len(silenced) == 1
+        assert client.stat("f").st_size == 5  # the session goes on, with another fid
+        assert transport.sent[-1].fid != silenced[0]  # the fid given up is not reused
+        assert client.fid_count == 1
+
+
+def test_an_error_reply_to_the_clunk_still_frees_the_fid(root: Path, kind: str) -> None:
+    def script(request: c.Message, honest: Any) -> Any:
+        if isinstance(request, c.Tclunk) and request.fid != 0:
+            honest()
+            return c.Rlerror(request.tag, errno.EIO)
+        return None
+
+    server, _transport, client = scripted(root, kind, script)
+    with server, client:
+        for _ in range(3):
+            assert client.stat("f").st_size == 5
+        assert client.fid_count == 1 and client.lost_fids == 0
+        assert client.tags_in_use == 0
+
+
+def test_a_walk_never_answered_times_out_and_leaks_nothing(root: Path, kind: str) -> None:
+    script = on(c.Twalk, lambda r, h: SILENCE if r.wnames == ("f",) else None)
+    server, _transport, client = scripted(root, kind, script, timeout=0.3)
+    with server, client:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            client.stat("f")
+        assert time.monotonic() - started < 3
+        assert client.fid_count == 1
+        assert client.stat("d").st_mode & stat_module.S_IFDIR
+
+
+def test_small_read_is_one_chain(hostile_client: Any, root: Path) -> None:
+    _server, transport, client = hostile_client
+    start = len(transport.sent)
+    assert client.read_bytes("f") == b"hello"
+    assert sent_types(transport, start) == ["Twalk", "Tgetattr", "Tlopen", "Tread", "Tclunk"]
+    assert client.read_bytes("link") == b"x" * 10  # a link: the usual way
+    big = os.urandom(client.default_iounit * 2 + 5)
+    (root / "big").write_bytes(big)
+    assert client.read_bytes("big") == big  # larger than one read: the usual way
+    (root / "empty").write_bytes(b"")
+    assert client.read_bytes("empty") == b""
+    with pytest.raises(IsADirectoryError):
+        client.read_bytes("d")
+    with pytest.raises(FileNotFoundError):
+        client.read_bytes("nothing")
+    client.max_read = 3
+    with pytest.raises(OSError) as info:
+        client.read_bytes("f")
+    assert info.value.errno == errno.EFBIG
+    assert client.fid_count == 1
+
+
+def test_small_read_maps_a_failed_open_to_its_errno(root: Path, kind: str) -> None:
+    script = on(c.Tlopen, lambda r, h: c.Rlerror(r.tag, errno.EACCES))
+    server, _transport, client = scripted(root, kind, script)
+    with server, client:
+        with pytest.raises(PermissionError):
+            client.read_bytes("f")
+        assert client.fid_count == 1
+
+
+def test_reads_and_writes_use_the_new_contract(root: Path) -> None:
+    server, transport, client = scripted(root, "new", reorder=False, window=4)
+    with server, client:
+        data = os.urandom(client.default_iounit * 5 + 123)
+        client.write_bytes("w", data)
+        assert transport.pieces_seen >= 6  # every Twrite went as (header, payload)
+        assert (root / "w").read_bytes() == data
+        buf = bytearray(len(data) + 10)
+        with client.open("w", "rb", buffering=0) as f:
+            got = 0
+            while n := f.readinto(memoryview(buf)[got:]):
+                got += n
+        assert got == len(data) and bytes(buf[:got]) == data
+        assert client.read_bytes("w") == data
+        dst = root.parent / "out"
+        client.copy_out("w", dst)
+        assert dst.read_bytes() == data
+        assert client.fid_count == 1
+
+
+def test_a_small_download_sends_one_read(hostile_client: Any, root: Path, tmp_path: Path) -> None:
+    _server, transport, client = hostile_client
+    start = len(transport.sent)
+    client.copy_out("f", tmp_path / "f-copy")
+    assert (tmp_path / "f-copy").read_bytes() == b"hello"
+    assert sent_types(transport, start).count("Tread") == 1
+
+
+def test_9p2000u_does_not_pipeline(root: Path, kind: str) -> None:
+    server = UServer(root, max_open_files=50)
+    transport = (NewAsyncTransport if kind == "new" else AsyncTransport)(server)  # type: ignore[arg-type]
+    client = Client(transport, aname=str(root), timeout=5, version=c.VERSION_9P2000_U)
+    with client:
+        assert not client.pipelined
+        assert client.stat("f").st_size == 5
+        assert client.read_bytes("d/g") == b"x" * 10
+        with pytest.raises(FileNotFoundError):
+            client.stat("missing")
+        assert client.fid_count == 1
+
+
+# --------------------------------------------------------------------------
+# Many entries: attributes of a listing, removal and creation of trees
+
+
+def _fill(directory: Path, n: int) -> None:
+    directory.mkdir()
+    for i in range(n):
+        (directory / f"e{i:03d}").write_bytes(b"y" * i)
+
+
+def test_listing_attributes_against_the_hostile_server(root: Path, kind: str) -> None:
+    _fill(root / "many", 40)
+    script = on(
+        c.Twalk,
+        lambda r, h: c.Rlerror(r.tag, errno.EACCES) if r.wnames[-1:] == ("e007",) else None,
+    )
+    server, _transport, client = scripted(root, kind, script)
+    with server, client:
+        client.batch = 8
+        entries = sorted(client.scandir("many"), key=lambda e: e.name)
+        for i, entry in enumerate(entries):
+            if i == 7:
+                with pytest.raises(PermissionError):
+                    entry.stat()
+            else:
+                assert entry.stat().st_size == i
+        assert client.fid_count == 1
+
+
+def test_rmtree_tries_every_entry_and_reports_the_first_failure(root: Path, kind: str) -> None:
+    _fill(root / "tree", 20)
+    _fill(root / "tree" / "sub", 5)
+    script = on(
+        c.Tunlinkat,
+        lambda r, h: c.Rlerror(r.tag, errno.EACCES) if r.name == "e003" else None,
+    )
+    server, _transport, client = scripted(root, kind, script)
+    with server, client:
+        with pytest.raises(PermissionError) as info:
+            client.rmtree("tree")
+        assert info.value.filename == "tree/e003"
+        assert sorted(os.listdir(root / "tree")) == ["e003", "sub"]
+        server.script = None
+        client.rmtree("tree")
+        assert not (root / "tree").exists()
+        assert client.fid_count == 1
+
+
+def test_copy_in_keeps_on_error_semantics(root: Path, kind: str, tmp_path: Path) -> None:
+    local = tmp_path / "local"
+    _fill(local, 30)
+    (local / "bad").write_bytes(b"b")
+    os.chmod(local / "e005", 0o600)
+    script = on(
+        c.Tlcreate,
+        lambda r, h: c.Rlerror(r.tag, errno.EACCES) if r.name == "bad" else None,
+    )
+    server, _transport, client = scripted(root, kind, script)
+    with server, client:
+        errors: list[BaseException] = []
+        client.copy_in(local, "copy", on_error=errors.append)
+        assert [type(e) for e in errors] == [PermissionError]
+        assert getattr(errors[0], "filename", "").endswith("bad")
+        for i in range(30):
+            got = root / "copy" / f"e{i:03d}"
+            assert got.read_bytes() == b"y" * i
+            assert got.stat().st_mtime_ns == (local / f"e{i:03d}").stat().st_mtime_ns
+        assert stat_module.S_IMODE((root / "copy" / "e005").stat().st_mode) == 0o600
+        with pytest.raises(CopyError) as info:
+            client.copy_in(local, "copy2")
+        assert len(info.value.errors) == 1
+        # no_clobber: an existing file is left alone
+        (root / "copy" / "e001").write_bytes(b"mine")
+        server.script = None
+        client.copy_in(local, "copy", no_clobber=True)
+        assert (root / "copy" / "e001").read_bytes() == b"mine"
+        assert (root / "copy" / "bad").read_bytes() == b"b"
+        client.copy_in(local, "copy")
+        assert (root / "copy" / "e001").read_bytes() == b"y"
+        assert client.fid_count == 1
+
+
+# --------------------------------------------------------------------------
+# The simulated Xen (two rings) and a socket
+
+
+@pytest.fixture(params=["simxen-1ring", "simxen-2rings", "socket"])
+def any_client(root: Path, request: pytest.FixtureRequest) -> Iterator[Client]:
+    if request.param == "socket":
+        with HostileServer(root) as hostile, hostile.client_over_socket(pipeline=True) as client:
+            yield client
+        return
+    server = FileServer(root)
+    try:
+        with machine(handler=server.handle) as m:
+            fe = m.connect(rings=1 if request.param == "simxen-1ring" else 2)
+            with Client(fe, aname=str(root), timeout=20) as client:
+                yield client
+            assert m.xen.resources(FE_DOMID).clean
+    finally:
+        server.close()
+
+
+def test_pipelined_paths_end_to_end(any_client: Client, root: Path, tmp_path: Path) -> None:
+    client = any_client
+    assert client.pipelined
+    assert client.stat("f").st_size == 5
+    assert client.stat("link").st_size == 10
+    assert stat_module.S_ISLNK(client.lstat("link").st_mode)
+    assert client.exists("d/g") and not client.exists("d/nothing")
+    assert client.is_dir("d") and not client.is_dir("f") and client.is_file("f")
+    assert client.is_symlink("link") and not client.is_symlink("f")
+    with pytest.raises(NotADirectoryError):
+        client.stat("f/x")
+    assert client.read_bytes("f") == b"hello"
+    deep = "/".join(f"p{i}" for i in range(20))
+    (root / deep).mkdir(parents=True)
+    (root / deep / "z").write_bytes(b"deep")
+    assert client.read_bytes(f"{deep}/z") == b"deep"  # more names than one Twalk
+    _fill(root / "many", 300)
+    rows = [(e.name, e.stat(follow_symlinks=False).st_size) for e in client.scandir("many")]
+    assert sorted(rows) == [(f"e{i:03d}", i) for i in range(300)]
+    local = tmp_path / "local"
+    _fill(local, 50)
+    (local / "big").write_bytes(os.urandom(3 * client.default_iounit + 7))
+    client.copy_in(local, "copied")
+    for name in os.listdir(local):
+        assert (root / "copied" / name).read_bytes() == (local / name).read_bytes()
+    client.rmtree("copied")
+    client.rmtree("many")
+    assert not (root / "copied").exists() and not (root / "many").exists()
+    with pytest.raises(OSError) as info:
+        client.rmtree("/")
+    assert info.value.errno == errno.EBUSY
+    assert client.fid_count == 1 and client.tags_in_use == 0
+
+
+# --------------------------------------------------------------------------
+# A transport that refuses part of a chain
+
+
+def test_a_batch_refused_as_a_whole_gives_up_its_fid_and_tags(root: Path) -> None:
+    server, transport, client = scripted(root, "new")
+    with server, client:
+        real = transport.submit_many
+
+        def refuse(messages: list[Any], *, timeout: float | None = None) -> list[Future[bytes]]:
+            raise TimeoutError(errno.ETIMEDOUT, "no room on the ring")
+
+        transport.submit_many = refuse  # type: ignore[method-assign]
+        with pytest.raises(TimeoutError):
+            client.stat("f")
+        # it may have been sent in part: the fid and the tags are never reused
+        assert client.lost_fids == 1 and client.fid_count == 1
+        assert len(client.stuck_tags) == 3
+        transport.submit_many = real  # type: ignore[method-assign]
+        assert client.stat("f").st_size == 5
+        assert client.fid_count == 1
+
+
+def test_a_chain_sent_in_part_is_cleaned_up(root: Path) -> None:
+    server, transport, client = scripted(root, "old")
+    with server, client:
+        real = transport.submit
+        calls = []
+
+        def second_fails(message: bytes, *, timeout: float | None = None) -> Future[bytes]:
+            calls.append(message[4])
+            if len(calls) == 2:
+                raise TimeoutError(errno.ETIMEDOUT, "no room on the ring")
+            return real(message, timeout=timeout)
+
+        transport.submit = second_fails  # type: ignore[method-assign]
+        with pytest.raises(TimeoutError):
+            client.stat("f")  # the walk went out, the getattr did not
+        transport.submit = real  # type: ignore[method-assign]
+        # the Tclunk that was not sent with the chain was sent on its own
+        assert client.fid_count == 1 and client.lost_fids == 0
+        assert client.tags_in_use == 0 and not client.stuck_tags
+        assert isinstance(transport.sent[-1], c.Tclunk)
+        assert client.stat("f").st_size == 5
