@@ -27,6 +27,7 @@ __all__ = [
     "RREAD_HEADER",
     "RREAD_HEADER_SIZE",
     "Message",
+    "NotSent",
     "Request",
     "RequestTable",
     "as_pieces",
@@ -134,9 +135,15 @@ def check_batch(
     return checked
 
 
-def failed_future(exc: BaseException | None) -> Future[bytes]:
+class NotSent(Future[bytes]):
+    """The future of a message of a batch that was not sent: already failed
+    with the reason (``submit_many`` returns these for the first message that
+    could not be put and every one after it)."""
+
+
+def failed_future(exc: BaseException | None) -> NotSent:
     """A future already failed with *exc* (a message of a batch not sent)."""
-    future: Future[bytes] = Future()
+    future = NotSent()
     future.set_exception(exc if exc is not None else RuntimeError("not sent"))
     return future
 

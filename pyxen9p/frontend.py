@@ -276,6 +276,9 @@ class Frontend:
     num_rings: int
     ring_order: int
     msize: int
+    #: Both Xen 9pfs backends serve a ring's requests one at a time, in the
+    #: ring's order (see :class:`~pyxen9p.p9.transport.Transport`).
+    in_order: bool = True
 
     def __init__(self) -> None:
         raise TypeError("use Frontend.connect(...)")

@@ -1789,7 +1789,11 @@ class Client:
             raise self._read_limit_error(
                 display, self.max_read, f"the file has {st.st_size} bytes:"
             )
-        if not stat_module.S_ISREG(st.st_mode) or len(read.data) != st.st_size:
+        if (
+            not stat_module.S_ISREG(st.st_mode)
+            or len(read.data) != st.st_size
+            or len(read.data) == count  # a full read: the end is not proven
+        ):
             return None
         return read.data
 

@@ -45,6 +45,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Literal, TypeVar
 
+from pyxen9p._requests import NotSent
 from pyxen9p.errors import TransportClosedError, TransportError
 from pyxen9p.p9 import codec as c
 from pyxen9p.p9.codec import ProtocolError
@@ -454,9 +455,9 @@ class Wire:
     :param ordered: the server processes each ring's requests one after
         another in the ring's order (QEMU's backend, xen-9pfsd, pyxen9p's
         server on a stream); ``None``: the transport's ``in_order`` attribute
-        if it has one, else ``True`` for a Xen frontend (a transport with a
-        ``ring_order``) and ``False`` otherwise (a stream: diod, for one,
-        runs a connection's requests on several threads)
+        (``True`` on the Xen frontend; a transport that does not say it is
+        taken as unordered: diod, for one, runs a connection's requests on
+        several threads)
 
     :ivar num_rings: the transport's rings
     :ivar into: the transport reads Rread data into the caller's buffer (and
@@ -476,14 +477,10 @@ class Wire:
         self.into = self.asynchronous and _accepts(submit, "into")
         self.batch = self.asynchronous and callable(getattr(transport, "submit_many", None))
         if ordered is None:
-            declared = getattr(transport, "in_order", None)
-            if isinstance(declared, bool):
-                ordered = declared
-            else:
-                # FALLBACK until transports say it (in_order): a Xen frontend
-                # (it has a ring order) is served in order, a stream may not be
-                ordered = isinstance(getattr(transport, "ring_order", None), int)
+            ordered = getattr(transport, "in_order", False) is True
         self.ordered = bool(ordered) and self.asynchronous
+        waiter = getattr(transport, "result", None)
+        self._result = waiter if callable(waiter) else None
 
     def submit(
         self,
@@ -510,21 +507,43 @@ class Wire:
             future.set_exception(exc)
         return future
 
+    def result(self, future: Future[bytes], timeout: float | None) -> bytes:
+        """Wait for *future*'s reply: through the transport's ``result``
+        where it has one (on the Xen frontend a lone caller then receives
+        its reply itself, with no thread handoff), else on the future.
+
+        :raises concurrent.futures.TimeoutError: no reply in time (the
+            built-in :class:`TimeoutError` from Python 3.11)
+        """
+        if self._result is not None and not future.done():
+            try:
+                return self._result(future, timeout=timeout)  # type: ignore[no-any-return]
+            except TimeoutError as exc:  # one class for callers on Python 3.10 too
+                raise FutureTimeout(*exc.args) from None
+        return future.result(timeout)
+
     def submit_many(
         self, messages: Sequence[Pieces], *, timeout: float | None
     ) -> tuple[list[Future[bytes]], BaseException | _Uncertain | None]:
         """Send *messages* in order: the futures of those sent, and why the
         rest were not (``None``: all were).
 
-        A batch the transport refused as a whole is reported as not sent at
-        all, though the transport may have sent part of it: the caller then
-        gives up its tags (and fids) for good.
+        The transport's futures of the messages it did not send
+        (:class:`~pyxen9p._requests.NotSent`: the first that could not be put
+        and every one after it) are left out, their reason returned.  A
+        transport that raised instead sent nothing by its contract, but one
+        of another make may have sent part: its batch is reported as
+        uncertain, and the caller gives up its tags (and fids) for good.
         """
         if self.batch and len(messages) > 1:
             try:
-                return list(self.transport.submit_many(list(messages), timeout=timeout)), None
+                futures = list(self.transport.submit_many(list(messages), timeout=timeout))
             except Exception as exc:
                 return [], _Uncertain(exc)
+            for i, future in enumerate(futures):
+                if isinstance(future, NotSent):
+                    return futures[:i], future.exception()
+            return futures, None
         # FALLBACK: one message at a time, in order (on one ring, so in order there)
         futures: list[Future[bytes]] = []
         for message in messages:
@@ -634,7 +653,7 @@ class Chain:
             return cause.cause if isinstance(cause, _Uncertain) else cause
         left = None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
         try:
-            raw = self._futures[i].result(left)
+            raw = session.wire.result(self._futures[i], left)
         except FutureTimeout:
             reusable = session.flush(tag)
             if reusable:
@@ -1067,12 +1086,14 @@ class ClientSession:
             self._clunks.pop(entry.tag, None)
             self._clunks_done.notify_all()
         exc = future.exception()
-        if isinstance(exc, TimeoutError):  # pragma: no cover - futures do not time out
-            self.fids.lose(entry.fid)
-        else:
+        if exc is None or isinstance(exc, TransportError):
             # an Rclunk, an error reply (the fid is clunked all the same), or a
             # transport that ended (nothing is left to clunk)
             self.fids.release(entry.fid)
+        else:
+            # not sent (no room in time, refused) after its walk was, or an
+            # answer of the wrong type: the fid may live on in the server
+            self.fids.lose(entry.fid)
         self.tags.release(entry.tag)
         if exc is None:
             raw = future.result()
@@ -1271,7 +1292,7 @@ class ClientSession:
         try:
             try:
                 try:
-                    return future.result(tmo)
+                    return self.wire.result(future, tmo)
                 except FutureTimeout:
                     raise TimeoutError(errno.ETIMEDOUT, "no reply") from None
             except TimeoutError:

@@ -98,8 +98,14 @@ class Transport(Protocol):
     before using them on another transport):
 
     ``num_rings: int``
-        requests are served in order per ring, and the tag *T* goes on ring
-        ``T % num_rings`` (a stream has one ring)
+        the tag *T* goes on ring ``T % num_rings`` (a stream has one ring)
+    ``in_order: bool``
+        ``True`` if the peer serves each ring's requests one after another,
+        in the ring's order (both Xen 9pfs backends, QEMU's and xen-9pfsd,
+        do): a client may then write dependent requests back to back
+        (walk, getattr, clunk) without waiting for each reply.  A stream
+        transport says ``False``: a server such as diod runs one
+        connection's requests on several threads
     ``submit(message, *, timeout=None, into=None) -> Future[bytes]``
         send without waiting.  *message* may be bytes-like or a tuple/list
         of bytes-like pieces (sent back to back, copied once each, never
@@ -180,6 +186,8 @@ class StreamTransport:
     msize: int
     #: A stream is one ring: its messages are read by the peer in order.
     num_rings: int = 1
+    #: A stream's server may run its requests concurrently (diod does).
+    in_order: bool = False
 
     def __init__(
         self,

@@ -260,7 +260,9 @@ def test_the_wire_detects_what_the_transport_offers(root: Path) -> None:
             new.in_order = None  # type: ignore[assignment]  # says nothing
             assert Wire(new).ordered is False  # rings alone do not say it
             new.ring_order = 8  # type: ignore[attr-defined]
-            assert Wire(new).ordered is True  # a Xen frontend
+            assert Wire(new).ordered is False  # nor a ring order: in_order must say it
+            new.in_order = True
+            assert Wire(new).ordered is True
         finally:
             old.close()
             new.close()
@@ -627,6 +629,31 @@ def test_a_chain_sent_in_part_is_cleaned_up(root: Path) -> None:
             client.stat("f")  # the walk went out, the getattr did not
         transport.submit = real  # type: ignore[method-assign]
         # the Tclunk that was not sent with the chain was sent on its own
+        assert client.fid_count == 1 and client.lost_fids == 0
+        assert client.tags_in_use == 0 and not client.stuck_tags
+        assert isinstance(transport.sent[-1], c.Tclunk)
+        assert client.stat("f").st_size == 5
+
+
+def test_a_batch_the_transport_sent_in_part_clunks_what_it_walked(root: Path) -> None:
+    """The transports' contract: the messages of a batch that could not be
+    put come back as NotSent futures; the walk that went out is clunked on
+    its own, so its fid is neither lost nor reused while the server holds it."""
+    from pyxen9p._requests import failed_future
+
+    server, transport, client = scripted(root, "new")
+    with server, client:
+        real = transport.submit_many
+
+        def all_but_the_clunk(
+            messages: list[Any], *, timeout: float | None = None
+        ) -> list[Future[bytes]]:
+            sent = real(messages[:-1], timeout=timeout)
+            return [*sent, failed_future(TimeoutError(errno.ETIMEDOUT, "no room on the ring"))]
+
+        transport.submit_many = all_but_the_clunk  # type: ignore[method-assign]
+        assert client.stat("f").st_size == 5  # walk and getattr were answered
+        transport.submit_many = real  # type: ignore[method-assign]
         assert client.fid_count == 1 and client.lost_fids == 0
         assert client.tags_in_use == 0 and not client.stuck_tags
         assert isinstance(transport.sent[-1], c.Tclunk)
