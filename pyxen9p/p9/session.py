@@ -535,6 +535,7 @@ class Wire:
         of another make may have sent part: its batch is reported as
         uncertain, and the caller gives up its tags (and fids) for good.
         """
+        futures: list[Future[bytes]]
         if self.batch and len(messages) > 1:
             try:
                 futures = list(self.transport.submit_many(list(messages), timeout=timeout))
@@ -545,7 +546,7 @@ class Wire:
                     return futures[:i], future.exception()
             return futures, None
         # FALLBACK: one message at a time, in order (on one ring, so in order there)
-        futures: list[Future[bytes]] = []
+        futures = []
         for message in messages:
             try:
                 futures.append(self.submit(message, timeout=timeout))
