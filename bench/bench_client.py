@@ -264,8 +264,7 @@ def run(entries: int, rings: int, options: Options) -> list[Result]:
                     {"entries": entries, "rings": rings, "batch": client.batch,
                      "tree_workers": client.tree_workers},
                 )  # fmt: skip
-                print(result.line(), file=out, flush=True)
-                print(result.cpu_line(), file=out, flush=True)
+                result.print_lines(out)
                 results.append(result)
             if client.fid_count != 1:
                 raise RuntimeError(f"{client.fid_count - 1} fids left in use")
