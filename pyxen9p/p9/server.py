@@ -269,6 +269,31 @@ class _Loc:
         return _Loc(fd, parent, self.name, self.mode, self.is_root)
 
 
+class _Running:
+    """A request being served: a Tflush of its tag waits until it is done.
+
+    A lock taken at creation and released once when the request ends: lighter
+    than a :class:`threading.Event` (no condition), made for every request.
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        """The request ended (call exactly once)."""
+        self._lock.release()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to *timeout* seconds for the request's end; whether it ended."""
+        if self._lock.acquire(timeout=timeout):
+            self._lock.release()
+            return True
+        return False
+
+
 class _Fid:
     __slots__ = ("closed", "dirents", "loc", "lock", "open_fd", "open_write", "serial")
 
@@ -772,7 +797,7 @@ class Session:
         self._idle = threading.Condition(self._lock)
         self._fids: dict[int, _Fid] = {}
         self._fid_serial = 0
-        self._inflight: dict[int, threading.Event] = {}
+        self._inflight: dict[int, _Running] = {}
         self._active = 0
         self._listings: OrderedDict[int, _Fid] = OrderedDict()  # fids with a listing, LRU
         # Under the server's _locks_mutex: files this session holds locks on, and how many.
@@ -814,7 +839,7 @@ class Session:
             if self.closed:
                 return c.encode(c.Rlerror(tag, errno.EIO))
             self._active += 1
-            event = threading.Event()
+            event = _Running()
             self._inflight[tag] = event
         try:
             reply = self._dispatch(request, mtype, tag)
