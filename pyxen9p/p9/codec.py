@@ -1180,8 +1180,9 @@ def _register(cls: _M, table: dict[int, type[Message]]) -> _M:
     if cls.TYPE in _BY_TYPE or cls.TYPE in _BY_TYPE_U:  # pragma: no cover - programming error
         raise AssertionError(f"duplicate type {cls.TYPE}")
     cls._OPS = ops
-    if not ops or (len(ops) == 1 and isinstance(ops[0], _FixedOp) and not ops[0].has_qid):
-        body = ops[0].struct.format[1:] if ops else ""
+    only = ops[0] if len(ops) == 1 else None
+    if not ops or (isinstance(only, _FixedOp) and not only.has_qid):
+        body = only.struct.format[1:] if isinstance(only, _FixedOp) else ""
         cls._FIXED = (struct.Struct("<IBH" + body), tuple(names))
     table[cls.TYPE] = cls
     return cls

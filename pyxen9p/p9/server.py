@@ -294,6 +294,53 @@ class _Running:
         return False
 
 
+class _Using:
+    """The context of :meth:`Session._using`: on entry, look the fids up and
+    lock each once, in a fixed order (:class:`EBADF <_Err>` if one is unknown
+    or closed meanwhile); on exit, unlock them.  A class rather than a
+    generator: it is entered for almost every request."""
+
+    __slots__ = ("_held", "_nums", "_session")
+
+    def __init__(self, session: Session, nums: tuple[int, ...]) -> None:
+        self._session = session
+        self._nums = nums
+        self._held: list[_Fid] = []
+
+    def __enter__(self) -> list[_Fid]:
+        session = self._session
+        with session._lock:
+            fids = []
+            for n in self._nums:
+                f = session._fids.get(n)
+                if f is None:
+                    raise _Err(errno.EBADF)
+                fids.append(f)
+        if len(fids) == 1:
+            unique = fids
+        else:
+            unique = sorted({id(f): f for f in fids}.values(), key=lambda f: f.serial)
+        held = self._held
+        try:
+            for f in unique:
+                f.lock.acquire()
+                held.append(f)
+                if f.closed:
+                    raise _Err(errno.EBADF)
+        except BaseException:
+            self._release()
+            raise
+        return fids
+
+    def __exit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        held = self._held
+        while held:
+            held.pop().lock.release()
+
+
 class _Fid:
     __slots__ = ("closed", "dirents", "loc", "lock", "open_fd", "open_write", "serial")
 
@@ -946,28 +993,10 @@ class Session:
         self._server._count_fids(-1)
         return fid
 
-    @contextmanager
-    def _using(self, *nums: int) -> Iterator[list[_Fid]]:
-        """Lock the fids numbered *nums* (in a fixed order) for one operation."""
-        with self._lock:
-            fids = []
-            for n in nums:
-                f = self._fids.get(n)
-                if f is None:
-                    raise _Err(errno.EBADF)
-                fids.append(f)
-        unique = sorted({id(f): f for f in fids}.values(), key=lambda f: f.serial)
-        held: list[_Fid] = []
-        try:
-            for f in unique:
-                f.lock.acquire()
-                held.append(f)
-                if f.closed:
-                    raise _Err(errno.EBADF)
-            yield fids
-        finally:
-            for f in reversed(held):
-                f.lock.release()
+    def _using(self, *nums: int) -> _Using:
+        """Lock the fids numbered *nums* (in a fixed order) for one operation:
+        ``with self._using(a, b) as (fa, fb):``."""
+        return _Using(self, nums)
 
     def _writable(self) -> None:
         if self._server.readonly:
