@@ -43,13 +43,13 @@ __all__ = [
     "Sample",
     "Timer",
     "base_parser",
-    "thread_cpu",
-    "thread_group",
     "comment",
     "environment",
     "measure_pair",
     "options_from",
     "report",
+    "thread_cpu",
+    "thread_group",
     "timed",
 ]
 
@@ -261,9 +261,7 @@ class Result:
     @staticmethod
     def _thread_medians(runs: list[Sample]) -> dict[str, float]:
         groups = sorted({g for s in runs for g in s.threads})
-        return {
-            g: statistics.median(s.threads.get(g, 0.0) / s.units for s in runs) for g in groups
-        }
+        return {g: statistics.median(s.threads.get(g, 0.0) / s.units for s in runs) for g in groups}
 
     def thread_line(self) -> str | None:
         """A ``#`` comment with the median CPU time per unit of each group of
@@ -273,7 +271,8 @@ class Result:
         which side's threads the CPU (hence most of the time) goes to.
         """
         sides = []
-        for label, runs in ((self.subject, self.subject_runs), (self.reference, self.reference_runs)):
+        both = ((self.subject, self.subject_runs), (self.reference, self.reference_runs))
+        for label, runs in both:
             medians = self._thread_medians(runs)
             if not medians:
                 return None
