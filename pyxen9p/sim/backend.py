@@ -852,7 +852,6 @@ class Sim9pfsBackend:
                         f" a {ring.size}-byte ring"
                     )
                 ring.reply = bytes(reply)
-            # QEMU's order: out_cons, then the reply and in_prod, then notify
             if producer.free() < len(ring.reply):
                 return  # wait for the frontend to consume and notify
             consumer.publish()
