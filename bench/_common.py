@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,8 @@ __all__ = [
     "measure_pair",
     "options_from",
     "report",
+    "thread_cpu",
+    "thread_group",
     "timed",
 ]
 
@@ -68,6 +71,10 @@ class Sample:
     units: float
     wall: float
     cpu: float
+    #: CPU seconds meanwhile by group of threads (:func:`thread_group`), and
+    #: ``exited`` for threads that ended before the sample did (their CPU is
+    #: in *cpu* but no longer readable per thread)
+    threads: dict[str, float] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -82,6 +89,64 @@ class Sample:
 
 #: ``() -> Sample``: one timed repetition (see :class:`timed`).
 Timer = Callable[[], Sample]
+
+#: Thread-name prefixes and the group each belongs to, first match wins.
+THREAD_GROUPS: tuple[tuple[str, str], ...] = (
+    ("MainThread", "caller"),
+    ("bench-caller", "caller"),
+    ("pyxen9p-rx", "frontend_rx"),
+    ("pyxen9p-io", "client_workers"),
+    ("pyxen9p-tree", "client_workers"),
+    ("sim9pfs-ring", "backend_server"),
+    ("sim9pfs-be", "backend_control"),
+    ("bench-", "reference_peer"),
+)
+
+
+def thread_group(name: str) -> str:
+    """The group of a thread named *name* (:data:`THREAD_GROUPS`; else ``other``)."""
+    for prefix, group in THREAD_GROUPS:
+        if name.startswith(prefix):
+            return group
+    return "other"
+
+
+def thread_cpu() -> dict[tuple[int, int | None], tuple[str, float]]:
+    """CPU seconds used so far by each live thread, read from its own CPU
+    clock (``pthread_getcpuclockid``): ``{(ident, native id): (name, seconds)}``.
+    Empty where the platform has no per-thread clocks."""
+    clocks: dict[tuple[int, int | None], tuple[str, float]] = {}
+    getclock = getattr(time, "pthread_getcpuclockid", None)
+    if getclock is None:
+        return clocks
+    for thread in threading.enumerate():
+        ident = thread.ident
+        if ident is None:
+            continue
+        try:
+            seconds = time.clock_gettime(getclock(ident))
+        except (OSError, OverflowError, ValueError):  # it ended meanwhile
+            continue
+        clocks[(ident, thread.native_id)] = (thread.name, seconds)
+    return clocks
+
+
+def split_cpu(
+    before: dict[tuple[int, int | None], tuple[str, float]],
+    after: dict[tuple[int, int | None], tuple[str, float]],
+    process: float,
+) -> dict[str, float]:
+    """CPU seconds between two :func:`thread_cpu` snapshots by thread group;
+    ``exited``: the rest of *process* (threads that ended meanwhile)."""
+    if not after:
+        return {}
+    groups: dict[str, float] = {}
+    for key, (name, seconds) in after.items():
+        start = before[key][1] if key in before else 0.0
+        group = thread_group(name)
+        groups[group] = groups.get(group, 0.0) + max(seconds - start, 0.0)
+    groups["exited"] = max(process - sum(groups.values()), 0.0)
+    return groups
 
 
 class timed:
@@ -101,6 +166,7 @@ class timed:
         self.sample = Sample(units, 0.0, 0.0)
 
     def __enter__(self) -> timed:
+        self._threads = thread_cpu()
         self._cpu = time.process_time()
         self._wall = time.perf_counter()
         return self
@@ -108,7 +174,8 @@ class timed:
     def __exit__(self, *exc: object) -> None:
         wall = time.perf_counter() - self._wall
         cpu = time.process_time() - self._cpu
-        self.sample = Sample(self.units, wall, cpu)
+        threads = split_cpu(self._threads, thread_cpu(), cpu)
+        self.sample = Sample(self.units, wall, cpu, threads)
 
 
 @dataclass
@@ -191,6 +258,38 @@ class Result:
             f"{self.subject_cpu * 1e6:.1f} us {self.reference}={self.reference_cpu * 1e6:.1f} us"
         )
 
+    @staticmethod
+    def _thread_medians(runs: list[Sample]) -> dict[str, float]:
+        groups = sorted({g for s in runs for g in s.threads})
+        return {g: statistics.median(s.threads.get(g, 0.0) / s.units for s in runs) for g in groups}
+
+    def thread_line(self) -> str | None:
+        """A ``#`` comment with the median CPU time per unit of each group of
+        threads (:func:`thread_group`), each side; ``None`` without per-thread clocks.
+
+        In one process the threads share one interpreter lock: this shows
+        which side's threads the CPU (hence most of the time) goes to.
+        """
+        sides = []
+        both = ((self.subject, self.subject_runs), (self.reference, self.reference_runs))
+        for label, runs in both:
+            medians = self._thread_medians(runs)
+            if not medians:
+                return None
+            parts = " ".join(
+                f"{g}={v * 1e6:.1f}" for g, v in medians.items() if g == "exited" or v >= 5e-8
+            )
+            sides.append(f"{label}: {parts}")
+        return f"# {self.name}: CPU us per {self.per} by thread group: " + "; ".join(sides)
+
+    def print_lines(self, out: TextIO) -> None:
+        """Print :meth:`line`, :meth:`cpu_line` and (if any) :meth:`thread_line`."""
+        print(self.line(), file=out, flush=True)
+        print(self.cpu_line(), file=out, flush=True)
+        threads = self.thread_line()
+        if threads is not None:
+            print(threads, file=out, flush=True)
+
     def as_dict(self) -> dict[str, Any]:
         """The result as JSON-ready data, medians and ratio included."""
         data = asdict(self)
@@ -201,6 +300,8 @@ class Result:
             ratio=self.ratio,
             subject_cpu_per_unit=self.subject_cpu,
             reference_cpu_per_unit=self.reference_cpu,
+            subject_thread_cpu_per_unit=self._thread_medians(self.subject_runs),
+            reference_thread_cpu_per_unit=self._thread_medians(self.reference_runs),
         )
         return data
 

@@ -275,6 +275,14 @@ class RequestTable:
                 self.dropped_replies += 1
         return request
 
+    def in_flight_on(self, index: int, modulus: int) -> bool:
+        """Whether a request is in flight (abandoned ones included) whose
+        tag is *index* modulo *modulus*: on that ring of a multi-ring transport."""
+        with self.lock:
+            if modulus == 1:
+                return bool(self.pending)
+            return any(tag % modulus == index for tag in self.pending)
+
     def peek(self, tag: int) -> Request | None:
         """The request for *tag*, left in place."""
         return self.pending.get(tag)

@@ -195,6 +195,8 @@ class _Ring:
         self.views: list[ByteRing] = []
         self.send_lock = threading.Lock()
         self.space = threading.Condition()
+        #: Senders waiting on :attr:`space` (none: a drain need not wake it).
+        self.space_waiters = 0
 
     def setup(
         self,
@@ -749,7 +751,11 @@ class Frontend:
                 # replies must be read for the backend to go on
                 self._ensure_receiver()
                 with ring.space:
-                    ring.space.wait(min(remaining(), 0.05))
+                    ring.space_waiters += 1
+                    try:
+                        ring.space.wait(min(remaining(), 0.05))
+                    finally:
+                        ring.space_waiters -= 1
         finally:
             ring.send_lock.release()
 
@@ -1083,10 +1089,18 @@ class Frontend:
                 request.resolve(mtype, reply)
         finally:
             # a sender may wait for the room the backend's consuming made in `out`
-            with ring.space:
-                ring.space.notify_all()
-            # the backend may wait for room in `in`, or for our notice at all
-            if consumed and self._evtchn is not None and ring.port is not None:
+            if ring.space_waiters:
+                with ring.space:
+                    ring.space.notify_all()
+            # the backend may wait for room in `in` to reply to a request still
+            # in flight on this ring (as Linux, notify once the ring is drained);
+            # with none in flight it has no reply to put, and nothing to wait for
+            if (
+                consumed
+                and self._evtchn is not None
+                and ring.port is not None
+                and table.in_flight_on(ring.index, self.num_rings)
+            ):
                 self._evtchn.notify(ring.port)
 
     def abort(self, exc: TransportError) -> None:

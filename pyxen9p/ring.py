@@ -316,6 +316,9 @@ class Consumer:
         self._barriers = barriers
         self.cons = cons & _MASK32
         self._readinto: Callable[[int, memoryview], None] | None = getattr(ring, "readinto", None)
+        # a ByteRing's header is read in place where it does not wrap (a
+        # wrapper of a ring, say a test's guard, is read through its read())
+        self._buffer: memoryview | None = ring.buffer if type(ring) is ByteRing else None
 
     def available(self) -> int:
         """Bytes the peer has published and this side has not consumed."""
@@ -337,8 +340,13 @@ class Consumer:
         avail = self.available()
         if avail < HEADER_SIZE:
             return None
-        size, mtype, tag = HEADER.unpack(self.ring.read(self.cons, HEADER_SIZE))
-        limit = min(max_size, self.ring.size)
+        ring_size = self.ring.size
+        start = self.cons & (ring_size - 1)
+        if self._buffer is not None and start + HEADER_SIZE <= ring_size:
+            size, mtype, tag = HEADER.unpack_from(self._buffer, start)  # one read of each byte
+        else:
+            size, mtype, tag = HEADER.unpack(self.ring.read(self.cons, HEADER_SIZE))
+        limit = min(max_size, ring_size)
         if size < HEADER_SIZE:
             raise FramingError(
                 errno.EPROTO,

@@ -927,6 +927,13 @@ class _FixedOp(_Op):
         self.items = items
         self.struct = struct.Struct("<" + "".join(_FIXED_KINDS[k] for _, k in items))
         self.has_qid = any(k == "qid" for _, k in items)
+        # where each qid's three values start among the unpacked values, last first
+        starts, at = [], 0
+        for _, kind in items:
+            if kind == "qid":
+                starts.append(at)
+            at += 3 if kind == "qid" else 1
+        self._qid_starts = tuple(reversed(starts))
 
     def encode(self, msg: Any, parts: _Parts) -> None:
         values: list[Any] = []
@@ -951,14 +958,10 @@ class _FixedOp(_Op):
         if not self.has_qid:
             out.extend(values)
         else:
-            i = 0
-            for _, kind in self.items:
-                if kind == "qid":
-                    out.append(Qid(values[i], values[i + 1], values[i + 2]))
-                    i += 3
-                else:
-                    out.append(values[i])
-                    i += 1
+            merged = list(values)
+            for i in self._qid_starts:
+                merged[i : i + 3] = (Qid(values[i], values[i + 1], values[i + 2]),)
+            out.extend(merged)
         return off + size
 
 
@@ -1138,6 +1141,10 @@ class Message:
     TYPE: ClassVar[int] = -1
     _WIRE: ClassVar[str] = ""
     _OPS: ClassVar[list[_Op]] = []
+    #: For a message of fixed-size integer fields only: the struct of the
+    #: whole message (header included) and the field names (the fast path
+    #: of :func:`encode` and :func:`decode`).
+    _FIXED: ClassVar[tuple[struct.Struct, tuple[str, ...]] | None] = None
 
     tag: int
 
@@ -1173,6 +1180,10 @@ def _register(cls: _M, table: dict[int, type[Message]]) -> _M:
     if cls.TYPE in _BY_TYPE or cls.TYPE in _BY_TYPE_U:  # pragma: no cover - programming error
         raise AssertionError(f"duplicate type {cls.TYPE}")
     cls._OPS = ops
+    only = ops[0] if len(ops) == 1 else None
+    if not ops or (isinstance(only, _FixedOp) and not only.has_qid):
+        body = only.struct.format[1:] if isinstance(only, _FixedOp) else ""
+        cls._FIXED = (struct.Struct("<IBH" + body), tuple(names))
     table[cls.TYPE] = cls
     return cls
 
@@ -2024,6 +2035,13 @@ def encode(msg: Message) -> bytes:
     cls = type(msg)
     if not isinstance(msg, Message) or _EVERY_TYPE.get(cls.TYPE) is not cls:
         raise ProtocolError(f"not a 9P message: {msg!r}")
+    fixed = cls._FIXED
+    if fixed is not None:  # one struct for the whole message
+        whole, names = fixed
+        try:
+            return whole.pack(whole.size, cls.TYPE, msg.tag, *[getattr(msg, n) for n in names])
+        except struct.error:
+            pass  # the general path below names the field that does not fit
     parts: _Parts = [b""]
     for op in cls._OPS:
         op.encode(msg, parts)
@@ -2075,6 +2093,9 @@ def decode(data: bytes | bytearray | memoryview, dialect: str = VERSION_9P2000_L
         raise ProtocolError(f"unknown message type {mtype}")
     if cls is Rerror:
         return _decode_rerror(mv, tag)
+    fixed = cls._FIXED
+    if fixed is not None and fixed[0].size == n:  # one struct for the whole message
+        return cls(*fixed[0].unpack_from(mv, 0)[2:])
     values: list[Any] = [tag]
     off = HEADER_SIZE
     for op in cls._OPS:

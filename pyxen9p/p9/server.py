@@ -269,6 +269,78 @@ class _Loc:
         return _Loc(fd, parent, self.name, self.mode, self.is_root)
 
 
+class _Running:
+    """A request being served: a Tflush of its tag waits until it is done.
+
+    A lock taken at creation and released once when the request ends: lighter
+    than a :class:`threading.Event` (no condition), made for every request.
+    """
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def set(self) -> None:
+        """The request ended (call exactly once)."""
+        self._lock.release()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to *timeout* seconds for the request's end; whether it ended."""
+        if self._lock.acquire(timeout=timeout):
+            self._lock.release()
+            return True
+        return False
+
+
+class _Using:
+    """The context of :meth:`Session._using`: on entry, look the fids up and
+    lock each once, in a fixed order (:class:`EBADF <_Err>` if one is unknown
+    or closed meanwhile); on exit, unlock them.  A class rather than a
+    generator: it is entered for almost every request."""
+
+    __slots__ = ("_held", "_nums", "_session")
+
+    def __init__(self, session: Session, nums: tuple[int, ...]) -> None:
+        self._session = session
+        self._nums = nums
+        self._held: list[_Fid] = []
+
+    def __enter__(self) -> list[_Fid]:
+        session = self._session
+        with session._lock:
+            fids = []
+            for n in self._nums:
+                f = session._fids.get(n)
+                if f is None:
+                    raise _Err(errno.EBADF)
+                fids.append(f)
+        if len(fids) == 1:
+            unique = fids
+        else:
+            unique = sorted({id(f): f for f in fids}.values(), key=lambda f: f.serial)
+        held = self._held
+        try:
+            for f in unique:
+                f.lock.acquire()
+                held.append(f)
+                if f.closed:
+                    raise _Err(errno.EBADF)
+        except BaseException:
+            self._release()
+            raise
+        return fids
+
+    def __exit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        held = self._held
+        while held:
+            held.pop().lock.release()
+
+
 class _Fid:
     __slots__ = ("closed", "dirents", "loc", "lock", "open_fd", "open_write", "serial")
 
@@ -772,7 +844,7 @@ class Session:
         self._idle = threading.Condition(self._lock)
         self._fids: dict[int, _Fid] = {}
         self._fid_serial = 0
-        self._inflight: dict[int, threading.Event] = {}
+        self._inflight: dict[int, _Running] = {}
         self._active = 0
         self._listings: OrderedDict[int, _Fid] = OrderedDict()  # fids with a listing, LRU
         # Under the server's _locks_mutex: files this session holds locks on, and how many.
@@ -814,7 +886,7 @@ class Session:
             if self.closed:
                 return c.encode(c.Rlerror(tag, errno.EIO))
             self._active += 1
-            event = threading.Event()
+            event = _Running()
             self._inflight[tag] = event
         try:
             reply = self._dispatch(request, mtype, tag)
@@ -921,28 +993,10 @@ class Session:
         self._server._count_fids(-1)
         return fid
 
-    @contextmanager
-    def _using(self, *nums: int) -> Iterator[list[_Fid]]:
-        """Lock the fids numbered *nums* (in a fixed order) for one operation."""
-        with self._lock:
-            fids = []
-            for n in nums:
-                f = self._fids.get(n)
-                if f is None:
-                    raise _Err(errno.EBADF)
-                fids.append(f)
-        unique = sorted({id(f): f for f in fids}.values(), key=lambda f: f.serial)
-        held: list[_Fid] = []
-        try:
-            for f in unique:
-                f.lock.acquire()
-                held.append(f)
-                if f.closed:
-                    raise _Err(errno.EBADF)
-            yield fids
-        finally:
-            for f in reversed(held):
-                f.lock.release()
+    def _using(self, *nums: int) -> _Using:
+        """Lock the fids numbered *nums* (in a fixed order) for one operation:
+        ``with self._using(a, b) as (fa, fb):``."""
+        return _Using(self, nums)
 
     def _writable(self) -> None:
         if self._server.readonly:

@@ -725,6 +725,8 @@ class SimEventChannel(_Handle):
         self._ports: dict[int, _Port] = {}
         self._queue: deque[int] = deque()
         self._cond = threading.Condition(xen._lock)
+        #: Threads waiting in :meth:`pending` (no one to wake: no notify_all).
+        self._waiters = 0
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
@@ -746,7 +748,8 @@ class SimEventChannel(_Handle):
         if not self._queue:
             os.write(self._wfd, b"!")
         self._queue.append(port)
-        self._cond.notify_all()
+        if self._waiters:
+            self._cond.notify_all()
 
     def _dequeue(self, port: int | None = None) -> int:
         if port is None:
@@ -868,7 +871,11 @@ class SimEventChannel(_Handle):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise TimeoutError(f"no event-channel port pending after {timeout} s")
-                self._cond.wait(remaining)
+                self._waiters += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._waiters -= 1
                 self._check_open()
             return self._dequeue()
 
@@ -1381,6 +1388,8 @@ class SimulatedXen:
             handle._dequeue(entry.port)
 
     def _maybe_fail(self, operation: str, domid: int) -> None:
+        if not self._faults:  # the hot path: no fault armed
+            return
         hit: InjectedFault | None = None
         for fault in self._faults:
             if not fault.active or fault.operation != operation:
