@@ -467,7 +467,11 @@ def _fuse_class() -> Any:
 def _fuse_options(
     readonly: bool, allow_other: bool, options: Sequence[str], fsname: str
 ) -> dict[str, Any]:
-    opts: dict[str, Any] = {"fsname": fsname, "subtype": "pyxen9p", "use_ino": True}
+    # attributes are asked for each time, as the kernel's 9p client does
+    # without a cache: a hard link or the host's own change shows at once
+    opts: dict[str, Any] = {
+        "fsname": fsname, "subtype": "pyxen9p", "use_ino": True, "attr_timeout": "0",
+    }
     if readonly:
         opts["ro"] = True
     if allow_other:

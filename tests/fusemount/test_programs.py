@@ -275,3 +275,16 @@ def test_umount_of_nothing_is_an_error(tmp_path: Path) -> None:
 
     with pytest.raises(MountError):
         umount(tmp_path)
+
+
+def test_a_hard_link_shows_in_the_link_count_at_once(share: tuple[Path, Path]) -> None:
+    """Found by the differential test: with FUSE's one-second attribute
+    cache, the first name of a file still showed one link after ``ln``."""
+    _directory, mnt = share
+    (mnt / "b").write_bytes(b"")
+    assert (mnt / "b").stat().st_nlink == 1
+    os.link(mnt / "b", mnt / "a")
+    assert (mnt / "b").stat().st_nlink == 2
+    assert (mnt / "a").stat().st_nlink == 2
+    (mnt / "a").unlink()
+    assert (mnt / "b").stat().st_nlink == 1
