@@ -60,7 +60,8 @@ def test_dom0_qemu_10_does_not_serve_a_dom0_9pfs_device(share_dir: Path) -> None
             Frontend.connect(path=dev.frontend, timeout=5.0)
     finally:
         dev.remove(timeout=2.0)
-        # what became of dom0's QEMU (it was seen to exit): kept with the results
+        # what became of dom0's QEMU (it was seen to exit, logging nothing):
+        # kept with the results
         log = Path("/var/log/xen/qemu-dm-dom0.log")
         record(
             "dom0-qemu",

@@ -448,7 +448,12 @@ def module_files(names: Sequence[str], kver: str | None = None) -> list[Path]:
     kver = kver or kernel_version()
     files: list[Path] = []
     for name in names:
-        res = sh(["modprobe", "--show-depends", "--set-version", kver, name], timeout=30)
+        # --ignore-install: a blacklisted module (install ... /bin/false) still
+        # has its files listed
+        res = sh(
+            ["modprobe", "--show-depends", "--ignore-install", "--set-version", kver, name],
+            timeout=30,
+        )
         for line in res.stdout.splitlines():
             parts = line.split()
             if len(parts) >= 2 and parts[0] == "insmod":
