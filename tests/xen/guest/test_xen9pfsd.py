@@ -8,10 +8,9 @@ It ignores the backend's ``frontend`` node, so a dom0 frontend is a node under
 dom0's own ``device/9pfs/`` with the kernel's 9pnet_xen blacklisted.
 
 These tests drive such a dom0 device with pyxen9p's frontend, client, files
-API and command line; the kernel's own 9pnet_xen mounts the same directory
-from a PV domU (``version=9p2000.u``), side by side; and the teardown and
-fault cases that apply to this backend: every grant released, a reconnect
-without ``allow_reconnect``, the daemon killed under a session.
+API and command line, and the teardown and fault cases that apply to this
+backend: every grant released, a reconnect without ``allow_reconnect``, the
+daemon killed under a session.
 """
 
 from __future__ import annotations
@@ -244,52 +243,3 @@ def test_daemon_killed_under_a_session(dev: xenlab.Dom0NinePDevice) -> None:
     dev.wait_backend_state((XenbusState.INIT_WAIT, XenbusState.CLOSED), 30)
     with connect(dev) as again:
         assert again.read_text("before") == "1"
-
-
-KERNEL_SCRIPT = """\
-mkdir -p /tmp/share
-# the device connects once xen-9pfsd has seen it: the first tries may find no channel
-n=0
-until mount -t 9p -o trans=xen,version=9p2000.u share /tmp/share; do
-  n=$((n + 1)); [ $n -lt 30 ] || { dmesg | tail -n 20; exit 10; }; sleep 1
-done
-cat /tmp/share/from-pyxen9p.txt || exit 11
-echo written by the domU kernel > /tmp/share/from-domu.txt || exit 12
-mkdir /tmp/share/domu-dir || exit 13
-ls /tmp/share
-sync
-umount /tmp/share || exit 14
-"""
-
-
-@pytest.mark.slow
-def test_kernel_9pnet_xen_and_pyxen9p_side_by_side(share_dir: Path) -> None:
-    """The kernel's own frontend in a PV domU (``type=xen_9pfsd``, mounted
-    ``version=9p2000.u``) and pyxen9p in dom0, on the same directory, both
-    served by the one xen-9pfsd."""
-    os.chmod(share_dir, 0o777)
-    with xenlab.xen_9pfsd_device(share_dir, tag="side") as dev:
-        with connect(dev) as client:
-            client.write_text("from-pyxen9p.txt", "written by pyxen9p\n")
-        result = xenlab.run_pv_domu(
-            KERNEL_SCRIPT,
-            # the kernel holds a fid per dentry: more than xen-9pfsd's default 5
-            p9=[
-                f"type=xen_9pfsd,tag=share,security_model=none,path={share_dir},"
-                "max-open-files=64"
-            ],
-            timeout=180,
-        )
-        assert result.rc == 0, result.console[-4000:]
-        assert "written by pyxen9p" in result.output
-        with connect(dev) as client:
-            assert client.read_text("from-domu.txt") == "written by the domU kernel\n"
-            assert client.is_dir("domu-dir")
-            assert sorted(client.listdir("")) == [
-                "domu-dir",
-                "from-domu.txt",
-                "from-pyxen9p.txt",
-            ]
-            client.remove("from-domu.txt")
-    assert not (share_dir / "from-domu.txt").exists()
-    assert xenlab.daemon_pids("xen-9pfsd")
