@@ -374,3 +374,19 @@ def test_hostile_backend_directory_gone() -> None:
         with pytest.raises((TimeoutError, BackendError, PermissionError)):
             h.connect(timeout=0.5)
         h.assert_clean()
+
+
+def test_root_attributes_are_not_asked_of_xen_9pfsd(tmp_path: Path) -> None:
+    """The client knows xen-9pfsd by its backend directory and never asks it
+    for the attributes of the share's root (it does not answer them usefully)."""
+    root = tmp_path / "share"
+    root.mkdir()
+    (root / "f").write_text("x")
+    with host(root) as h, h.client(request_timeout=5.0) as client:
+        for path in ("", "/", "f/.."):
+            with pytest.raises(OSError):
+                client.stat(path)
+        assert client.listdir("") == ["f"]
+        assert client.is_file("f")
+        assert client.usable
+        assert not h.servers[-1].root_tstat_seen
