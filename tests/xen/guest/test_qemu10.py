@@ -98,6 +98,6 @@ def test_qemu_10_device_model_for_a_domu_fails(share_dir: Path) -> None:
     assert "MOUNTED" not in console, "QEMU 10 served the domU's share: run the client suite on it"
     if created:
         assert "MOUNT-FAILED" in console, console
-    assert (
-        "does not support hotplugging" in text or "declining to handle console type" in text
-    ), f"created={created}; console: {console[-2000:]}; {log}: {text[-2000:]}"
+    assert "does not support hotplugging" in text or "declining to handle console type" in text, (
+        f"created={created}; console: {console[-2000:]}; {log}: {text[-2000:]}"
+    )
