@@ -120,7 +120,9 @@ def connect(
         :class:`~pyxen9p.frontend.ReconnectRefusedError`: QEMU 7.2's Xen 9pfs
         backend aborts when a device is connected a second time, taking every
         device it serves with it.  Pass ``True`` only for a backend known to
-        reconnect (the simulated one does)
+        reconnect (the simulated one does); a ``xen-9pfsd`` device
+        (``backend/xen_9pfs``) is reconnected without it (see
+        :data:`pyxen9p.frontend.BACKEND_TYPES`)
     :param server: instead of a Xen device, the 9P2000.L server at this
         address (``unix:PATH`` or ``tcp:HOST:PORT``: an agent, diod, another
         pyxen9p...; see :func:`pyxen9p.agent.parse_address`); no device

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
+from dataclasses import dataclass
 from functools import partial
 
 from typing_extensions import Self
@@ -81,13 +82,16 @@ from pyxen9p.xenbus import (
 )
 
 __all__ = [
+    "BACKEND_TYPES",
     "DEFAULT_GRANT_LIMIT",
     "MIN_MSIZE",
     "PROTOCOL_VERSION",
+    "BackendType",
     "DeviceBusyError",
     "DeviceNotFoundError",
     "Frontend",
     "ReconnectRefusedError",
+    "backend_type",
     "choose_layout",
 ]
 
@@ -123,10 +127,72 @@ class ReconnectRefusedError(TransportError):
     """The device's backend has served a connection that ended (it is Closed,
     and the rings a frontend published are still named in XenStore).
 
-    Connecting again is refused unless asked for (``allow_reconnect=True``):
-    QEMU's Xen 9pfs backend (7.2, Debian 12's) aborts when one device is
-    connected a second time, taking down every device that QEMU serves.
+    Connecting again is refused unless asked for (``allow_reconnect=True``)
+    or the backend's type is known to reconnect (``xen_9pfs``): QEMU's Xen
+    9pfs backend (7.2, Debian 12's) aborts when one device is connected a
+    second time, taking down every device that QEMU serves.
     """
+
+
+@dataclass(frozen=True)
+class BackendType:
+    """What a kind of 9pfs backend is known to do, by the ``<type>`` of its
+    XenStore directory ``backend/<type>/<frontend domid>/<devid>``.
+
+    The frontend directory is ``device/9pfs/<devid>`` for every type; only
+    the backend's directory tells them apart.
+
+    :ivar name: the type in the backend path (``9pfs``, ``xen_9pfs``)
+    :ivar server: the program that serves it
+    :ivar reconnects: a device whose connection ended can be connected again
+        (no ``allow_reconnect`` needed)
+    :ivar initwait_on_reconnect: the backend goes back to InitWait before it
+        takes a new connection (else it takes one from Closing or Closed)
+    :ivar dialects: the 9P dialects it speaks, best first (empty: unknown)
+    """
+
+    name: str
+    server: str
+    reconnects: bool
+    initwait_on_reconnect: bool
+    dialects: tuple[str, ...]
+
+
+#: The backend types known, with their reconnect rules:
+#:
+#: * ``9pfs``, QEMU's Xen 9pfs backend (Debian 12's QEMU 7.2): it serves one
+#:   connection per device; connecting a device again makes it abort
+#:   (``Assertion `!s->transport' failed``), and every device it serves goes
+#:   with it.  A second connection is refused unless ``allow_reconnect``.
+#: * ``xen_9pfs``, Xen's own ``xen-9pfsd`` (Xen 4.19 and later): on the
+#:   frontend's Closing (or Closed) it unmaps and frees the device's fids and
+#:   takes the frontend's state; it does not go back to InitWait, and connects
+#:   again whenever the frontend writes Initialised.  9P2000.u only.
+BACKEND_TYPES: dict[str, BackendType] = {
+    "9pfs": BackendType(
+        "9pfs", "QEMU", reconnects=False, initwait_on_reconnect=True,
+        dialects=("9P2000.L", "9P2000.u"),
+    ),
+    "xen_9pfs": BackendType(
+        "xen_9pfs", "xen-9pfsd", reconnects=True, initwait_on_reconnect=False,
+        dialects=("9P2000.u",),
+    ),
+}  # fmt: skip
+
+
+def backend_type(backend_path: str) -> BackendType:
+    """The :class:`BackendType` of the backend directory *backend_path*.
+
+    A path that is not ``.../backend/<type>/<domid>/<devid>``, or a type not
+    in :data:`BACKEND_TYPES`, gives an unknown type treated as QEMU's is
+    (no reconnect without ``allow_reconnect``, InitWait awaited).
+    """
+    parts = backend_path.rstrip("/").split("/")
+    name = parts[-3] if len(parts) >= 4 and parts[-4] == "backend" else "?"
+    known = BACKEND_TYPES.get(name)
+    if known is not None:
+        return known
+    return BackendType(name, "unknown", reconnects=False, initwait_on_reconnect=True, dialects=())
 
 
 def _served_before(store: XenStoreOps, fe: str, be_state: str) -> bool:
@@ -266,6 +332,7 @@ class Frontend:
     :ivar num_rings: rings in use
     :ivar ring_order: the ring order in use (``1 << ring_order`` data pages)
     :ivar msize: the largest 9P message this transport carries: half a ring
+    :ivar backend_type: what the backend is known to do (from its path)
     :ivar backend_versions: the versions the backend offered
     :ivar backend_max_rings: the backend's ``max-rings``
     :ivar backend_max_ring_order: the backend's ``max-ring-page-order``
@@ -321,7 +388,9 @@ class Frontend:
             Only for a backend known to support it: QEMU 7.2's Xen 9pfs
             backend aborts (``v9fs_device_realize_common: Assertion
             `!s->transport' failed``) when a device is connected a second
-            time, and every device that QEMU process serves goes with it
+            time, and every device that QEMU process serves goes with it.
+            A backend whose type is known to reconnect (``xen_9pfs``, see
+            :data:`BACKEND_TYPES`) is connected again without it
         :raises DeviceNotFoundError: no such device
         :raises DeviceBusyError: another frontend drives it
         :raises ReconnectRefusedError: the backend is Closed, the rings of an
@@ -381,6 +450,7 @@ class Frontend:
         self.backend_max_rings = 0
         self.backend_max_ring_order = 0
         self._table = RequestTable()
+        self.backend_type = backend_type("")
 
     def _find_device(self, devid: int | None, tag: str | None, path: str | None) -> str:
         store = self._require_store()
@@ -429,6 +499,9 @@ class Frontend:
         if not backend_path.startswith("/") or "\0" in backend_path:
             raise BackendError(f"{fe}/backend: {backend_path!r} is not an absolute path")
         self.backend_path = backend_path.rstrip("/")
+        kind = self.backend_type = backend_type(self.backend_path)
+        # xen-9pfsd takes a new connection from Closing or Closed
+        takes_closed = kind.reconnects and not kind.initwait_on_reconnect
         self.backend_id = read_uint(store, f"{fe}/backend-id", 0, 0x7FEF)
         try:
             self.tag = store.read(f"{fe}/tag").decode("utf-8", "replace")
@@ -436,7 +509,7 @@ class Frontend:
             self.tag = None
 
         be_state = f"{self.backend_path}/state"
-        if read_state(store, be_state) == XenbusState.CLOSING:
+        if not takes_closed and read_state(store, be_state) == XenbusState.CLOSING:
             # a previous connection is still being torn down: let it finish
             wait_for_state(
                 store,
@@ -457,7 +530,7 @@ class Frontend:
                         f"{fe} is {mine.name}: another frontend (e.g. the kernel's"
                         " 9pnet_xen) drives this device",
                     )
-                if not allow_reconnect and _served_before(txn, fe, be_state):
+                if not (allow_reconnect or kind.reconnects) and _served_before(txn, fe, be_state):
                     raise ReconnectRefusedError(
                         errno.ECONNREFUSED,
                         f"{be_state} is CLOSED and {fe} still holds the rings a frontend"
@@ -471,12 +544,15 @@ class Frontend:
                 txn.write(f"{fe}/state", str(int(XenbusState.INITIALISING)))
         self._claimed = True
 
-        wait_for_state(
+        ready: tuple[XenbusState, ...] = (XenbusState.INIT_WAIT,)
+        if takes_closed:
+            ready += (XenbusState.CLOSING, XenbusState.CLOSED)
+        start = wait_for_state(
             store,
             be_state,
-            (XenbusState.INIT_WAIT,),
+            ready,
             timeout=self._timeout,
-            describe=lambda: "the backend has not published its features",
+            describe=lambda: f"the backend ({kind.server}) has not published its features",
         )
         be = self.backend_path
         self.backend_versions = parse_versions(self._read_backend(f"{be}/versions"))
@@ -518,13 +594,24 @@ class Frontend:
                 txn.write(f"{fe}/state", str(int(XenbusState.INITIALISED)))
         self._published = True
 
+        # a reconnect from Closing/Closed: that state is where the backend
+        # waits, only a change away from it is a refusal (xen-9pfsd refuses a
+        # connection by writing Closed: from Closed, only the timeout tells)
+        fatal = {None, XenbusState.CLOSING, XenbusState.CLOSED} - {start}
         wait_for_state(
             store,
             be_state,
             (XenbusState.CONNECTED,),
             timeout=self._timeout,
-            fatal=(None, XenbusState.CLOSING, XenbusState.CLOSED),
-            describe=lambda: "the backend did not map the rings",
+            fatal=fatal,
+            describe=lambda: (
+                f"the backend ({kind.server}) did not map the rings"
+                + (
+                    f"; it stayed {start.name}: it refused the connection?"
+                    if start in (XenbusState.CLOSING, XenbusState.CLOSED)
+                    else ""
+                )
+            ),
         )
         store.write(f"{fe}/state", str(int(XenbusState.CONNECTED)))
         self._backend_watch = store.watch(be_state)
@@ -1222,14 +1309,22 @@ class Frontend:
 
         :returns: whether the backend got there in time
         """
-        done = {
-            XenbusState.CLOSED,
-            XenbusState.INIT_WAIT,
-            XenbusState.INITIALISING,
-            XenbusState.UNKNOWN,
-        }
-        if not final:
-            done.add(XenbusState.CLOSING)
+        kind = self.backend_type
+        if kind.reconnects and not kind.initwait_on_reconnect:
+            # xen-9pfsd copies each state of ours, and acts on changes only: it
+            # must have seen our Closing and Closed before a next frontend
+            # writes Initialised (it may have been Closed already, having
+            # refused the connection)
+            done = {XenbusState.CLOSED if final else XenbusState.CLOSING, XenbusState.UNKNOWN}
+        else:
+            done = {
+                XenbusState.CLOSED,
+                XenbusState.INIT_WAIT,
+                XenbusState.INITIALISING,
+                XenbusState.UNKNOWN,
+            }
+            if not final:
+                done.add(XenbusState.CLOSING)
         try:
             wait_for_state(
                 store,

@@ -784,6 +784,11 @@ def _stat_fields(mv: memoryview, off: int, end: int) -> tuple[Stat, int]:
 #: How much xen-9pfsd's stat size exceeds its fields (Xen 4.19 and 4.20 count 71 + the
 #: name's length for fields that take 61 + the name's length).
 XEN9PFSD_STAT_EXCESS = 10
+#: How many bytes per entry xen-9pfsd's directory read (Xen 4.19, 4.20) says more
+#: than it wrote: it writes ``tlen[2] size[2]`` and the fields, but counts
+#: ``size + 2`` per entry, so the Rread's data ends in that many stale bytes
+#: per entry (seen on Debian 13's Xen 4.20).
+XEN9PFSD_DIRREAD_EXCESS = 8
 
 
 def _xen9pfsd_stat(mv: memoryview, off: int, end: int) -> tuple[Stat, int]:
@@ -827,7 +832,9 @@ def parse_xen9pfsd_stats(data: bytes | bytearray | memoryview) -> list[Stat]:
 
     Each entry carries two size fields, as an Rstat's body does
     (``tlen[2] size[2]`` then the fields, ``size`` 10 bytes over); see
-    :func:`decode_xen9pfsd_rstat`.
+    :func:`decode_xen9pfsd_rstat`.  The data may end in
+    :data:`XEN9PFSD_DIRREAD_EXCESS` stale bytes per entry (exactly that many:
+    they are dropped); anything else left over is an error.
 
     :raises ProtocolError: an entry is not laid out that way
     """
@@ -836,6 +843,8 @@ def parse_xen9pfsd_stats(data: bytes | bytearray | memoryview) -> list[Stat]:
     off = 0
     out: list[Stat] = []
     while off < end:
+        if out and end - off == XEN9PFSD_DIRREAD_EXCESS * len(out):
+            break  # what xen-9pfsd counted but did not write
         stat, off = _xen9pfsd_stat(mv, off, end)
         out.append(stat)
     return out

@@ -431,7 +431,7 @@ class Sim9pfsBackend:
             if self._write_toolstack:
                 self._write_toolstack_nodes()
             frontend = self._store.read(f"{self.backend_path}/frontend").decode("utf-8")
-            self.frontend_path = frontend
+            self.frontend_path = self._frontend_dir(frontend)
             self._set_state(XenbusState.INITIALISING)
             self._publish_features()
             self._control = threading.Thread(
@@ -532,6 +532,17 @@ class Sim9pfsBackend:
         self._set_state(state)
 
     # -- XenStore helpers --------------------------------------------------------
+
+    #: The frontend's ``tag`` must be there at connect (QEMU reads it).
+    _requires_tag = True
+    #: The state a refused connection leaves the backend in (this deviation
+    #: from QEMU, which stays in InitWait, is documented above).
+    _refused_state = XenbusState.CLOSING
+
+    def _frontend_dir(self, node: str) -> str:
+        """The frontend directory, given the backend's ``frontend`` node
+        (QEMU follows it anywhere)."""
+        return node
 
     def _xs(self) -> XenStoreLike:
         store = self._store
@@ -691,16 +702,18 @@ class Sim9pfsBackend:
             try:
                 self.frontend_tag = self._xs().read(f"{self.frontend_path}/tag").decode("utf-8")
             except FileNotFoundError:
-                raise _Fatal("frontend key tag is missing") from None
+                if self._requires_tag:
+                    raise _Fatal("frontend key tag is missing") from None
             except UnicodeDecodeError:
-                raise _Fatal("frontend key tag is not UTF-8") from None
+                if self._requires_tag:
+                    raise _Fatal("frontend key tag is not UTF-8") from None
             for ring in rings:
                 self._map_ring(ring)
         except (_Fatal, OSError) as err:
             for ring in rings:
                 ring.release()
             self._error(f"connect failed: {err}")
-            self._set_state(XenbusState.CLOSING)
+            self._set_state(self._refused_state)
             return
         with self._lock:
             self._rings = rings

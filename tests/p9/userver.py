@@ -309,6 +309,8 @@ class UServer:
             ):
                 return self._error(m.tag, errno.EINVAL)
             names = sorted(os.listdir(f.path))
+            if self.stats_layout != "spec":
+                names = [".", "..", *names]  # xen-9pfsd lists them (readdir(3))
             f.dirents = [
                 self._pack_stat(self._stat(os.path.join(f.path, n)), entry=True) for n in names
             ]
@@ -352,16 +354,20 @@ class UServer:
         count = min(m.count, self.msize - c.IOHDRSZ)
         if f.fd is not None:
             return c.Rread(m.tag, os.pread(f.fd, count, m.offset))
-        # whole entries only, from the entry that starts at the offset
+        # whole entries only, from the entry that starts at the offset;
+        # xen-9pfsd counts each entry 8 bytes longer than it writes it, and
+        # sends that many stale bytes per entry at the end of the data
+        pad = c.XEN9PFSD_DIRREAD_EXCESS if self.stats_layout != "spec" else 0
         at, i = 0, 0
         while i < len(f.dirents) and at < m.offset:
-            at += len(f.dirents[i])
+            at += len(f.dirents[i]) + pad
             i += 1
-        out = b""
-        while i < len(f.dirents) and len(out) + len(f.dirents[i]) <= count:
+        out, stale = b"", b""
+        while i < len(f.dirents) and len(out) + len(stale) + len(f.dirents[i]) + pad <= count:
             out += f.dirents[i]
+            stale += b"\xa5" * pad
             i += 1
-        return c.Rread(m.tag, out)
+        return c.Rread(m.tag, out + stale)
 
     def _wstat(self, m: c.Twstat, f: _Fid) -> c.Message:
         s = m.stat

@@ -1,5 +1,9 @@
 #!/usr/bin/env python3
-"""Run pyxen9p's real-Xen tests: boot Xen 4.17 + a Debian 12 dom0 under QEMU.
+"""Run pyxen9p's real-Xen tests: boot Xen with a Debian dom0 under QEMU, on two releases.
+
+The releases (``--release``; default: both, one boot each): Debian 12
+(bookworm: Xen 4.17, QEMU 7.2) and Debian 13 (trixie: Xen 4.20, QEMU 10.0,
+xen-9pfsd).
 
 The harness (host side, standard library only):
 
@@ -75,6 +79,42 @@ PACKAGES = (
     "strace",
     "fuse3",
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """A Debian release the lab can boot.
+
+    :ivar suite: the Debian suite (codename) bootstrapped
+    :ivar label: what the release brings, for messages and docs
+    :ivar packages: packages installed in the chroot
+    """
+
+    suite: str
+    label: str
+    packages: tuple[str, ...]
+
+
+def _with_xen(version: str) -> tuple[str, ...]:
+    """:data:`PACKAGES` with the Xen packages of *version* instead of 4.17's."""
+    swap = {
+        "xen-hypervisor-4.17-amd64": f"xen-hypervisor-{version}-amd64",
+        "xen-utils-4.17": f"xen-utils-{version}",
+    }
+    return tuple(swap.get(name, name) for name in PACKAGES)
+
+
+#: The releases, by suite.  Debian 12's entry builds exactly the image it
+#: always built (same cache key).
+RELEASES: dict[str, Release] = {
+    "bookworm": Release("bookworm", "Debian 12: Xen 4.17, QEMU 7.2, kernel 6.1", PACKAGES),
+    "trixie": Release(
+        "trixie", "Debian 13: Xen 4.20 (xen-9pfsd), QEMU 10.0, kernel 6.12", _with_xen("4.20")
+    ),
+}
+#: ``--release`` aliases.
+RELEASE_ALIASES = {"12": "bookworm", "13": "trixie", "debian12": "bookworm", "debian13": "trixie"}
+
 #: Python packages that Debian 12 does not have, from PyPI: downloaded as wheels
 #: on the host by its own ``pip download`` (the host's pip configuration
 #: applies) and unpacked into the image's ``dist-packages``.  Pure Python only.
@@ -388,18 +428,21 @@ def default_cache_dir() -> Path:
     return Path(base) / "pyxen9p-xen"
 
 
-def image_key(plan: MirrorPlan) -> str:
+def image_key(plan: MirrorPlan, release: Release | None = None) -> str:
     """Hash of everything the image is built from.
 
     :param plan: the mirror plan (the mirror and the chroot's sources)
+    :param release: the release (default: Debian 12)
     :returns: a short hex digest naming the cached image
     """
+    release = release or RELEASES[SUITE]
     digest = hashlib.sha256()
     parts: list[bytes] = [
         IMAGE_RECIPE_VERSION.encode(),
-        SUITE.encode(),
+        release.suite.encode(),
         ",".join(BASE_PACKAGES).encode(),
-        " ".join(PACKAGES).encode(),
+        " ".join(release.packages).encode(),
+
         " ".join(GUEST_WHEELS).encode(),
         plan.mirror.encode(),
         plan.chroot_sources.encode(),
@@ -513,14 +556,36 @@ def stop_process_group(proc: subprocess.Popen[bytes]) -> None:
                 continue
 
 
+def debs_dir(cache: Path, release: Release) -> Path:
+    """The ``.deb`` cache of *release* (Debian 12 keeps the historical ``debs``)."""
+    return cache / ("debs" if release.suite == SUITE else f"debs-{release.suite}")
+
+
+def image_suite(directory: Path) -> str:
+    """The suite recorded in a cached image's manifest (Debian 12 if unreadable)."""
+    try:
+        return str(json.loads((directory / "manifest.json").read_text()).get("suite", SUITE))
+    except (OSError, ValueError, AttributeError):
+        return SUITE
+
+
 def build_image(
-    cache: Path, key: str, plan: MirrorPlan, timeout: float, keep_images: int
+    cache: Path,
+    key: str,
+    plan: MirrorPlan,
+    timeout: float,
+    keep_images: int,
+    release: Release | None = None,
 ) -> Path:
     """Build the image for *key* into ``cache/images/<key>`` (under the build lock).
+
+    Images of other releases are never pruned by a build (each release keeps
+    *keep_images* of its own).
 
     :returns: the image directory
     :raises HarnessError: if the build fails
     """
+    release = release or RELEASES[SUITE]
     images = cache / "images"
     target = images / key
     with file_lock(cache / "build.lock", timeout, "image build"):
@@ -545,15 +610,15 @@ def build_image(
             "HOME": "/root",
             "OUT": str(out),
             "WORK": str(work),
-            "SUITE": SUITE,
+            "SUITE": release.suite,
             "MIRROR": plan.mirror,
             "KEYRING": plan.keyring or "",
             "APT_SOURCES": str(sources_file),
             "APT_CONF_DIR": str(conf) if conf else "",
             "APT_KEYS": "\n".join(plan.keyrings),
-            "DEB_CACHE": str(cache / "debs"),
+            "DEB_CACHE": str(debs_dir(cache, release)),
             "BASE_PKGS": ",".join(BASE_PACKAGES),
-            "PACKAGES": " ".join(PACKAGES),
+            "PACKAGES": " ".join(release.packages),
             "IMAGE_DIR": str(IMAGE_DIR),
             "WHEELS": str(wheels),
             "HEADROOM_MB": "1024",
@@ -580,10 +645,10 @@ def build_image(
                 raise HarnessError(f"image build failed (exit {status}); log: {failed_log}")
             manifest = {
                 "key": key,
-                "suite": SUITE,
+                "suite": release.suite,
                 "mirror": plan.mirror,
                 "base_packages": list(BASE_PACKAGES),
-                "packages": list(PACKAGES),
+                "packages": list(release.packages),
                 "wheels": list(GUEST_WHEELS),
                 "built": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 "build_seconds": round(time.monotonic() - started, 1),
@@ -597,8 +662,9 @@ def build_image(
         finally:
             shutil.rmtree(work, ignore_errors=True)
         log(f"image built in {time.monotonic() - started:.0f}s: {target}")
-        prune(images, keep_images, {key})
-        prune_debs(cache / "debs", target / "packages.txt")
+        others = {p.name for p in images.iterdir() if image_suite(p) != release.suite}
+        prune(images, keep_images + len(others), {key} | others)
+        prune_debs(debs_dir(cache, release), target / "packages.txt")
         return target
 
 
@@ -667,15 +733,18 @@ def available_groups() -> dict[str, Path]:
     return {path.stem[len("test_") :]: path for path in sorted(GUEST_DIR.glob("test_*.py"))}
 
 
-def count_tests(path: Path) -> int:
+def count_tests(path: Path, release: str | None = None) -> int:
     """Count the test functions of a guest test file without importing it.
 
     Counts module-level ``test_*`` functions and ``test_*`` methods of
     ``Test*`` classes; a ``parametrize`` decorator whose argument list is a
     literal counts once per value.  This is the minimum number of tests that
-    pytest must report for the file.
+    pytest must report for the file.  With *release*, a test marked
+    ``@pytest.mark.release("<suite>", ...)`` for other releases counts 0 (the
+    guest's conftest deselects it there).
 
     :param path: a ``test_*.py`` file
+    :param release: the suite the tests run on (``None``: count every test)
     :returns: the count
     """
     tree = ast.parse(path.read_text(), filename=str(path))
@@ -683,6 +752,14 @@ def count_tests(path: Path) -> int:
     def weight(func: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
         total = 1
         for deco in func.decorator_list:
+            if (
+                release is not None
+                and isinstance(deco, ast.Call)
+                and isinstance(deco.func, ast.Attribute)
+                and deco.func.attr == "release"
+                and release not in [a.value for a in deco.args if isinstance(a, ast.Constant)]
+            ):
+                return 0
             if (
                 isinstance(deco, ast.Call)
                 and isinstance(deco.func, ast.Attribute)
@@ -705,9 +782,60 @@ def count_tests(path: Path) -> int:
     return count
 
 
-def select_groups(requested: Sequence[str]) -> list[str]:
+def group_releases(path: Path) -> tuple[str, ...]:
+    """The releases a guest test file applies to, without importing it.
+
+    A group names them in a module-level ``RELEASES = ("bookworm", ...)``
+    (literal strings); a group without one applies to every release.
+
+    :param path: a ``test_*.py`` file
+    :returns: suites of :data:`RELEASES`
+    :raises HarnessError: for a ``RELEASES`` that is not a literal of known suites
+    """
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in tree.body:
+        target = None
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target, value = node.target, node.value
+        if isinstance(target, ast.Name) and target.id == "RELEASES":
+            try:
+                names = ast.literal_eval(value)
+            except ValueError:
+                names = None
+            if not isinstance(names, (tuple, list)) or not all(n in RELEASES for n in names):
+                raise HarnessError(
+                    f"{path.name}: RELEASES must be a literal tuple of {list(RELEASES)}"
+                )
+            return tuple(names)
+    return tuple(RELEASES)
+
+
+def select_releases(requested: Sequence[str]) -> list[Release]:
+    """Resolve ``--release`` values (repeatable, comma-separated; ``all`` = both).
+
+    :raises HarnessError: for an unknown release
+    """
+    names: list[str] = []
+    for value in requested or ["all"]:
+        for raw in filter(None, (part.strip().lower() for part in value.split(","))):
+            picked = list(RELEASES) if raw == "all" else [RELEASE_ALIASES.get(raw, raw)]
+            for name in picked:
+                if name not in RELEASES:
+                    known = ", ".join([*RELEASES, *RELEASE_ALIASES, "all"])
+                    raise HarnessError(f"unknown release {raw!r}; known: {known}")
+                if name not in names:
+                    names.append(name)
+    return [RELEASES[name] for name in names]
+
+
+def select_groups(requested: Sequence[str], release: Release | None = None) -> list[str]:
     """Resolve ``--group`` values (repeatable, comma-separated; ``all`` = every group).
 
+    :param release: keep only the groups that apply to this release (``all``
+        selects those; a group named explicitly that does not apply is dropped
+        with a message)
     :raises HarnessError: for an unknown group
     """
     groups = available_groups()
@@ -722,6 +850,12 @@ def select_groups(requested: Sequence[str]) -> list[str]:
                 names.append(name)
     if not names:
         raise HarnessError(f"no test groups found in {GUEST_DIR}")
+    if release is not None:
+        kept = [n for n in names if release.suite in group_releases(groups[n])]
+        dropped = [n for n in names if n not in kept]
+        if dropped and requested and "all" not in ",".join(requested).split(","):
+            log(f"{release.suite}: groups that do not apply there: {', '.join(dropped)}")
+        names = kept
     return names
 
 
@@ -1050,8 +1184,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tests/xen/run.py",
         description=(
-            "Boot a real Xen 4.17 hypervisor with a Debian 12 dom0 under QEMU (TCG) and run "
-            "pyxen9p's guest tests (tests/xen/guest/test_<group>.py) in dom0. Needs root and "
+            "Boot a real Xen hypervisor with a Debian dom0 under QEMU (TCG): Debian 12 "
+            "(Xen 4.17) and Debian 13 (Xen 4.20), and run pyxen9p's guest tests "
+            "(tests/xen/guest/test_<group>.py) in dom0. Needs root and "
             "the Debian packages debootstrap, qemu-system-x86, e2fsprogs, python3-pip."
         ),
         epilog=(
@@ -1062,6 +1197,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--group", "-g", action="append", default=[],
         help="test group(s) to run (repeatable or comma-separated); default: all",
+    )  # fmt: skip
+    parser.add_argument(
+        "--release", "-r", action="append", default=[],
+        help="Debian release(s) to boot: bookworm (12), trixie (13) or all "
+        "(repeatable or comma-separated; default: all, one boot each)",
     )  # fmt: skip
     parser.add_argument("--list-groups", action="store_true", help="list the groups and exit")
     parser.add_argument(
@@ -1139,7 +1279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(args: argparse.Namespace) -> int:
     if args.list_groups:
         for name, path in available_groups().items():
-            print(f"{name:12s} {count_tests(path):3d} tests  {path.relative_to(REPO)}")
+            where = ",".join(group_releases(path))
+            print(f"{name:12s} {count_tests(path):3d} tests  {path.relative_to(REPO)}  [{where}]")
         return 0
     missing = missing_host_packages()
     if missing:
@@ -1150,12 +1291,38 @@ def _main(args: argparse.Namespace) -> int:
     if args.check_tools:
         log("host tools present")
         return 0
-    groups = [] if args.build_only else select_groups(args.group)
-    started = time.monotonic()
+    releases = select_releases(args.release)
     cache = (args.cache_dir or default_cache_dir()).expanduser().resolve()
-    plan = plan_mirror(read_host_apt_sources(), host_codename(), SUITE, args.mirror)
-    key = image_key(plan)
+    if args.results_dir:
+        base = args.results_dir.resolve()
+        if base.exists() and any(base.iterdir()):
+            raise HarnessError(f"--results-dir {base} is not empty")
+    status = 0
+    lines: list[str] = []
+    for release in releases:
+        rc, line = run_release(args, release, cache)
+        lines.append(line)
+        status = max(status, rc)
+    if len(releases) > 1:
+        for line in lines:
+            print(line, flush=True)
+    return status
+
+
+def run_release(args: argparse.Namespace, release: Release, cache: Path) -> tuple[int, str]:
+    """Build (or reuse) *release*'s image, boot it and judge its guest tests.
+
+    :returns: (exit status as :func:`main`'s, a one-line summary)
+    """
+    groups = [] if args.build_only else select_groups(args.group, release)
+    if not args.build_only and not groups:
+        log(f"{release.suite}: none of the selected groups applies; nothing to boot")
+        return 0, f"real-Xen {release.suite}: no group applies"
+    started = time.monotonic()
+    plan = plan_mirror(read_host_apt_sources(), host_codename(), release.suite, args.mirror)
+    key = image_key(plan, release)
     image = cache / "images" / key
+    log(f"release {release.suite} ({release.label})")
     if args.rebuild and image_ready(image):
         with file_lock(cache / "build.lock", args.build_timeout, "image build"):
             shutil.rmtree(image, ignore_errors=True)
@@ -1163,21 +1330,19 @@ def _main(args: argparse.Namespace) -> int:
         log(f"using cached image {image}")
         os.utime(image)
     else:
-        image = build_image(cache, key, plan, args.build_timeout, args.keep_images)
+        image = build_image(cache, key, plan, args.build_timeout, args.keep_images, release)
     if args.build_only:
         log(f"image ready: {image} ({time.monotonic() - started:.0f}s)")
-        return 0
+        return 0, f"real-Xen {release.suite}: image ready"
 
     src = args.src.resolve()
     if args.results_dir:
-        run_dir = args.results_dir.resolve()
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise HarnessError(f"--results-dir {run_dir} is not empty")
+        run_dir = args.results_dir.resolve() / release.suite
     else:
         runs = cache / "runs"
         prune(runs, max(0, args.keep_runs - 1))
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = runs / f"{stamp}-{os.getpid()}"
+        run_dir = runs / f"{stamp}-{os.getpid()}-{release.suite}"
     share = run_dir / "share"
     share.mkdir(parents=True)
     files = [available_groups()[name].relative_to(REPO).as_posix() for name in groups]
@@ -1187,8 +1352,9 @@ def _main(args: argparse.Namespace) -> int:
     elif extra:
         expected = 1
     else:
-        expected = sum(count_tests(available_groups()[name]) for name in groups)
+        expected = sum(count_tests(available_groups()[name], release.suite) for name in groups)
     request = {
+        "release": release.suite,
         "groups": groups,
         "files": files,
         "pytest_args": extra,
@@ -1200,13 +1366,12 @@ def _main(args: argparse.Namespace) -> int:
     log(f"groups: {', '.join(groups)} (expect >= {expected} tests); run folder: {run_dir}")
     cmd = qemu_command(image, run_dir, share, src, args.memory, args.smp, args.qemu)
     (run_dir / "qemu-command.txt").write_text(" ".join(cmd) + "\n")
-    outcome = boot(
-        cmd, run_dir, args.boot_timeout, args.test_timeout + 120.0, 90.0, args.console
-    )
+    outcome = boot(cmd, run_dir, args.boot_timeout, args.test_timeout + 120.0, 90.0, args.console)
     print_guest_log(share)
     verdict = judge(share, expected, args.allow_skips)
     total = time.monotonic() - started
     summary = {
+        "release": release.suite,
         "groups": groups,
         "boot": dataclasses.asdict(outcome),
         "verdict": dataclasses.asdict(verdict),
@@ -1218,18 +1383,19 @@ def _main(args: argparse.Namespace) -> int:
         diagnose(outcome, run_dir)
         for problem in verdict.problems:
             log(f"FAILED: {problem}")
-        return 2
+        return 2, f"real-Xen {release.suite}: harness/boot failure ({outcome.reason})"
     for problem in verdict.problems:
         log(f"FAILED: {problem}")
     timing = ", ".join(f"{name} {sec:.1f}s" for name, sec in outcome.stages.items())
     log(f"boot timeline: {timing}")
     log(f"run folder: {run_dir}; total {total:.0f}s")
-    print(
-        f"real-Xen: {verdict.passed} passed, {verdict.failures + verdict.errors} failed"
-        + (f", {verdict.skipped} skipped" if verdict.skipped else ""),
-        flush=True,
+    line = (
+        f"real-Xen {release.suite}: {verdict.passed} passed, "
+        f"{verdict.failures + verdict.errors} failed"
+        + (f", {verdict.skipped} skipped" if verdict.skipped else "")
     )
-    return 0 if verdict.ok else 1
+    print(line, flush=True)
+    return (0 if verdict.ok else 1), line
 
 
 if __name__ == "__main__":

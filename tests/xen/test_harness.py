@@ -182,6 +182,81 @@ def test_groups_are_guest_files() -> None:
         run.select_groups(["nope"])
 
 
+def test_releases_and_their_groups() -> None:
+    assert [r.suite for r in run.select_releases([])] == ["bookworm", "trixie"]
+    assert [r.suite for r in run.select_releases(["13"])] == ["trixie"]
+    assert [r.suite for r in run.select_releases(["trixie,12", "bookworm"])] == [
+        "trixie",
+        "bookworm",
+    ]
+    with pytest.raises(run.HarnessError, match="unknown release"):
+        run.select_releases(["sid"])
+    trixie, bookworm = run.RELEASES["trixie"], run.RELEASES["bookworm"]
+    assert "xen-utils-4.20" in trixie.packages and "xen-utils-4.17" not in trixie.packages
+    assert bookworm.packages == run.PACKAGES
+    on_13 = run.select_groups([], trixie)
+    on_12 = run.select_groups([], bookworm)
+    assert {"lab", "bindings", "xen9pfsd", "qemu10"} <= set(on_13)
+    assert "frontend_dom0" not in on_13 and "kernel" not in on_13
+    assert {"lab", "bindings", "frontend_dom0", "kernel", "teardown"} <= set(on_12)
+    assert "xen9pfsd" not in on_12 and "qemu10" not in on_12
+    assert run.select_groups(["kernel,bindings"], trixie) == ["bindings"]
+
+
+def test_image_keys_per_release() -> None:
+    plan12 = run.plan_mirror(run.parse_deb822(DEB822), "bookworm", "bookworm")
+    plan13 = run.plan_mirror(run.parse_deb822(DEB822), "bookworm", "trixie")
+    assert "Suites: trixie trixie-updates" in plan13.chroot_sources
+    # Debian 12's key is what it was before there were releases
+    assert run.image_key(plan12) == run.image_key(plan12, run.RELEASES["bookworm"])
+    assert run.image_key(plan13, run.RELEASES["trixie"]) != run.image_key(plan12)
+
+
+def test_group_releases_and_release_markers(tmp_path: Path) -> None:
+    path = tmp_path / "test_y.py"
+    path.write_text(
+        textwrap.dedent(
+            """            import pytest
+            RELEASES = ("trixie",)
+
+            def test_a(): pass
+
+            @pytest.mark.release("bookworm")
+            def test_b(): pass
+
+            @pytest.mark.release("trixie", "bookworm")
+            @pytest.mark.parametrize("n", [1, 2])
+            def test_c(n): pass
+            """
+        )
+    )
+    assert run.group_releases(path) == ("trixie",)
+    assert run.count_tests(path) == 4
+    assert run.count_tests(path, "trixie") == 3
+    assert run.count_tests(path, "bookworm") == 4
+    path.write_text('RELEASES = ("sid",)\n')
+    with pytest.raises(run.HarnessError, match="RELEASES"):
+        run.group_releases(path)
+    path.write_text("def test_a(): pass\n")
+    assert run.group_releases(path) == ("bookworm", "trixie")
+
+
+def test_a_build_prunes_only_its_own_release(tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    for name, suite in (("a12", "bookworm"), ("b12", "bookworm"), ("c12", "bookworm"),
+                        ("t13", "trixie")):  # fmt: skip
+        (images / name).mkdir(parents=True)
+        (images / name / "manifest.json").write_text(f'{{"suite": "{suite}"}}')
+    assert run.image_suite(images / "t13") == "trixie"
+    assert run.image_suite(tmp_path) == "bookworm"
+    others = {p.name for p in images.iterdir() if run.image_suite(p) != "bookworm"}
+    run.prune(images, 2 + len(others), {"c12"} | others)
+    left = {p.name for p in images.iterdir()}
+    assert "t13" in left and "c12" in left and len(left) >= 3
+    assert run.debs_dir(tmp_path, run.RELEASES["trixie"]) == tmp_path / "debs-trixie"
+    assert run.debs_dir(tmp_path, run.RELEASES["bookworm"]) == tmp_path / "debs"
+
+
 JUNIT = """<?xml version="1.0" encoding="utf-8"?>
 <testsuites><testsuite name="pytest" errors="{e}" failures="{f}" skipped="{s}" tests="{t}">
 </testsuite></testsuites>

@@ -147,6 +147,7 @@ def main() -> int:
             "PYXEN9P_REALXEN": "1",
             "PYXEN9P_SRC": str(src),
             "PYXEN9P_RESULTS": str(res),
+            "PYXEN9P_RELEASE": str(request.get("release", "")),
             "HOME": "/root",
             "LC_ALL": "C.UTF-8",
         }

@@ -381,6 +381,7 @@ def test_xenstore_two_watches_are_dispatched_by_token(xs: XenStore, base: str) -
         assert wx.get(0.3) is None
 
 
+@pytest.mark.release("bookworm")
 def test_xenstore_reads_what_qemu_publishes(
     xs: XenStore, dom0_9pfs: xenlab.Dom0NinePDevice
 ) -> None:
@@ -398,6 +399,24 @@ def test_xenstore_reads_what_qemu_publishes(
             if watch.get(20) is None or xs.read(f"{dev.backend}/state") == b"6":
                 break
         assert xs.read(f"{dev.backend}/state") == b"6"
+
+
+@pytest.mark.release("trixie")
+def test_xenstore_reads_what_xen_9pfsd_publishes(xs: XenStore, share_dir: Path) -> None:
+    xenlab.blacklist_9pnet_xen()
+    xenlab.ensure_xen_9pfsd()
+    with xenlab.xen_9pfsd_device(share_dir, tag="pyxen9p") as dev:
+        assert xs.read(f"{dev.backend}/state") == b"2"
+        assert xs.read(f"{dev.backend}/versions").split(b",")[0] == b"1"
+        assert int(xs.read(f"{dev.backend}/max-rings")) == 4
+        assert int(xs.read(f"{dev.backend}/max-ring-page-order")) == 9
+        with xs.watch(f"{dev.backend}/state") as watch:
+            assert watch.get(10) is not None
+            xs.write(f"{dev.frontend}/state", b"6")  # frontend Closed
+            for _ in range(10):
+                if watch.get(20) is None or xs.read(f"{dev.backend}/state") == b"6":
+                    break
+            assert xs.read(f"{dev.backend}/state") == b"6"
 
 
 def test_real_xen_platform_hands_out_working_handles() -> None:
@@ -459,6 +478,7 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@pytest.mark.release("bookworm")
 @pytest.mark.slow
 def test_bindings_work_in_a_pv_domu() -> None:
     src = os.environ["PYXEN9P_SRC"]

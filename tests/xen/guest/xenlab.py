@@ -177,6 +177,19 @@ def xl_info() -> dict[str, str]:
     return info
 
 
+def release() -> str:
+    """The Debian release of this dom0 (``bookworm``, ``trixie``): from the
+    harness's request (``PYXEN9P_RELEASE``), else ``/etc/os-release``."""
+    name = os.environ.get("PYXEN9P_RELEASE", "")
+    if name:
+        return name
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("VERSION_CODENAME="):
+                return line.partition("=")[2].strip().strip('"')
+    return "unknown"
+
+
 def is_dom0() -> bool:
     """True when running in Xen's control domain (``/proc/xen/capabilities``)."""
     try:
@@ -435,7 +448,12 @@ def module_files(names: Sequence[str], kver: str | None = None) -> list[Path]:
     kver = kver or kernel_version()
     files: list[Path] = []
     for name in names:
-        res = sh(["modprobe", "--show-depends", "--set-version", kver, name], timeout=30)
+        # --ignore-install: a blacklisted module (install ... /bin/false) still
+        # has its files listed
+        res = sh(
+            ["modprobe", "--show-depends", "--ignore-install", "--set-version", kver, name],
+            timeout=30,
+        )
         for line in res.stdout.splitlines():
             parts = line.split()
             if len(parts) >= 2 and parts[0] == "insmod":
@@ -833,3 +851,128 @@ def bench_requested() -> bool:
     except (OSError, ValueError):
         return False
     return bool(request.get("bench"))
+
+
+# --------------------------------------------------------------------------- xen-9pfsd
+
+#: Where Debian 13 installs Xen's own 9pfs backend daemon (Xen 4.19 and later).
+XEN_9PFSD_GLOB = "/usr/lib/xen-*/bin/xen-9pfsd"
+#: xen-9pfsd's backend directory for frontends in domain 0.
+XEN_9PFSD_BACKEND_BASE = "/local/domain/0/backend/xen_9pfs/0"
+#: xen-9pfsd ignores the backend's ``frontend`` node: a frontend of domain 0
+#: must be here (with 9pnet_xen blacklisted, see :func:`blacklist_9pnet_xen`).
+XEN_9PFSD_FRONTEND_BASE = "/local/domain/0/device/9pfs"
+#: The node xen-9pfsd writes when it runs (one daemon serves every domain).
+XEN_9PFSD_RUNNING = "/local/domain/0/libxl/xen-9pfs/state"
+
+
+def xen_9pfsd_binary() -> Path:
+    """The installed ``xen-9pfsd``.
+
+    :raises LabError: if there is none (Xen older than 4.19)
+    """
+    found = sorted(Path("/").glob(XEN_9PFSD_GLOB.lstrip("/")))
+    if not found:
+        raise LabError(f"no xen-9pfsd ({XEN_9PFSD_GLOB})")
+    return found[-1]
+
+
+def ensure_xen_9pfsd(timeout: float = 30.0) -> int:
+    """Start ``xen-9pfsd`` unless it runs already; return its pid.
+
+    It runs in the foreground and has no options: started detached, as
+    libxl does (``setsid``, no terminal).
+
+    :raises LabError: if it does not start
+    """
+    pids = daemon_pids("xen-9pfsd")
+    if pids and xs_read(XEN_9PFSD_RUNNING) is not None:
+        return pids[0]
+    if not pids:  # a killed daemon leaves its node: a new one would exit at once
+        xs_rm(XEN_9PFSD_RUNNING)
+    # detached from this process (reparented to init, reaped there when it dies)
+    sh(["sh", "-c", f"setsid {shlex.quote(str(xen_9pfsd_binary()))} </dev/null >/dev/null 2>&1 &"])
+    wait_until(
+        lambda: xs_read(XEN_9PFSD_RUNNING) == "running" and daemon_pids("xen-9pfsd"),
+        timeout,
+        "xen-9pfsd to start",
+    )
+    return daemon_pids("xen-9pfsd")[0]
+
+
+def free_xen_9pfsd_devid(start: int = 700) -> int:
+    """A device number free under xen-9pfsd's dom0 backend and dom0's ``device/9pfs``."""
+    used = {
+        int(n)
+        for n in xs_list(XEN_9PFSD_BACKEND_BASE) + xs_list(XEN_9PFSD_FRONTEND_BASE)
+        if n.isdigit()
+    }
+    devid = start
+    while devid in used:
+        devid += 1
+    return devid
+
+
+def create_xen_9pfsd_device(
+    path: str | os.PathLike[str],
+    tag: str = "pyxen9p",
+    *,
+    devid: int | None = None,
+    extra: Mapping[str, str | int] | None = None,
+    wait: bool = True,
+    timeout: float = 30.0,
+) -> Dom0NinePDevice:
+    """A 9pfs device of domain 0 that xen-9pfsd serves (it must run: :func:`ensure_xen_9pfsd`).
+
+    One transaction writes the frontend nodes under
+    ``/local/domain/0/device/9pfs/<devid>`` (``backend``, ``backend-id``,
+    ``state``, ``tag``) and the backend nodes under
+    ``/local/domain/0/backend/xen_9pfs/0/<devid>`` (``frontend``,
+    ``frontend-id``, ``online``, ``state``, ``path``, ``security_model``, and
+    *extra*: ``max-open-files``...); xen-9pfsd publishes its features and
+    goes to InitWait.  Blacklist 9pnet_xen first (:func:`blacklist_9pnet_xen`).
+
+    :param path: the directory to export (created if missing; absolute, no
+        trailing ``/``, as xen-9pfsd requires)
+    :raises TimeoutError: if xen-9pfsd does not reach InitWait in time
+    """
+    Path(path).mkdir(parents=True, exist_ok=True)
+    if devid is None:
+        devid = free_xen_9pfsd_devid()
+    backend = f"{XEN_9PFSD_BACKEND_BASE}/{devid}"
+    frontend = f"{XEN_9PFSD_FRONTEND_BASE}/{devid}"
+    dev = Dom0NinePDevice(devid, tag, os.fspath(path), backend, frontend)
+    nodes: dict[str, str | int] = {
+        f"{frontend}/backend": backend,
+        f"{frontend}/backend-id": 0,
+        f"{frontend}/tag": tag,
+        f"{frontend}/state": int(XenbusState.INITIALISING),
+        f"{backend}/frontend": frontend,
+        f"{backend}/frontend-id": 0,
+        f"{backend}/online": 1,
+        f"{backend}/path": os.fspath(path),
+        f"{backend}/security_model": "none",
+        f"{backend}/state": int(XenbusState.INITIALISING),
+    }
+    for key, value in (extra or {}).items():
+        nodes[f"{backend}/{key}"] = value
+    xs_write(nodes)
+    if wait:
+        try:
+            dev.wait_backend_state((XenbusState.INIT_WAIT,), timeout)
+        except TimeoutError:
+            dev.remove(timeout=1.0)
+            raise
+    return dev
+
+
+@contextlib.contextmanager
+def xen_9pfsd_device(
+    path: str | os.PathLike[str], tag: str = "pyxen9p", **kwargs: object
+) -> Iterator[Dom0NinePDevice]:
+    """Context manager around :func:`create_xen_9pfsd_device` that removes the device."""
+    dev = create_xen_9pfsd_device(path, tag, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield dev
+    finally:
+        dev.remove()
