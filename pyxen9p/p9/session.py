@@ -656,19 +656,9 @@ class Chain:
         try:
             raw = session.wire.result(self._futures[i], left)
         except FutureTimeout:
-            reusable = session.flush(tag)
-            if reusable:
+            if session.give_up_wait(tag, f"no reply to tag {tag} within {self._timeout:g}s"):
                 session.tags.release(tag)
-            outcome = (
-                " (flushed)"
-                if session.dead is None
-                else ", nor to its Tflush: the 9P server is unresponsive"
-            )
-            return TimeoutError(
-                errno.ETIMEDOUT,
-                f"{type(message).__name__}: no reply within {self._timeout:g}s{outcome}",
-                self._path,
-            )
+            return session.timeout_error(type(message).__name__, self._timeout, self._path)
         except Exception as exc:
             session.tags.release(tag)  # the transport is done with this tag
             return exc
@@ -897,39 +887,42 @@ class ClientSession:
             try:
                 raw = self.transport.request(data, timeout=tmo)
             except TimeoutError:
-                reusable = False
-                if self.dotu:
-                    # 9P2000.u servers such as xen-9pfsd refuse Tflush: the
-                    # request may still be answered, so the session ends.
-                    self.declare_dead(
-                        f"no reply to tag {tag} within {tmo:g}s (9P2000.u: no Tflush)"
-                    )
-                else:
-                    reusable = self.flush(tag)
-                outcome = (
-                    " (flushed)"
-                    if self.dead is None
-                    else ", nor to its Tflush: the 9P server is unresponsive"
-                )
-                raise TimeoutError(
-                    errno.ETIMEDOUT,
-                    f"{type(message).__name__}: no reply within {tmo:g}s{outcome}",
-                    path,
-                ) from None
+                reusable = self.give_up_wait(tag, f"no reply to tag {tag} within {tmo:g}s")
+                raise self.timeout_error(type(message).__name__, tmo, path) from None
             except (TransportError, ValueError, InterruptedError, RuntimeError):
                 raise  # the transport is done with this tag
             except BaseException:
                 # interrupted while waiting (KeyboardInterrupt...): flush the request
-                reusable = False
-                if self.dotu:
-                    self.declare_dead(f"the wait for tag {tag} was interrupted (no Tflush)")
-                else:
-                    reusable = self.flush(tag)
+                reusable = self.give_up_wait(tag, f"the wait for tag {tag} was interrupted")
                 raise
         finally:
             if reusable:
                 self.tags.release(tag)
         return check_reply(raw, tag, message, rtype, path, self.msize, self.decode, dotu=self.dotu)
+
+    def give_up_wait(self, tag: int, why: str) -> bool:
+        """The wait for *tag*'s reply ended without it (*why*): flush the
+        request; return whether the tag may be reused.
+
+        9P2000.u servers such as xen-9pfsd refuse Tflush: the request may
+        still be answered, so the session ends instead (the tag never is).
+        """
+        if self.dotu:
+            self.declare_dead(f"{why} (9P2000.u: no Tflush)")
+            return False
+        return self.flush(tag)
+
+    def timeout_error(self, name: str, tmo: float | None, path: str | None) -> TimeoutError:
+        """The error of a request *name* not answered within *tmo* seconds,
+        after :meth:`give_up_wait`."""
+        outcome = (
+            " (flushed)"
+            if self.dead is None
+            else ", nor to its Tflush: the 9P server is unresponsive"
+        )
+        return TimeoutError(
+            errno.ETIMEDOUT, f"{name}: no reply within {tmo or 0:g}s{outcome}", path
+        )
 
     def flush(self, oldtag: int) -> bool:
         """Flush *oldtag*; return whether it may be reused."""
@@ -1297,29 +1290,12 @@ class ClientSession:
                 except FutureTimeout:
                     raise TimeoutError(errno.ETIMEDOUT, "no reply") from None
             except TimeoutError:
-                reusable = False
-                if self.dotu:
-                    self.declare_dead(
-                        f"no reply to tag {tag} within {tmo:g}s (9P2000.u: no Tflush)"
-                    )
-                else:
-                    reusable = self.flush(tag)
-                outcome = (
-                    " (flushed)"
-                    if self.dead is None
-                    else ", nor to its Tflush: the 9P server is unresponsive"
-                )
-                raise TimeoutError(
-                    errno.ETIMEDOUT, f"{name}: no reply within {tmo:g}s{outcome}", path
-                ) from None
+                reusable = self.give_up_wait(tag, f"no reply to tag {tag} within {tmo:g}s")
+                raise self.timeout_error(name, tmo, path) from None
             except (TransportError, ValueError, InterruptedError, RuntimeError):
                 raise  # the transport is done with this tag
             except BaseException:
-                reusable = False
-                if self.dotu:
-                    self.declare_dead(f"the wait for tag {tag} was interrupted (no Tflush)")
-                else:
-                    reusable = self.flush(tag)
+                reusable = self.give_up_wait(tag, f"the wait for tag {tag} was interrupted")
                 raise
         finally:
             if reusable:
