@@ -11,8 +11,16 @@ import random
 import tempfile
 from pathlib import Path
 
-from pyxen9p.cli._common import CommandError, UsageError, _Command, _Context, _only_device
-from pyxen9p.cli._common import _positive_int, _seconds, _selection
+from pyxen9p.cli._common import (
+    CommandError,
+    UsageError,
+    _Command,
+    _Context,
+    _only_device,
+    _positive_int,
+    _seconds,
+    _selection,
+)
 
 __all__ = ["COMMANDS", "OPT_IN"]
 

@@ -79,7 +79,7 @@ def _field_value(rng: random.Random, name: str, kind: str) -> Any:
             return rng.choice((0, 0o644, 0o755, 0o100000 | 0o644, 0xFFFFFFFF, rng.getrandbits(32)))
         return _u(rng, 32)
     if kind in ("u64", "i64"):
-        value = rng.choice(_U64_EDGES + (rng.getrandbits(64),))
+        value = rng.choice((*_U64_EDGES, rng.getrandbits(64)))
         return value - (1 << 64) if kind == "i64" and value >= 1 << 63 else value
     if kind == "qid":
         return codec.Qid(_u(rng, 8), _u(rng, 32), rng.choice(_U64_EDGES))

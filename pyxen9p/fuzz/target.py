@@ -173,7 +173,7 @@ def _sim_classes() -> tuple[Any, Any]:
     return Sim9pfsBackend, _Buggy
 
 
-def BuggySimBackend(*args: Any, bugs: frozenset[str] = frozenset(), **kw: Any) -> Any:  # noqa: N802
+def BuggySimBackend(*args: Any, bugs: frozenset[str] = frozenset(), **kw: Any) -> Any:
     """A :class:`~pyxen9p.sim.backend.Sim9pfsBackend` with the faults in *bugs*
     (see :data:`BUGS` and this module's documentation)."""
     return _sim_classes()[1](*args, bugs=bugs, **kw)
