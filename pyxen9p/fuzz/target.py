@@ -135,8 +135,12 @@ def _buggy_handler(handler: Any, bugs: frozenset[str], export: Path) -> Any:
             if "mkdir-escape" in bugs and mtype == _TMKDIR and len(request) >= 13:
                 (length,) = struct.unpack_from("<H", request, 11)
                 name = request[13 : 13 + length].decode("utf-8", "replace")
-                if ".." in name and "\x00" not in name:
-                    os.makedirs(os.path.normpath(os.path.join(export, name)), exist_ok=True)
+                where = os.path.normpath(os.path.join(export, name))
+                # the fault: ".." is honoured (but never beyond the target's own workdir)
+                if ".." in name and "\x00" not in name and where.startswith(
+                    str(export.parent.parent) + os.sep
+                ):
+                    os.makedirs(where, exist_ok=True)
             reply = handler(request)
             if "stray-reply" in bugs and mtype == _TCLUNK and reply:
                 raw = bytearray(reply)
@@ -200,7 +204,8 @@ class SimTarget(Target):
         self.bugs = frozenset(bugs)
         self._tmp = None if workdir is not None else tempfile.TemporaryDirectory(prefix="fuzz-")
         self.workdir = Path(workdir if workdir is not None else self._tmp.name)  # type: ignore[union-attr]
-        self.export = self.workdir / "export"
+        #: served; ``workdir/jail/*`` and ``workdir/*`` are watched
+        self.export = self.workdir / "jail" / "export"
         self.export.mkdir(parents=True, exist_ok=True)
         self._host: Any = None
         self._backend: Any = None
@@ -255,7 +260,10 @@ class SimTarget(Target):
         return None
 
     def outside_export(self) -> frozenset[str]:
-        return frozenset(n for n in os.listdir(self.workdir) if n != "export")
+        jail = self.export.parent
+        names = {n for n in os.listdir(self.workdir) if n != jail.name}
+        names |= {f"{jail.name}/{n}" for n in os.listdir(jail) if n != self.export.name}
+        return frozenset(names)
 
     def evidence(self) -> dict[str, str]:
         backend = self._backend
