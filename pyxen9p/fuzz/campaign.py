@@ -5,8 +5,10 @@ until *cases* were run or *seconds* passed.  On a finding it collects the
 evidence at once, restarts the backend, shrinks the case (each candidate run
 on a fresh device, the backend restarted after each one that failed),
 writes ``finding-N-KIND/`` (the case, the shrunk case, the evidence, a
-standalone ``reproduce.py``) under *out_dir*, and goes on.  A kind already
-shrunk in this run is only counted again.
+standalone ``reproduce.py``) under *out_dir*, and goes on.  A finding whose
+kind and signature (:meth:`~pyxen9p.fuzz.target.Target.signature`: for a
+dead backend, its assertion or fault address) were already shrunk in this
+run is only counted again.
 """
 
 from __future__ import annotations
@@ -79,10 +81,12 @@ def _write(directory: Path, report: Report, target: Target) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "case.json").write_text(report.case.dumps() + "\n")
     (directory / "minimal.json").write_text(report.minimal.dumps() + "\n")
-    for name, text in {**report.finding.evidence, **report.minimal_finding.evidence}.items():
-        (directory / f"evidence-{name}.txt").write_text(text + "\n")
+    for prefix, finding in (("", report.finding), ("minimal-", report.minimal_finding)):
+        for name, text in finding.evidence.items():
+            (directory / f"evidence-{prefix}{name}.txt").write_text(text + "\n")
     (directory / "finding.json").write_text(json.dumps({
-        "kind": report.finding.kind, "detail": report.finding.detail, "step": report.finding.step,
+        "kind": report.finding.kind, "signature": report.finding.signature,
+        "detail": report.finding.detail, "step": report.finding.step,
         "minimal_detail": report.minimal_finding.detail, "minimal_steps": len(report.minimal.steps),
         "shrink_runs": report.shrink_runs, "target": target.describe(),
     }, indent=1) + "\n")  # fmt: skip
@@ -114,7 +118,7 @@ def fuzz(
     generate_case(seed, first, layers)  # checks the layers
     summary = RunSummary(seed)
     started = time.monotonic()
-    by_kind: dict[str, Report] = {}
+    by_kind: dict[tuple[str, str], Report] = {}
     number = first
     while (cases is None or summary.cases < cases) and (
         seconds is None or time.monotonic() - started < seconds
@@ -136,10 +140,11 @@ def fuzz(
                 f" ok in {result.seconds:.2f}s")  # fmt: skip
             continue
         finding.evidence.update(target.evidence())
+        finding.signature = target.signature(finding)
         log(f"case {case.number} ({case.layer}): FINDING {finding.summary()}")
         target.restart()
-        if finding.kind in by_kind:
-            by_kind[finding.kind].repeats += 1
+        if finding.key in by_kind:
+            by_kind[finding.key].repeats += 1
             continue
         minimal, minimal_finding, runs = case, finding, 0
         if do_shrink:
@@ -151,6 +156,7 @@ def fuzz(
                     return None
                 if found is not None:
                     found.evidence.update(target.evidence())
+                    found.signature = target.signature(found)
                     target.restart()
                 return found
 
@@ -158,7 +164,7 @@ def fuzz(
             log(f"case {case.number}: shrunk from {len(case.steps)} to {len(minimal.steps)}"
                 f" step(s) in {runs} runs: {json.dumps(minimal.steps)[:300]}")  # fmt: skip
         report = Report(case, finding, minimal, minimal_finding, runs)
-        by_kind[finding.kind] = report
+        by_kind[finding.key] = report
         summary.reports.append(report)
         if out_dir is not None:
             report.directory = out_dir / f"finding-{len(summary.reports)}-{finding.kind}"

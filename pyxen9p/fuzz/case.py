@@ -84,13 +84,22 @@ class Finding:
     :ivar detail: one line: what exactly was seen
     :ivar step: the index of the step after which it was seen (-1: at the end)
     :ivar evidence: name -> text (backend log, ``xl dmesg``, XenStore nodes)
+    :ivar signature: what tells this failure from others of its kind (for a
+        dead backend: its assertion or its fault address); shrinking keeps it
     """
 
     kind: str
     detail: str
     step: int = -1
     evidence: dict[str, str] = field(default_factory=dict)
+    signature: str = ""
 
     def summary(self) -> str:
-        """``kind: detail``."""
-        return f"{self.kind}: {self.detail}"
+        """``kind: detail`` (and the signature, if any)."""
+        sig = f" [{self.signature}]" if self.signature and self.signature != self.kind else ""
+        return f"{self.kind}: {self.detail}{sig}"
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """``(kind, signature)``: two findings with the same key are one bug."""
+        return self.kind, self.signature

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -37,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pyxen9p.fuzz.case import Finding
 from pyxen9p.fuzz.target import Device, Target, TargetError
 
 __all__ = ["BACKENDS", "LOG", "DeviceTarget", "Dom0Target"]
@@ -214,6 +216,8 @@ class Dom0Target(_RealTarget):
         out = {"backend-log": _tail(LOG, self._log_start)}
         for path in sorted(glob.glob("/var/log/xen/qemu-dm-*.log"))[-3:]:
             out[f"log-{Path(path).name}"] = _tail(Path(path), limit=2000)
+        dmesg = _run(["dmesg"]).splitlines()
+        out["dmesg"] = "\n".join(line for line in dmesg if f"[{self.pid}]" in line)[-3000:]
         if shutil.which("xl"):
             out["xl-dmesg"] = "\n".join(_run(["xl", "dmesg"]).splitlines()[-30:])
         if self._used:
@@ -221,6 +225,21 @@ class Dom0Target(_RealTarget):
             out["xenstore"] = (self._xenstore_dump(last.backend) + "\n"
                                + self._xenstore_dump(last.frontend))  # fmt: skip
         return out
+
+    def signature(self, finding: Finding) -> str:
+        """For a dead backend: its assertion, else its fault (``segfault at 30``)."""
+        if finding.kind != "backend-gone":
+            return finding.kind
+        log = finding.evidence.get("backend-log", "")
+        match = re.search(r"Assertion `[^']*' failed", log)
+        if match:
+            return match.group(0)
+        match = re.search(r"(segfault at \w+)|(general protection fault)|(trap \w+)",
+                          finding.evidence.get("dmesg", ""))  # fmt: skip
+        if match:
+            return match.group(0)
+        match = re.search(r"(Aborted|Segmentation fault|terminate called[^\n]*)", log)
+        return match.group(0) if match else "gone"
 
     def restart(self) -> None:
         if find_backend(self.kind) == (self.pid, self.argv):

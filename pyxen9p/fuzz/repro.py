@@ -44,11 +44,12 @@ import sys
 from pyxen9p.fuzz.repro import main
 
 KIND = {kind!r}
+SIGNATURE = {signature!r}
 TARGET = {target_json}
 CASE = {case_json}
 
 if __name__ == "__main__":
-    sys.exit(main(CASE, KIND, TARGET, sys.argv[1:]))
+    sys.exit(main(CASE, KIND, TARGET, sys.argv[1:], SIGNATURE))
 '''
 
 
@@ -75,6 +76,7 @@ def write_reproducer(
         opt_in=OPT_IN,
         example=_example(target),
         kind=finding.kind,
+        signature=finding.signature,
         target_json=json.dumps(target),
         case_json=json.dumps(case.to_json(), indent=1),
     )
@@ -84,9 +86,14 @@ def write_reproducer(
 
 
 def main(
-    case_json: dict[str, Any], kind: str, target: dict[str, Any], argv: Sequence[str]
+    case_json: dict[str, Any],
+    kind: str,
+    target: dict[str, Any],
+    argv: Sequence[str],
+    signature: str = "",
 ) -> int:
-    """Replay *case_json* once and say whether a finding of *kind* came back."""
+    """Replay *case_json* once and say whether a finding of *kind* (and
+    *signature*, if given) came back."""
     from pyxen9p.fuzz.execute import run_case
     from pyxen9p.fuzz.target import SimTarget, Target
 
@@ -130,12 +137,14 @@ def main(
         if finding is None:
             print(f"not reproduced: no finding in {result.steps_run} step(s)")
             return 1
+        finding.evidence.update(chosen.evidence())
+        finding.signature = chosen.signature(finding)
         print(f"finding after step {finding.step}: {finding.summary()}")
-        for name, text in chosen.evidence().items():
+        for name, text in finding.evidence.items():
             if text.strip():
                 print(f"--- {name}\n{text.rstrip()}")
-        if finding.kind != kind:
-            print(f"not reproduced: expected {kind}")
+        if finding.kind != kind or (signature and finding.signature != signature):
+            print(f"not reproduced: expected {kind} [{signature}]")
             return 1
-        print(f"reproduced: {kind}")
+        print(f"reproduced: {kind} [{finding.signature}]")
         return 0

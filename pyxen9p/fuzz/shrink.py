@@ -70,7 +70,7 @@ def shrink(
     run: Callable[[Case], Finding | None],
     max_runs: int = 64,
 ) -> tuple[Case, Finding, int]:
-    """The smallest case found that still gives a finding of *finding*'s kind.
+    """The smallest case found that still gives *finding* (same kind and signature).
 
     Steps after the one that failed are dropped first (they never ran).
 
@@ -84,7 +84,7 @@ def shrink(
 
     def fails(candidate: list[Step]) -> bool:
         found = run(case.with_steps(candidate))
-        if found is not None and found.kind == finding.kind:
+        if found is not None and found.key == finding.key:
             last[repr(candidate)] = found
             return True
         return False

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import abc
 import os
+import re
 import struct
 import tempfile
 import threading
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pyxen9p.fuzz.case import Finding
 from pyxen9p.interfaces import XenPlatform
 from pyxen9p.ring import HEADER, HEADER_SIZE
 
@@ -102,6 +104,13 @@ class Target(abc.ABC):
     @abc.abstractmethod
     def evidence(self) -> dict[str, str]:
         """What helps to understand a finding: logs, states (name -> text)."""
+
+    def signature(self, finding: Finding) -> str:
+        """What tells *finding* (its evidence collected) from others of its kind.
+
+        The default is its kind; targets that see how a backend died say more.
+        """
+        return finding.kind
 
     @abc.abstractmethod
     def restart(self) -> None:
@@ -269,6 +278,13 @@ class SimTarget(Target):
         backend = self._backend
         lines = [*backend.errors, *backend.warnings] if backend is not None else self._log
         return {"backend-log": "\n".join(lines[-50:])}
+
+    def signature(self, finding: Finding) -> str:
+        if finding.kind == "backend-gone":
+            log = finding.evidence.get("backend-log", "")
+            match = re.search(r"Assertion `[^']*' failed", log)
+            return match.group(0) if match else "died"
+        return finding.kind
 
     def restart(self) -> None:
         self._drop()

@@ -173,6 +173,8 @@ def test_finds_and_shrinks_each_deliberate_fault(
     assert {"case.json", "minimal.json", "finding.json", "reproduce.py"} <= set(written)
     if bug == "reconnect-abort":
         assert "Assertion" in report.finding.evidence["backend-log"]
+        assert report.finding.signature == "Assertion `!s->transport' failed"
+        assert report.minimal_finding.signature == report.finding.signature
         assert [s["op"] for s in report.minimal.steps] == ["connect", "close", "reinit", "connect"]
     # the same fault is not found in a healthy backend with the shrunk case
     with SimTarget() as healthy:
