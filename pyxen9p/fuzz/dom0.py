@@ -98,6 +98,33 @@ def _run(cmd: list[str], timeout: float = 30.0) -> str:
     return res.stdout + res.stderr
 
 
+def xen_9pfsd_binary() -> str | None:
+    """Where Xen installed ``xen-9pfsd`` (``/usr/lib/xen-<version>/bin``), if anywhere."""
+    found = sorted(glob.glob("/usr/lib/xen-*/bin/xen-9pfsd")) or sorted(
+        glob.glob("/usr/lib*/xen/bin/xen-9pfsd")
+    )
+    return found[-1] if found else shutil.which("xen-9pfsd")
+
+
+def _start_xen_9pfsd() -> tuple[int, list[str]] | None:
+    """Start ``xen-9pfsd`` in the background (it has no daemon mode), output to :data:`LOG`."""
+    binary = xen_9pfsd_binary()
+    if binary is None:
+        return None
+    LOG.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["setsid", "sh", "-c", 'log=$1; shift; exec "$@" </dev/null >>"$log" 2>&1 &', "sh",
+         str(LOG), binary], check=True, timeout=30,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        found = find_backend("xen-9pfsd")
+        if found is not None:
+            return found
+        time.sleep(0.1)
+    return None
+
+
 class _RealTarget(Target):
     poll_interval = 0.02
     settle_time = 2.0
@@ -156,6 +183,8 @@ class Dom0Target(_RealTarget):
         self.backend_base = f"/local/domain/0/{BACKENDS[backend]}/0"
         self.frontend_base = _FRONTEND_BASE[backend]
         found = find_backend(backend)
+        if found is None and backend == "xen-9pfsd":
+            found = _start_xen_9pfsd()
         if found is None:
             raise TargetError(f"dom0's {backend} backend is not running")
         self.pid, self.argv = found

@@ -1,15 +1,19 @@
 """Group "fuzz_backend": ``pyxen9p fuzz-backend`` against the real backend in dom0.
 
-The backend type comes from ``PYXEN9P_FUZZ_BACKEND`` (``qemu``: dom0's
-QEMU, Debian 12's 7.2; ``xen-9pfsd``: Xen's daemon, Debian 13), default
-``qemu``.  Bounded slices (seconds to a few minutes under TCG):
+The backend type is ``qemu`` (dom0's QEMU, Debian 12's 7.2) or ``xen-9pfsd``
+(Xen's daemon, Debian 13): from ``PYXEN9P_FUZZ_BACKEND``, else the
+``fuzz_backend.backend`` entry of the harness's ``request.json``, else
+``xen-9pfsd`` when dom0 has it installed, else ``qemu``.  Bounded slices
+(seconds to a few minutes under TCG):
 
 * the XenBus layer from a fixed seed whose first case connects, closes,
   re-initialises and connects again: on QEMU 7.2 the fuzzer must find by
   itself that the backend dies (the known, public abort ``Assertion
   `!s->transport' failed``), restart QEMU, shrink the case to a minimal one
   and write a reproducer that crashes a fresh QEMU again;
-* a short mixed slice (ring and 9P layers) that must run its cases,
+* a time-bounded mixed slice (ring and 9P layers; half the per-test timeout
+  less a minute, at least 60 s: ``--per-test-timeout 1800`` makes it the
+  longer run) that must run its cases,
   restarting the backend after each finding; what it finds is reported in
   ``fuzz_backend.txt`` in the results folder (a finding there is a possible
   security bug: see docs/fuzz-backend.rst before publishing anything).
@@ -30,11 +34,38 @@ import pytest
 import xenlab
 
 from pyxen9p.fuzz.campaign import fuzz
-from pyxen9p.fuzz.dom0 import Dom0Target
+from pyxen9p.fuzz.dom0 import Dom0Target, xen_9pfsd_binary
 
 pytestmark = pytest.mark.realxen
 
-BACKEND = os.environ.get("PYXEN9P_FUZZ_BACKEND", "qemu")
+
+
+def _request() -> dict[str, object]:
+    """The harness's ``request.json`` (its ``fuzz_backend`` entry may set the options)."""
+    try:
+        path = Path(os.environ.get("PYXEN9P_RESULTS", "/nonexistent"), "request.json")
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+REQUEST = _request()
+OPTIONS = REQUEST.get("fuzz_backend") if isinstance(REQUEST.get("fuzz_backend"), dict) else {}
+assert isinstance(OPTIONS, dict)
+#: ``qemu`` (Debian 12) or ``xen-9pfsd`` (Debian 13): environment, request, or what dom0 has
+BACKEND = str(
+    os.environ.get("PYXEN9P_FUZZ_BACKEND")
+    or OPTIONS.get("backend")
+    or ("xen-9pfsd" if xen_9pfsd_binary() else "qemu")
+)
+#: The mixed slice lasts half the per-test timeout less a margin for shrinking
+#: (``--per-test-timeout 1800`` gives the documented longer run).
+PER_TEST = float(str(REQUEST.get("per_test_timeout", 180)))
+MIXED_SECONDS = float(str(os.environ.get("PYXEN9P_FUZZ_SECONDS") or OPTIONS.get("seconds")
+                          or max(60.0, PER_TEST / 2 - 60)))  # fmt: skip
+MIXED_SEED = int(str(os.environ.get("PYXEN9P_FUZZ_SEED") or OPTIONS.get("seed") or 13))
+TIMEOUT = max(900, int(PER_TEST), int(MIXED_SECONDS * 2 + 300))
 #: Case 0 of this seed (XenBus layer) is connect, close, reinit, connect.
 RECONNECT_SEED = 320
 WORK = Path("/srv/share/fuzz")
@@ -74,7 +105,7 @@ def target() -> Iterator[Dom0Target]:
         shutil.rmtree(WORK, ignore_errors=True)
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TIMEOUT)
 def test_rediscovers_the_reconnect_abort(target: Dom0Target) -> None:
     out = results_dir("reconnect")
     started = time.monotonic()
@@ -117,12 +148,11 @@ def test_rediscovers_the_reconnect_abort(target: Dom0Target) -> None:
     report(f"reconnect slice: {time.monotonic() - started:.0f}s in all")
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(TIMEOUT)
 def test_mixed_slice_runs_and_restarts(target: Dom0Target) -> None:
     out = results_dir("mixed")
-    seconds = float(os.environ.get("PYXEN9P_FUZZ_SECONDS", "120"))
     summary = fuzz(
-        target, seed=int(os.environ.get("PYXEN9P_FUZZ_SEED", "13")), seconds=seconds,
+        target, seed=MIXED_SEED, seconds=MIXED_SECONDS,
         layers=("ring", "p9"), out_dir=out, max_shrink_runs=12, log=report,
     )  # fmt: skip
     report(f"{BACKEND} mixed slice: {summary.line()}; per layer {summary.layers};"
