@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pyxen9p.cli._common import (
     CommandError,
@@ -21,6 +23,9 @@ from pyxen9p.cli._common import (
     _seconds,
     _selection,
 )
+
+if TYPE_CHECKING:
+    from pyxen9p.fuzz.target import Target
 
 __all__ = ["COMMANDS", "OPT_IN"]
 
@@ -35,7 +40,7 @@ _REFUSAL = (
 )
 
 
-def _target(ctx: _Context):  # type: ignore[no-untyped-def]
+def _target(ctx: _Context) -> Target:
     from pyxen9p.fuzz.target import SimTarget
 
     args = ctx.args
@@ -81,6 +86,15 @@ def _target(ctx: _Context):  # type: ignore[no-untyped-def]
         raise CommandError(f"cannot reach Xen: {exc}") from exc
 
 
+def _logger(ctx: _Context) -> Callable[[str], None]:
+    def log(line: str) -> None:
+        if ctx.verbose:
+            ctx.stderr.write(line + "\n")
+            ctx.stderr.flush()
+
+    return log
+
+
 def cmd_fuzz_backend(ctx: _Context) -> None:
     """Run the fuzzer (see the module documentation)."""
     from pyxen9p.fuzz.campaign import fuzz
@@ -104,7 +118,7 @@ def cmd_fuzz_backend(ctx: _Context) -> None:
         summary = fuzz(
             target, seed=seed, cases=args.cases, seconds=args.time, layers=layers,
             first=args.first_case, out_dir=out, do_shrink=not args.no_shrink,
-            log=(lambda line: ctx.stderr.write(line + "\n")) if ctx.verbose else lambda _: None,
+            log=_logger(ctx),
         )  # fmt: skip
     ctx.print(summary.line())
     for report in summary.reports:

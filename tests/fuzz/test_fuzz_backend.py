@@ -189,8 +189,10 @@ def test_reproducer_is_standalone_and_needs_the_opt_in(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, str(script), *args], capture_output=True,
-                              text=True, timeout=120, env=env, cwd=tmp_path, check=False)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, str(script), *args],
+            capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path, check=False,
+        )  # fmt: skip
 
     refused = run()
     assert refused.returncode == 2 and "refusing to run" in refused.stderr
