@@ -206,6 +206,7 @@ class Dom0Target(_RealTarget):
         return self._devid - 1
 
     def new_device(self) -> Device:
+        """A device in InitWait for the next case (see :meth:`Target.new_device`)."""
         if self.dead() is not None or self._since_restart >= self.recycle:
             self.restart()
         devid = self._free_devid()
@@ -231,9 +232,11 @@ class Dom0Target(_RealTarget):
         return device
 
     def retire(self, device: Device) -> None:
+        """The case is over (see :meth:`Target.retire`)."""
         pass  # removed at the next restart (QEMU 7.2 crashes if removed while it lives)
 
     def dead(self) -> str | None:
+        """``None`` while the backend lives, else what happened to it."""
         argv = _argv(self.pid)
         if argv == self.argv:
             return None
@@ -242,6 +245,7 @@ class Dom0Target(_RealTarget):
         return f"{self.kind} (pid {self.pid}) was replaced by {shlex.join(argv)[:200]}"
 
     def evidence(self) -> dict[str, str]:
+        """The backend's log and state, for a finding."""
         out = {"backend-log": _tail(LOG, self._log_start)}
         for path in sorted(glob.glob("/var/log/xen/qemu-dm-*.log"))[-3:]:
             out[f"log-{Path(path).name}"] = _tail(Path(path), limit=2000)
@@ -271,6 +275,7 @@ class Dom0Target(_RealTarget):
         return match.group(0) if match else "gone"
 
     def restart(self) -> None:
+        """Start the backend afresh."""
         if find_backend(self.kind) == (self.pid, self.argv):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
@@ -308,12 +313,15 @@ class Dom0Target(_RealTarget):
                 shutil.rmtree(self.workdir / name, ignore_errors=True)
 
     def outside_export(self) -> frozenset[str]:
+        """The names beside the exported directory."""
         return frozenset(n for n in os.listdir(self.workdir) if n != "export")
 
     def describe(self) -> dict[str, Any]:
+        """JSON naming this kind of target (for reproducers)."""
         return {"kind": "dom0", "backend": self.kind}
 
     def close(self) -> None:
+        """Release everything (idempotent)."""
         store = getattr(self, "store", None)
         if store is not None:
             store.close()
@@ -338,6 +346,7 @@ class DeviceTarget(_RealTarget):
         self._argv = _argv(backend_pid) if backend_pid is not None else []
 
     def new_device(self) -> Device:
+        """A device in InitWait for the next case (see :meth:`Target.new_device`)."""
         if self._state(self.backend) != b"2":
             self.store.write(f"{self.path}/state", "6")
             time.sleep(self.settle_time)
@@ -348,22 +357,28 @@ class DeviceTarget(_RealTarget):
         return Device(self.path, self.backend, self.backend_domid)
 
     def retire(self, device: Device) -> None:
+        """The case is over (see :meth:`Target.retire`)."""
         pass
 
     def dead(self) -> str | None:
+        """``None`` while the backend lives, else what happened to it."""
         if self.backend_pid is not None and _argv(self.backend_pid) != self._argv:
             return f"backend pid {self.backend_pid} is gone"
         return None
 
     def evidence(self) -> dict[str, str]:
+        """The backend's log and state, for a finding."""
         return {"xenstore": self._xenstore_dump(self.backend) + "\n"
                 + self._xenstore_dump(self.path)}  # fmt: skip
 
     def restart(self) -> None:
+        """Start the backend afresh."""
         pass  # not ours to restart
 
     def describe(self) -> dict[str, Any]:
+        """JSON naming this kind of target (for reproducers)."""
         return {"kind": "device"}
 
     def close(self) -> None:
+        """Release everything (idempotent)."""
         self.store.close()

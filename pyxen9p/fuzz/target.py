@@ -223,6 +223,7 @@ class SimTarget(Target):
         self.devices = 0
 
     def new_device(self) -> Device:
+        """A device in InitWait for the next case (see :meth:`Target.new_device`)."""
         from pyxen9p.p9.server import FileServer
         from pyxen9p.sim.platform import SimulatedXen
         from pyxen9p.sim.share import _SessionPerConnection
@@ -242,6 +243,7 @@ class SimTarget(Target):
         return Device(self._backend.frontend_path, self._backend.backend_path, 0)
 
     def retire(self, device: Device) -> None:
+        """The case is over (see :meth:`Target.retire`)."""
         backend = self._backend
         if backend is not None:
             self._log = [*backend.errors, *backend.warnings][-50:]
@@ -258,6 +260,7 @@ class SimTarget(Target):
             self._server = None
 
     def dead(self) -> str | None:
+        """``None`` while the backend lives, else what happened to it."""
         backend = self._backend
         if backend is None:
             return None
@@ -269,17 +272,20 @@ class SimTarget(Target):
         return None
 
     def outside_export(self) -> frozenset[str]:
+        """The names beside the exported directory."""
         jail = self.export.parent
         names = {n for n in os.listdir(self.workdir) if n != jail.name}
         names |= {f"{jail.name}/{n}" for n in os.listdir(jail) if n != self.export.name}
         return frozenset(names)
 
     def evidence(self) -> dict[str, str]:
+        """The backend's log and state, for a finding."""
         backend = self._backend
         lines = [*backend.errors, *backend.warnings] if backend is not None else self._log
         return {"backend-log": "\n".join(lines[-50:])}
 
     def signature(self, finding: Finding) -> str:
+        """For a dead backend: its assertion, else how it died."""
         if finding.kind == "backend-gone":
             log = finding.evidence.get("backend-log", "")
             match = re.search(r"Assertion `[^']*' failed", log)
@@ -287,10 +293,12 @@ class SimTarget(Target):
         return finding.kind
 
     def restart(self) -> None:
+        """Start the backend afresh."""
         self._drop()
         self.clean_outside()
 
     def describe(self) -> dict[str, Any]:
+        """JSON naming this kind of target (for reproducers)."""
         return {"kind": "sim", "bugs": sorted(self.bugs)}
 
     def clean_outside(self) -> None:
@@ -305,6 +313,7 @@ class SimTarget(Target):
                 path.unlink(missing_ok=True)
 
     def close(self) -> None:
+        """Release everything (idempotent)."""
         self._drop()
         if self._tmp is not None:
             self._tmp.cleanup()
