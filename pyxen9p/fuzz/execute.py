@@ -37,7 +37,7 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any
 
-from pyxen9p.errors import RingProtocolError
+from pyxen9p.errors import Pyxen9pError, RingProtocolError
 from pyxen9p.fuzz.case import Case, Finding
 from pyxen9p.fuzz.raw import RawFrontend, RawRing
 from pyxen9p.ring import HEADER, HEADER_SIZE, queued
@@ -69,7 +69,9 @@ class CaseResult:
         self.seconds = 0.0
 
 
-class _Found(Exception):
+class _Found(Pyxen9pError):
+    """A finding, ending the case (never leaves this module)."""
+
     def __init__(self, finding: Finding) -> None:
         super().__init__(finding.summary())
         self.finding = finding

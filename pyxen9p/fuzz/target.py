@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pyxen9p.errors import Pyxen9pError
 from pyxen9p.fuzz.case import Finding
 from pyxen9p.interfaces import XenPlatform
 from pyxen9p.ring import HEADER, HEADER_SIZE
@@ -48,8 +49,9 @@ __all__ = ["BUGS", "BuggySimBackend", "Device", "SimTarget", "Target", "TargetEr
 BUGS = ("reconnect-abort", "mkdir-escape", "stray-reply", "hang")
 
 
-class TargetError(RuntimeError):
-    """The target cannot give a device (the backend does not take it)."""
+class TargetError(Pyxen9pError, RuntimeError):
+    """The fuzzer's target cannot give a device (the backend does not take it,
+    or cannot be found or started again)."""
 
 
 @dataclass(frozen=True)
