@@ -47,6 +47,8 @@ __all__ = ["BACKENDS", "LOG", "DeviceTarget", "Dom0Target"]
 LOG = Path("/var/log/xen/pyxen9p-fuzz-backend.log")
 #: Backend types and their XenStore directories (under ``/local/domain/0``).
 BACKENDS = {"qemu": "backend/9pfs", "xen-9pfsd": "backend/xen_9pfs"}
+#: The node a running xen-9pfsd writes (one daemon serves every domain).
+XEN_9PFSD_RUNNING = "/local/domain/0/libxl/xen-9pfs/state"
 _FRONTEND_BASE = {
     "qemu": "/local/domain/0/data/pyxen9p-fuzz",
     "xen-9pfsd": "/local/domain/0/device/9pfs",
@@ -106,25 +108,6 @@ def xen_9pfsd_binary() -> str | None:
     return found[-1] if found else shutil.which("xen-9pfsd")
 
 
-def _start_xen_9pfsd() -> tuple[int, list[str]] | None:
-    """Start ``xen-9pfsd`` in the background (it has no daemon mode), output to :data:`LOG`."""
-    binary = xen_9pfsd_binary()
-    if binary is None:
-        return None
-    LOG.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        ["setsid", "sh", "-c", 'log=$1; shift; exec "$@" </dev/null >>"$log" 2>&1 &', "sh",
-         str(LOG), binary], check=True, timeout=30,
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        found = find_backend("xen-9pfsd")
-        if found is not None:
-            return found
-        time.sleep(0.1)
-    return None
-
-
 class _RealTarget(Target):
     poll_interval = 0.02
     settle_time = 2.0
@@ -182,13 +165,16 @@ class Dom0Target(_RealTarget):
         self.recycle = recycle
         self.backend_base = f"/local/domain/0/{BACKENDS[backend]}/0"
         self.frontend_base = _FRONTEND_BASE[backend]
+        self._open()
         found = find_backend(backend)
         if found is None and backend == "xen-9pfsd":
-            found = _start_xen_9pfsd()
+            binary = xen_9pfsd_binary()
+            if binary is not None:
+                found = self._launch([binary])
         if found is None:
+            self.store.close()
             raise TargetError(f"dom0's {backend} backend is not running")
         self.pid, self.argv = found
-        self._open()
         self._used: list[Device] = []
         self._since_restart = 0
         self._log_start = LOG.stat().st_size if LOG.exists() else 0
@@ -289,6 +275,24 @@ class Dom0Target(_RealTarget):
         self._used.clear()
         self._since_restart = 0
         args = [a for a in self.argv if a != "-daemonize"]
+        found = self._launch(args)
+        if found is None:
+            raise TargetError(f"{self.kind} did not start again: {shlex.join(args)}")
+        self.pid, self.argv = found
+        self.restarts += 1
+        for name in os.listdir(self.workdir):
+            if name != "export":
+                shutil.rmtree(self.workdir / name, ignore_errors=True)
+
+    def _launch(self, args: list[str]) -> tuple[int, list[str]] | None:
+        """Start the backend in the background, its output appended to :data:`LOG`.
+
+        xen-9pfsd exits at once if the node a killed one left says it runs:
+        the node is removed first, and its ``running`` awaited.
+        """
+        if self.kind == "xen-9pfsd":
+            with contextlib.suppress(FileNotFoundError):
+                self.store.rm(XEN_9PFSD_RUNNING)
         LOG.parent.mkdir(parents=True, exist_ok=True)
         self._log_start = LOG.stat().st_size if LOG.exists() else 0
         with LOG.open("a") as log:
@@ -298,19 +302,18 @@ class Dom0Target(_RealTarget):
              str(LOG), *args], check=True, timeout=30,
         )  # fmt: skip
         deadline = time.monotonic() + 60
-        while True:
+        while time.monotonic() < deadline:
             found = find_backend(self.kind)
-            if found is not None:
-                self.pid = found[0]
-                self.argv = [a for a in found[1]]
-                break
-            if time.monotonic() >= deadline:
-                raise TargetError(f"{self.kind} did not start again: {shlex.join(args)}")
+            if found is not None and (self.kind != "xen-9pfsd" or self._running()):
+                return found
             time.sleep(0.1)
-        self.restarts += 1
-        for name in os.listdir(self.workdir):
-            if name != "export":
-                shutil.rmtree(self.workdir / name, ignore_errors=True)
+        return None
+
+    def _running(self) -> bool:
+        try:
+            return self.store.read(XEN_9PFSD_RUNNING) == b"running"
+        except FileNotFoundError:
+            return False
 
     def outside_export(self) -> frozenset[str]:
         """The names beside the exported directory."""
