@@ -196,11 +196,13 @@ class Dom0Target(_RealTarget):
         if self.dead() is not None or self._since_restart >= self.recycle:
             self.restart()
         devid = self._free_devid()
+        # a tag of its own: QEMU names the device's fsdev after its tag, and a
+        # second device with a tag in use would fail (or crash) for that reason alone
         backend = f"{self.backend_base}/{devid}"
         frontend = f"{self.frontend_base}/{devid}"
         nodes = {
             f"{frontend}/backend": backend, f"{frontend}/backend-id": "0",
-            f"{frontend}/tag": "fuzz", f"{frontend}/state": "1",
+            f"{frontend}/tag": f"fuzz{devid}", f"{frontend}/state": "1",
             f"{backend}/frontend": frontend, f"{backend}/frontend-id": "0",
             f"{backend}/online": "1", f"{backend}/path": str(self.export),
             f"{backend}/security_model": "none", f"{backend}/state": "1",
