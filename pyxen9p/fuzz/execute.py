@@ -189,7 +189,7 @@ class _Runner:
             raise ValueError(f"unknown step {op!r}")
         handler(step)
 
-    def op_setup(self, step: dict[str, Any]) -> None:
+    def op_setup(self, step: dict[str, Any], *, state: bytes | None = None) -> None:
         rings = max(1, min(int(step.get("rings", 1)), 8))
         order = max(1, min(int(step.get("order", 1)), 9))
         if self.fe.rings:  # a second setup: new rings, the old ones stay shared
@@ -210,8 +210,18 @@ class _Runner:
             self.clean = False
         # the new rings replace the old ones as far as the backend knows
         self.fe.rings[:] = self.fe.rings[first:]
+        if step.get("txn"):  # as Linux and pyxen9p do: one transaction, state included
+            if state is not None:
+                keys["state"] = state.decode()
+            for txn in self.fe.store.transaction():
+                with txn:
+                    for key, value in keys.items():
+                        txn.write(f"{self.fe.frontend}/{key}", value)
+            return
         for key, value in keys.items():
             self.fe.write(key, value)
+        if state is not None:
+            self.fe.write("state", state)
 
     def op_state(self, step: dict[str, Any]) -> None:
         before = self.fe.backend_state()
@@ -219,9 +229,8 @@ class _Runner:
         self.settle(before)
 
     def op_connect(self, step: dict[str, Any]) -> None:
-        self.op_setup(step)
         before = self.fe.backend_state()
-        self.fe.write("state", _INITIALISED)
+        self.op_setup(step, state=_INITIALISED)
         self.wait(
             self.target.connect_timeout,
             lambda: self.fe.backend_state() not in (before, b"2", b"3", b"1"),

@@ -161,7 +161,11 @@ def _session(rng: random.Random, dialect: str) -> list[Step]:
 
 
 def _connect(rng: random.Random) -> Step:
-    return {"op": "connect", "rings": rng.choice((1, 1, 2)), "order": rng.choice((1, 1, 2, 3))}
+    step: Step = {"op": "connect", "rings": rng.choice((1, 1, 2)),
+                  "order": rng.choice((1, 1, 2, 3))}  # fmt: skip
+    if rng.random() < 0.5:  # keys and Initialised in one transaction, as Linux writes them
+        step["txn"] = True
+    return step
 
 
 def _gen_p9(rng: random.Random) -> list[Step]:
