@@ -147,18 +147,18 @@ def test_a_case_leaves_nothing_held() -> None:
 
 
 @pytest.mark.parametrize(
-    ("bug", "layers", "first", "kind", "most_steps"),
-    [
-        ("reconnect-abort", ("xenbus",), 0, "backend-gone", 4),
-        ("mkdir-escape", ("p9",), 1, "escape", 2),
-        ("stray-reply", ("p9",), 1, "stray-reply", 2),
-        ("hang", ("p9",), 1, "no-reply", 2),
+    ("bug", "layers", "seed", "first", "kind", "most_steps"),
+    [  # (seed, first): the first case of the seed that meets the fault
+        ("reconnect-abort", ("xenbus",), 31064, 0, "backend-gone", 4),
+        ("mkdir-escape", ("p9",), 4, 5, "escape", 2),
+        ("stray-reply", ("p9",), 1, 10, "stray-reply", 2),
+        ("hang", ("p9",), 1, 2, "no-reply", 2),
     ],
 )
 def test_finds_and_shrinks_each_deliberate_fault(
-    tmp_path: Path, bug: str, layers: tuple[str, ...], first: int, kind: str, most_steps: int
+    tmp_path: Path, bug: str, layers: tuple[str, ...], seed: int, first: int, kind: str,
+    most_steps: int,
 ) -> None:
-    seed = 31064 if bug == "reconnect-abort" else 1
     with SimTarget({bug}) as target:
         summary = fuzz(target, seed=seed, cases=1, first=first, layers=layers, out_dir=tmp_path)
     assert [r.finding.kind for r in summary.reports] == [kind], summary.line()
@@ -176,6 +176,10 @@ def test_finds_and_shrinks_each_deliberate_fault(
         assert report.finding.signature == "Assertion `!s->transport' failed"
         assert report.minimal_finding.signature == report.finding.signature
         assert [s["op"] for s in report.minimal.steps] == ["connect", "close", "reinit", "connect"]
+    # the same run from case 0 meets it too, by itself
+    with SimTarget({bug}) as target:
+        again = fuzz(target, seed=seed, cases=first + 1, layers=layers, do_shrink=False)
+    assert kind in {r.finding.kind for r in again.reports}
     # the same fault is not found in a healthy backend with the shrunk case
     with SimTarget() as healthy:
         assert run_case(healthy, report.minimal).finding is None
@@ -183,7 +187,7 @@ def test_finds_and_shrinks_each_deliberate_fault(
 
 def test_reproducer_is_standalone_and_needs_the_opt_in(tmp_path: Path) -> None:
     with SimTarget({"hang"}) as target:
-        summary = fuzz(target, seed=1, cases=1, first=1, layers=("p9",), out_dir=tmp_path)
+        summary = fuzz(target, seed=1, cases=1, first=2, layers=("p9",), out_dir=tmp_path)
     assert summary.reports and summary.reports[0].directory is not None
     script = summary.reports[0].directory / "reproduce.py"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -206,7 +210,7 @@ def test_reproducer_is_standalone_and_needs_the_opt_in(tmp_path: Path) -> None:
 def test_command_runs_a_simulated_campaign(tmp_path: Path) -> None:
     code, out, err = run_cli(
         "fuzz-backend", OPT_IN, "--simulate-bugs", "stray-reply", "--seed", "1",
-        "--first-case", "1", "--cases", "1", "--layers", "p9", "--out", str(tmp_path),
+        "--first-case", "10", "--cases", "1", "--layers", "p9", "--out", str(tmp_path),
     )  # fmt: skip
     assert code == 1, err
     assert "seed 1: 1 cases" in out and "stray-reply" in out
