@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pprint
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,8 +46,8 @@ from pyxen9p.fuzz.repro import main
 
 KIND = {kind!r}
 SIGNATURE = {signature!r}
-TARGET = {target_json}
-CASE = {case_json}
+TARGET = {target_py}
+CASE = {case_py}
 
 if __name__ == "__main__":
     sys.exit(main(CASE, KIND, TARGET, sys.argv[1:], SIGNATURE))
@@ -77,8 +78,8 @@ def write_reproducer(
         example=_example(target),
         kind=finding.kind,
         signature=finding.signature,
-        target_json=json.dumps(target),
-        case_json=json.dumps(case.to_json(), indent=1),
+        target_py=pprint.pformat(target),
+        case_py=pprint.pformat(case.to_json(), width=96),
     )
     path.write_text(text, encoding="utf-8")
     path.chmod(0o755)

@@ -186,8 +186,8 @@ def test_finds_and_shrinks_each_deliberate_fault(
 
 
 def test_reproducer_is_standalone_and_needs_the_opt_in(tmp_path: Path) -> None:
-    with SimTarget({"hang"}) as target:
-        summary = fuzz(target, seed=1, cases=1, first=2, layers=("p9",), out_dir=tmp_path)
+    with SimTarget({"reconnect-abort"}) as target:  # its steps hold booleans too
+        summary = fuzz(target, seed=31064, cases=1, layers=("xenbus",), out_dir=tmp_path)
     assert summary.reports and summary.reports[0].directory is not None
     script = summary.reports[0].directory / "reproduce.py"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -202,7 +202,7 @@ def test_reproducer_is_standalone_and_needs_the_opt_in(tmp_path: Path) -> None:
     assert refused.returncode == 2 and "refusing to run" in refused.stderr
     again = run(OPT_IN)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "reproduced: no-reply" in again.stdout
+    assert "reproduced: backend-gone [Assertion `!s->transport' failed]" in again.stdout
     healthy = run(OPT_IN, "--simulate-bugs", "none")
     assert healthy.returncode == 1 and "not reproduced" in healthy.stdout
 
