@@ -3,8 +3,10 @@
 :func:`write_reproducer` writes a script holding the shrunk case as JSON.
 Run it with the same opt-in as the fuzzer and a target (``--simulate-bugs``
 for the simulated backend, ``--dom0-backend`` for a backend in dom0, or
-``--path`` for an existing device); it replays the case once and exits 0 if
-the finding came back, 1 if not, 2 on a usage error.
+``--path`` for an existing device); it replays the case (up to
+``--attempts`` times, the backend restarted in between: a crash may depend
+on timing) and exits 0 once the finding came back with its signature, 1 if
+not, 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -109,6 +111,9 @@ def main(
     where.add_argument("--path", metavar="XSPATH", help="an existing frontend directory")
     parser.add_argument("--export", default="/srv/share/fuzz", help="with --dom0-backend")
     parser.add_argument("--backend-pid", type=int, help="with --path: the backend's PID")
+    parser.add_argument("--attempts", type=int, default=3,
+                        help="replays (the backend restarted between them) before giving up:"
+                             " a crash may depend on timing (default 3)")  # fmt: skip
     try:
         args = parser.parse_args(list(argv))
     except SystemExit as exc:
@@ -133,19 +138,22 @@ def main(
             bugs = ",".join(target.get("bugs", [])) if target.get("kind") == "sim" else "none"
         chosen = SimTarget({b for b in bugs.split(",") if b and b != "none"})
     with chosen:
-        result = run_case(chosen, case)
-        finding = result.finding
-        if finding is None:
-            print(f"not reproduced: no finding in {result.steps_run} step(s)")
-            return 1
-        finding.evidence.update(chosen.evidence())
-        finding.signature = chosen.signature(finding)
-        print(f"finding after step {finding.step}: {finding.summary()}")
-        for name, text in finding.evidence.items():
-            if text.strip():
-                print(f"--- {name}\n{text.rstrip()}")
-        if finding.kind != kind or (signature and finding.signature != signature):
-            print(f"not reproduced: expected {kind} [{signature}]")
-            return 1
-        print(f"reproduced: {kind} [{finding.signature}]")
-        return 0
+        for attempt in range(1, max(1, args.attempts) + 1):
+            if attempt > 1:
+                chosen.restart()
+            result = run_case(chosen, case)
+            finding = result.finding
+            if finding is None:
+                print(f"attempt {attempt}: no finding in {result.steps_run} step(s)")
+                continue
+            finding.evidence.update(chosen.evidence())
+            finding.signature = chosen.signature(finding)
+            print(f"attempt {attempt}: finding after step {finding.step}: {finding.summary()}")
+            if finding.kind == kind and (not signature or finding.signature == signature):
+                for name, text in finding.evidence.items():
+                    if text.strip():
+                        print(f"--- {name}\n{text.rstrip()}")
+                print(f"reproduced: {kind} [{finding.signature}]")
+                return 0
+        print(f"not reproduced: expected {kind} [{signature}]")
+        return 1
