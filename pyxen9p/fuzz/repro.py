@@ -111,6 +111,8 @@ def main(
     where.add_argument("--path", metavar="XSPATH", help="an existing frontend directory")
     parser.add_argument("--export", default="/srv/share/fuzz", help="with --dom0-backend")
     parser.add_argument("--backend-pid", type=int, help="with --path: the backend's PID")
+    parser.add_argument("--any-signature", action="store_true",
+                        help="a finding of the same kind counts, whatever its signature")
     parser.add_argument("--attempts", type=int, default=3,
                         help="replays (the backend restarted between them) before giving up:"
                              " a crash may depend on timing (default 3)")  # fmt: skip
@@ -149,7 +151,9 @@ def main(
             finding.evidence.update(chosen.evidence())
             finding.signature = chosen.signature(finding)
             print(f"attempt {attempt}: finding after step {finding.step}: {finding.summary()}")
-            if finding.kind == kind and (not signature or finding.signature == signature):
+            if finding.kind == kind and (
+                not signature or args.any_signature or finding.signature == signature
+            ):
                 for name, text in finding.evidence.items():
                     if text.strip():
                         print(f"--- {name}\n{text.rstrip()}")

@@ -203,7 +203,9 @@ def test_reproducer_is_standalone_and_needs_the_opt_in(tmp_path: Path) -> None:
     again = run(OPT_IN)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "reproduced: backend-gone [Assertion `!s->transport' failed]" in again.stdout
-    healthy = run(OPT_IN, "--simulate-bugs", "none", "--attempts", "2")
+    stray = run(OPT_IN, "--simulate-bugs", "stray-reply")
+    assert stray.returncode == 1  # another fault: not this finding
+    healthy = run(OPT_IN, "--simulate-bugs", "none", "--attempts", "2", "--any-signature")
     assert healthy.returncode == 1 and "not reproduced" in healthy.stdout
     assert healthy.stdout.count("no finding in 4 step(s)") == 2
 
