@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from pyxen9p._version import __version__
-from pyxen9p.cli import demo, files, info, mount
+from pyxen9p.cli import demo, files, fuzz_backend, info, mount
 from pyxen9p.cli import serve as serve_cli
 from pyxen9p.cli._common import (
     EXIT_BROKEN_PIPE,
@@ -135,7 +135,8 @@ Run 'pyxen9p COMMAND --help' for each command's options.
 
 #: Every command, in the order ``--help`` lists them.
 _COMMANDS = (
-    *files.COMMANDS, *info.COMMANDS, *mount.COMMANDS, *demo.COMMANDS, *serve_cli.COMMANDS
+    *files.COMMANDS, *info.COMMANDS, *mount.COMMANDS, *demo.COMMANDS, *serve_cli.COMMANDS,
+    *fuzz_backend.COMMANDS,
 )
 
 
