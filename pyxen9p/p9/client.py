@@ -1938,10 +1938,17 @@ class Client:
                 if w < k:
                     break
             return total
-        results = self._parallel(
-            [functools.partial(self._write_at, fid, offset + o, mv[o : o + k], path)
-             for o, k in spans]
-        )
+        if self._session.wire.asynchronous:
+            # all in flight from this thread, as reads are
+            results = self._session.write_many_from(
+                fid, [(offset + o, mv[o : o + k]) for o, k in spans], path
+            )
+        else:
+            # FALLBACK (a transport with request() only): a thread per request in flight
+            results = self._parallel(
+                [functools.partial(self._write_at, fid, offset + o, mv[o : o + k], path)
+                 for o, k in spans]
+            )
         for (_, k), w in zip(spans, results, strict=True):
             total += w
             if w < k:

@@ -1242,22 +1242,58 @@ class ClientSession:
 
         :returns: the byte count written
         """
-        count = mv.nbytes
-        size = _TREAD.size + count
-        if size > self.msize:
-            raise ProtocolError(f"Twrite of {size} bytes exceeds the msize {self.msize}")
+        return self.write_many_from(fid, [(offset, mv)], path, timeout=timeout)[0]
+
+    def write_many_from(
+        self,
+        fid: int,
+        spans: Sequence[tuple[int, memoryview]],
+        path: str | None,
+        *,
+        timeout: _TimeoutArg = _DEFAULT,
+    ) -> list[int]:
+        """:meth:`write_from` of each ``(offset, buffer)`` of *spans*, all in
+        flight together from this thread (no thread per request): the byte
+        counts, in order.
+
+        Every request sent is waited for, even after one failed; then the
+        first failure is raised.
+        """
+        for _, mv in spans:
+            size = _TREAD.size + mv.nbytes
+            if size > self.msize:
+                raise ProtocolError(f"Twrite of {size} bytes exceeds the msize {self.msize}")
         self.check_open()
         tmo = self.timeout if timeout is _DEFAULT else timeout
-        tag = self.tags.acquire(tmo)
-        header = _TREAD.pack(size, _TWRITE_TYPE, tag, fid, offset, count)
-        raw = self._await(tag, self._send(tag, (header, mv), tmo, None), "Twrite", path, tmo)
-        message = c.Twrite(tag, fid, offset, b"")
-        reply = check_reply(
-            raw, tag, message, c.Rwrite, path, self.msize, self.decode, dotu=self.dotu
-        )
-        if reply.count > count:
-            raise ProtocolError(f"Rwrite of {reply.count} bytes for a Twrite of {count}")
-        return reply.count
+        sent: list[tuple[int, Future[bytes] | BaseException]] = []
+        failure: BaseException | None = None
+        for offset, mv in spans:
+            try:
+                tag = self.tags.acquire(tmo)
+            except BaseException as exc:
+                failure = exc
+                break
+            header = _TREAD.pack(_TREAD.size + mv.nbytes, _TWRITE_TYPE, tag, fid, offset, mv.nbytes)
+            sent.append((tag, self._send(tag, (header, mv), tmo, None)))
+        counts: list[int] = []
+        for (tag, future), (offset, mv) in zip(sent, spans, strict=False):
+            try:
+                raw = self._await(tag, future, "Twrite", path, tmo)
+                message = c.Twrite(tag, fid, offset, b"")
+                reply = check_reply(
+                    raw, tag, message, c.Rwrite, path, self.msize, self.decode, dotu=self.dotu
+                )
+                if reply.count > mv.nbytes:
+                    raise ProtocolError(
+                        f"Rwrite of {reply.count} bytes for a Twrite of {mv.nbytes}"
+                    )
+                counts.append(reply.count)
+            except BaseException as exc:
+                if failure is None:
+                    failure = exc
+        if failure is not None:
+            raise failure
+        return counts
 
     def _send(
         self, tag: int, message: Pieces, tmo: float | None, into: memoryview | None

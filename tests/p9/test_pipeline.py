@@ -21,7 +21,7 @@ import stat as stat_module
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
@@ -658,3 +658,40 @@ def test_a_batch_the_transport_sent_in_part_clunks_what_it_walked(root: Path) ->
         assert client.tags_in_use == 0 and not client.stuck_tags
         assert isinstance(transport.sent[-1], c.Tclunk)
         assert client.stat("f").st_size == 5
+
+
+@pytest.mark.parametrize("failure", ["error", "short", "overlong"])
+def test_a_window_of_writes_from_one_thread_reports_the_first_failure(
+    root: Path, failure: str
+) -> None:
+    """A write of several I/O units sends every Twrite from the caller's
+    thread; the one the server fails (an error, a short count, a count
+    larger than sent) decides the outcome, and every tag comes back."""
+    seen: list[int] = []
+
+    def second(request: Any, honest: Callable[[], c.Message]) -> Any:
+        seen.append(request.offset)
+        if request.offset == 0 or len(seen) != 2:
+            return None
+        if failure == "error":
+            return c.Rlerror(request.tag, errno.ENOSPC)
+        count = len(request.data) // 2 if failure == "short" else len(request.data) + 1
+        honest()
+        return c.Rwrite(request.tag, count)
+
+    server, _transport, client = scripted(root, "new", on(c.Twrite, second), window=4)
+    with server, client:
+        iounit = client.default_iounit
+        data = os.urandom(iounit * 3)
+        with client.open("w", "wb", buffering=0) as f:
+            if failure == "error":
+                with pytest.raises(OSError) as info:
+                    f.write(data)
+                assert info.value.errno == errno.ENOSPC
+            elif failure == "short":
+                assert f.write(data) == iounit + iounit // 2
+            else:
+                with pytest.raises(c.ProtocolError):
+                    f.write(data)
+        assert len(seen) == 3  # all three went out together
+        assert client.tags_in_use == 0 and client.fid_count == 1
