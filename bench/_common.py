@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import threading
@@ -75,6 +76,9 @@ class Sample:
     #: ``exited`` for threads that ended before the sample did (their CPU is
     #: in *cpu* but no longer readable per thread)
     threads: dict[str, float] = field(default_factory=dict)
+    #: context switches of the whole process meanwhile, all threads
+    #: (``getrusage``: voluntary, involuntary)
+    switches: tuple[int, int] = (0, 0)
 
     @property
     def rate(self) -> float:
@@ -167,6 +171,7 @@ class timed:
 
     def __enter__(self) -> timed:
         self._threads = thread_cpu()
+        self._switches = _switches()
         self._cpu = time.process_time()
         self._wall = time.perf_counter()
         return self
@@ -174,8 +179,16 @@ class timed:
     def __exit__(self, *exc: object) -> None:
         wall = time.perf_counter() - self._wall
         cpu = time.process_time() - self._cpu
+        voluntary, involuntary = _switches()
+        switches = (voluntary - self._switches[0], involuntary - self._switches[1])
         threads = split_cpu(self._threads, thread_cpu(), cpu)
-        self.sample = Sample(self.units, wall, cpu, threads)
+        self.sample = Sample(self.units, wall, cpu, threads, switches)
+
+
+def _switches() -> tuple[int, int]:
+    """Voluntary and involuntary context switches of this process so far (all threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_nvcsw, usage.ru_nivcsw
 
 
 @dataclass
@@ -257,6 +270,17 @@ class Result:
             f"# {self.name}: CPU per {self.per} (all threads): {self.subject}="
             f"{self.subject_cpu * 1e6:.1f} us {self.reference}={self.reference_cpu * 1e6:.1f} us"
         )
+
+    def switch_line(self) -> str:
+        """A ``#`` comment with the median context switches per unit of each
+        side (voluntary + involuntary, all threads of the process)."""
+        sides = []
+        for label, runs in ((self.subject, self.subject_runs),
+                            (self.reference, self.reference_runs)):
+            vol = statistics.median(s.switches[0] / s.units for s in runs)
+            invol = statistics.median(s.switches[1] / s.units for s in runs)
+            sides.append(f"{label}={vol + invol:.1f} ({vol:.1f} voluntary)")
+        return f"# {self.name}: context switches per {self.per}: " + " ".join(sides)
 
     @staticmethod
     def _thread_medians(runs: list[Sample]) -> dict[str, float]:

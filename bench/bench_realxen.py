@@ -51,9 +51,12 @@ from __future__ import annotations
 import os
 import resource
 import shutil
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -164,8 +167,69 @@ def _kernel_read(path: Path, buf: bytearray) -> int:
         os.close(fd)
 
 
+def count_syscalls(work: Callable[[], Sample]) -> tuple[float, int, list[tuple[str, int]]]:
+    """Run *work* once with ``strace -f -c`` attached to this process.
+
+    :returns: the units *work* did, the system calls made meanwhile by all
+        of this process's threads, and the most frequent ones with their counts
+    """
+    with tempfile.NamedTemporaryFile("r", suffix=".strace") as report_file:
+        tracer = subprocess.Popen(
+            ["strace", "-f", "-c", "-o", report_file.name, "-p", str(os.getpid())],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while _tracer_pid() == 0:
+                if tracer.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("strace did not attach")
+                time.sleep(0.05)
+            time.sleep(0.5)  # every thread attached
+            sample = work()
+        finally:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(60)
+        calls: list[tuple[str, int]] = []
+        total = 0
+        for line in report_file.read().splitlines():
+            fields = line.split()
+            # % time, seconds, usecs/call, calls, [errors,] name
+            if len(fields) >= 5 and fields[3].isdigit():
+                if fields[-1] == "total":
+                    total = int(fields[3])
+                else:
+                    calls.append((fields[-1], int(fields[3])))
+    calls.sort(key=lambda item: -item[1])
+    return sample.units, total, calls[:5]
+
+
+def _tracer_pid() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("TracerPid:"):
+            return int(line.split()[1])
+    return 0
+
+
+def syscall_line(
+    name: str, per: str, traced: dict[str, tuple[float, int, list[tuple[str, int]]]]
+) -> str:
+    """A ``#`` comment with each side's system calls per unit and the most frequent ones."""
+    sides = []
+    for side, (units, total, top) in traced.items():
+        most = ", ".join(f"{call} {count / units:.1f}" for call, count in top)
+        sides.append(f"{side}={total / units:.1f} ({most})")
+    return f"# {name}: system calls per {per} (strace -f -c, one more repetition): " + " ".join(
+        sides
+    )
+
+
 def run(
-    args_size_mib: int, ops: int, kernel_msize: int | None, options: Options, entries: int = 1000
+    args_size_mib: int,
+    ops: int,
+    kernel_msize: int | None,
+    options: Options,
+    entries: int = 1000,
+    syscalls: bool = False,
 ) -> list[Result]:
     """Set both frontends up on a fresh dom0 directory, measure, tear everything down.
 
@@ -301,6 +365,10 @@ def run(
                 ]
                 for name, per, subject, reference in plan:
                     sub, ref = measure_pair(subject, reference, options)
+                    traced = (
+                        {"pyxen9p": count_syscalls(subject), "kernel": count_syscalls(reference)}
+                        if syscalls else None
+                    )
                     result = Result(
                         name, "pyxen9p", "kernel", per, sub, ref,
                         {"size": size, "chunk": CHUNK, "ops": ops, "small": SMALL,
@@ -309,6 +377,13 @@ def run(
                     )  # fmt: skip
                     print(result.line(), file=out, flush=True)
                     print(result.cpu_line(), file=out, flush=True)
+                    print(result.switch_line(), file=out, flush=True)
+                    if traced is not None:
+                        print(syscall_line(name, per, traced), file=out, flush=True)
+                        result.params["syscalls_per_unit"] = {
+                            side: {"total": total / units, **{k: v / units for k, v in top}}
+                            for side, (units, total, top) in traced.items()
+                        }
                     if name in cpu:
                         line = cpu_split_line(name, "MB", size / MB, cpu[name])
                         print(line, file=out, flush=True)
@@ -340,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="files listed by ls_l (default 1000; 50 with --quick)")
     parser.add_argument("--kernel-msize", type=int, default=None,
                         help="msize of the kernel mount (default: the msize pyxen9p negotiated)")
+    parser.add_argument("--syscalls", action="store_true",
+                        help="also count each side's system calls per unit: one more"
+                             " repetition of each, under strace -f -c (not timed)")
     parser.set_defaults(repeat=None)
     args = parser.parse_args(argv)
     if args.repeat is None:
@@ -350,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size_mib or (2 if options.quick else 16)
     ops = args.ops or (20 if options.quick else 100)
     entries = args.entries or (50 if options.quick else 1000)
-    results = run(size, ops, args.kernel_msize, options, entries)
+    results = run(size, ops, args.kernel_msize, options, entries, args.syscalls)
     report(results, args.json, sys.stdout)
     return 0
 

@@ -274,7 +274,7 @@ def test_benchmark_against_the_kernel(
     """
     src = Path(os.environ.get("PYXEN9P_SRC", Path(__file__).resolve().parents[3]))
     full = xenlab.bench_requested()
-    argv = [str(src / "bench" / "bench_realxen.py")]
+    argv = [str(src / "bench" / "bench_realxen.py"), "--syscalls"]
     if not full:
         argv += ["--quick", "--repeat", "1", "--warmup", "0", "--ops", "10", "--size-mib", "1",
                  "--entries", "20"]
@@ -307,6 +307,21 @@ def test_benchmark_against_the_kernel(
         assert re.search(rf"^# {name}: CPU per MB \(process\): {CPU_SPLIT}$", output, re.M), (
             f"no CPU split line for {name}:\n{output}"
         )
+    for name, unit in lines.items():
+        per = unit.split("/")[0]
+        switches = re.search(
+            rf"^# {name}: context switches per {per}: pyxen9p=([0-9.]+) .* kernel=([0-9.]+) ",
+            output, re.M,
+        )
+        assert switches, f"no context-switch line for {name}:\n{output}"
+        calls = re.search(
+            rf"^# {name}: system calls per {per} \(strace -f -c, one more repetition\):"
+            rf" pyxen9p=([0-9.]+) \((.*)\) kernel=([0-9.]+) \((.*)\)$",
+            output, re.M,
+        )
+        assert calls, f"no system-call line for {name}:\n{output}"
+        # every pyxen9p operation makes system calls (at least the event channel's)
+        assert float(calls[1]) > 0 and float(calls[3]) > 0, calls[0]
     assert "# pyxen9p: msize=" in output
     # it cleaned up after itself: no kernel 9pfs mount over Xen is left
     mounts = Path("/proc/mounts").read_text().splitlines()
