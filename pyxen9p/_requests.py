@@ -156,9 +156,10 @@ class Request:
     :ivar future: resolved with the reply's bytes, or an exception
     :ivar abandoned: the caller stopped waiting (the tag stays reserved)
     :ivar into: where an Rread's payload goes (``None``: the reply is returned whole)
+    :ivar lazy: nobody waits for the reply promptly (see ``Frontend.lazy``)
     """
 
-    __slots__ = ("abandoned", "future", "into", "tag", "type")
+    __slots__ = ("abandoned", "future", "into", "lazy", "tag", "type")
 
     def __init__(self, tag: int, mtype: int, into: memoryview | None = None) -> None:
         self.tag = tag
@@ -166,6 +167,7 @@ class Request:
         self.future: Future[bytes] = Future()
         self.abandoned = False
         self.into = into
+        self.lazy = False
 
     def wrong_reply(self, mtype: int) -> ProtocolError | None:
         """The error for a reply of type *mtype* to this request, or ``None``
@@ -246,13 +248,16 @@ class RequestTable:
     def __len__(self) -> int:
         return len(self.pending)
 
-    def register(self, tag: int, mtype: int, into: memoryview | None = None) -> Request:
-        """Reserve *tag* for a request of type *mtype*.
+    def register(
+        self, tag: int, mtype: int, into: memoryview | None = None, lazy: bool = False
+    ) -> Request:
+        """Reserve *tag* for a request of type *mtype* (*lazy*: see :attr:`Request.lazy`).
 
         :raises ValueError: the tag is in flight
         :raises ~pyxen9p.errors.TransportError: the table failed (closed transport)
         """
         request = Request(tag, mtype, into)
+        request.lazy = lazy
         with self.lock:
             if self.failure is not None:
                 raise self.failure
@@ -282,6 +287,31 @@ class RequestTable:
             if modulus == 1:
                 return bool(self.pending)
             return any(tag % modulus == index for tag in self.pending)
+
+    def mark_lazy(self, tag: int) -> None:
+        """Nobody waits promptly for the reply to *tag* (if still in flight)."""
+        with self.lock:
+            request = self.pending.get(tag)
+            if request is not None:
+                request.lazy = True
+
+    def mark_awaited(self, future: Future[bytes]) -> bool:
+        """Someone waits for *future*'s reply after all: it is no longer lazy.
+
+        :returns: whether its request is still in flight
+        """
+        with self.lock:
+            for request in self.pending.values():
+                if request.future is future:
+                    request.lazy = False
+                    return True
+        return False
+
+    def awaited(self) -> bool:
+        """Whether a request is in flight whose reply someone waits for
+        promptly (not :meth:`marked lazy <mark_lazy>`)."""
+        with self.lock:
+            return any(not request.lazy for request in self.pending.values())
 
     def peek(self, tag: int) -> Request | None:
         """The request for *tag*, left in place."""

@@ -660,6 +660,7 @@ class Frontend:
         *,
         timeout: float | None = None,
         into: memoryview | None = None,
+        lazy: bool = False,
     ) -> Future[bytes]:
         """Put one complete 9P message on its ring; return a future of the reply.
 
@@ -676,23 +677,28 @@ class Frontend:
             larger than *into* or than the frame fails this request with
             :class:`~pyxen9p.errors.ProtocolError`); other replies come whole.
             It must stay valid until the future is done or the tag flushed
+        :param lazy: the caller will wait for the reply with :meth:`result`
+            (receiving it itself if nobody else receives), or does not need
+            it promptly (see :meth:`lazy`): the receiver thread is not woken
+            for it
         :raises ValueError: malformed message, or its tag already in flight
         :raises TransportClosedError: the transport is closed or failed
         :raises TimeoutError: no room on the ring within *timeout*
         """
-        future, _ring = self._submit(message, timeout, into)
-        self._ensure_receiver()
+        future, _ring = self._submit(message, timeout, into, lazy)
+        if not lazy:
+            self._ensure_receiver()
         return future
 
     def _submit(
-        self, message: Message, timeout: float | None, into: memoryview | None
+        self, message: Message, timeout: float | None, into: memoryview | None, lazy: bool = False
     ) -> tuple[Future[bytes], _Ring]:
         views, total = as_pieces(message)
         _size, mtype, tag = parse_header(views, total, self.msize)
         target = writable_target(into)
         self._check_usable()
         ring = self._rings[tag % self.num_rings]
-        request = self._table.register(tag, mtype, target)
+        request = self._table.register(tag, mtype, target, lazy)
         try:
             self._send(ring, views, total, timeout)
             self._notify(ring)
@@ -719,6 +725,7 @@ class Frontend:
         *,
         timeout: float | None = None,
         into: Sequence[memoryview | None] | None = None,
+        lazy: bool = False,
     ) -> list[Future[bytes]]:
         """Put several messages on their rings, in order, and notify each ring
         touched once: a chain (walk, getattr, clunk) on one ring costs one
@@ -739,9 +746,11 @@ class Frontend:
 
         :param timeout: limit for getting each message onto its ring
         :param into: ``None``, or one entry per message (see :meth:`submit`)
+        :param lazy: as for :meth:`submit`, for every message
         """
-        futures = self._submit_batch(messages, timeout, into)
-        self._ensure_receiver()
+        futures = self._submit_batch(messages, timeout, into, lazy)
+        if not lazy:
+            self._ensure_receiver()
         return futures
 
     def _submit_batch(
@@ -749,6 +758,7 @@ class Frontend:
         messages: Sequence[Message],
         timeout: float | None,
         into: Sequence[memoryview | None] | None,
+        lazy: bool = False,
     ) -> list[Future[bytes]]:
         checked = check_batch(messages, into, self.msize)
         self._check_usable()
@@ -760,7 +770,7 @@ class Frontend:
                 if failure is None:
                     ring = self._rings[tag % self.num_rings]
                     try:
-                        request = self._table.register(tag, mtype, target)
+                        request = self._table.register(tag, mtype, target, lazy)
                     except (ValueError, TransportError) as exc:
                         failure = exc
                     else:
@@ -910,9 +920,16 @@ class Frontend:
     def _wait(
         self, future: Future[bytes], ring: _Ring | None, start: float, timeout: float | None
     ) -> bytes:
-        if not future.done() and self._rx_lock.acquire(blocking=False):
-            # nobody is receiving: wait on the event channel ourselves
-            self._lead(future, ring, None if timeout is None else start + timeout)
+        if not future.done():
+            deadline = None if timeout is None else start + timeout
+            if self._rx_lock.acquire(blocking=False):
+                # nobody is receiving: wait on the event channel ourselves
+                self._lead(future, ring, deadline)
+            elif self._table.mark_awaited(future) and self._rx_lock.acquire(blocking=False):
+                # marked awaited first: a receiver leaving after this failed
+                # acquire wakes the receiver thread for it; one that left
+                # before it leaves the role free here
+                self._lead(future, ring, deadline)
         try:
             if timeout is None:
                 return future.result()
@@ -946,6 +963,18 @@ class Frontend:
         """The caller stopped waiting for *future*: its tag stays reserved
         until the reply comes or :meth:`flushed` frees it."""
         self._table.abandon(future)
+
+    def lazy(self, tag: int) -> None:
+        """Nobody waits promptly for the reply to *tag* (a Tclunk sent with a
+        chain and settled by a callback, for one).
+
+        A caller receiving its own replies (see :meth:`result`) then leaves
+        the receiving role without waking the receiver thread for it: the
+        reply is read by the next caller that receives, or by the receiver
+        thread within its idle period (half a second).  This keeps a lone
+        caller's operations free of thread handoffs.
+        """
+        self._table.mark_lazy(tag)
 
     def flushed(self, tag: int) -> None:
         """Free *tag* after the 9P server answered a Tflush for it.
@@ -1116,8 +1145,10 @@ class Frontend:
             log.info("the receiving caller left: releasing what it could reach")
             self._run_all(work)
             return
-        if self._table.pending and not self._closed:
+        if not self._closed and self._table.awaited():
             self._wake()  # the receiver thread takes over
+        # replies nobody waits for promptly (lazy) are read by the next caller
+        # that receives, or by the receiver thread within its idle period
 
     def _check_backend(self) -> None:
         watch, store = self._backend_watch, self._store

@@ -594,3 +594,104 @@ def test_stream_pieces_larger_than_the_socket_buffer_go_out_whole() -> None:
         )
         assert futures[0].result(20) == reply
         assert futures[1].result(20) == echo(frame(118, 8, b"small"))
+
+
+def test_lazy_requests_many_threads_submit_then_result() -> None:
+    """Lazy submits (the receiver thread is not woken) waited for with
+    result() from many threads: a caller that cannot lead marks its request
+    awaited, so the leader that leaves wakes the receiver thread or leaves
+    the role free for it; nobody waits for the receiver's idle period."""
+    with machine() as m:
+        with m.connect(rings=2) as fe:
+            errors: list[BaseException] = []
+            slow: list[float] = []
+
+            def caller(index: int) -> None:
+                try:
+                    for i in range(30):
+                        message = tread(index, b"%d-%d" % (index, i))
+                        start = time.monotonic()
+                        future = fe.submit(message, timeout=10, lazy=True)
+                        assert fe.result(future, timeout=10) == echo(message)
+                        slow.append(time.monotonic() - start)
+                except BaseException as exc:
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=caller, args=(n,)) for n in range(6)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not any(t.is_alive() for t in threads), "a caller hung"
+            assert not errors, errors
+            # the receiver's idle period (0.5 s) is never what a waiter waits for
+            assert sorted(slow)[len(slow) * 9 // 10] < 0.4, sorted(slow)[-10:]
+            assert fe.outstanding_tags() == set()
+        m.assert_clean()
+
+
+def test_a_lazy_reply_nobody_waits_for_is_read_without_waking_anyone() -> None:
+    """A leader leaving with only lazy requests in flight does not wake the
+    receiver thread; their replies are read by the next caller that
+    receives, or by the receiver thread within its idle period."""
+    with machine() as m:
+        with m.connect(rings=1) as fe:
+            wakes: list[int] = []
+            original = fe._wake
+
+            def counting() -> None:
+                wakes.append(1)
+                original()
+
+            fe._wake = counting  # type: ignore[method-assign]
+            background = fe.submit(tread(1, b"later"), timeout=5, lazy=True)
+            first = tread(2, b"now")
+            # written after the lazy one on the one ring: answered after it
+            assert fe.result(fe.submit(first, timeout=5, lazy=True), timeout=5) == echo(first)
+            assert background.done()  # the leader read it on the way
+            assert wakes == []
+            orphan = fe.submit(tread(3, b"orphan"), timeout=5, lazy=True)
+            orphan.result(timeout=3)  # the receiver thread's idle period picks it up
+            assert wakes == []
+            fe.lazy(4)  # a tag not in flight: nothing happens
+            assert fe.outstanding_tags() == set()
+        m.assert_clean()
+
+
+def test_a_caller_that_cannot_lead_is_handed_the_role() -> None:
+    """B waits (with result) for a lazy request while A receives: B marks
+    its request awaited, so A, leaving with B's reply still to come, wakes
+    the receiver thread for it instead of leaving it to the idle period."""
+
+    def slow(request: bytes) -> bytes:
+        tag = struct.unpack_from("<H", request, 5)[0]
+        time.sleep(0.1 if tag == 1 else 0.4)
+        return echo(request)
+
+    with machine(handler=slow) as m:
+        with m.connect(rings=2) as fe:
+            wakes: list[int] = []
+            original = fe._wake
+
+            def counting() -> None:
+                wakes.append(1)
+                original()
+
+            fe._wake = counting  # type: ignore[method-assign]
+            a_message, b_message = tread(1, b"a"), tread(2, b"b")
+            got: dict[str, bytes] = {}
+
+            def a() -> None:
+                got["a"] = fe.result(fe.submit(a_message, timeout=5, lazy=True), timeout=5)
+
+            leader = threading.Thread(target=a)
+            leader.start()
+            deadline = time.monotonic() + 5
+            while fe._rx_owner is not leader and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert fe._rx_owner is leader
+            got["b"] = fe.result(fe.submit(b_message, timeout=5, lazy=True), timeout=5)
+            leader.join(5)
+            assert got == {"a": echo(a_message), "b": echo(b_message)}
+            assert wakes, "the leader left without handing B's reply on"
+        m.assert_clean()

@@ -475,12 +475,16 @@ class Wire:
         submit = getattr(transport, "submit", None)
         self.asynchronous = callable(submit)
         self.into = self.asynchronous and _accepts(submit, "into")
+        #: the transport takes ``lazy=True`` (the session waits with ``result``)
+        self._lazy_submit = self.asynchronous and _accepts(submit, "lazy")
         self.batch = self.asynchronous and callable(getattr(transport, "submit_many", None))
         if ordered is None:
             ordered = getattr(transport, "in_order", False) is True
         self.ordered = bool(ordered) and self.asynchronous
         waiter = getattr(transport, "result", None)
         self._result = waiter if callable(waiter) else None
+        lazy = getattr(transport, "lazy", None)
+        self._lazy = lazy if callable(lazy) else None
 
     def submit(
         self,
@@ -491,9 +495,11 @@ class Wire:
     ) -> Future[bytes]:
         """Send *message*; a future of its reply (see the class for *into*)."""
         if self.into:
+            # every reply is waited for with result() (or needs no prompt reading)
+            extra = {"lazy": True} if self._lazy_submit else {}
             if into is None:
-                return self.transport.submit(message, timeout=timeout)  # type: ignore[no-any-return]
-            return self.transport.submit(message, timeout=timeout, into=into)  # type: ignore[no-any-return]
+                return self.transport.submit(message, timeout=timeout, **extra)  # type: ignore[no-any-return]
+            return self.transport.submit(message, timeout=timeout, into=into, **extra)  # type: ignore[no-any-return]
         # FALLBACK (a transport that takes whole messages only): join the pieces
         data = message if isinstance(message, bytes) else b"".join(message)
         if self.asynchronous:
@@ -522,6 +528,12 @@ class Wire:
                 raise FutureTimeout(*exc.args) from None
         return future.result(timeout)
 
+    def lazy(self, tag: int) -> None:
+        """Tell the transport, if it listens, that nobody waits promptly for
+        *tag*'s reply (its ``lazy``)."""
+        if self._lazy is not None:
+            self._lazy(tag)
+
     def submit_many(
         self, messages: Sequence[Pieces], *, timeout: float | None
     ) -> tuple[list[Future[bytes]], BaseException | _Uncertain | None]:
@@ -538,7 +550,10 @@ class Wire:
         futures: list[Future[bytes]]
         if self.batch and len(messages) > 1:
             try:
-                futures = list(self.transport.submit_many(list(messages), timeout=timeout))
+                extra = {"lazy": True} if self._lazy_submit else {}
+                futures = list(
+                    self.transport.submit_many(list(messages), timeout=timeout, **extra)
+                )
             except Exception as exc:
                 return [], _Uncertain(exc)
             for i, future in enumerate(futures):
@@ -1066,6 +1081,7 @@ class ClientSession:
         entry = _Clunk(fid, tag, future, deadline)
         with self._lock:
             self._clunks[tag] = entry
+        self.wire.lazy(tag)
         future.add_done_callback(lambda f: self._clunk_answered(entry, f))
 
     def _clunk_answered(self, entry: _Clunk, future: Future[bytes]) -> None:
@@ -1134,9 +1150,18 @@ class ClientSession:
                 if end is not None and (limit is None or end < limit):
                     limit = end
                 wait = 1.0 if limit is None else max(limit - now, 0.0)
-                if wait > 0:
-                    self._clunks_done.wait(min(wait, 1.0))
-                    continue
+                waiting = next(iter(self._clunks.values())).future
+            if wait > 0:
+                # receive: their replies are lazy, nobody else may be reading
+                try:
+                    self.wire.result(waiting, min(wait, 1.0))
+                except RuntimeError:  # this thread delivers replies: wait for them
+                    with self._lock:
+                        if self._clunks:
+                            self._clunks_done.wait(min(wait, 1.0))
+                except Exception:  # a failed clunk is settled by its callback
+                    pass
+                continue
             if end is not None and time.monotonic() >= end:
                 self._expire_clunks(everything=True)
                 return
