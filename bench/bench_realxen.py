@@ -378,6 +378,9 @@ def run(
                     print(result.line(), file=out, flush=True)
                     print(result.cpu_line(), file=out, flush=True)
                     print(result.switch_line(), file=out, flush=True)
+                    threads = result.thread_line()
+                    if threads is not None:
+                        print(threads, file=out, flush=True)
                     if traced is not None:
                         print(syscall_line(name, per, traced), file=out, flush=True)
                         result.params["syscalls_per_unit"] = {
