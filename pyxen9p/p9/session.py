@@ -32,6 +32,7 @@ own I/O.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import inspect
@@ -639,6 +640,14 @@ class Chain:
         outcomes: list[Outcome] = []
         pending = list(range(len(self._steps)))
         try:
+            if len(self._futures) > 1:
+                # the ring is served in order: once the last step's reply is
+                # in, so are the others; one wait (one receiving turn) for all
+                last = self._futures[-1]
+                left = None if self._deadline is None else self._deadline - time.monotonic()
+                if left is None or left > 0:
+                    with contextlib.suppress(Exception):
+                        session.wire.result(last, left)
             for i in range(len(self._steps)):
                 outcomes.append(self._settle(i))
                 pending.remove(i)
