@@ -1216,10 +1216,34 @@ class ClientSession:
         Every request sent is waited for, even after one failed; then the
         first failure is raised.
         """
-        self.check_open()
-        tmo = self.timeout if timeout is _DEFAULT else timeout
         into = self.wire.into
-        sent: list[tuple[int, Future[bytes] | BaseException, int]] = []
+
+        def send(tag: int, offset: int, mv: memoryview) -> Future[bytes] | BaseException:
+            data = _TREAD.pack(_TREAD.size, _TREAD_TYPE, tag, fid, offset, mv.nbytes)
+            return self._send(tag, data, tmo, mv if into else None)
+
+        def settle(raw: bytes, tag: int, offset: int, mv: memoryview) -> int:
+            return self._rread(raw, tag, fid, offset, mv, path)
+
+        tmo = self.timeout if timeout is _DEFAULT else timeout
+        return self._in_flight(spans, send, settle, "Tread", path, tmo)
+
+    def _in_flight(
+        self,
+        spans: Sequence[tuple[int, memoryview]],
+        send: Callable[[int, int, memoryview], Future[bytes] | BaseException],
+        settle: Callable[[bytes, int, int, memoryview], int],
+        name: str,
+        path: str | None,
+        tmo: float | None,
+    ) -> list[int]:
+        """One request per ``(offset, buffer)`` of *spans*, all sent from
+        this thread (``send(tag, offset, buffer)``), then each reply awaited
+        in order and turned into a count (``settle(raw, tag, offset,
+        buffer)``).  Every request sent is waited for, even after one
+        failed; then the first failure is raised."""
+        self.check_open()
+        sent: list[tuple[int, Future[bytes] | BaseException]] = []
         failure: BaseException | None = None
         for offset, mv in spans:
             try:
@@ -1227,13 +1251,11 @@ class ClientSession:
             except BaseException as exc:
                 failure = exc
                 break
-            data = _TREAD.pack(_TREAD.size, _TREAD_TYPE, tag, fid, offset, mv.nbytes)
-            sent.append((tag, self._send(tag, data, tmo, mv if into else None), offset))
+            sent.append((tag, send(tag, offset, mv)))
         counts: list[int] = []
-        for (tag, future, offset), (_, mv) in zip(sent, spans, strict=False):
+        for (tag, future), (offset, mv) in zip(sent, spans, strict=False):
             try:
-                raw = self._await(tag, future, "Tread", path, tmo)
-                counts.append(self._rread(raw, tag, fid, offset, mv, path))
+                counts.append(settle(self._await(tag, future, name, path, tmo), tag, offset, mv))
             except BaseException as exc:
                 if failure is None:
                     failure = exc
@@ -1297,37 +1319,22 @@ class ClientSession:
             size = _TREAD.size + mv.nbytes
             if size > self.msize:
                 raise ProtocolError(f"Twrite of {size} bytes exceeds the msize {self.msize}")
-        self.check_open()
-        tmo = self.timeout if timeout is _DEFAULT else timeout
-        sent: list[tuple[int, Future[bytes] | BaseException]] = []
-        failure: BaseException | None = None
-        for offset, mv in spans:
-            try:
-                tag = self.tags.acquire(tmo)
-            except BaseException as exc:
-                failure = exc
-                break
+
+        def send(tag: int, offset: int, mv: memoryview) -> Future[bytes] | BaseException:
             header = _TREAD.pack(_TREAD.size + mv.nbytes, _TWRITE_TYPE, tag, fid, offset, mv.nbytes)
-            sent.append((tag, self._send(tag, (header, mv), tmo, None)))
-        counts: list[int] = []
-        for (tag, future), (offset, mv) in zip(sent, spans, strict=False):
-            try:
-                raw = self._await(tag, future, "Twrite", path, tmo)
-                message = c.Twrite(tag, fid, offset, b"")
-                reply = check_reply(
-                    raw, tag, message, c.Rwrite, path, self.msize, self.decode, dotu=self.dotu
-                )
-                if reply.count > mv.nbytes:
-                    raise ProtocolError(
-                        f"Rwrite of {reply.count} bytes for a Twrite of {mv.nbytes}"
-                    )
-                counts.append(reply.count)
-            except BaseException as exc:
-                if failure is None:
-                    failure = exc
-        if failure is not None:
-            raise failure
-        return counts
+            return self._send(tag, (header, mv), tmo, None)
+
+        def settle(raw: bytes, tag: int, offset: int, mv: memoryview) -> int:
+            message = c.Twrite(tag, fid, offset, b"")
+            reply = check_reply(
+                raw, tag, message, c.Rwrite, path, self.msize, self.decode, dotu=self.dotu
+            )
+            if reply.count > mv.nbytes:
+                raise ProtocolError(f"Rwrite of {reply.count} bytes for a Twrite of {mv.nbytes}")
+            return int(reply.count)
+
+        tmo = self.timeout if timeout is _DEFAULT else timeout
+        return self._in_flight(spans, send, settle, "Twrite", path, tmo)
 
     def _send(
         self, tag: int, message: Pieces, tmo: float | None, into: memoryview | None
