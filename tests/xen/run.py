@@ -899,14 +899,18 @@ def qemu_command(
         "-kernel", str(image / "xen"),
         "-append", XEN_CMDLINE,
         "-initrd", modules,
-        "-drive", f"file={qemu_escape(str(image / 'rootfs.img'))},format=raw,if=virtio,snapshot=on",
+        # dom0's root: a -device of its own, so that it is the first virtio disk
+        # (vda); a legacy if=virtio drive would be placed after every -device
+        "-drive",
+        f"file={qemu_escape(str(image / 'rootfs.img'))},format=raw,if=none,id=dom0root,snapshot=on",
+        "-device", "virtio-blk-pci,drive=dom0root",
         "-virtfs",
         f"local,path={qemu_escape(str(src))},mount_tag={SRC_TAG},security_model=none,readonly=on",
         "-virtfs",
         f"local,path={qemu_escape(str(share))},mount_tag={RES_TAG},security_model=none",
         # the same image again, read-only and never mounted in dom0: the root
-        # of a PV domU through blkback (see xenlab.domu_root_disk); last, so
-        # that dom0's root stays vda
+        # of a PV domU through blkback (see xenlab.domu_root_disk); last (PCI
+        # slots follow the command line), so that dom0's root stays vda
         "-drive",
         f"file={qemu_escape(str(image / 'rootfs.img'))},format=raw,if=none,id=domuroot,readonly=on",
         "-device", f"virtio-blk-pci,drive=domuroot,serial={DOMU_ROOT_SERIAL}",
