@@ -689,6 +689,29 @@ def domain_exists(name: str) -> bool:
     return sh(["xl", "domid", name], check=False, timeout=30).returncode == 0
 
 
+def xl_create(cfg: Path, log: Path, *, paused: bool = False, timeout: float = 120.0) -> None:
+    """``xl create [-p] CFG``, its output going to the file *log*, not to pipes.
+
+    The daemons libxl starts for a domain inherit xl's standard output and
+    error (``xen-9pfsd`` for a ``type=xen_9pfsd`` share): with pipes, the
+    wait for their end would last as long as the daemon.
+
+    :raises LabError: on a non-zero exit (with xl's messages) or a timeout
+    """
+    argv = ["xl", "create", *(["-p"] if paused else []), str(cfg)]
+    with log.open("w+") as out:
+        try:
+            res = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                timeout=timeout, check=False,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired as exc:
+            raise LabError(f"{shlex.join(argv)}: timed out after {timeout:.0f}s") from exc
+        if res.returncode != 0:
+            out.seek(0)
+            raise LabError(f"{shlex.join(argv)}: exit {res.returncode}: {out.read().strip()}")
+
+
 def run_pv_domu(
     script: str,
     *,
@@ -784,9 +807,9 @@ def run_pv_domu(
             console_log.unlink()
         started = time.monotonic()
         if on_created is None:
-            sh(["xl", "create", str(cfg)], timeout=min(timeout, 120.0))
+            xl_create(cfg, work / "xl-create.log", timeout=min(timeout, 120.0))
         else:
-            sh(["xl", "create", "-p", str(cfg)], timeout=min(timeout, 120.0))
+            xl_create(cfg, work / "xl-create.log", paused=True, timeout=min(timeout, 120.0))
             on_created(name)
             sh(["xl", "unpause", name], timeout=60)
         try:
