@@ -190,7 +190,9 @@ def _diagnosis(console: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_pyxen9p_in_a_pv_domu_on_its_xen_9pfsd_share(share_dir: Path) -> None:
+def test_pyxen9p_in_a_pv_domu_on_its_xen_9pfsd_share(
+    share_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     os.chmod(share_dir, 0o777)
     (share_dir / "hello.txt").write_text("hello from dom0\n")
     down = os.urandom(BIG_DOWN)
@@ -206,13 +208,21 @@ def test_pyxen9p_in_a_pv_domu_on_its_xen_9pfsd_share(share_dir: Path) -> None:
         memory_mb=512,
         timeout=480,
     )
-    print(result.output)
-    print(f"domU lifetime {result.seconds:.1f}s")
     diag = _diagnosis(result.console)
     assert result.rc == 0, diag
     line = next((x for x in result.output.splitlines() if x.startswith("RESULT ")), None)
     assert line is not None, diag
     got = json.loads(line.split(" ", 1)[1])
+    figures = ("import_s", "connect_s", "down_mib_s", "up_mib_s", "reconnect_s", "total_s")
+    with capsys.disabled():  # the figures in the log of a passing run too
+        shown = [x for x in result.output.splitlines() if not x.startswith("RESULT ")]
+        print("\n" + "\n".join(f"  domU| {x}" for x in shown))
+        print(
+            f"  domU on xen-9pfsd: lifetime {result.seconds:.1f}s, layout"
+            f" {got['layout']} (rings, order, ring msize, 9P msize), "
+            + ", ".join(f"{k} {got[k]}" for k in figures),
+            flush=True,
+        )
     domid = int((share_dir / "from-domu.txt").read_text().split()[-1])
     assert domid > 0
     assert got["kernel_9p"] == []  # the domU kernel never drove a 9pfs device
@@ -271,12 +281,3 @@ def test_pyxen9p_in_a_pv_domu_on_its_xen_9pfsd_share(share_dir: Path) -> None:
     fetched = next(x for x in result.output.splitlines() if x.startswith("CLI-GET "))
     assert fetched.split()[1] == hashlib.sha256(b"hello from dom0\n").hexdigest()
     assert xenlab.daemon_pids("xen-9pfsd")
-    print(
-        json.dumps(
-            {
-                k: got[k]
-                for k in ("import_s", "connect_s", "down_mib_s", "up_mib_s", "reconnect_s",
-                          "total_s", "layout")
-            }
-        )
-    )  # fmt: skip
