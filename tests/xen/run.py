@@ -148,6 +148,9 @@ DOM0_CMDLINE = (
     "systemd.show_status=1 panic=-1"
 )
 SRC_TAG = "pyxen9p_src"
+#: The serial of the read-only second disk (the image again) that a PV domU
+#: gets as its root (``tests/xen/guest/xenlab.py``: ``DOMU_ROOT_DISK_SERIAL``).
+DOMU_ROOT_SERIAL = "pyxen9p-domu-root"
 RES_TAG = "pyxen9p_res"
 GUEST_MARK = "PYXEN9P-GUEST:"
 
@@ -896,11 +899,21 @@ def qemu_command(
         "-kernel", str(image / "xen"),
         "-append", XEN_CMDLINE,
         "-initrd", modules,
-        "-drive", f"file={qemu_escape(str(image / 'rootfs.img'))},format=raw,if=virtio,snapshot=on",
+        # dom0's root: a -device of its own, so that it is the first virtio disk
+        # (vda); a legacy if=virtio drive would be placed after every -device
+        "-drive",
+        f"file={qemu_escape(str(image / 'rootfs.img'))},format=raw,if=none,id=dom0root,snapshot=on",
+        "-device", "virtio-blk-pci,drive=dom0root",
         "-virtfs",
         f"local,path={qemu_escape(str(src))},mount_tag={SRC_TAG},security_model=none,readonly=on",
         "-virtfs",
         f"local,path={qemu_escape(str(share))},mount_tag={RES_TAG},security_model=none",
+        # the same image again, read-only and never mounted in dom0: the root
+        # of a PV domU through blkback (see xenlab.domu_root_disk); last (PCI
+        # slots follow the command line), so that dom0's root stays vda
+        "-drive",
+        f"file={qemu_escape(str(image / 'rootfs.img'))},format=raw,if=none,id=domuroot,readonly=on",
+        "-device", f"virtio-blk-pci,drive=domuroot,serial={DOMU_ROOT_SERIAL}",
     ]  # fmt: skip
 
 

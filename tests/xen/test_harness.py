@@ -335,6 +335,29 @@ def test_qemu_command_escapes_commas(tmp_path: Path) -> None:
     assert any("readonly=on" in arg and run.SRC_TAG in arg for arg in cmd)
 
 
+def test_qemu_command_gives_a_read_only_domu_root_disk_after_dom0s(tmp_path: Path) -> None:
+    cmd = run.qemu_command(tmp_path, tmp_path, tmp_path / "share", tmp_path, 4096, 2, "qemu")
+    drives = [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "-drive"]
+    image = str(tmp_path / "rootfs.img")
+    # dom0's root first (its changes go to a snapshot), then the same image read-only
+    assert [d.split(",")[0] for d in drives] == [f"file={image}", f"file={image}"]
+    assert "snapshot=on" in drives[0] and "id=dom0root" in drives[0]
+    assert "readonly=on" in drives[1] and "id=domuroot" in drives[1]
+    # each a -device, in that order: PCI slots follow the command line (a
+    # legacy if=virtio drive would come after every -device), dom0's is vda
+    devices = [(i, cmd[i + 1]) for i, arg in enumerate(cmd) if arg == "-device"]
+    assert [d for _, d in devices] == [
+        "virtio-blk-pci,drive=dom0root",
+        f"virtio-blk-pci,drive=domuroot,serial={run.DOMU_ROOT_SERIAL}",
+    ]
+    virtfs = [i for i, arg in enumerate(cmd) if arg == "-virtfs"]
+    assert devices[0][0] < min(virtfs) and devices[1][0] > max(virtfs)
+    assert not any("if=virtio" in d for d in drives)
+    # the guest helpers look the disk up by the same serial
+    lab = (Path(run.__file__).parent / "guest" / "xenlab.py").read_text()
+    assert f'DOMU_ROOT_DISK_SERIAL = "{run.DOMU_ROOT_SERIAL}"' in lab
+
+
 def _fake_qemu(tmp_path: Path, body: str) -> str:
     script = tmp_path / "fake-qemu"
     script.write_text(

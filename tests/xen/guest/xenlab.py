@@ -527,6 +527,66 @@ exit $rc
 """
 
 
+#: The serial of the read-only disk ``tests/xen/run.py`` gives the lab VM beside
+#: dom0's root: the same image, never mounted in dom0, for a domU's root
+#: (:func:`domu_root_disk`).
+DOMU_ROOT_DISK_SERIAL = "pyxen9p-domu-root"
+
+DOMU_DISK_ROOT_WRAPPER = """mkdir -p /root
+i=0
+until [ -b /dev/xvda ]; do
+    i=$((i+1)); [ $i -lt 600 ] || { echo "no /dev/xvda"; exit 89; }; sleep 0.1
+done
+mount -t ext4 -o ro,noload /dev/xvda /root || exit 90
+mount -t proc proc /root/proc && mount -t sysfs sysfs /root/sys || exit 91
+mount -t devtmpfs devtmpfs /root/dev || exit 91
+mount -t tmpfs tmpfs /root/tmp && mount -t tmpfs tmpfs /root/run || exit 92
+cp -r /domu /root/tmp/domu || exit 93
+chroot /root /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/tmp \\
+    PYTHONDONTWRITEBYTECODE=1 /bin/sh /tmp/domu/script.sh
+rc=$?
+umount /root/run /root/tmp /root/dev /root/sys /root/proc
+umount /root
+exit $rc
+"""
+#: Modules the domU loads for :data:`DOMU_DISK_ROOT_WRAPPER` (ext4 checks its
+#: metadata with crc32c, asked of the crypto API: the generic one is loaded
+#: first, as there is no udev or modprobe in the initramfs).
+DOMU_DISK_ROOT_MODULES = ("xen-blkfront", "crc32c_generic", "ext4")
+
+
+def domu_root_disk() -> str:
+    """dom0's name of the read-only disk for a domU's root (``/dev/vdb``), found by
+    its serial :data:`DOMU_ROOT_DISK_SERIAL`.
+
+    :raises LabError: if the VM has no such disk, or dom0 mounted it
+    """
+    for node in sorted(Path("/sys/block").glob("*/serial")):
+        with contextlib.suppress(OSError):
+            if node.read_text().strip() == DOMU_ROOT_DISK_SERIAL:
+                dev = f"/dev/{node.parent.name}"
+                mounts = Path("/proc/mounts").read_text().split()
+                if dev in mounts:
+                    raise LabError(f"{dev} (the domU root disk) is mounted in dom0")
+                return dev
+    raise LabError(
+        f"no disk with serial {DOMU_ROOT_DISK_SERIAL!r} (tests/xen/run.py gives the VM one)"
+    )
+
+
+def project_files(src: str | os.PathLike[str], prefix: str = "domu/src") -> dict[str, bytes]:
+    """The ``pyxen9p`` package of the project tree *src* (its ``.py`` files and
+    ``py.typed``), as initramfs files under *prefix*."""
+    root = Path(src)
+    files: dict[str, bytes] = {}
+    for path in sorted((root / "pyxen9p").rglob("*")):
+        if path.is_file() and "__pycache__" not in path.parts and (
+            path.suffix == ".py" or path.name == "py.typed"
+        ):
+            files[f"{prefix}/{path.relative_to(root).as_posix()}"] = path.read_bytes()
+    return files
+
+
 def build_initramfs(
     out: Path,
     script: str,
@@ -629,6 +689,29 @@ def domain_exists(name: str) -> bool:
     return sh(["xl", "domid", name], check=False, timeout=30).returncode == 0
 
 
+def xl_create(cfg: Path, log: Path, *, paused: bool = False, timeout: float = 120.0) -> None:
+    """``xl create [-p] CFG``, its output going to the file *log*, not to pipes.
+
+    The daemons libxl starts for a domain inherit xl's standard output and
+    error (``xen-9pfsd`` for a ``type=xen_9pfsd`` share): with pipes, the
+    wait for their end would last as long as the daemon.
+
+    :raises LabError: on a non-zero exit (with xl's messages) or a timeout
+    """
+    argv = ["xl", "create", *(["-p"] if paused else []), str(cfg)]
+    with log.open("w+") as out:
+        try:
+            res = subprocess.run(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                timeout=timeout, check=False,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired as exc:
+            raise LabError(f"{shlex.join(argv)}: timed out after {timeout:.0f}s") from exc
+        if res.returncode != 0:
+            out.seek(0)
+            raise LabError(f"{shlex.join(argv)}: exit {res.returncode}: {out.read().strip()}")
+
+
 def run_pv_domu(
     script: str,
     *,
@@ -640,6 +723,8 @@ def run_pv_domu(
     extra_cmdline: str = "",
     extra_config: Mapping[str, str] | None = None,
     dom0_root: bool = False,
+    root_disk: bool = False,
+    files: Mapping[str, bytes] | None = None,
     on_created: Callable[[str], object] | None = None,
 ) -> DomUResult:
     """Boot a PV domU running *script* in a busybox initramfs; wait until it is gone.
@@ -664,6 +749,13 @@ def run_pv_domu(
         ``/sys``, ``/dev``, ``/tmp`` and ``/run``: dom0's Python, tools,
         kernel modules and the shared project tree are then usable in the
         domU (give it 512 MiB)
+    :param root_disk: the same, without 9pfs: dom0's root filesystem as the
+        image holds it (not as dom0 changed it since) comes from the VM's
+        read-only disk (:func:`domu_root_disk`), which the domU gets from
+        blkback as ``xvda`` and mounts read-only; *files* are copied to
+        ``/tmp/domu`` in it (*script* runs from there); the domU's kernel
+        needs no 9pfs driver for it
+    :param files: extra initramfs files, archive path -> contents
     :returns: the console output and the script's status
     :raises LabError: if ``xl create`` fails
     :raises TimeoutError: if the domain had to be destroyed
@@ -672,7 +764,18 @@ def run_pv_domu(
     kver = kernel_version()
     work = Path(tempfile.mkdtemp(prefix=f"{name}-"))
     try:
-        files: dict[str, bytes] = {}
+        files = dict(files or {})
+        config_disk = ""
+        if dom0_root and root_disk:
+            raise ValueError("dom0_root and root_disk exclude each other")
+        if root_disk:
+            disk = domu_root_disk()
+            ensure_modules("xen-blkback")
+            files["domu/script.sh"] = script.encode()
+            script = DOMU_DISK_ROOT_WRAPPER
+            extra = [m for m in modules if m not in DOMU_DISK_ROOT_MODULES]
+            modules = [*DOMU_DISK_ROOT_MODULES, *extra]
+            config_disk = f'["format=raw,vdev=xvda,access=ro,target={disk}"]'
         if dom0_root:
             files["domu/script.sh"] = script.encode()
             script = DOM0_ROOT_WRAPPER.format(tag=DOM0_ROOT_TAG)
@@ -692,6 +795,8 @@ def run_pv_domu(
             "on_crash": '"destroy"',
             "on_reboot": '"destroy"',
         }
+        if config_disk:
+            config["disk"] = config_disk
         if p9:
             config["p9"] = "[" + ", ".join(f'"{entry}"' for entry in p9) + "]"
         config.update(extra_config or {})
@@ -702,9 +807,9 @@ def run_pv_domu(
             console_log.unlink()
         started = time.monotonic()
         if on_created is None:
-            sh(["xl", "create", str(cfg)], timeout=min(timeout, 120.0))
+            xl_create(cfg, work / "xl-create.log", timeout=min(timeout, 120.0))
         else:
-            sh(["xl", "create", "-p", str(cfg)], timeout=min(timeout, 120.0))
+            xl_create(cfg, work / "xl-create.log", paused=True, timeout=min(timeout, 120.0))
             on_created(name)
             sh(["xl", "unpause", name], timeout=60)
         try:
