@@ -308,6 +308,21 @@ class _Fid:
     moving: int = 0
 
 
+def _unsupported(frame: bytes) -> bool:
+    """Whether the error reply *frame* says the request is not supported at all."""
+    try:
+        _, mtype, _ = _HEADER.unpack_from(frame)
+        if mtype == c.MessageType.RLERROR:
+            code = struct.unpack_from("<I", frame, c.HEADER_SIZE)[0]
+        elif mtype == c.MessageType.RERROR:
+            code = struct.unpack_from("<I", frame, len(frame) - 4)[0]
+        else:
+            return False
+    except struct.error:
+        return False
+    return code in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTSUP)
+
+
 def _walk_depth(depth: int, names: Iterable[str]) -> int:
     """The depth below the root after walking *names* from *depth* (``..`` stops at the root)."""
     for name in names:
@@ -336,6 +351,7 @@ class _Request:
     flush_waiters: list[int] = dataclasses.field(default_factory=list)  # client Tflush tags
     target: _Request | None = None  # for a client Tflush: the request it flushes
     depth: int | None = None  # the depth its fid (new, walked or created) has if it succeeds
+    unknown_remove: bool = False  # a Tremove the backend refused as unknown (fid kept there)
 
 
 class _Client:
@@ -974,7 +990,10 @@ class Multiplexer:
             if fid is not None:
                 if happened:  # a Tclunk or Tremove frees the fid whatever the outcome
                     del client.fids[req.closes]
-                    self._fids.free(fid.bfid)
+                    if req.unknown_remove:
+                        self._clunk_backend(fid.bfid)
+                    else:
+                        self._fids.free(fid.bfid)
                 else:
                     fid.state = _OPEN
 
@@ -1021,6 +1040,8 @@ class Multiplexer:
         ok = mtype == req.msg.TYPE + 1
         if ok and isinstance(req.msg, c.Twalk) and req.msg.wnames:
             ok = len(frame) >= 9 and _TAG.unpack_from(frame, 7)[0] == len(req.msg.wnames)
+        if isinstance(req.msg, c.Tremove) and not ok:
+            req.unknown_remove = _unsupported(frame)
         self._unbind(req, happened=True, ok=ok)
         if client.requests.get(req.ctag) is req:
             del client.requests[req.ctag]
@@ -1042,6 +1063,16 @@ class Multiplexer:
                 client.write(c.encode(c.Rflush(ftag)))
             req.flush_waiters.clear()
         self._finished(client)
+
+    def _clunk_backend(self, bfid: int) -> None:
+        """Clunk *bfid* on the backend, then free it (a Tremove the backend did
+        not know left it there, as xen-9pfsd does: 9P says the fid is gone)."""
+
+        def done(future: asyncio.Future[bytes]) -> None:
+            if self.failure is None:
+                self._fids.free(bfid)
+
+        self._call(c.Tclunk(0, bfid)).add_done_callback(done)
 
     def _fid_limit_error(self, frame: bytes) -> bytes:
         """A backend's ``EMFILE``/``ENFILE`` to a request creating a fid, said clearly."""
