@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import need
 
 from pyxen9p.frontend import Frontend
 from pyxen9p.p9 import codec as c
@@ -363,8 +364,6 @@ def test_p9fs_a_real_client_over_9p2000u_through_the_mux(share: Path, tmp_path: 
     """PyPI's p9fs (an independent 9P2000.u client) through the multiplexer on the
     simulated xen-9pfsd: it reads and writes; its request for the root's attributes
     gets the multiplexer's clear error, never reaching the backend."""
-    from conftest import need
-
     try:
         import p9fs  # type: ignore[import-untyped]
     except ImportError:
