@@ -1040,7 +1040,7 @@ class Multiplexer:
         ok = mtype == req.msg.TYPE + 1
         if ok and isinstance(req.msg, c.Twalk) and req.msg.wnames:
             ok = len(frame) >= 9 and _TAG.unpack_from(frame, 7)[0] == len(req.msg.wnames)
-        if isinstance(req.msg, c.Tremove) and not ok:
+        if self._dotu and isinstance(req.msg, c.Tremove) and not ok:
             req.unknown_remove = _unsupported(frame)
         self._unbind(req, happened=True, ok=ok)
         if client.requests.get(req.ctag) is req:

@@ -387,3 +387,37 @@ def test_p9fs_a_real_client_over_9p2000u_through_the_mux(share: Path, tmp_path: 
         assert "does not answer a Tstat of the root usefully" in str(info.value)  # py9p's RpcError
         assert not any(s.root_tstat_seen for s in servers)
         assert mux.root_tstats_refused >= 1
+
+
+def test_a_tstat_racing_a_walk_in_place_is_not_forwarded(share: Path, tmp_path: Path) -> None:
+    """While a fid is walked in place its place is unknown: a Tstat of it then is
+    answered by the multiplexer (the walk may be taking it back to the root)."""
+    gate = threading.Event()
+    seen = threading.Event()
+
+    def script(m: c.Message, honest: Any) -> Any:
+        if isinstance(m, c.Twalk) and tuple(m.wnames) == ("..",):
+            seen.set()
+            gate.wait(10)
+        return None
+
+    with (
+        sim_xen_9pfsd(share, script=script) as (front, servers),
+        MultiplexerThread(front) as mux,
+    ):
+        path = mux.listen_unix(tmp_path / "mux.sock")
+        raw = attached(path)
+        try:
+            assert isinstance(raw.rpc(c.Twalk(2, 1, 2, ["sub"])), c.Rwalk)
+            assert isinstance(raw.rpc(c.Tstat(2, 2)), c.Rstat)
+            raw.send(c.Twalk(3, 2, 2, [".."]))  # back to the root, held by the backend
+            assert seen.wait(10)
+            assert raw.rpc(c.Tstat(4, 2)) == c.Rerror(4, ROOT_TSTAT_REFUSED, errno.EOPNOTSUPP)
+            gate.set()
+            assert isinstance(raw.recv(), c.Rwalk)
+            assert raw.rpc(c.Tstat(4, 2)) == c.Rerror(4, ROOT_TSTAT_REFUSED, errno.EOPNOTSUPP)
+        finally:
+            gate.set()
+            raw.close()
+        assert mux.root_tstats_refused == 2
+        assert not any(s.root_tstat_seen for s in servers)
