@@ -56,6 +56,7 @@ import secrets
 import shutil
 import stat as stat_module
 import threading
+import time
 from collections.abc import Callable, Iterator
 from glob import has_magic
 from typing import Any, ClassVar, cast
@@ -66,6 +67,7 @@ import fsspec.utils
 
 from pyxen9p.agent import parse_address
 from pyxen9p.errors import ProtocolError, TransportClosedError, TransportError
+from pyxen9p.p9 import _dotu
 from pyxen9p.p9.client import Client, DirEntry
 
 __all__ = ["PROTOCOL", "Xen9pFile", "Xen9pFileSystem"]
@@ -200,6 +202,7 @@ class Xen9pFileSystem(fsspec.AbstractFileSystem):  # type: ignore[misc]
         used = {"server": server} if server is not None else self._selectors
         self._key = fsspec.utils.tokenize(sorted(used.items()), sorted(options.items()))
         self._pid = os.getpid()
+        self._started = time.time()  # the times of a root without attributes (xen-9pfsd)
         self.client  # connect now: a wrong tag or address fails here  # noqa: B018
 
     @classmethod
@@ -326,7 +329,15 @@ class Xen9pFileSystem(fsspec.AbstractFileSystem):  # type: ignore[misc]
         time to this client), ``islink`` and, for a link, ``destination``.
         """
         name = self._strip_protocol(path)
-        return self._entry_info(name, self.client.lstat(name))
+        client = self.client
+        try:
+            return self._entry_info(name, client.lstat(name))
+        except OSError as exc:
+            # xen-9pfsd gives no attributes for the share's root: a directory, made up here
+            if exc.errno != errno.EOPNOTSUPP or name != self.root_marker or client._dotu is None:
+                raise
+            made_up = _dotu.local_root_stat(client.root_qid.path, self._started)
+            return self._entry_info(name, made_up)
 
     def ls(self, path: Any, detail: bool = True, **kwargs: Any) -> list[Any]:
         """The entries of directory *path* (their info dicts, or names); a file lists itself.

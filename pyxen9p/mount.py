@@ -28,6 +28,24 @@ What programs see:
 * ``rename`` with flags (``RENAME_NOREPLACE``, ``RENAME_EXCHANGE``) is
   refused with ``EINVAL`` (9P has no such rename; programs such as ``mv``
   then fall back to a plain rename after their own check).
+
+Over 9P2000.u (xen-9pfsd, directly or through the agent) the same operations
+map onto that dialect (Topen, Tcreate, Tstat, directory reads of stats,
+removal through ``ORCLOSE``), and what the server cannot do is said as FUSE
+programs expect:
+
+* the share's root has attributes made up here when the server does not give
+  them (xen-9pfsd): a directory, mode ``0755``, owned by the user who mounted
+  it, with the mount's start as its times;
+* ``statfs`` (9P2000.u has no Tstatfs) answers zeros, with 4096-byte blocks
+  and 255-byte names, as libfuse does for a file system without statfs;
+* ``rmdir`` and ``rename`` a server cannot do (xen-9pfsd: no directory
+  removal, no Twstat) give ``EPERM``, as rmdir(2) and rename(2) say for a file
+  system that does not support them; ``chmod``, ``chown``, ``utimensat`` and
+  a ``truncate`` to a size other than 0 give ``EOPNOTSUPP``; a truncation to
+  0 (``open(O_TRUNC)``, ``truncate -s 0``) opens the file with ``OTRUNC``;
+* ``fsync`` on a server without Twstat answers ``ENOSYS``, which FUSE takes
+  as "nothing to do" (the data is written by each Twrite).
 """
 
 from __future__ import annotations
@@ -38,14 +56,17 @@ import itertools
 import logging
 import os
 import shutil
+import stat as stat_module
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pyxen9p.errors import ProtocolError, Pyxen9pError, TransportError
+from pyxen9p.p9 import _dotu
 from pyxen9p.p9 import codec as c
 from pyxen9p.p9.client import Client
 
@@ -169,6 +190,10 @@ class ClientOperations:
         self._lock = threading.Lock()
         #: the kernel has sent FUSE_INIT
         self.ready = False
+        self._dotu = client._dotu
+        self._started = time.time()
+        #: the server gave no attributes for the share's root (xen-9pfsd): made up here
+        self.local_root = False
 
     # --- life -------------------------------------------------------------------
 
@@ -214,6 +239,16 @@ class ClientOperations:
         if fh:
             handle = self._get(fh)
             return _attrs(self.client._getattr_fid(handle.fid, handle.path))
+        if self._dotu is not None and _dotu.is_root(path):
+            if not self.local_root:
+                try:
+                    return _attrs(self.client.lstat(path))
+                except OSError as exc:
+                    if exc.errno != errno.EOPNOTSUPP:
+                        raise
+                    self.local_root = True
+                    log.info("the server gives no attributes for the root: made up here")
+            return _attrs(_dotu.local_root_stat(self.client.root_qid.path, self._started))
         return _attrs(self.client.lstat(path))
 
     @_errors
@@ -229,7 +264,16 @@ class ClientOperations:
     @_errors
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
         """setattr: the size."""
-        if fh:
+        dotu = self._dotu
+        if dotu is not None and length == 0:
+            # 9P2000.u truncates to 0 with Topen(OTRUNC): servers without Twstat do that
+            where = self._get(fh).path if fh else path
+            self.client._with_fid(
+                where,
+                lambda fid, _q, p: dotu.open(fid, c.L_O_WRONLY | c.L_O_TRUNC, p),
+                follow=True,
+            )
+        elif fh:
             handle = self._get(fh)
             self.client._setattr_fid(handle.fid, handle.path, c.P9_SETATTR_SIZE, size=length)
         else:
@@ -273,7 +317,9 @@ class ClientOperations:
 
     @_errors
     def statfs(self, path: str) -> dict[str, int]:
-        """statfs of the share."""
+        """statfs of the share (over 9P2000.u, which has none: zeros)."""
+        if self._dotu is not None:
+            return {"f_bsize": 4096, "f_frsize": 4096, "f_namemax": 255}
         s = self.client.statfs(path)
         return {
             "f_bsize": s.bsize,
@@ -306,8 +352,20 @@ class ClientOperations:
 
     @_errors
     def rmdir(self, path: str) -> None:
-        """Remove the empty directory *path*."""
-        self.client.rmdir(path)
+        """Remove the empty directory *path* (``EPERM`` where the server cannot)."""
+        with self._unsupported_is_eperm():
+            self.client.rmdir(path)
+
+    @contextlib.contextmanager
+    def _unsupported_is_eperm(self) -> Any:
+        """Over 9P2000.u, a server's "not supported" becomes ``EPERM``: what rmdir(2)
+        and rename(2) give on a file system that does not support the operation."""
+        try:
+            yield
+        except OSError as exc:
+            if self._dotu is None or exc.errno != errno.EOPNOTSUPP:
+                raise
+            raise OSError(errno.EPERM, str(exc)) from exc
 
     @_errors
     def symlink(self, path: str, target: str) -> None:
@@ -324,7 +382,8 @@ class ClientOperations:
         """Rename *old* to *new*, replacing *new*; any *flags* are refused (``EINVAL``)."""
         if flags:
             raise OSError(errno.EINVAL, "rename flags are not supported over 9P")
-        self.client.rename(old, new)
+        with self._unsupported_is_eperm():
+            self.client.rename(old, new)
 
     # --- directories --------------------------------------------------------------
 
@@ -365,11 +424,14 @@ class ClientOperations:
             if qid.type & c.QTDIR:
                 raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
             wire = _open_flags(flags) & ~(c.L_O_CREAT | c.L_O_EXCL)
-            reply = client._rpc(lambda t: c.Tlopen(t, fid, wire), c.Rlopen, display)
+            if self._dotu is not None:
+                iounit = self._dotu.open(fid, wire, display)[1]
+            else:
+                iounit = client._rpc(lambda t: c.Tlopen(t, fid, wire), c.Rlopen, display).iounit
         except BaseException:
             client._clunk_quiet(fid)
             raise
-        return self._add(fid, client._iounit(reply.iounit), display)
+        return self._add(fid, client._iounit(iounit), display)
 
     @_errors
     def create(self, path: str, mode: int, flags: int = os.O_WRONLY) -> int:
@@ -378,15 +440,19 @@ class ClientOperations:
         dfid, name, display = client._lookup_parent(path, errno.EISDIR)
         wire = _open_flags(flags) | c.L_O_CREAT
         try:
-            reply = client._rpc(
-                lambda t: c.Tlcreate(t, dfid, name, wire, mode & 0o7777, client.gid),
-                c.Rlcreate,
-                display,
-            )
+            if self._dotu is not None:
+                perm = _dotu.dm_mode(stat_module.S_IFREG | (mode & 0o7777))
+                iounit = self._dotu.create(dfid, name, wire, perm, display)[1]
+            else:
+                iounit = client._rpc(
+                    lambda t: c.Tlcreate(t, dfid, name, wire, mode & 0o7777, client.gid),
+                    c.Rlcreate,
+                    display,
+                ).iounit
         except BaseException:
             client._clunk_quiet(dfid)
             raise
-        return self._add(dfid, client._iounit(reply.iounit), display)  # dfid now is the file
+        return self._add(dfid, client._iounit(iounit), display)  # dfid now is the file
 
     @_errors
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
@@ -418,9 +484,15 @@ class ClientOperations:
 
     @_errors
     def fsync(self, path: str, datasync: int, fh: int) -> None:
-        """Tfsync of the open file."""
+        """Tfsync of the open file (over 9P2000.u: a Twstat that changes nothing;
+        ``ENOSYS``, which FUSE takes as nothing to do, where the server has none)."""
         handle = self._get(fh)
-        self.client._fsync_fid(handle.fid, handle.path, bool(datasync))
+        try:
+            self.client._fsync_fid(handle.fid, handle.path, bool(datasync))
+        except OSError as exc:
+            if self._dotu is None or exc.errno != errno.EOPNOTSUPP:
+                raise
+            raise OSError(errno.ENOSYS, "no Twstat: each Twrite is already written") from exc
 
     @_errors
     def release(self, path: str, fh: int) -> None:

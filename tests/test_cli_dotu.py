@@ -111,3 +111,72 @@ def test_ls_of_xen9pfsd_root_lists_it_without_its_attributes(
     finally:
         stop()
     assert not server.root_tstat_seen
+
+
+def test_the_agent_serves_9p2000u_to_the_cli(
+    useful: tuple[str, Path, UServer], tmp_path: Path
+) -> None:
+    """``pyxen9p serve`` in front of a 9P2000.u server: it negotiates 9P2000.u (auto)
+    and the commands work through it; ``--version-9p 9P2000.L`` refuses that server."""
+    import signal
+
+    from tests.test_agent import child_env, cli, running
+
+    address, root, server = useful
+    env = child_env(tmp_path / "run")
+    sock = tmp_path / "agent.sock"
+    with running(["--server", address, "--version-9p", "9P2000.L", "serve", "--listen",
+                  f"unix:{sock}"], env) as agent:
+        assert agent.proc.wait(60) == 1
+        assert "does not speak 9P2000.L" in agent.stderr()
+    with running(["--server", address, "serve", "--listen", f"unix:{sock}"], env) as agent:
+        agent.wait_for(sock)
+        through = ("--server", f"unix:{sock}")
+        r = cli(*through, "ls", env=env)
+        assert (r.returncode, r.stdout.split(), r.stderr) == (0, ["a.txt", "sub"], "")
+        assert cli(*through, "cat", "a.txt", env=env).stdout == "alpha\n"
+        local = tmp_path / "tree"
+        local.mkdir()
+        for i in range(8):  # more files, one after another, than the fid limit of 5
+            (local / f"n{i}").write_text(f"n{i}\n")
+        r = cli(*through, "-q", "put", "-r", str(local), "sub/tree", env=env)
+        assert r.returncode == 0, r.stderr
+        assert sorted(os.listdir(root / "sub/tree")) == [f"n{i}" for i in range(8)]
+        r = cli(*through, "rm", *(f"sub/tree/n{i}" for i in range(8)), env=env)
+        assert (r.returncode, r.stderr) == (0, "")
+        r = cli(*through, "mv", "a.txt", "b.txt", env=env)
+        assert r.returncode == 1 and "does not support Twstat" in r.stderr
+        assert agent.stop(signal.SIGTERM) == 0, agent.stderr()
+        assert "9P2000.u" in agent.stderr()
+    assert os.listdir(root / "sub/tree") == []
+    assert server.peak_fids <= 5
+
+
+def test_cli_through_the_mux_on_xen9pfsd_never_asks_the_roots_attributes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The multiplexer on a xen-9pfsd backend answers a Tstat of the root itself:
+    ``ls`` of the root works, ``stat /`` says why it cannot, the backend never sees it."""
+    from pyxen9p.p9.mux import MultiplexerThread
+    from pyxen9p.p9.transport import StreamTransport
+
+    root = tmp_path / "share"
+    root.mkdir()
+    (root / "a.txt").write_bytes(b"alpha\n")
+    server = UServer(root)  # a Tstat of the root is refused
+    stop = serve_unix(server, tmp_path / "u.sock")
+    transport = StreamTransport.unix(str(tmp_path / "u.sock"))
+    transport.backend_path = "/local/domain/0/backend/xen_9pfs/1/0"  # type: ignore[attr-defined]
+    try:
+        with MultiplexerThread(transport) as mux:
+            path = mux.listen_unix(tmp_path / "mux.sock")
+            status, out, err = run(capsys, "--server", f"unix:{path}", "ls")
+            assert (status, out.split(), err) == (0, ["a.txt"], "")
+            status, _, err = run(capsys, "--server", f"unix:{path}", "stat", "/")
+            assert status == 1 and "root usefully" in err
+            assert run(capsys, "--server", f"unix:{path}", "cat", "a.txt")[1] == "alpha\n"
+            assert mux.root_tstats_refused >= 1
+    finally:
+        transport.close()
+        stop()
+    assert not server.root_tstat_seen

@@ -188,7 +188,8 @@ def cmd_serve(ctx: _Context) -> None:
 
         try:
             mux = MultiplexerThread(
-                watched, timeout=args.timeout, limits=limits, on_failure=failed
+                watched, timeout=args.timeout, limits=limits, on_failure=failed,
+                version=args.version_9p,
             )
         except (OSError, ValueError) as exc:
             raise CommandError(f"the backend's 9P session failed: {_describe(exc)}") from exc
@@ -217,7 +218,9 @@ def cmd_serve(ctx: _Context) -> None:
                 raise CommandError(f"cannot listen on {address}: {_describe(exc)}") from exc
         if lock is not None:
             lock.describe({"device": device, "listen": bound})
-        log.info("serving %s on %s (msize %d)", device, ", ".join(bound), mux.msize)
+        log.info(
+            "serving %s on %s (%s, msize %d)", device, ", ".join(bound), mux.version, mux.msize
+        )
         agent.sd_notify(f"READY=1\nSTATUS=serving on {', '.join(bound)}\nMAINPID={os.getpid()}")
         while not stop.wait(0.5):
             pass
@@ -265,7 +268,8 @@ def _args_serve(p: argparse.ArgumentParser) -> None:
 #: The commands of this group, in the order ``--help`` lists them.
 COMMANDS = (
     _Command("serve", cmd_serve, "hold the device's connection and serve it to every program",
-             "Connect once to the device and serve it, as 9P2000.L, to any number of local"
+             "Connect once to the device and serve it, in the backend's 9P dialect (9P2000.L,"
+             " or 9P2000.u for xen-9pfsd; --version-9p chooses), to any number of local"
              " programs through a multiplexer, until SIGTERM or SIGINT (exit status 0:"
              " clients are disconnected, the Xen connection is closed) or until the backend"
              " fails (every client gets an error; exit status 1).  By default it listens on"

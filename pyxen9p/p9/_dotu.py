@@ -461,3 +461,21 @@ def link_unsupported(path: str) -> OSError:
     """The error of a hard link over 9P2000.u, which has no Tlink."""
     return _unsupported("hard links (no Tlink in 9P2000.u)", path)
 
+
+
+def local_root_stat(qid_path: int, when: float) -> os.stat_result:
+    """Attributes made up here for the share's root, whose own a server such as
+    xen-9pfsd does not give: a directory, mode ``0755``, owned by this process's
+    user and group, its times *when* (a mount's or file system's start), its inode
+    number the root's qid path."""
+    sec = int(when)
+    ns = int(when * 1_000_000_000)
+    return os.stat_result(
+        (stat_module.S_IFDIR | 0o755, qid_path, 0, 2, os.getuid(), os.getgid(), 0,
+         sec, sec, sec),
+        {
+            "st_atime": float(when), "st_mtime": float(when), "st_ctime": float(when),
+            "st_atime_ns": ns, "st_mtime_ns": ns, "st_ctime_ns": ns,
+            "st_blksize": 4096, "st_blocks": 0, "st_rdev": 0,
+        },
+    )  # fmt: skip

@@ -20,7 +20,8 @@ await mux.listen_unix(path); await mux.wait_stopped()``.
 
 What a client sees
     * **Version.** Each client's Tversion is answered by the multiplexer:
-      only ``9P2000.L`` is offered (any other version gets ``"unknown"``), and
+      only the backend session's dialect is offered, ``9P2000.L`` or
+      ``9P2000.u`` (any other version gets ``"unknown"``), and
       the msize is the smaller of the client's and the backend session's.  A
       client must start with a Tversion; a second Tversion once the client
       holds fids or has requests in flight ends that client (9P would have
@@ -37,6 +38,10 @@ What a client sees
       the backend's arrives, after the original's reply if the backend sent
       one first (its effects, such as a new fid, are then kept).  A request
       answered by Rflush alone never happened (its new fid is released).
+      Over 9P2000.u the backend may have no Tflush (xen-9pfsd refuses it),
+      so none is sent: a client's Tflush of a request on the backend is
+      answered right after that request's reply, which counts (a Tflush
+      then only frees the tag; it cannot cut a request short).
     * **Limits** (:class:`Limits`) keep one client from starving the others:
       requests beyond ``max_requests`` in flight wait in the multiplexer,
       beyond ``max_queued`` more the client is simply not read (it waits;
@@ -48,22 +53,34 @@ What a client sees
     * **Bad messages** end that client only: a frame smaller than a header or
       larger than the negotiated msize, a malformed body, a reply type, a
       duplicate tag, ``NOTAG`` outside Tversion, a message before Tversion.
-      A request of a type 9P2000.L does not have gets ``EOPNOTSUPP``; a fid
-      the client does not hold ``EBADF``.  The backend session and the other
-      clients are not affected.
+      A request of a type the session's dialect does not have gets
+      ``EOPNOTSUPP``; a fid the client does not hold ``EBADF``.  The backend
+      session and the other clients are not affected.  Errors are ``Rlerror``
+      over 9P2000.L and ``Rerror`` (with a text and the errno) over 9P2000.u.
+    * **xen-9pfsd** (the transport's ``backend_path`` is under
+      ``backend/xen_9pfs/``): a Tstat of a fid that has walked nowhere (the
+      share's root: an attach fid, or one walked back there by name) is
+      answered by the multiplexer with ``EOPNOTSUPP`` and never forwarded,
+      since xen-9pfsd does not answer the root's attributes usefully.  Its
+      fid limit (``max-open-files``, 5 by default, counting every fid) is
+      shared by all the clients: a request creating a fid beyond it gets
+      ``EMFILE`` with a text saying so.
     * **Hanging up** (or being ended): the client's queued requests are
       dropped, those on the backend flushed, and once they are all resolved
       every fid the client held (including one a late reply created) is
       clunked on the backend.
 
 The backend
-    :meth:`Multiplexer.start` sends the backend session's Tversion.  The
+    :meth:`Multiplexer.start` sends the backend session's Tversion:
+    9P2000.L, then 9P2000.u if the backend refuses it (``version="auto"``,
+    as the client negotiates), or the one dialect asked for.  The
     backend's messages go out from one sender thread (so a slow backend never
     blocks the event loop) and replies come back through the transport's
     futures.  When the backend fails (a request fails with a
     :class:`~pyxen9p.errors.TransportError`, or the transport stops being
     ``connected``), every request in flight or queued gets an ``Rlerror``
-    with the failure's errno (``ECONNRESET``, ``EIO``...), every client is
+    (``Rerror`` over 9P2000.u) with the failure's errno (``ECONNRESET``,
+    ``EIO``...), every client is
     disconnected, new connections are refused, and :attr:`Multiplexer.failure`
     says why (:meth:`Multiplexer.wait_stopped` returns it).  The multiplexer
     never closes the transport: its owner does.
@@ -148,14 +165,33 @@ _RDATA_HDR = 11
 
 _FID_NAMES = ("fid", "afid", "dfid", "newfid", "olddirfid", "newdirfid", "dirfd")
 
-#: For each request type, the fields that carry fids.
+#: For each request type (of either dialect), the fields that carry fids.
 _FID_FIELDS: dict[type[c.Message], tuple[str, ...]] = {
     cls: tuple(f.name for f in dataclasses.fields(cls) if f.name in _FID_NAMES)
-    for cls in c.message_classes().values()
+    for dialect in (c.VERSION_9P2000_L, c.VERSION_9P2000_U)
+    for cls in c.message_classes(dialect).values()
 }
 
-#: Request types 9P2000.L has.
-_REQUEST_TYPES = frozenset(t for t in c.message_classes() if t % 2 == 0)
+#: The request types of each dialect.
+_REQUEST_TYPES = {
+    dialect: frozenset(t for t in c.message_classes(dialect) if t % 2 == 0)
+    for dialect in (c.VERSION_9P2000_L, c.VERSION_9P2000_U)
+}
+
+#: The dialects the multiplexer may speak to its backend (and then to its clients).
+VERSIONS = ("auto", c.VERSION_9P2000_L, c.VERSION_9P2000_U)
+
+#: The text of the multiplexer's refusal of a Tstat of the share's root on xen-9pfsd.
+ROOT_TSTAT_REFUSED = (
+    "the attributes of the share's root are not asked of xen-9pfsd"
+    " (it does not answer a Tstat of the root usefully)"
+)
+
+#: The text replacing a backend's fid-limit error (9P2000.u): the limit is shared.
+FID_LIMIT_REACHED = (
+    "the backend's fid limit is reached: it counts the fids of every client of"
+    " this multiplexer (xen-9pfsd: max-open-files, 5 by default)"
+)
 
 #: Requests that create a fid, and the field naming it.
 _CREATES: dict[type[c.Message], str] = {
@@ -254,6 +290,9 @@ def peer_credentials(sock: socket.socket) -> PeerCredentials:
 #: The error of an exhausted backend tag or fid pool (Limits keep the pools large enough).
 _OUT_OF_IDS = "the multiplexer ran out of backend identifiers"
 
+#: What :meth:`Multiplexer._bind` returns for a refused Tstat of the root (not an errno).
+_ROOT_TSTAT = -1
+
 
 class _Violation(Pyxen9pError):
     """A client broke the protocol: it is disconnected."""
@@ -263,6 +302,35 @@ class _Violation(Pyxen9pError):
 class _Fid:
     bfid: int
     state: str
+    #: how far below the share's root the fid is, by the names walked (0: the root)
+    depth: int = 0
+    #: in-place walks of this fid in flight (its place is unknown meanwhile)
+    moving: int = 0
+
+
+def _unsupported(frame: bytes) -> bool:
+    """Whether the error reply *frame* says the request is not supported at all."""
+    try:
+        _, mtype, _ = _HEADER.unpack_from(frame)
+        if mtype == c.MessageType.RLERROR:
+            code = struct.unpack_from("<I", frame, c.HEADER_SIZE)[0]
+        elif mtype == c.MessageType.RERROR:
+            code = struct.unpack_from("<I", frame, len(frame) - 4)[0]
+        else:
+            return False
+    except struct.error:
+        return False
+    return code in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTSUP)
+
+
+def _walk_depth(depth: int, names: Iterable[str]) -> int:
+    """The depth below the root after walking *names* from *depth* (``..`` stops at the root)."""
+    for name in names:
+        if name == "..":
+            depth = max(depth - 1, 0)
+        elif name not in ("", "."):
+            depth += 1
+    return depth
 
 
 @dataclass(eq=False)
@@ -282,6 +350,8 @@ class _Request:
     flush_btag: int | None = None  # the backend Tflush sent for it
     flush_waiters: list[int] = dataclasses.field(default_factory=list)  # client Tflush tags
     target: _Request | None = None  # for a client Tflush: the request it flushes
+    depth: int | None = None  # the depth its fid (new, walked or created) has if it succeeds
+    unknown_remove: bool = False  # a Tremove the backend refused as unknown (fid kept there)
 
 
 class _Client:
@@ -396,7 +466,7 @@ class _Sender:
 
 
 class Multiplexer:
-    """Serve 9P2000.L to many clients over one backend transport (asyncio).
+    """Serve 9P2000.L or 9P2000.u to many clients over one backend transport (asyncio).
 
     Create it on the event loop that will run it, then :meth:`start` it
     (negotiates the backend session) and add listeners.  See the module
@@ -408,7 +478,13 @@ class Multiplexer:
     :param on_failure: called once (on the loop) with the backend's failure
     :param watch_interval: seconds between checks that the transport is
         still ``connected`` (a failure seen while idle)
+    :param version: the dialect asked of the backend: ``"auto"`` (9P2000.L,
+        else 9P2000.u, as the client negotiates), ``"9P2000.L"`` or
+        ``"9P2000.u"``; clients are offered the one the backend speaks
     :ivar msize: the backend session's msize (after :meth:`start`)
+    :ivar version: the backend session's dialect (after :meth:`start`)
+    :ivar xen9pfsd: whether the backend is xen-9pfsd (its transport's
+        ``backend_path`` is under ``backend/xen_9pfs/``)
     :ivar failure: why the backend failed, or ``None``
     """
 
@@ -419,10 +495,20 @@ class Multiplexer:
         limits: Limits | None = None,
         on_failure: Callable[[BaseException], None] | None = None,
         watch_interval: float = 0.5,
+        version: str = "auto",
     ) -> None:
+        if version not in VERSIONS:
+            raise ValueError(f"version must be one of {', '.join(VERSIONS)}, not {version!r}")
         self.transport = transport
         self.limits = limits or Limits()
         self.msize = 0
+        self._want_version = version
+        self.version = ""
+        self._dotu = False
+        self._requests = _REQUEST_TYPES[c.VERSION_9P2000_L]
+        self.xen9pfsd = "/xen_9pfs/" in str(getattr(transport, "backend_path", "") or "")
+        #: Tstats of an attach fid (the share's root) answered by the multiplexer itself
+        self.root_tstats_refused = 0
         self.failure: BaseException | None = None
         self._on_failure = on_failure
         self._watch_interval = watch_interval
@@ -460,31 +546,65 @@ class Multiplexer:
     async def start(self, *, timeout: float = 30.0) -> None:
         """Start the sender and negotiate the backend session (Tversion).
 
-        :raises ~pyxen9p.errors.ProtocolError: the backend does not speak
-            9P2000.L or offers an impossible msize
+        With ``version="auto"`` 9P2000.L is offered first and 9P2000.u when
+        the backend refuses it (xen-9pfsd speaks only 9P2000.u).
+
+        :raises ~pyxen9p.errors.ProtocolError: the backend speaks no dialect
+            allowed, or offers an impossible msize
         :raises TimeoutError: no Rversion within *timeout*
         :raises ~pyxen9p.errors.TransportError: the transport failed
         """
         self._loop = asyncio.get_running_loop()
         self._sender = _Sender(self.transport, self._loop)
         want = int(self.transport.msize)
+        offers = (
+            [self._want_version]
+            if self._want_version != "auto"
+            else [c.VERSION_9P2000_L, c.VERSION_9P2000_U]
+        )
+        answers: list[str] = []
         try:
-            raw = await asyncio.wait_for(
-                self._call(c.Tversion(c.NOTAG, want, c.VERSION_9P2000_L), tag=c.NOTAG), timeout
-            )
-            reply = c.decode(raw)
-            if not isinstance(reply, c.Rversion):
-                raise ProtocolError(f"the backend answered Tversion with {reply!r}")
-            if reply.version != c.VERSION_9P2000_L:
-                raise ProtocolError(f"the backend does not speak 9P2000.L ({reply.version!r})")
+            for offer in offers:
+                raw = await asyncio.wait_for(
+                    self._call(c.Tversion(c.NOTAG, want, offer), tag=c.NOTAG), timeout
+                )
+                reply = c.decode(raw)
+                if isinstance(reply, c.Rversion) and reply.version == offer:
+                    break
+                if not isinstance(reply, c.Rversion | c.Rerror | c.Rlerror):
+                    raise ProtocolError(f"the backend answered Tversion with {reply!r}")
+                answers.append(
+                    repr(reply.version) if isinstance(reply, c.Rversion) else repr(reply)
+                )
+            else:
+                if len(offers) == 1:
+                    raise ProtocolError(
+                        f"the backend does not speak {offers[0]} ({answers[0]})"
+                    )
+                raise ProtocolError(
+                    f"the backend speaks neither 9P2000.L nor 9P2000.u"
+                    f" (it answered {', '.join(answers)})"
+                )
             if not MIN_MSIZE <= reply.msize <= want:
                 raise ProtocolError(f"the backend's msize {reply.msize} is out of range")
         except BaseException:
             self._sender.stop()
             raise
         self.msize = reply.msize
+        self.version = reply.version
+        self._dotu = self.version == c.VERSION_9P2000_U
+        self._requests = _REQUEST_TYPES[self.version]
         self._watchdog = asyncio.create_task(self._watch())
-        log.info("multiplexer: backend session msize %d", self.msize)
+        log.info(
+            "multiplexer: backend session %s, msize %d%s", self.version, self.msize,
+            " (xen-9pfsd)" if self.xen9pfsd else "",
+        )
+
+    def _error(self, tag: int, code: int, text: str | None = None) -> bytes:
+        """An error reply of the session's dialect: Rlerror, or 9P2000.u's Rerror."""
+        if self._dotu:
+            return c.encode(c.Rerror(tag, text or os.strerror(code), code))
+        return c.encode(c.Rlerror(tag, code))
 
     def _call(self, msg: c.Message, *, tag: int | None = None) -> asyncio.Future[bytes]:
         """Send *msg* on the backend with a fresh tag; a future of its raw reply."""
@@ -533,7 +653,7 @@ class Multiplexer:
         for client in list(self._clients):
             for ctag, req in list(client.requests.items()):
                 if not req.done:
-                    client.write(c.encode(c.Rlerror(ctag, code)))
+                    client.write(self._error(ctag, code, f"the backend failed: {exc}"))
                     req.done = True
             client.requests.clear()
             client.queue.clear()
@@ -750,11 +870,11 @@ class Multiplexer:
             raise _Violation(f"tag {tag} is already in use")
         if mtype % 2 == 1:
             raise _Violation(f"a reply (type {mtype}) from a client")
-        if mtype not in _REQUEST_TYPES:
-            client.write(c.encode(c.Rlerror(tag, errno.EOPNOTSUPP)))
+        if mtype not in self._requests:
+            client.write(self._error(tag, errno.EOPNOTSUPP))
             return
         try:
-            msg = c.decode(frame)
+            msg = c.decode(frame, self.version)
         except ProtocolError as exc:
             raise _Violation(f"malformed message: {exc}") from None
         if isinstance(msg, c.Tflush):
@@ -763,7 +883,8 @@ class Multiplexer:
         req = _Request(client, tag, msg)
         err = self._bind(client, req)
         if err:
-            client.write(c.encode(c.Rlerror(tag, err)))
+            text = ROOT_TSTAT_REFUSED if err == _ROOT_TSTAT else None
+            client.write(self._error(tag, errno.EOPNOTSUPP if text else err, text))
             return
         client.requests[tag] = req
         if client.inflight < self.limits.max_requests:
@@ -788,12 +909,12 @@ class Multiplexer:
             raise _Violation(f"malformed Tversion: {exc}") from None
         assert isinstance(msg, c.Tversion)
         msize = min(msg.msize, self.msize)
-        if msg.version != c.VERSION_9P2000_L or msize < MIN_MSIZE:
+        if msg.version != self.version or msize < MIN_MSIZE:
             client.msize = 0
             client.write(c.encode(c.Rversion(msg.tag, msize, c.VERSION_UNKNOWN)))
             return
         client.msize = msize
-        client.write(c.encode(c.Rversion(msg.tag, msize, c.VERSION_9P2000_L)))
+        client.write(c.encode(c.Rversion(msg.tag, msize, self.version)))
 
     def _bind(self, client: _Client, req: _Request) -> int:
         """Map the request's fids onto backend fids; an errno to answer instead, or 0."""
@@ -814,6 +935,17 @@ class Multiplexer:
             if fid is None or fid.state != _OPEN:
                 return errno.EBADF
             changes[name] = fid.bfid
+        if self.xen9pfsd and isinstance(m, c.Tstat):
+            fid = client.fids[m.fid]
+            if fid.depth == 0 or fid.moving:
+                # the share's root (or a fid that may be there): never asked of xen-9pfsd
+                self.root_tstats_refused += 1
+                return _ROOT_TSTAT
+        depth: int | None = None
+        if isinstance(m, c.Twalk):
+            depth = _walk_depth(client.fids[m.fid].depth, m.wnames)
+        elif isinstance(m, c.Tcreate):
+            depth = client.fids[m.fid].depth + 1
         if newfid is not None:
             assert create is not None
             if newfid == c.NOFID or newfid in client.fids:
@@ -821,9 +953,12 @@ class Multiplexer:
             if len(client.fids) >= self.limits.max_fids:
                 return errno.EMFILE
             bfid = self._fids.alloc()
-            client.fids[newfid] = _Fid(bfid, _PENDING)
+            client.fids[newfid] = _Fid(bfid, _PENDING, depth or 0)
             req.newfid = newfid
             changes[create] = bfid
+        elif depth is not None:  # a walk in place, or a Tcreate: the fid moves if it succeeds
+            client.fids[m.fid].moving += 1  # type: ignore[attr-defined]
+            req.depth = depth
         if isinstance(m, (c.Tclunk, c.Tremove)):
             client.fids[m.fid].state = _CLOSING
             req.closes = m.fid
@@ -835,6 +970,13 @@ class Multiplexer:
     def _unbind(self, req: _Request, *, happened: bool, ok: bool) -> None:
         """Settle the request's fid effects: it *happened* (with *ok*) or was cancelled."""
         client = req.client
+        if req.depth is not None:
+            moved = client.fids.get(req.msg.fid)  # type: ignore[attr-defined]
+            if moved is not None:
+                moved.moving -= 1
+                if happened and ok:
+                    moved.depth = req.depth
+            req.depth = None
         if req.newfid is not None:
             fid = client.fids.get(req.newfid)
             if fid is not None:
@@ -848,7 +990,10 @@ class Multiplexer:
             if fid is not None:
                 if happened:  # a Tclunk or Tremove frees the fid whatever the outcome
                     del client.fids[req.closes]
-                    self._fids.free(fid.bfid)
+                    if req.unknown_remove:
+                        self._clunk_backend(fid.bfid)
+                    else:
+                        self._fids.free(fid.bfid)
                 else:
                     fid.state = _OPEN
 
@@ -880,7 +1025,7 @@ class Multiplexer:
             # a wrong reply type (ProtocolError) or a refused message: this request only
             log.warning("multiplexer: backend error for %s: %s", type(req.msg).__name__, exc)
             code = getattr(exc, "errno", None) or errno.EIO
-            frame = c.encode(c.Rlerror(0, code))
+            frame = self._error(0, code, f"the backend failed this request: {exc}")
         self._complete(req, frame)
 
     def _complete(self, req: _Request, frame: bytes) -> None:
@@ -895,9 +1040,13 @@ class Multiplexer:
         ok = mtype == req.msg.TYPE + 1
         if ok and isinstance(req.msg, c.Twalk) and req.msg.wnames:
             ok = len(frame) >= 9 and _TAG.unpack_from(frame, 7)[0] == len(req.msg.wnames)
+        if self._dotu and isinstance(req.msg, c.Tremove) and not ok:
+            req.unknown_remove = _unsupported(frame)
         self._unbind(req, happened=True, ok=ok)
         if client.requests.get(req.ctag) is req:
             del client.requests[req.ctag]
+        if self._dotu and req.newfid is not None and mtype == c.MessageType.RERROR:
+            frame = self._fid_limit_error(frame)
         if len(frame) > _COPY_LIMIT:  # a large reply: not copied, its header sent apart
             client.write(frame[:5] + _TAG.pack(req.ctag))
             client.write(memoryview(frame)[c.HEADER_SIZE :])
@@ -905,7 +1054,36 @@ class Multiplexer:
             reply = bytearray(frame)
             _TAG.pack_into(reply, 5, req.ctag)
             client.write(reply)
+        if self._dotu:
+            # no backend Tflush over 9P2000.u: a client's Tflush is answered
+            # after the reply to the request it names (which then counts)
+            for ftag in req.flush_waiters:
+                if ftag in client.requests:
+                    del client.requests[ftag]
+                client.write(c.encode(c.Rflush(ftag)))
+            req.flush_waiters.clear()
         self._finished(client)
+
+    def _clunk_backend(self, bfid: int) -> None:
+        """Clunk *bfid* on the backend, then free it (a Tremove the backend did
+        not know left it there, as xen-9pfsd does: 9P says the fid is gone)."""
+
+        def done(future: asyncio.Future[bytes]) -> None:
+            if self.failure is None:
+                self._fids.free(bfid)
+
+        self._call(c.Tclunk(0, bfid)).add_done_callback(done)
+
+    def _fid_limit_error(self, frame: bytes) -> bytes:
+        """A backend's ``EMFILE``/``ENFILE`` to a request creating a fid, said clearly."""
+        try:
+            reply = c.decode(frame, c.VERSION_9P2000_U)
+        except ProtocolError:
+            return frame
+        if not isinstance(reply, c.Rerror) or reply.errno not in (errno.EMFILE, errno.ENFILE):
+            return frame
+        log.warning("multiplexer: %s", FID_LIMIT_REACHED)
+        return c.encode(c.Rerror(reply.tag, FID_LIMIT_REACHED, reply.errno))
 
     def _finished(self, client: _Client) -> None:
         """One of *client*'s backend requests ended: send a queued one, wake the reader."""
@@ -939,8 +1117,8 @@ class Multiplexer:
         self._flush_backend(old)
 
     def _flush_backend(self, old: _Request) -> None:
-        """Send the backend Tflush for *old* (once)."""
-        if old.flush_btag is not None or old.done:
+        """Send the backend Tflush for *old* (once; never over 9P2000.u, see :meth:`_complete`)."""
+        if old.flush_btag is not None or old.done or self._dotu:
             return
         assert self._sender is not None and old.btag is not None
         # on the Xen transport the tag chooses the ring (tag % num_rings): the
@@ -1104,6 +1282,16 @@ class MultiplexerThread:
     def msize(self) -> int:
         """The backend session's msize."""
         return self.mux.msize
+
+    @property
+    def version(self) -> str:
+        """The backend session's dialect (``"9P2000.L"`` or ``"9P2000.u"``)."""
+        return self.mux.version
+
+    @property
+    def root_tstats_refused(self) -> int:
+        """Tstats of the share's root answered by the multiplexer (xen-9pfsd)."""
+        return self.mux.root_tstats_refused
 
     @property
     def failure(self) -> BaseException | None:

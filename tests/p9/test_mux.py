@@ -638,18 +638,23 @@ def test_stop_tells_clients_and_releases_their_fids(root: Path, tmp_path: Path) 
 
 
 def test_backend_that_is_not_9p2000l_is_refused(root: Path) -> None:
+    """Asked for 9P2000.L only, a backend answering 9P2000.u is refused; in the
+    default ``auto`` a backend that speaks neither dialect is refused."""
     from .hostile import HostileServer
 
-    def script(m: c.Message, honest: object) -> c.Message | None:
-        if isinstance(m, c.Tversion):
-            return c.Rversion(m.tag, m.msize, "9P2000.u")
-        return None
+    for answer, options in (("9P2000.u", {"version": "9P2000.L"}), ("9P2000", {})):
 
-    with HostileServer(root, script) as hs:
-        transport = hs.transport(65536, owner=True)
-        with pytest.raises(ProtocolError):
-            MultiplexerThread(transport)
-        transport.close()
+        def script(m: c.Message, honest: object, answer: str = answer) -> c.Message | None:
+            if isinstance(m, c.Tversion):
+                return c.Rversion(m.tag, m.msize, answer)
+            return None
+
+        with HostileServer(root, script) as hs:
+            transport = hs.transport(65536, owner=True)
+            with pytest.raises(ProtocolError) as info:
+                MultiplexerThread(transport, **options)
+            assert "does not speak 9P2000.L" in str(info.value) or "neither" in str(info.value)
+            transport.close()
 
 
 # --------------------------------------------------------------------------

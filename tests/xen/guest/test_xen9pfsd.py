@@ -8,9 +8,10 @@ It ignores the backend's ``frontend`` node, so a dom0 frontend is a node under
 dom0's own ``device/9pfs/`` with the kernel's 9pnet_xen blacklisted.
 
 These tests drive such a dom0 device with pyxen9p's frontend, client, files
-API and command line, and the teardown and fault cases that apply to this
-backend: every grant released, a reconnect without ``allow_reconnect``, the
-daemon killed under a session.
+API and command line, the agent (``pyxen9p serve``, 9P2000.u to its clients)
+with the command line, a second client and a FUSE mount through it, and the
+teardown and fault cases that apply to this backend: every grant released, a
+reconnect without ``allow_reconnect``, the daemon killed under a session.
 """
 
 from __future__ import annotations
@@ -29,10 +30,13 @@ import xenlab
 from xenlab import XenbusState
 
 import pyxen9p
+from pyxen9p import agent
 from pyxen9p.frontend import Frontend
 
 RELEASES = ("trixie",)
 pytestmark = pytest.mark.realxen
+
+SRC = Path(os.environ.get("PYXEN9P_SRC", Path(__file__).resolve().parents[3]))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -243,3 +247,122 @@ def test_daemon_killed_under_a_session(dev: xenlab.Dom0NinePDevice) -> None:
     dev.wait_backend_state((XenbusState.INIT_WAIT, XenbusState.CLOSED), 30)
     with connect(dev) as again:
         assert again.read_text("before") == "1"
+
+
+def run_via_agent(dev: xenlab.Dom0NinePDevice, *argv: str) -> subprocess.CompletedProcess[str]:
+    """``python3 -m pyxen9p --devid N --via-agent ARGV`` in dom0 (through the running agent)."""
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    env.pop(agent.RUNTIME_ENV, None)
+    return subprocess.run(
+        [sys.executable, "-m", "pyxen9p", "--devid", str(dev.devid), "--via-agent", "-q", *argv],
+        capture_output=True, text=True, timeout=120, check=False, env=env,
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+@pytest.mark.timeout(900)  # several Python starts under TCG
+def test_agent_on_xen_9pfsd(
+    dev: xenlab.Dom0NinePDevice, share_dir: Path, tmp_path: Path
+) -> None:
+    """``pyxen9p serve`` on the xen-9pfsd device: it speaks 9P2000.u to its clients;
+    the command line and a second client work through it, the fid limit they share
+    is said clearly, the root's attributes are answered by the agent (xen-9pfsd is
+    never asked), a FUSE mount through it lists, reads and writes; SIGTERM ends it
+    and every grant and event channel is released."""
+    (share_dir / "a.txt").write_text("alpha\n")
+    daemon = xenlab.daemon_pids("xen-9pfsd")[0]
+    mapped_before = xenlab.gntdev_mapped_pages(daemon)
+    fds_before = xenlab.open_xen_fds()
+    sock = agent.socket_path(agent.agent_name(devid=dev.devid))
+    env = dict(os.environ, PYTHONPATH=str(SRC))
+    env.pop(agent.RUNTIME_ENV, None)
+    env.pop("NOTIFY_SOCKET", None)
+    log = tmp_path / "agent.log"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pyxen9p", "--devid", str(dev.devid), "serve"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env,
+        )  # fmt: skip
+    try:
+        xenlab.wait_until(
+            lambda: os.path.exists(sock) or proc.poll() is not None, 120, "the agent's socket"
+        )
+        assert proc.poll() is None, log.read_text()
+        assert "9P2000.u" in log.read_text()
+        assert dev.backend_state() == XenbusState.CONNECTED
+        # the command line through the agent
+        done = run_via_agent(dev, "ls")  # ls starts with the root's attributes
+        assert (done.returncode, done.stdout.split(), done.stderr) == (0, ["a.txt"], ""), done
+        assert run_via_agent(dev, "cat", "a.txt").stdout == "alpha\n"
+        tree = tmp_path / "tree"
+        tree.mkdir()
+        for i in range(7):  # more files, one after another, than the fid limit
+            (tree / f"n{i}").write_text(f"via the agent {i}\n")
+        done = run_via_agent(dev, "put", "-r", str(tree), "sub")
+        assert done.returncode == 0, done
+        assert sorted(os.listdir(share_dir / "sub")) == [f"n{i}" for i in range(7)]
+        done = run_via_agent(dev, "ls", "-l", "sub")
+        assert done.returncode == 0 and len(done.stdout.splitlines()) >= 7, done
+        done = run_via_agent(dev, "rm", *(f"sub/n{i}" for i in range(7)))
+        assert (done.returncode, done.stderr) == (0, ""), done
+        assert os.listdir(share_dir / "sub") == []
+        done = run_via_agent(dev, "stat", "/")
+        assert done.returncode == 1 and "root usefully" in done.stderr, done
+        done = run_via_agent(dev, "rmdir", "sub")
+        assert done.returncode == 1 and "cannot remove directories" in done.stderr, done
+        # a second client at the same time, in this process
+        with pyxen9p.connect(devid=dev.devid, agent="require", timeout=60.0) as client:
+            assert client.version == "9P2000.u"
+            client.write_text("sub/second.txt", "second client\n")
+            assert (share_dir / "sub/second.txt").read_text() == "second client\n"
+            assert run_via_agent(dev, "cat", "sub/second.txt").stdout == "second client\n"
+            # the fid limit (5) is shared: 2 attach fids + 3 open files, then one more
+            held = [client.open("a.txt", "rb") for _ in range(3)]
+            try:
+                done = run_via_agent(dev, "cat", "a.txt")
+                assert done.returncode == 1 and "fid limit" in done.stderr, done
+            finally:
+                for handle in held:
+                    handle.close()
+            assert run_via_agent(dev, "cat", "a.txt").stdout == "alpha\n"
+            client.remove("sub/second.txt")
+            assert client.usable
+        # a FUSE mount through the agent
+        xenlab.ensure_modules("fuse")
+        mnt = tmp_path / "fuse"
+        mnt.mkdir()
+        done = run_via_agent(dev, "mount", str(mnt))
+        assert done.returncode == 0, done
+        try:
+            assert os.path.isdir(mnt) and sorted(os.listdir(mnt)) == ["a.txt", "sub"]
+            assert (mnt / "a.txt").read_text() == "alpha\n"
+            (mnt / "sub" / "fuse.txt").write_text("written through FUSE\n")
+            assert (share_dir / "sub/fuse.txt").read_text() == "written through FUSE\n"
+            with open(mnt / "a.txt", "w") as out:  # O_TRUNC: Topen with OTRUNC
+                out.write("beta\n")
+            assert (share_dir / "a.txt").read_text() == "beta\n"
+            os.remove(mnt / "sub" / "fuse.txt")
+            assert not (share_dir / "sub/fuse.txt").exists()
+            with pytest.raises(PermissionError):  # xen-9pfsd removes no directory
+                os.rmdir(mnt / "sub")
+        finally:
+            umount = run_via_agent(dev, "umount", str(mnt))
+            if umount.returncode != 0:
+                subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False, timeout=60)
+        assert umount.returncode == 0, umount
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not os.path.exists(sock)
+    assert dev.wait_backend_state((XenbusState.CLOSED,), 15) == XenbusState.CLOSED
+    xenlab.wait_until(
+        lambda: xenlab.gntdev_mapped_pages(daemon) == mapped_before,
+        15,
+        "xen-9pfsd to unmap the agent's rings",
+    )
+    assert xenlab.open_xen_fds() == fds_before
+    assert xenlab.daemon_pids("xen-9pfsd") == [daemon]
