@@ -284,15 +284,12 @@ class _Ring:
         self.views = [in_ring, out_ring]
 
         # the frontend owns out_prod and in_cons: private copies start at 0
-        def store_out_prod(value: int) -> None:
-            intf.out_prod = value
-
-        def store_in_cons(value: int) -> None:
-            intf.in_cons = value
-
-        # the frontend owns out_prod and in_cons: private copies start at 0
-        self.producer = Producer(out_ring, lambda: intf.out_cons, store_out_prod, barriers)
-        self.consumer = Consumer(in_ring, lambda: intf.in_prod, store_in_cons, barriers)
+        # (each index is one aligned 32-bit load or store, made without a
+        # Python frame)
+        self.producer = Producer(
+            out_ring, intf.loader("out_cons"), intf.storer("out_prod"), barriers
+        )
+        self.consumer = Consumer(in_ring, intf.loader("in_prod"), intf.storer("in_cons"), barriers)
         self.port = evtchn.bind_unbound_port(backend_id)
 
     @property
