@@ -141,8 +141,15 @@ def check_batch(
     checked = []
     seen: set[int] = set()
     for i, message in enumerate(messages):
-        views, total = as_pieces(message)
-        _size, mtype, tag = parse_header(views, total, msize)
+        if type(message) is bytes and len(message) >= _HEADER.size:
+            # the common case, checked here (parse_header says what is wrong)
+            views, total = [memoryview(message)], len(message)
+            size, mtype, tag = _HEADER.unpack_from(message)
+            if size != total or size > msize:
+                parse_header(views, total, msize)
+        else:
+            views, total = as_pieces(message)
+            _size, mtype, tag = parse_header(views, total, msize)
         if tag in seen:
             raise ValueError(f"tag {tag} appears twice in one batch")
         seen.add(tag)
@@ -406,6 +413,27 @@ class RequestTable:
                 raise ValueError(f"tag {tag} is already in flight")
             self.pending[tag] = request
         return request
+
+    def register_many(
+        self, entries: Sequence[tuple[int, int, memoryview | None]], lazy: bool = False
+    ) -> tuple[list[Request], ValueError | TransportError | None]:
+        """:meth:`register` of each ``(tag, type, into)`` in order, under one
+        lock: the requests registered, and why the next was not (``None``:
+        all were; none after it is)."""
+        requests = []
+        for tag, mtype, into in entries:
+            request = Request(tag, mtype, into)
+            request.lazy = lazy
+            requests.append(request)
+        pending = self.pending
+        with self.lock:
+            if self.failure is not None:
+                return [], self.failure
+            for i, request in enumerate(requests):
+                if request.tag in pending:
+                    return requests[:i], ValueError(f"tag {request.tag} is already in flight")
+                pending[request.tag] = request
+        return requests, None
 
     def unregister(self, request: Request) -> None:
         """Forget *request* (it was never sent)."""

@@ -366,7 +366,12 @@ class Consumer:
             resynchronised (the same failure as on a stream transport)
         :raises RingProtocolError: if the peer's index is out of range
         """
-        avail = self.available()
+        return self.header_within(self.available(), max_size)
+
+    def header_within(self, avail: int, max_size: int) -> tuple[int, int, int] | None:
+        """:meth:`peek_header` when *avail* bytes are known to be queued (a
+        value :meth:`available` returned, less what was taken since): the
+        peer's index is not loaded again."""
         if avail < HEADER_SIZE:
             return None
         ring_size = self.ring.size

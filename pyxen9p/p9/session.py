@@ -32,7 +32,6 @@ own I/O.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import errno
 import inspect
@@ -86,6 +85,13 @@ _RREAD = struct.Struct("<IBHI")
 _TREAD_TYPE = int(c.MessageType.TREAD)
 _RREAD_TYPE = int(c.MessageType.RREAD)
 _TWRITE_TYPE = int(c.MessageType.TWRITE)
+#: size type tag fid: Tclunk
+_TCLUNK = struct.Struct("<IBHI")
+_TCLUNK_TYPE = int(c.MessageType.TCLUNK)
+#: The replies that may answer a Tclunk.
+_CLUNK_ANSWERS = frozenset(
+    int(t) for t in (c.MessageType.RCLUNK, c.MessageType.RLERROR, c.MessageType.RERROR)
+)
 #: A message as the wire takes it: whole, or pieces written one after another.
 Pieces = bytes | tuple[bytes | bytearray | memoryview, ...]
 
@@ -311,10 +317,17 @@ def version_answer(reply: c.Rversion | c.Rlerror | c.Rerror) -> str:
 
 
 class TagPool:
-    """A thread-safe :class:`TagAllocator`: :meth:`acquire` waits for a free tag."""
+    """A thread-safe :class:`TagAllocator`: :meth:`acquire` waits for a free tag.
+
+    A plain lock guards it (``with`` on a lock costs no Python frame, on a
+    :class:`threading.Condition` two); the condition built on that lock is
+    used only by a caller that must wait, and notified only while one does.
+    """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiting = 0
         self._tags = TagAllocator()
 
     @property
@@ -330,14 +343,16 @@ class TagPool:
 
         :raises TimeoutError: none became free in time
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
+        with self._lock:
             tag = self._tags.acquire()
+            if tag is not None:
+                return tag
+            deadline = None if timeout is None else time.monotonic() + timeout
             while tag is None:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(errno.ETIMEDOUT, "no free 9P tag")
-                self._cond.wait(1.0 if left is None else min(left, 1.0))
+                self._wait(1.0 if left is None else min(left, 1.0))
                 tag = self._tags.acquire()
             return tag
 
@@ -347,38 +362,49 @@ class TagPool:
 
         :raises TimeoutError: not enough became free in time
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
+        with self._lock:
             tags = self._tags.acquire_group(count, modulus)
+            if tags is not None:
+                return tags
+            deadline = None if timeout is None else time.monotonic() + timeout
             while tags is None:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(errno.ETIMEDOUT, "no free 9P tags")
-                self._cond.wait(1.0 if left is None else min(left, 1.0))
+                self._wait(1.0 if left is None else min(left, 1.0))
                 tags = self._tags.acquire_group(count, modulus)
             return tags
 
+    def _wait(self, seconds: float) -> None:
+        """Wait (the lock held) for a release, at most *seconds*."""
+        self._waiting += 1
+        try:
+            self._cond.wait(seconds)
+        finally:
+            self._waiting -= 1
+
     def release(self, tag: int) -> None:
         """*tag* may be reused."""
-        with self._cond:
+        with self._lock:
             self._tags.busy.discard(tag)  # TagAllocator.release, inlined: every request
-            self._cond.notify()
+            if self._waiting:
+                self._cond.notify()
 
     def quarantine(self, tag: int) -> None:
         """Never reuse *tag*: its reply may still come."""
-        with self._cond:
+        with self._lock:
             self._tags.quarantine(tag)
 
     @property
     def in_use(self) -> int:
         """Tags in use, the quarantined ones excluded."""
-        with self._cond:
+        with self._lock:
             return self._tags.in_use
 
     @property
     def stuck(self) -> frozenset[int]:
         """The quarantined tags."""
-        with self._cond:
+        with self._lock:
             return frozenset(self._tags.stuck)
 
 
@@ -617,6 +643,7 @@ class Chain:
         path: str | None,
         timeout: float | None,
         clunk: int | None,
+        deadline: float | _Default | None = _DEFAULT,
     ) -> None:
         self._session = session
         self._steps = steps
@@ -626,7 +653,9 @@ class Chain:
         self._failure = failure
         self._path = path
         self._timeout = timeout
-        self._deadline = None if timeout is None else time.monotonic() + timeout
+        if deadline is _DEFAULT:
+            deadline = None if timeout is None else time.monotonic() + timeout
+        self._deadline = deadline
         self._clunk = clunk
         self.sent = len(futures)
 
@@ -644,10 +673,13 @@ class Chain:
                 # the ring is served in order: once the last step's reply is
                 # in, so are the others; one wait (one receiving turn) for all
                 last = self._futures[-1]
-                left = None if self._deadline is None else self._deadline - time.monotonic()
-                if left is None or left > 0:
-                    with contextlib.suppress(Exception):
-                        session.wire.result(last, left)
+                if not last.done():
+                    left = None if self._deadline is None else self._deadline - time.monotonic()
+                    if left is None or left > 0:
+                        try:
+                            session.wire.result(last, left)
+                        except Exception:
+                            pass  # each step's outcome is settled below
             for i in range(len(self._steps)):
                 outcomes.append(self._settle(i))
                 pending.remove(i)
@@ -676,9 +708,15 @@ class Chain:
             assert self._failure is not None
             cause = self._failure
             return cause.cause if isinstance(cause, _Uncertain) else cause
-        left = None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
+        future = self._futures[i]
         try:
-            raw = session.wire.result(self._futures[i], left)
+            if future.done():  # the common case: no clock read
+                raw = future.result()
+            else:
+                left = (
+                    None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
+                )
+                raw = session.wire.result(future, left)
         except FutureTimeout:
             if session.give_up_wait(tag, f"no reply to tag {tag} within {self._timeout:g}s"):
                 session.tags.release(tag)
@@ -764,6 +802,7 @@ class ClientSession:
         self._deferred: list[int] = []
         self._clunks: dict[int, _Clunk] = {}
         self._clunks_done = threading.Condition(self._lock)
+        self._clunk_waiters = 0  # threads waiting on _clunks_done
 
     @property
     def transport(self) -> Transport:
@@ -1032,9 +1071,12 @@ class ClientSession:
             *clunk* fids are still the caller's)
         """
         self.check_open()
-        if self._clunks:
-            self._expire_clunks()
         tmo = self.timeout if timeout is _DEFAULT else timeout
+        # one clock read for the chains' deadlines and the clunks' expiry
+        now = time.monotonic() if tmo is not None or self._clunks else 0.0
+        if self._clunks:
+            self._expire_clunks(now=now)
+        deadline = None if tmo is None else now + tmo
         groups: list[list[int]] = []
         messages: list[list[c.Message]] = []
         datas: list[Pieces] = []
@@ -1055,7 +1097,7 @@ class ClientSession:
                     encoded.append(message)
                     datas.append(data)
                 if clunk is not None:
-                    datas.append(c.encode(c.Tclunk(tags[-1], clunk)))
+                    datas.append(_TCLUNK.pack(_TCLUNK.size, _TCLUNK_TYPE, tags[-1], clunk))
                 messages.append(encoded)
         except BaseException:
             for tags in groups:
@@ -1070,13 +1112,13 @@ class ClientSession:
             mine = futures[at : at + count]
             at += count
             chain = Chain(
-                self, steps, encoded, tags, mine[: len(steps)], failure, path, tmo, clunk
+                self, steps, encoded, tags, mine[: len(steps)], failure, path, tmo, clunk,
+                deadline,
             )
             chain.sent = len(mine)
             chains.append(chain)
             if clunk is not None:
                 if len(mine) == count:
-                    deadline = None if tmo is None else time.monotonic() + tmo
                     self._background_clunk(clunk, tags[-1], mine[-1], deadline)
                 elif isinstance(failure, _Uncertain):
                     self.tags.quarantine(tags[-1])
@@ -1103,7 +1145,8 @@ class ClientSession:
                 return  # given up already (timed out)
             entry.settled = True
             self._clunks.pop(entry.tag, None)
-            self._clunks_done.notify_all()
+            if self._clunk_waiters:
+                self._clunks_done.notify_all()
         exc = future.exception()
         if exc is None or isinstance(exc, TransportError):
             # an Rclunk, an error reply (the fid is clunked all the same), or a
@@ -1116,15 +1159,17 @@ class ClientSession:
         self.tags.release(entry.tag)
         if exc is None:
             raw = future.result()
-            if len(raw) >= c.HEADER_SIZE and raw[4] not in (
-                int(c.MessageType.RCLUNK), int(c.MessageType.RLERROR), int(c.MessageType.RERROR)
-            ):
+            if len(raw) >= c.HEADER_SIZE and raw[4] not in _CLUNK_ANSWERS:
                 log.warning("reply of type %d to a Tclunk (fid %d)", raw[4], entry.fid)
 
-    def _expire_clunks(self, *, everything: bool = False) -> None:
+    def _expire_clunks(self, *, everything: bool = False, now: float | None = None) -> None:
         """Give up the background clunks past their deadline (or all of
-        them): their fids are never reused, their tags flushed (or retired)."""
-        now = time.monotonic()
+        them): their fids are never reused, their tags flushed (or retired).
+
+        :param now: ``time.monotonic()`` read just before (else read here)
+        """
+        if now is None:
+            now = time.monotonic()
         with self._lock:
             expired = [
                 e
@@ -1167,7 +1212,11 @@ class ClientSession:
                 except RuntimeError:  # this thread delivers replies: wait for them
                     with self._lock:
                         if self._clunks:
-                            self._clunks_done.wait(min(wait, 1.0))
+                            self._clunk_waiters += 1
+                            try:
+                                self._clunks_done.wait(min(wait, 1.0))
+                            finally:
+                                self._clunk_waiters -= 1
                 except Exception:  # a failed clunk is settled by its callback
                     pass
                 continue
