@@ -884,7 +884,11 @@ class Frontend:
                 if unnotified is not None and ring in unnotified:
                     # a batch waiting for room: the backend must see what is there
                     self._notify(ring)
-                # replies must be read for the backend to go on
+                # replies must be read for the backend to go on: by this
+                # thread when nobody receives (no thread handoff), else by
+                # the receiver thread or the caller that receives
+                if self._receive_turn(min(remaining(), 0.05)):
+                    continue
                 self._ensure_receiver()
                 with ring.space:
                     ring.space_waiters += 1
@@ -1204,6 +1208,37 @@ class Frontend:
             self._fail(TransportError(errno.EIO, f"receiving crashed: {exc!r}"))
         finally:
             self._leave_lead()
+
+    def _receive_turn(self, seconds: float) -> bool:
+        """Receive in this thread for at most *seconds* (one poll of the
+        event channel) if no other thread is receiving: whether it did.
+
+        A sender waiting for room on a ring uses it: the replies that make
+        the room are read here instead of waking the receiver thread.
+        """
+        if not self._rx_lock.acquire(blocking=False):
+            return False
+        self._rx_owner = threading.current_thread()
+        try:
+            evtchn = self._evtchn
+            if evtchn is None or self._closed or self._failure is not None:
+                return True
+            poller = self._lead_poller
+            if poller is None:
+                poller = self._lead_poller = select.poll()
+                poller.register(evtchn.fileno(), select.POLLIN)
+            if poller.poll(seconds * 1000):
+                self._on_event(evtchn)
+        except TransportError as exc:
+            self._fail(exc)
+        except OSError as exc:
+            self._fail(TransportError(exc.errno or errno.EIO, f"receiving failed: {exc}"))
+        except Exception as exc:  # never leave the other callers waiting
+            log.exception("pyxen9p receiving (in a sender) crashed")
+            self._fail(TransportError(errno.EIO, f"receiving crashed: {exc!r}"))
+        finally:
+            self._leave_lead()
+        return True
 
     def _leave_lead(self) -> None:
         """Give the receiving role up; run a teardown left to this leader."""

@@ -303,6 +303,30 @@ def test_a_lone_caller_receives_its_own_replies() -> None:
         m.assert_clean()
 
 
+def test_a_sender_waiting_for_room_receives_the_replies_itself() -> None:
+    """Lazy messages that overfill a ring: the sender reads the replies that
+    make the room itself instead of waking the receiver thread for them."""
+    with machine() as m:
+        with m.connect(rings=1, ring_order=2) as fe:  # 8 KiB each way, msize 4 KiB
+            drained_by: list[threading.Thread] = []
+            original = fe._drain
+
+            def recording(ring: object) -> None:
+                drained_by.append(threading.current_thread())
+                original(ring)  # type: ignore[arg-type]
+
+            fe._drain = recording  # type: ignore[method-assign]
+            body = b"r" * 1500
+            for rounds in range(5):
+                messages = [frame(TREAD, tag, body) for tag in range(8)]  # 12 KiB: 1.5 rings
+                futures = [fe.submit(message, timeout=5, lazy=True) for message in messages]
+                for message, future in zip(messages, futures, strict=True):
+                    assert fe.result(future, timeout=5) == echo(message), rounds
+            mine = sum(t is threading.current_thread() for t in drained_by)
+            assert drained_by and mine >= 0.8 * len(drained_by), (mine, len(drained_by))
+        m.assert_clean()
+
+
 def test_many_threads_lead_and_follow() -> None:
     with machine() as m:
         with m.connect(rings=3) as fe:
