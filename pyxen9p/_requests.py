@@ -193,7 +193,9 @@ class Reply(Future[bytes]):
     ``asyncio.wrap_future``) is the base class's.
     """
 
-    def __init__(self) -> None:  # no super().__init__(): no condition yet
+    def __init__(self, tag: int = -1) -> None:  # no super().__init__(): no condition yet
+        #: the tag of its request (how the request table finds it)
+        self.tag = tag
         self._state = PENDING
         self._result: bytes | None = None
         self._exception: BaseException | None = None
@@ -323,7 +325,7 @@ class Request:
     def __init__(self, tag: int, mtype: int, into: memoryview | None = None) -> None:
         self.tag = tag
         self.type = mtype
-        self.future = Reply()
+        self.future = Reply(tag)
         self.abandoned = False
         self.into = into
         self.lazy = False
@@ -392,6 +394,8 @@ class RequestTable:
         self.pending: dict[int, Request] = {}
         self.failure: TransportError | None = None
         self.dropped_replies = 0
+        #: requests in :attr:`pending` not :meth:`marked lazy <mark_lazy>`
+        self._awaited = 0
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -412,6 +416,8 @@ class RequestTable:
             if tag in self.pending:
                 raise ValueError(f"tag {tag} is already in flight")
             self.pending[tag] = request
+            if not lazy:
+                self._awaited += 1
         return request
 
     def register_many(
@@ -431,8 +437,12 @@ class RequestTable:
                 return [], self.failure
             for i, request in enumerate(requests):
                 if request.tag in pending:
+                    if not lazy:
+                        self._awaited += i
                     return requests[:i], ValueError(f"tag {request.tag} is already in flight")
                 pending[request.tag] = request
+            if not lazy:
+                self._awaited += len(requests)
         return requests, None
 
     def unregister(self, request: Request) -> None:
@@ -440,6 +450,8 @@ class RequestTable:
         with self.lock:
             if self.pending.get(request.tag) is request:
                 del self.pending[request.tag]
+                if not request.lazy:
+                    self._awaited -= 1
 
     def take(self, tag: int) -> Request | None:
         """Remove and return the request for *tag*, or count a dropped reply."""
@@ -447,6 +459,8 @@ class RequestTable:
             request = self.pending.pop(tag, None)
             if request is None:
                 self.dropped_replies += 1
+            elif not request.lazy:
+                self._awaited -= 1
         return request
 
     def in_flight_on(self, index: int, modulus: int) -> bool:
@@ -461,8 +475,9 @@ class RequestTable:
         """Nobody waits promptly for the reply to *tag* (if still in flight)."""
         with self.lock:
             request = self.pending.get(tag)
-            if request is not None:
+            if request is not None and not request.lazy:
                 request.lazy = True
+                self._awaited -= 1
 
     def mark_awaited(self, future: Future[bytes]) -> bool:
         """Someone waits for *future*'s reply after all: it is no longer lazy.
@@ -470,17 +485,29 @@ class RequestTable:
         :returns: whether its request is still in flight
         """
         with self.lock:
-            for request in self.pending.values():
-                if request.future is future:
-                    request.lazy = False
-                    return True
-        return False
+            request = self._find(future)
+            if request is None:
+                return False
+            if request.lazy:
+                request.lazy = False
+                self._awaited += 1
+            return True
+
+    def _find(self, future: Future[bytes]) -> Request | None:
+        """The request in flight whose future is *future* (the lock held)."""
+        tag = getattr(future, "tag", None)
+        if tag is not None:  # a Reply: its request is under its tag, if in flight
+            request = self.pending.get(tag)
+            return request if request is not None and request.future is future else None
+        for request in self.pending.values():  # a future of another make: look
+            if request.future is future:
+                return request
+        return None
 
     def awaited(self) -> bool:
         """Whether a request is in flight whose reply someone waits for
         promptly (not :meth:`marked lazy <mark_lazy>`)."""
-        with self.lock:
-            return any(not request.lazy for request in self.pending.values())
+        return self._awaited > 0
 
     def peek(self, tag: int) -> Request | None:
         """The request for *tag*, left in place."""
@@ -489,14 +516,16 @@ class RequestTable:
     def abandon(self, future: Future[bytes]) -> None:
         """The caller stopped waiting for *future*: its tag stays reserved."""
         with self.lock:
-            for request in self.pending.values():
-                if request.future is future:
-                    request.abandoned = True
+            request = self._find(future)
+            if request is not None:
+                request.abandoned = True
 
     def flushed(self, tag: int) -> None:
         """Free *tag* (Rflush came: no reply will); a waiter gets ``InterruptedError``."""
         with self.lock:
             request = self.pending.pop(tag, None)
+            if request is not None and not request.lazy:
+                self._awaited -= 1
         if request is not None:
             request.reject(InterruptedError(errno.EINTR, f"tag {tag} was flushed"))
 
@@ -509,6 +538,7 @@ class RequestTable:
             failure = self.failure
             pending = list(self.pending.values())
             self.pending.clear()
+            self._awaited = 0
         for request in pending:
             request.reject(failure)
         return failure

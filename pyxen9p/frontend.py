@@ -1110,8 +1110,26 @@ class Frontend:
                 finally:
                     self._rx_owner = None
                     rx.release()
+            table = self._table
             while not self._closed and self._failure is None:
-                leading = bool(self._table.pending) and rx.acquire(blocking=False)
+                # the role is taken for replies someone waits for; replies
+                # nobody waits for promptly (lazy) are swept up without
+                # keeping it, so that a caller can receive its own
+                leading = table.awaited() and rx.acquire(blocking=False)
+                if not leading and table.pending and rx.acquire(blocking=False):
+                    try:
+                        self._rx_owner = me
+                        if any(fd == ev_fd for fd, _ in leading_poller.poll(0)):
+                            self._on_event(evtchn)
+                        for ring in self._rings:
+                            self._drain(ring)
+                    finally:
+                        self._rx_owner = None
+                        rx.release()
+                    if table.awaited():
+                        # marked awaited by a caller that found the role
+                        # taken by this sweep: receive for it
+                        continue
                 try:
                     if leading:
                         self._rx_owner = me
