@@ -855,6 +855,13 @@ class Frontend:
             finally:
                 ring.send_lock.release()
         deadline = None if timeout is None else time.monotonic() + timeout
+        if unnotified:
+            # a batch about to wait (for room, or for another sender of this
+            # ring): the backend must see what it put already, on every ring
+            # (another sender may wait for room those messages fill)
+            for touched in unnotified:
+                self._notify(touched)
+            unnotified.clear()
 
         def remaining() -> float:
             if deadline is None:
@@ -881,9 +888,6 @@ class Frontend:
                     raise
                 if published:
                     break
-                if unnotified is not None and ring in unnotified:
-                    # a batch waiting for room: the backend must see what is there
-                    self._notify(ring)
                 # replies must be read for the backend to go on: by this
                 # thread when nobody receives (no thread handoff), else by
                 # the receiver thread or the caller that receives
@@ -1307,6 +1311,7 @@ class Frontend:
         # by one finds the ring's room given back already)
         # (type -1: the request fails with the ProtocolError given)
         answered: list[tuple[Request, int, Any]] = []
+        since = consumer.cons
         try:
             avail = consumer.available()
             while True:
@@ -1354,13 +1359,15 @@ class Frontend:
                 with ring.space:
                     ring.space.notify_all()
             # the backend may wait for room in `in` to reply to a request still
-            # in flight on this ring (as Linux, notify once the ring is drained);
-            # with none in flight it has no reply to put, and nothing to wait for
+            # in flight on this ring (Linux notifies once the ring is drained):
+            # with none in flight it has no reply to put, and with never less
+            # than an msize of room since the last drain it never had to wait
             if (
                 consumed
                 and self._evtchn is not None
                 and ring.port is not None
                 and table.in_flight_on(index, num_rings)
+                and consumer.peer_may_wait(since, msize)
             ):
                 self._evtchn.notify(ring.port)
 

@@ -429,6 +429,20 @@ class Consumer:
             return int(_U32.unpack_from(self._buffer, start)[0])  # one read of each byte
         return self.ring.u32(self.cons + offset)
 
+    def peer_may_wait(self, since: int, need: int) -> bool:
+        """After :meth:`publish`: whether the peer may have found less than
+        *need* bytes of room at some time since this side's index was
+        *since* (and so may wait for a notification to go on).
+
+        The peer found that little room only if more than ``size - need``
+        bytes were queued from *since* then; what it has produced by now,
+        loaded after the index was published, bounds that.  A peer's index
+        out of range answers ``True``.
+        """
+        self._mb()  # the published index before the peer's is loaded again
+        prod = self._load_prod()
+        return ((prod - since) & _MASK32) > self.ring.size - need
+
     def publish(self) -> None:
         """Publish the private consumer index, after the data was read."""
         self._mb()

@@ -327,6 +327,67 @@ def test_a_sender_waiting_for_room_receives_the_replies_itself() -> None:
         m.assert_clean()
 
 
+def test_a_batch_that_waits_for_room_has_notified_what_it_put() -> None:
+    """A batch that must wait for room on one ring first notifies every ring
+    it put messages on: the backend starts on them (another sender may be
+    waiting for the room they fill) instead of after the batch."""
+
+    def slow(request: bytes) -> bytes:
+        if struct.unpack_from("<H", request, 5)[0] == 1:
+            time.sleep(0.5)
+        return echo(request)
+
+    with machine(handler=slow) as m:
+        with m.connect(rings=2, ring_order=2) as fe:  # 8 KiB each way
+            body = b"w" * 3000
+            # tag 0 on ring 0; tags 1, 3, 5 on ring 1: the third waits for room
+            messages = [frame(TREAD, tag, body) for tag in (0, 1, 3, 5)]
+            futures = fe.submit_many(messages, timeout=5)
+            assert futures[0].done(), "ring 0's message was left unnotified while the batch waited"
+            for message, future in zip(messages, futures, strict=True):
+                assert future.result(5) == echo(message)
+        m.assert_clean()
+
+
+def test_a_backend_waiting_for_room_for_replies_is_notified() -> None:
+    """Replies that overfill the ring: the backend waits for room and a
+    notification; a drain that made room it may have needed sends one
+    (a drain of small replies, with never less than an msize of room, need
+    not: both must keep every request answered)."""
+    def big(request: bytes) -> bytes:  # a small request, a reply of the size it asks
+        _size, mtype, tag = HEADER.unpack_from(request)
+        return frame(mtype + 1, tag, bytes([tag]) * int(request[7:]))
+
+    with machine(handler=big) as m:
+        with m.connect(rings=1, ring_order=2) as fe:  # 8 KiB each way, msize 4 KiB
+            for size in (3000, 100, 4000, 2000):
+                messages = [frame(TREAD, tag, b"%d" % size) for tag in range(12)]
+                futures = fe.submit_many(messages, timeout=5, lazy=True)
+                for tag, future in enumerate(futures):
+                    want = frame(TREAD + 1, tag, bytes([tag]) * size)
+                    assert fe.result(future, timeout=5) == want, (size, tag)
+        m.assert_clean()
+
+
+def test_peer_may_wait_bound() -> None:
+    """Consumer.peer_may_wait: the peer may have lacked *need* bytes of room
+    only if more than size - need bytes were queued since the index given."""
+    from pyxen9p.barrier import get_barriers
+    from pyxen9p.ring import ByteRing, Consumer
+
+    shared = {"prod": 0}
+    ring = ByteRing(memoryview(bytearray(8192)))
+    consumer = Consumer(ring, lambda: shared["prod"], lambda v: None, get_barriers())
+    shared["prod"] = 4096
+    assert not consumer.peer_may_wait(0, 4096)  # 4 KiB queued: 4 KiB of room left
+    shared["prod"] = 4097
+    assert consumer.peer_may_wait(0, 4096)
+    shared["prod"] = 0xFFFFFFFF & (100 - 8000)  # wrapped indices
+    assert not consumer.peer_may_wait(0xFFFFFFFF & (100 - 9000), 4096)
+    shared["prod"] = 1 << 31  # out of range: notify
+    assert consumer.peer_may_wait(0, 4096)
+
+
 def test_many_threads_lead_and_follow() -> None:
     with machine() as m:
         with m.connect(rings=3) as fe:

@@ -505,6 +505,8 @@ class Wire:
         #: the transport takes ``lazy=True`` (the session waits with ``result``)
         self._lazy_submit = self.asynchronous and _accepts(submit, "lazy")
         self.batch = self.asynchronous and callable(getattr(transport, "submit_many", None))
+        #: the transport's submit_many takes into= too
+        self._batch_into = self.batch and self.into and _accepts(transport.submit_many, "into")
         if ordered is None:
             ordered = getattr(transport, "in_order", False) is True
         self.ordered = bool(ordered) and self.asynchronous
@@ -562,10 +564,18 @@ class Wire:
             self._lazy(tag)
 
     def submit_many(
-        self, messages: Sequence[Pieces], *, timeout: float | None
+        self,
+        messages: Sequence[Pieces],
+        *,
+        timeout: float | None,
+        into: Sequence[memoryview | None] | None = None,
     ) -> tuple[list[Future[bytes]], BaseException | _Uncertain | None]:
         """Send *messages* in order: the futures of those sent, and why the
         rest were not (``None``: all were).
+
+        *into*: ``None``, or one buffer (or ``None``) per message, used as
+        :meth:`submit` does (where the transport reads Rread data into the
+        caller's buffer; else the data stays in the reply).
 
         The transport's futures of the messages it did not send
         (:class:`~pyxen9p._requests.NotSent`: the first that could not be put
@@ -575,12 +585,16 @@ class Wire:
         uncertain, and the caller gives up its tags (and fids) for good.
         """
         futures: list[Future[bytes]]
-        if self.batch and len(messages) > 1:
+        if self.batch and len(messages) > 1 and (into is None or self._batch_into):
+            extra: dict[str, Any] = {"lazy": True} if self._lazy_submit else {}
+            if self.into:
+                if into is not None:
+                    extra["into"] = list(into)
+                batch = list(messages)
+            else:  # FALLBACK (whole messages only): join the pieces
+                batch = [m if isinstance(m, bytes) else b"".join(m) for m in messages]
             try:
-                extra = {"lazy": True} if self._lazy_submit else {}
-                futures = list(
-                    self.transport.submit_many(list(messages), timeout=timeout, **extra)
-                )
+                futures = list(self.transport.submit_many(batch, timeout=timeout, **extra))
             except Exception as exc:
                 return [], _Uncertain(exc)
             for i, future in enumerate(futures):
@@ -589,9 +603,11 @@ class Wire:
             return futures, None
         # FALLBACK: one message at a time, in order (on one ring, so in order there)
         futures = []
-        for message in messages:
+        for i, message in enumerate(messages):
             try:
-                futures.append(self.submit(message, timeout=timeout))
+                futures.append(
+                    self.submit(message, timeout=timeout, into=None if into is None else into[i])
+                )
             except Exception as exc:
                 return futures, exc
         return futures, None
@@ -1265,42 +1281,61 @@ class ClientSession:
         Every request sent is waited for, even after one failed; then the
         first failure is raised.
         """
-        into = self.wire.into
 
-        def send(tag: int, offset: int, mv: memoryview) -> Future[bytes] | BaseException:
-            data = _TREAD.pack(_TREAD.size, _TREAD_TYPE, tag, fid, offset, mv.nbytes)
-            return self._send(tag, data, tmo, mv if into else None)
+        def make(tag: int, offset: int, mv: memoryview) -> Pieces:
+            return _TREAD.pack(_TREAD.size, _TREAD_TYPE, tag, fid, offset, mv.nbytes)
 
         def settle(raw: bytes, tag: int, offset: int, mv: memoryview) -> int:
             return self._rread(raw, tag, fid, offset, mv, path)
 
         tmo = self.timeout if timeout is _DEFAULT else timeout
-        return self._in_flight(spans, send, settle, "Tread", path, tmo)
+        return self._in_flight(spans, make, settle, "Tread", path, tmo, into=True)
 
     def _in_flight(
         self,
         spans: Sequence[tuple[int, memoryview]],
-        send: Callable[[int, int, memoryview], Future[bytes] | BaseException],
+        make: Callable[[int, int, memoryview], Pieces],
         settle: Callable[[bytes, int, int, memoryview], int],
         name: str,
         path: str | None,
         tmo: float | None,
+        *,
+        into: bool = False,
     ) -> list[int]:
-        """One request per ``(offset, buffer)`` of *spans*, all sent from
-        this thread (``send(tag, offset, buffer)``), then each reply awaited
-        in order and turned into a count (``settle(raw, tag, offset,
-        buffer)``).  Every request sent is waited for, even after one
-        failed; then the first failure is raised."""
+        """One request per ``(offset, buffer)`` of *spans*
+        (``make(tag, offset, buffer)``), all sent from this thread in one
+        batch (one notification per ring), then each reply awaited in order
+        and turned into a count (``settle(raw, tag, offset, buffer)``);
+        *into*: an Rread's data goes straight into the span's buffer where
+        the transport can.  Every request sent is waited for, even after
+        one failed; then the first failure is raised."""
         self.check_open()
         sent: list[tuple[int, Future[bytes] | BaseException]] = []
         failure: BaseException | None = None
-        for offset, mv in spans:
+        tags: list[int] = []
+        for _ in spans:
             try:
-                tag = self.tags.acquire(tmo)
+                tags.append(self.tags.acquire(tmo))
             except BaseException as exc:
                 failure = exc
                 break
-            sent.append((tag, send(tag, offset, mv)))
+        if tags:
+            messages = [
+                make(tag, offset, mv) for tag, (offset, mv) in zip(tags, spans, strict=False)
+            ]
+            buffers = [mv for _, mv in spans[: len(tags)]] if into and self.wire.into else None
+            futures, why = self.wire.submit_many(messages, timeout=tmo, into=buffers)
+            for i, tag in enumerate(tags):
+                if i < len(futures):
+                    sent.append((tag, futures[i]))
+                    continue
+                # not sent (or, of a transport of another make, maybe sent)
+                if isinstance(why, _Uncertain):
+                    self.tags.quarantine(tag)
+                    sent.append((tag, why.cause))
+                else:
+                    self.tags.release(tag)
+                    sent.append((tag, why if why is not None else RuntimeError("not sent")))
         counts: list[int] = []
         for (tag, future), (offset, mv) in zip(sent, spans, strict=False):
             try:
@@ -1369,9 +1404,9 @@ class ClientSession:
             if size > self.msize:
                 raise ProtocolError(f"Twrite of {size} bytes exceeds the msize {self.msize}")
 
-        def send(tag: int, offset: int, mv: memoryview) -> Future[bytes] | BaseException:
+        def make(tag: int, offset: int, mv: memoryview) -> Pieces:
             header = _TREAD.pack(_TREAD.size + mv.nbytes, _TWRITE_TYPE, tag, fid, offset, mv.nbytes)
-            return self._send(tag, (header, mv), tmo, None)
+            return (header, mv)
 
         def settle(raw: bytes, tag: int, offset: int, mv: memoryview) -> int:
             message = c.Twrite(tag, fid, offset, b"")
@@ -1383,18 +1418,7 @@ class ClientSession:
             return int(reply.count)
 
         tmo = self.timeout if timeout is _DEFAULT else timeout
-        return self._in_flight(spans, send, settle, "Twrite", path, tmo)
-
-    def _send(
-        self, tag: int, message: Pieces, tmo: float | None, into: memoryview | None
-    ) -> Future[bytes] | BaseException:
-        """Send *message* (tagged *tag*): its future, or why it was not sent
-        (the tag is then released)."""
-        try:
-            return self.wire.submit(message, timeout=tmo, into=into)
-        except BaseException as exc:
-            self.tags.release(tag)
-            return exc
+        return self._in_flight(spans, make, settle, "Twrite", path, tmo)
 
     def _await(
         self,
@@ -1404,8 +1428,9 @@ class ClientSession:
         path: str | None,
         tmo: float | None,
     ) -> bytes:
-        """The reply of :meth:`_send`; the tag is released (or flushed, or
-        retired) here, as :meth:`rpc` does."""
+        """The reply of a request :meth:`_in_flight` sent (or why it was
+        not sent); the tag is released (or flushed, or retired) here, as
+        :meth:`rpc` does."""
         if isinstance(future, BaseException):
             raise future
         reusable = True
