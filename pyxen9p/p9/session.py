@@ -717,6 +717,14 @@ class Chain:
         tag = self._tags[i]
         message = self._messages[i]
         if i >= len(self._futures):
+            if isinstance(self._failure, TimeoutError) and i == len(self._futures):
+                # no room on the ring in time: the server consumes nothing, as
+                # when a reply does not come (rpc's way: a Tflush, and a server
+                # that does not answer it either is declared dead)
+                why = f"no room for tag {tag} within {self._timeout or 0:g}s"
+                if session.give_up_wait(tag, why):
+                    session.tags.release(tag)
+                return session.timeout_error(type(message).__name__, self._timeout, self._path)
             if not isinstance(self._failure, _Uncertain):
                 session.tags.release(tag)
             else:
@@ -1333,6 +1341,13 @@ class ClientSession:
                 if isinstance(why, _Uncertain):
                     self.tags.quarantine(tag)
                     sent.append((tag, why.cause))
+                elif isinstance(why, TimeoutError) and i == len(futures):
+                    # no room on the ring in time: the server consumes nothing,
+                    # as when a reply does not come (rpc's way: a Tflush, and
+                    # a server that does not answer it either is dead)
+                    if self.give_up_wait(tag, f"no room for tag {tag} within {tmo or 0:g}s"):
+                        self.tags.release(tag)
+                    sent.append((tag, self.timeout_error(name, tmo, path)))
                 else:
                     self.tags.release(tag)
                     sent.append((tag, why if why is not None else RuntimeError("not sent")))
