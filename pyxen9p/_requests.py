@@ -218,9 +218,12 @@ class Reply(Future[bytes]):
         self._cond = value
 
     def done(self) -> bool:
+        """Whether the future is finished or cancelled (no lock taken)."""
         return self._state in _DONE
 
     def result(self, timeout: float | None = None) -> bytes:
+        """The reply, or the failure raised; waits (at most *timeout*
+        seconds) only if not done, as :meth:`concurrent.futures.Future.result`."""
         if self._state == FINISHED:
             exc = self._exception
             if exc is None:
@@ -232,6 +235,7 @@ class Reply(Future[bytes]):
         return super().result(timeout)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The failure (``None`` for a reply); waits as :meth:`result` does."""
         if self._state == FINISHED:
             return self._exception
         return super().exception(timeout)
@@ -261,14 +265,23 @@ class Reply(Future[bytes]):
         return True
 
     def set_result(self, result: bytes) -> None:
+        """Finish with *result*.
+
+        :raises concurrent.futures.InvalidStateError: done already
+        """
         if not self.settle(result, None):
             raise InvalidStateError(f"{self._state}: {self!r}")
 
     def set_exception(self, exception: BaseException | None) -> None:
+        """Finish with the failure *exception*.
+
+        :raises concurrent.futures.InvalidStateError: done already
+        """
         if not self.settle(None, exception if exception is not None else RuntimeError()):
             raise InvalidStateError(f"{self._state}: {self!r}")
 
     def cancel(self) -> bool:
+        """Cancel unless finished: whether the future is cancelled."""
         with _TRANSITION:
             if self._state in (RUNNING, FINISHED):
                 return False
@@ -283,6 +296,7 @@ class Reply(Future[bytes]):
         return True
 
     def set_running_or_notify_cancel(self) -> bool:
+        """As :meth:`concurrent.futures.Future.set_running_or_notify_cancel`."""
         with _TRANSITION:
             state = self._state
             if state == PENDING:
@@ -299,6 +313,7 @@ class Reply(Future[bytes]):
         return False
 
     def add_done_callback(self, fn: Callable[[Future[bytes]], object]) -> None:
+        """Call *fn* with the future once it is done (now, if it is)."""
         with _TRANSITION:
             if self._state not in _DONE:
                 self._done_callbacks.append(fn)
