@@ -2059,6 +2059,10 @@ def encode(msg: Message) -> bytes:
     cls = type(msg)
     if not isinstance(msg, Message) or _EVERY_TYPE.get(cls.TYPE) is not cls:
         raise ProtocolError(f"not a 9P message: {msg!r}")
+    if cls is Twalk:  # every path lookup: names packed without the generic ops
+        data = _encode_twalk(msg)  # type: ignore[arg-type]
+        if data is not None:
+            return data
     fixed = cls._FIXED
     if fixed is not None:  # one struct for the whole message
         whole = fixed[0]
@@ -2079,6 +2083,39 @@ def encode(msg: Message) -> bytes:
         parts[0] = _HEADER.pack(size, cls.TYPE, msg.tag)
     except struct.error as exc:
         raise ProtocolError(f"cannot encode tag {msg.tag!r}: {exc}") from None
+    return b"".join(parts)
+
+
+#: size type tag fid newfid nwname: the fixed part of Twalk
+_TWALK_HEAD = struct.Struct("<IBHIIH")
+
+
+def _encode_twalk(msg: Twalk) -> bytes | None:
+    """The common Twalk (a tuple of at most 16 str names) encoded directly;
+    ``None`` for anything else, left to the generic path (which says what
+    does not fit)."""
+    names = msg.wnames
+    if type(names) is not tuple or len(names) > MAXWELEM:
+        return None
+    parts = [b""]
+    size = _TWALK_HEAD.size
+    for name in names:
+        if type(name) is not str:
+            return None
+        try:
+            raw = name.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            return None
+        n = len(raw)
+        if n > 0xFFFF:
+            return None
+        parts.append(_U16.pack(n))
+        parts.append(raw)
+        size += 2 + n
+    try:
+        parts[0] = _TWALK_HEAD.pack(size, Twalk.TYPE, msg.tag, msg.fid, msg.newfid, len(names))
+    except struct.error:
+        return None
     return b"".join(parts)
 
 
