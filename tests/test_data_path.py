@@ -323,7 +323,9 @@ def test_a_sender_waiting_for_room_receives_the_replies_itself() -> None:
                 for message, future in zip(messages, futures, strict=True):
                     assert fe.result(future, timeout=5) == echo(message), rounds
             mine = sum(t is threading.current_thread() for t in drained_by)
-            assert drained_by and mine >= 0.8 * len(drained_by), (mine, len(drained_by))
+            # (before: 0-2 of ~20, the receiver thread drained; the receiver's
+            # sweeps of lazy replies take a few turns on a loaded machine)
+            assert mine >= 5 and 2 * mine >= len(drained_by), (mine, len(drained_by))
         m.assert_clean()
 
 
