@@ -17,8 +17,17 @@ import errno
 import logging
 import struct
 import threading
-from collections.abc import Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures._base import (
+    CANCELLED,
+    CANCELLED_AND_NOTIFIED,
+    FINISHED,
+    LOGGER,
+    PENDING,
+    RUNNING,
+)
+from typing import Any
 
 from pyxen9p.errors import ProtocolError, TransportError
 
@@ -28,6 +37,7 @@ __all__ = [
     "RREAD_HEADER_SIZE",
     "Message",
     "NotSent",
+    "Reply",
     "Request",
     "RequestTable",
     "as_pieces",
@@ -61,11 +71,16 @@ def as_pieces(message: Message) -> tuple[list[memoryview], int]:
 
     :raises TypeError: if a piece is not bytes-like
     """
+    if type(message) is bytes:  # the common case: a bytes view is flat already
+        return [memoryview(message)], len(message)
     if isinstance(message, (tuple, list)):
         views = [_flat(piece) for piece in message]
     else:
         views = [_flat(message)]
-    return views, sum(v.nbytes for v in views)
+    total = 0
+    for view in views:
+        total += view.nbytes
+    return views, total
 
 
 def _flat(piece: Piece) -> memoryview:
@@ -126,12 +141,19 @@ def check_batch(
     checked = []
     seen: set[int] = set()
     for i, message in enumerate(messages):
-        views, total = as_pieces(message)
-        _size, mtype, tag = parse_header(views, total, msize)
+        if type(message) is bytes and len(message) >= _HEADER.size:
+            # the common case, checked here (parse_header says what is wrong)
+            views, total = [memoryview(message)], len(message)
+            size, mtype, tag = _HEADER.unpack_from(message)
+            if size != total or size > msize:
+                parse_header(views, total, msize)
+        else:
+            views, total = as_pieces(message)
+            _size, mtype, tag = parse_header(views, total, msize)
         if tag in seen:
             raise ValueError(f"tag {tag} appears twice in one batch")
         seen.add(tag)
-        checked.append((views, total, mtype, tag, writable_target(into[i] if into else None)))
+        checked.append((views, total, mtype, tag, writable_target(into[i]) if into else None))
     return checked
 
 
@@ -146,6 +168,160 @@ def failed_future(exc: BaseException | None) -> NotSent:
     future = NotSent()
     future.set_exception(exc if exc is not None else RuntimeError("not sent"))
     return future
+
+
+#: Serialises the state changes of every :class:`Reply` (held for a few
+#: bytecodes, never while waiting or running a callback).
+_TRANSITION = threading.Lock()
+_DONE = (FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED)
+
+
+class Reply(Future[bytes]):
+    """The future of a request in flight: a :class:`concurrent.futures.Future`
+    that costs no lock until someone must block on it.
+
+    A plain ``Future`` builds a :class:`threading.Condition` (and its
+    ``RLock``) for every request and takes it in every ``done()``,
+    ``result()``, ``set_result()``: on the hot path of a stat that was
+    about a quarter of the caller's function calls.  Here the state changes
+    are serialised by one module-wide lock held for a few bytecodes, reading
+    the state takes none, and the condition is made only for a thread that
+    waits for a future not yet done (or :func:`concurrent.futures.wait`):
+    a state change made after the condition exists notifies it under its
+    lock, one made before is seen by the waiter's check under that lock.
+    The behaviour (states, callbacks, ``wait``/``as_completed``,
+    ``asyncio.wrap_future``) is the base class's.
+    """
+
+    def __init__(self, tag: int = -1) -> None:  # no super().__init__(): no condition yet
+        #: the tag of its request (how the request table finds it)
+        self.tag = tag
+        self._state = PENDING
+        self._result: bytes | None = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Callable[[Future[bytes]], object]] = []
+        self._cond: threading.Condition | None = None
+
+    @property
+    def _condition(self) -> threading.Condition:
+        cond = self._cond
+        if cond is None:
+            with _TRANSITION:
+                cond = self._cond
+                if cond is None:
+                    cond = self._cond = threading.Condition()
+        return cond
+
+    @_condition.setter
+    def _condition(self, value: threading.Condition) -> None:
+        self._cond = value
+
+    def done(self) -> bool:
+        """Whether the future is finished or cancelled (no lock taken)."""
+        return self._state in _DONE
+
+    def result(self, timeout: float | None = None) -> bytes:
+        """The reply, or the failure raised; waits (at most *timeout*
+        seconds) only if not done, as :meth:`concurrent.futures.Future.result`."""
+        if self._state == FINISHED:
+            exc = self._exception
+            if exc is None:
+                return self._result  # type: ignore[return-value]
+            try:
+                raise exc
+            finally:
+                del exc
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The failure (``None`` for a reply); waits as :meth:`result` does."""
+        if self._state == FINISHED:
+            return self._exception
+        return super().exception(timeout)
+
+    def settle(self, result: bytes | None, exc: BaseException | None) -> bool:
+        """Finish with *result*, or *exc* if not ``None``; ``False`` (and
+        nothing changed) if the future was done already."""
+        with _TRANSITION:
+            if self._state != PENDING and self._state != RUNNING:
+                return False
+            if exc is None:
+                self._result = result
+            else:
+                self._exception = exc
+            self._state = FINISHED
+        cond = self._cond
+        if cond is not None:
+            with cond:
+                for waiter in self._waiters:
+                    if exc is None:
+                        waiter.add_result(self)
+                    else:
+                        waiter.add_exception(self)
+                cond.notify_all()
+        if self._done_callbacks:
+            self._invoke_callbacks()  # type: ignore[attr-defined]
+        return True
+
+    def set_result(self, result: bytes) -> None:
+        """Finish with *result*.
+
+        :raises concurrent.futures.InvalidStateError: done already
+        """
+        if not self.settle(result, None):
+            raise InvalidStateError(f"{self._state}: {self!r}")
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        """Finish with the failure *exception*.
+
+        :raises concurrent.futures.InvalidStateError: done already
+        """
+        if not self.settle(None, exception if exception is not None else RuntimeError()):
+            raise InvalidStateError(f"{self._state}: {self!r}")
+
+    def cancel(self) -> bool:
+        """Cancel unless finished: whether the future is cancelled."""
+        with _TRANSITION:
+            if self._state in (RUNNING, FINISHED):
+                return False
+            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+                return True
+            self._state = CANCELLED
+        cond = self._cond
+        if cond is not None:
+            with cond:
+                cond.notify_all()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
+        return True
+
+    def set_running_or_notify_cancel(self) -> bool:
+        """As :meth:`concurrent.futures.Future.set_running_or_notify_cancel`."""
+        with _TRANSITION:
+            state = self._state
+            if state == PENDING:
+                self._state = RUNNING
+                return True
+            if state == CANCELLED:
+                self._state = CANCELLED_AND_NOTIFIED
+        if state != CANCELLED:
+            LOGGER.critical("Future %s in unexpected state: %s", id(self), state)
+            raise RuntimeError("Future in unexpected state")
+        with self._condition:
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+        return False
+
+    def add_done_callback(self, fn: Callable[[Future[bytes]], object]) -> None:
+        """Call *fn* with the future once it is done (now, if it is)."""
+        with _TRANSITION:
+            if self._state not in _DONE:
+                self._done_callbacks.append(fn)
+                return
+        try:
+            fn(self)
+        except Exception:
+            LOGGER.exception("exception calling callback for %r", self)
 
 
 class Request:
@@ -164,7 +340,7 @@ class Request:
     def __init__(self, tag: int, mtype: int, into: memoryview | None = None) -> None:
         self.tag = tag
         self.type = mtype
-        self.future: Future[bytes] = Future()
+        self.future = Reply(tag)
         self.abandoned = False
         self.into = into
         self.lazy = False
@@ -184,25 +360,14 @@ class Request:
     def resolve(self, mtype: int, reply: bytes) -> None:
         """Resolve the future with *reply* (of type *mtype*), or with the
         :class:`~pyxen9p.errors.ProtocolError` of a wrong type."""
-        future = self.future
-        if future.done():
-            return
-        wrong = self.wrong_reply(mtype)
-        try:
-            if wrong is not None:
-                future.set_exception(wrong)
-            else:
-                future.set_result(reply)
-        except Exception:  # an InvalidStateError race with a cancel: nobody waits
-            pass
+        if mtype == self.type + 1 or mtype in (_RLERROR, _RERROR):
+            self.future.settle(reply, None)  # done already (cancelled): nobody waits
+        else:
+            self.future.settle(None, self.wrong_reply(mtype))
 
     def reject(self, exc: BaseException) -> None:
         """Fail the future with *exc* (unless it is done already)."""
-        if not self.future.done():
-            try:
-                self.future.set_exception(exc)
-            except Exception:
-                pass
+        self.future.settle(None, exc)
 
 
 def rread_target(
@@ -244,6 +409,8 @@ class RequestTable:
         self.pending: dict[int, Request] = {}
         self.failure: TransportError | None = None
         self.dropped_replies = 0
+        #: requests in :attr:`pending` not :meth:`marked lazy <mark_lazy>`
+        self._awaited = 0
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -264,13 +431,42 @@ class RequestTable:
             if tag in self.pending:
                 raise ValueError(f"tag {tag} is already in flight")
             self.pending[tag] = request
+            if not lazy:
+                self._awaited += 1
         return request
+
+    def register_many(
+        self, entries: Sequence[tuple[int, int, memoryview | None]], lazy: bool = False
+    ) -> tuple[list[Request], ValueError | TransportError | None]:
+        """:meth:`register` of each ``(tag, type, into)`` in order, under one
+        lock: the requests registered, and why the next was not (``None``:
+        all were; none after it is)."""
+        requests = []
+        for tag, mtype, into in entries:
+            request = Request(tag, mtype, into)
+            request.lazy = lazy
+            requests.append(request)
+        pending = self.pending
+        with self.lock:
+            if self.failure is not None:
+                return [], self.failure
+            for i, request in enumerate(requests):
+                if request.tag in pending:
+                    if not lazy:
+                        self._awaited += i
+                    return requests[:i], ValueError(f"tag {request.tag} is already in flight")
+                pending[request.tag] = request
+            if not lazy:
+                self._awaited += len(requests)
+        return requests, None
 
     def unregister(self, request: Request) -> None:
         """Forget *request* (it was never sent)."""
         with self.lock:
             if self.pending.get(request.tag) is request:
                 del self.pending[request.tag]
+                if not request.lazy:
+                    self._awaited -= 1
 
     def take(self, tag: int) -> Request | None:
         """Remove and return the request for *tag*, or count a dropped reply."""
@@ -278,6 +474,8 @@ class RequestTable:
             request = self.pending.pop(tag, None)
             if request is None:
                 self.dropped_replies += 1
+            elif not request.lazy:
+                self._awaited -= 1
         return request
 
     def in_flight_on(self, index: int, modulus: int) -> bool:
@@ -292,8 +490,9 @@ class RequestTable:
         """Nobody waits promptly for the reply to *tag* (if still in flight)."""
         with self.lock:
             request = self.pending.get(tag)
-            if request is not None:
+            if request is not None and not request.lazy:
                 request.lazy = True
+                self._awaited -= 1
 
     def mark_awaited(self, future: Future[bytes]) -> bool:
         """Someone waits for *future*'s reply after all: it is no longer lazy.
@@ -301,17 +500,29 @@ class RequestTable:
         :returns: whether its request is still in flight
         """
         with self.lock:
-            for request in self.pending.values():
-                if request.future is future:
-                    request.lazy = False
-                    return True
-        return False
+            request = self._find(future)
+            if request is None:
+                return False
+            if request.lazy:
+                request.lazy = False
+                self._awaited += 1
+            return True
+
+    def _find(self, future: Future[bytes]) -> Request | None:
+        """The request in flight whose future is *future* (the lock held)."""
+        tag = getattr(future, "tag", None)
+        if tag is not None:  # a Reply: its request is under its tag, if in flight
+            request = self.pending.get(tag)
+            return request if request is not None and request.future is future else None
+        for request in self.pending.values():  # a future of another make: look
+            if request.future is future:
+                return request
+        return None
 
     def awaited(self) -> bool:
         """Whether a request is in flight whose reply someone waits for
         promptly (not :meth:`marked lazy <mark_lazy>`)."""
-        with self.lock:
-            return any(not request.lazy for request in self.pending.values())
+        return self._awaited > 0
 
     def peek(self, tag: int) -> Request | None:
         """The request for *tag*, left in place."""
@@ -320,14 +531,16 @@ class RequestTable:
     def abandon(self, future: Future[bytes]) -> None:
         """The caller stopped waiting for *future*: its tag stays reserved."""
         with self.lock:
-            for request in self.pending.values():
-                if request.future is future:
-                    request.abandoned = True
+            request = self._find(future)
+            if request is not None:
+                request.abandoned = True
 
     def flushed(self, tag: int) -> None:
         """Free *tag* (Rflush came: no reply will); a waiter gets ``InterruptedError``."""
         with self.lock:
             request = self.pending.pop(tag, None)
+            if request is not None and not request.lazy:
+                self._awaited -= 1
         if request is not None:
             request.reject(InterruptedError(errno.EINTR, f"tag {tag} was flushed"))
 
@@ -340,6 +553,7 @@ class RequestTable:
             failure = self.failure
             pending = list(self.pending.values())
             self.pending.clear()
+            self._awaited = 0
         for request in pending:
             request.reject(failure)
         return failure

@@ -30,6 +30,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 from typing_extensions import Self
 
@@ -37,6 +38,7 @@ from pyxen9p._requests import (
     RREAD,
     RREAD_HEADER_SIZE,
     Message,
+    Request,
     RequestTable,
     as_pieces,
     check_batch,
@@ -284,15 +286,12 @@ class _Ring:
         self.views = [in_ring, out_ring]
 
         # the frontend owns out_prod and in_cons: private copies start at 0
-        def store_out_prod(value: int) -> None:
-            intf.out_prod = value
-
-        def store_in_cons(value: int) -> None:
-            intf.in_cons = value
-
-        # the frontend owns out_prod and in_cons: private copies start at 0
-        self.producer = Producer(out_ring, lambda: intf.out_cons, store_out_prod, barriers)
-        self.consumer = Consumer(in_ring, lambda: intf.in_prod, store_in_cons, barriers)
+        # (each index is one aligned 32-bit load or store, made without a
+        # Python frame)
+        self.producer = Producer(
+            out_ring, intf.loader("out_cons"), intf.storer("out_prod"), barriers
+        )
+        self.consumer = Consumer(in_ring, intf.loader("in_prod"), intf.storer("in_cons"), barriers)
         self.port = evtchn.bind_unbound_port(backend_id)
 
     @property
@@ -762,36 +761,76 @@ class Frontend:
     ) -> list[Future[bytes]]:
         checked = check_batch(messages, into, self.msize)
         self._check_usable()
+        table = self._table
+        failure: BaseException | None
+        registered, failure = table.register_many(
+            [(tag, mtype, target) for _views, _total, mtype, tag, target in checked], lazy
+        )
+        rings, num_rings = self._rings, self.num_rings
         futures: list[Future[bytes]] = []
         touched: list[_Ring] = []
-        failure: BaseException | None = None
         try:
-            for views, total, mtype, tag, target in checked:
-                if failure is None:
-                    ring = self._rings[tag % self.num_rings]
+            at, count = 0, len(registered)
+            while at < count:
+                # a run of messages for one ring goes on it in one put when
+                # there is room for all (one index store); else one by one
+                ring = rings[registered[at].tag % num_rings]
+                end = at + 1
+                while end < count and registered[end].tag % num_rings == ring.index:
+                    end += 1
+                if end - at > 1 and self._put_run(ring, checked[at:end]):
+                    futures.extend(request.future for request in registered[at:end])
+                    if ring not in touched:
+                        touched.append(ring)
+                    at = end
+                    continue
+                for i in range(at, end):
+                    views, total = checked[i][0], checked[i][1]
                     try:
-                        request = self._table.register(tag, mtype, target, lazy)
-                    except (ValueError, TransportError) as exc:
-                        failure = exc
-                    else:
-                        try:
-                            self._send(ring, views, total, timeout, touched)
-                        except (TimeoutError, TransportError) as exc:
-                            self._table.unregister(request)
-                            failure = exc
-                        except BaseException:
-                            self._table.unregister(request)
+                        self._send(ring, views, total, timeout, touched)
+                    except BaseException as exc:
+                        for request in registered[i:]:
+                            table.unregister(request)
+                        if not isinstance(exc, (TimeoutError, TransportError)):
                             raise
-                        else:
-                            if ring not in touched:
-                                touched.append(ring)
-                            futures.append(request.future)
-                            continue
+                        failure = exc  # this one and every one after it: not sent
+                        count = i
+                        break
+                    if ring not in touched:
+                        touched.append(ring)
+                    futures.append(registered[i].future)
+                at = end
+            while len(futures) < len(checked):
                 futures.append(failed_future(failure))
         finally:
             for ring in touched:
                 self._notify(ring)
         return futures
+
+    def _put_run(
+        self, ring: _Ring, run: Sequence[tuple[list[memoryview], int, int, int, object]]
+    ) -> bool:
+        """Put the messages of *run* on *ring* at once if nobody else is
+        sending there and there is room for all: whether it did."""
+        producer = ring.producer
+        if producer is None or not ring.send_lock.acquire(blocking=False):
+            return False
+        try:
+            if self._closed or self._failure is not None:
+                return False
+            views = [view for entry in run for view in entry[0]]
+            total = 0
+            for entry in run:
+                total += entry[1]
+            if total > producer.ring.size:
+                return False
+            try:
+                return producer.put_pieces(views, total)
+            except RingProtocolError as exc:
+                self._fail(exc)
+                raise
+        finally:
+            ring.send_lock.release()
 
     def _send(
         self,
@@ -816,6 +855,13 @@ class Frontend:
             finally:
                 ring.send_lock.release()
         deadline = None if timeout is None else time.monotonic() + timeout
+        if unnotified:
+            # a batch about to wait (for room, or for another sender of this
+            # ring): the backend must see what it put already, on every ring
+            # (another sender may wait for room those messages fill)
+            for touched in unnotified:
+                self._notify(touched)
+            unnotified.clear()
 
         def remaining() -> float:
             if deadline is None:
@@ -842,10 +888,11 @@ class Frontend:
                     raise
                 if published:
                     break
-                if unnotified is not None and ring in unnotified:
-                    # a batch waiting for room: the backend must see what is there
-                    self._notify(ring)
-                # replies must be read for the backend to go on
+                # replies must be read for the backend to go on: by this
+                # thread when nobody receives (no thread handoff), else by
+                # the receiver thread or the caller that receives
+                if self._receive_turn(min(remaining(), 0.05)):
+                    continue
                 self._ensure_receiver()
                 with ring.space:
                     ring.space_waiters += 1
@@ -896,7 +943,7 @@ class Frontend:
             raise RuntimeError("a request from the frontend's own receiver thread would deadlock")
         start = time.monotonic()
         future, ring = self._submit(message, timeout, into)
-        return self._wait(future, ring, start, timeout)
+        return self._wait(future, ring, start, timeout, me)
 
     def result(self, future: Future[bytes], *, timeout: float | None = 60.0) -> bytes:
         """Wait for the reply of a future from :meth:`submit` or
@@ -912,24 +959,37 @@ class Frontend:
             done-callback)
         :raises: whatever the future was failed with
         """
+        if future.done():
+            return future.result()
         me = threading.current_thread()
-        if not future.done() and (me is self._receiver or me is self._rx_owner):
+        if me is self._receiver or me is self._rx_owner:
             raise RuntimeError("waiting from the frontend's own receiver thread would deadlock")
-        return self._wait(future, None, time.monotonic(), timeout)
+        return self._wait(future, None, time.monotonic(), timeout, me, fresh=True)
 
     def _wait(
-        self, future: Future[bytes], ring: _Ring | None, start: float, timeout: float | None
+        self,
+        future: Future[bytes],
+        ring: _Ring | None,
+        start: float,
+        timeout: float | None,
+        me: threading.Thread,
+        fresh: bool = False,
     ) -> bytes:
+        """Wait for *future* until *start* + *timeout* (*fresh*: *start* was
+        read just now, the first poll need not read the clock again)."""
         if not future.done():
             deadline = None if timeout is None else start + timeout
+            budget = timeout if fresh else None
             if self._rx_lock.acquire(blocking=False):
                 # nobody is receiving: wait on the event channel ourselves
-                self._lead(future, ring, deadline)
+                self._lead(future, ring, deadline, me, budget)
             elif self._table.mark_awaited(future) and self._rx_lock.acquire(blocking=False):
                 # marked awaited first: a receiver leaving after this failed
                 # acquire wakes the receiver thread for it; one that left
                 # before it leaves the role free here
-                self._lead(future, ring, deadline)
+                self._lead(future, ring, deadline, me, budget)
+            if future.done():  # the common case: no clock read
+                return future.result()
         try:
             if timeout is None:
                 return future.result()
@@ -1054,8 +1114,26 @@ class Frontend:
                 finally:
                     self._rx_owner = None
                     rx.release()
+            table = self._table
             while not self._closed and self._failure is None:
-                leading = bool(self._table.pending) and rx.acquire(blocking=False)
+                # the role is taken for replies someone waits for; replies
+                # nobody waits for promptly (lazy) are swept up without
+                # keeping it, so that a caller can receive its own
+                leading = table.awaited() and rx.acquire(blocking=False)
+                if not leading and table.pending and rx.acquire(blocking=False):
+                    try:
+                        self._rx_owner = me
+                        if any(fd == ev_fd for fd, _ in leading_poller.poll(0)):
+                            self._on_event(evtchn)
+                        for ring in self._rings:
+                            self._drain(ring)
+                    finally:
+                        self._rx_owner = None
+                        rx.release()
+                    if table.awaited():
+                        # marked awaited by a caller that found the role
+                        # taken by this sweep: receive for it
+                        continue
                 try:
                     if leading:
                         self._rx_owner = me
@@ -1092,7 +1170,14 @@ class Frontend:
             self._drain(signalled)
         evtchn.unmask(port)
 
-    def _lead(self, future: Future[bytes], ring: _Ring | None, deadline: float | None) -> None:
+    def _lead(
+        self,
+        future: Future[bytes],
+        ring: _Ring | None,
+        deadline: float | None,
+        me: threading.Thread | None = None,
+        budget: float | None = None,
+    ) -> None:
         """Hold the receiving role (``_rx_lock``, taken by the caller) until
         *future* is done, the deadline passes or the connection ends: poll
         the event channel and deliver every reply that comes, then hand the
@@ -1100,8 +1185,7 @@ class Frontend:
 
         A failure of the rings fails the connection, as in the receiver thread.
         """
-        me = threading.current_thread()
-        self._rx_owner = me
+        self._rx_owner = threading.current_thread() if me is None else me
         try:
             evtchn = self._evtchn
             if evtchn is None or self._closed or self._failure is not None:
@@ -1113,14 +1197,30 @@ class Frontend:
             # the reply may be there already
             if ring is not None:
                 self._drain(ring)
+            # the clock is read when a poll found nothing, and after every
+            # 16 events (a backend notifying without end cannot stop the
+            # deadline): one system call each in a PV domain without vDSO
+            wait_ms = _LEAD_POLL * 1000
+            events = 0
+            check = deadline is not None
+            if check and budget is not None and budget > 0:
+                # the caller read the clock just before: *budget* is what is left
+                wait_ms = min(_LEAD_POLL, budget) * 1000
+                check = False
             while not future.done() and not self._closed and self._failure is None:
-                wait = _LEAD_POLL
-                if deadline is not None:
-                    wait = min(wait, deadline - time.monotonic())
-                    if wait <= 0:
+                if check:
+                    assert deadline is not None
+                    left = deadline - time.monotonic()
+                    if left <= 0:
                         return
-                if poller.poll(wait * 1000):
+                    wait_ms = min(_LEAD_POLL, left) * 1000
+                    check = False
+                if poller.poll(wait_ms):
                     self._on_event(evtchn)
+                    events += 1
+                    check = deadline is not None and not events & 15
+                else:
+                    check = deadline is not None
         except TransportError as exc:
             self._fail(exc)
         except OSError as exc:
@@ -1130,6 +1230,37 @@ class Frontend:
             self._fail(TransportError(errno.EIO, f"receiving crashed: {exc!r}"))
         finally:
             self._leave_lead()
+
+    def _receive_turn(self, seconds: float) -> bool:
+        """Receive in this thread for at most *seconds* (one poll of the
+        event channel) if no other thread is receiving: whether it did.
+
+        A sender waiting for room on a ring uses it: the replies that make
+        the room are read here instead of waking the receiver thread.
+        """
+        if not self._rx_lock.acquire(blocking=False):
+            return False
+        self._rx_owner = threading.current_thread()
+        try:
+            evtchn = self._evtchn
+            if evtchn is None or self._closed or self._failure is not None:
+                return True
+            poller = self._lead_poller
+            if poller is None:
+                poller = self._lead_poller = select.poll()
+                poller.register(evtchn.fileno(), select.POLLIN)
+            if poller.poll(seconds * 1000):
+                self._on_event(evtchn)
+        except TransportError as exc:
+            self._fail(exc)
+        except OSError as exc:
+            self._fail(TransportError(exc.errno or errno.EIO, f"receiving failed: {exc}"))
+        except Exception as exc:  # never leave the other callers waiting
+            log.exception("pyxen9p receiving (in a sender) crashed")
+            self._fail(TransportError(errno.EIO, f"receiving crashed: {exc!r}"))
+        finally:
+            self._leave_lead()
+        return True
 
     def _leave_lead(self) -> None:
         """Give the receiving role up; run a teardown left to this leader."""
@@ -1164,28 +1295,42 @@ class Frontend:
             )
 
     def _drain(self, ring: _Ring) -> None:
-        """Read every reply queued whole on *ring*, once each, and hand it over."""
+        """Read every reply queued whole on *ring*, once each, and hand it over.
+
+        The backend's index is loaded once for the replies already queued
+        (and once more when they are used up, for any that came meanwhile);
+        the consumer index is published once, after the last.
+        """
         consumer = ring.consumer
         if consumer is None:
             return
         consumed = False
         table = self._table
+        msize, num_rings, index = self.msize, self.num_rings, ring.index
+        # replies handed over once the index is published (a caller woken
+        # by one finds the ring's room given back already)
+        # (type -1: the request fails with the ProtocolError given)
+        answered: list[tuple[Request, int, Any]] = []
+        since = consumer.cons
         try:
+            avail = consumer.available()
             while True:
-                header = consumer.peek_header(self.msize)
+                header = consumer.header_within(avail, msize)
                 if header is None:
-                    break
+                    fresh = consumer.available()
+                    if fresh == avail:
+                        break
+                    avail = fresh
+                    continue
                 size, mtype, tag = header
+                avail -= size
                 consumed = True
-                request = table.take(tag) if tag % self.num_rings == ring.index else None
+                request = table.take(tag) if tag % num_rings == index else None
                 if request is None:
-                    if tag % self.num_rings != ring.index:
+                    if tag % num_rings != index:
                         table.dropped_replies += 1
                     consumer.skip(size)
-                    consumer.publish()
-                    log.warning(
-                        "dropping a reply for tag %d not in flight on ring %d", tag, ring.index
-                    )
+                    log.warning("dropping a reply for tag %d not in flight on ring %d", tag, index)
                     continue
                 if request.into is not None and mtype == RREAD and request.type + 1 == RREAD:
                     count = consumer.peek_u32(HEADER_SIZE) if size >= RREAD_HEADER_SIZE else -1
@@ -1194,30 +1339,35 @@ class Frontend:
                         target = ProtocolError(f"Rread (tag {tag}) of only {size} bytes")
                     if isinstance(target, ProtocolError):
                         consumer.skip(size)
-                        consumer.publish()
-                        request.reject(target)
+                        answered.append((request, -1, target))
                         continue
                     head = consumer.take(RREAD_HEADER_SIZE)
                     consumer.take_into(target)
-                    consumer.publish()
-                    request.resolve(mtype, head)
+                    answered.append((request, mtype, head))
                     continue
-                reply = consumer.take(size)
-                consumer.publish()
-                request.resolve(mtype, reply)
+                answered.append((request, mtype, consumer.take(size)))
         finally:
+            if consumed:
+                consumer.publish()
+            for request, mtype, reply in answered:
+                if mtype < 0:
+                    request.reject(reply)
+                else:
+                    request.resolve(mtype, reply)
             # a sender may wait for the room the backend's consuming made in `out`
             if ring.space_waiters:
                 with ring.space:
                     ring.space.notify_all()
             # the backend may wait for room in `in` to reply to a request still
-            # in flight on this ring (as Linux, notify once the ring is drained);
-            # with none in flight it has no reply to put, and nothing to wait for
+            # in flight on this ring (Linux notifies once the ring is drained):
+            # with none in flight it has no reply to put, and with never less
+            # than an msize of room since the last drain it never had to wait
             if (
                 consumed
                 and self._evtchn is not None
                 and ring.port is not None
-                and table.in_flight_on(ring.index, self.num_rings)
+                and table.in_flight_on(index, num_rings)
+                and consumer.peer_may_wait(since, msize)
             ):
                 self._evtchn.notify(ring.port)
 

@@ -26,8 +26,9 @@ from __future__ import annotations
 import errno
 import struct
 from collections.abc import Callable
+from functools import partial
 
-from pyxen9p.barrier import Barriers
+from pyxen9p.barrier import Barriers, _noop
 from pyxen9p.errors import FramingError, RingProtocolError
 
 __all__ = [
@@ -51,6 +52,7 @@ XEN_PAGE_SIZE = 1 << XEN_PAGE_SHIFT
 #: ``size[4] id[1] tag[2]``, little-endian; size includes the header
 HEADER = struct.Struct("<IBH")
 HEADER_SIZE = HEADER.size
+_U32 = struct.Struct("<I")
 #: Smallest order the spec allows ("must be at least 1").
 MIN_RING_ORDER = 1
 #: Largest order whose ``ref[]`` fits the interface page as a power of two.
@@ -62,6 +64,7 @@ MAX_REFS = (XEN_PAGE_SIZE - INTF_SIZE) // 4
 
 _IN_CONS, _IN_PROD, _OUT_CONS, _OUT_PROD, _RING_ORDER = 0, 1, 16, 17, 32
 _REF0 = INTF_SIZE // 4
+_INDICES = {"in_cons": _IN_CONS, "in_prod": _IN_PROD, "out_cons": _OUT_CONS, "out_prod": _OUT_PROD}
 _MASK32 = 0xFFFFFFFF
 
 
@@ -153,6 +156,15 @@ class Interface:
     @ring_order.setter
     def ring_order(self, value: int) -> None:
         self._u32[_RING_ORDER] = value
+
+    def loader(self, name: str) -> Callable[[], int]:
+        """A call that loads the index *name* (``in_cons``, ``in_prod``,
+        ``out_cons``, ``out_prod``): one aligned 32-bit load, no Python frame."""
+        return partial(self._u32.__getitem__, _INDICES[name])
+
+    def storer(self, name: str) -> Callable[[int], None]:
+        """A call that stores a 32-bit value (already masked) into the index *name*."""
+        return partial(self._u32.__setitem__, _INDICES[name])
 
     def ref(self, index: int) -> int:
         """Read ``ref[index]`` (a backend reads the frontend's grant list)."""
@@ -246,13 +258,20 @@ class Producer:
         self._load_cons = load_cons
         self._store_prod = store_prod
         self._barriers = barriers
+        self._mb = barriers.mb
+        # a barrier the architecture makes unnecessary is not called at all
+        self._wmb = None if barriers.wmb is _noop else barriers.wmb
         self.prod = prod & _MASK32
 
     def free(self) -> int:
         """Bytes that can be written now (validated against the peer's cons)."""
         cons = self._load_cons()
-        self._barriers.mb()
-        return self.ring.size - queued(self.prod, cons, self.ring.size)
+        self._mb()
+        size = self.ring.size
+        used = (self.prod - cons) & _MASK32
+        if used > size:
+            queued(self.prod, cons, size)  # raises RingProtocolError
+        return size - used
 
     def put(self, message: bytes | bytearray | memoryview) -> bool:
         """Write *message* whole and publish it with one index store.
@@ -266,7 +285,8 @@ class Producer:
         if self.free() < len(message):
             return False
         self.ring.write(self.prod, message)
-        self._barriers.wmb()
+        if self._wmb is not None:
+            self._wmb()
         self.prod = (self.prod + len(message)) & _MASK32
         self._store_prod(self.prod)
         return True
@@ -277,16 +297,19 @@ class Producer:
 
         :returns: ``False`` (writing nothing) if there is not enough room
         """
-        if total > self.ring.size:
-            raise ValueError(f"a {total}-byte message can never fit a {self.ring.size}-byte ring")
+        ring = self.ring
+        if total > ring.size:
+            raise ValueError(f"a {total}-byte message can never fit a {ring.size}-byte ring")
         if self.free() < total:
             return False
         index = self.prod
         for piece in pieces:
-            if piece.nbytes:
-                self.ring.write(index, piece)
-                index += piece.nbytes
-        self._barriers.wmb()
+            n = len(piece)
+            if n:
+                ring.write(index, piece)
+                index += n
+        if self._wmb is not None:
+            self._wmb()
         self.prod = (self.prod + total) & _MASK32
         self._store_prod(self.prod)
         return True
@@ -314,6 +337,8 @@ class Consumer:
         self._load_prod = load_prod
         self._store_cons = store_cons
         self._barriers = barriers
+        self._mb = barriers.mb
+        self._rmb = None if barriers.rmb is _noop else barriers.rmb
         self.cons = cons & _MASK32
         self._readinto: Callable[[int, memoryview], None] | None = getattr(ring, "readinto", None)
         # a ByteRing's header is read in place where it does not wrap (a
@@ -323,8 +348,13 @@ class Consumer:
     def available(self) -> int:
         """Bytes the peer has published and this side has not consumed."""
         prod = self._load_prod()
-        self._barriers.rmb()
-        return queued(prod, self.cons, self.ring.size)
+        if self._rmb is not None:
+            self._rmb()
+        size = self.ring.size
+        distance = (prod - self.cons) & _MASK32
+        if distance > size:
+            queued(prod, self.cons, size)  # raises RingProtocolError
+        return distance
 
     def peek_header(self, max_size: int) -> tuple[int, int, int] | None:
         """Return ``(size, type, tag)`` of the next message once it is queued whole.
@@ -337,7 +367,12 @@ class Consumer:
             resynchronised (the same failure as on a stream transport)
         :raises RingProtocolError: if the peer's index is out of range
         """
-        avail = self.available()
+        return self.header_within(self.available(), max_size)
+
+    def header_within(self, avail: int, max_size: int) -> tuple[int, int, int] | None:
+        """:meth:`peek_header` when *avail* bytes are known to be queued (a
+        value :meth:`available` returned, less what was taken since): the
+        peer's index is not loaded again."""
         if avail < HEADER_SIZE:
             return None
         ring_size = self.ring.size
@@ -388,9 +423,27 @@ class Consumer:
     def peek_u32(self, offset: int) -> int:
         """The little-endian 32-bit value *offset* bytes past the private
         index (inside a message already validated as queued whole)."""
+        ring_size = self.ring.size
+        start = (self.cons + offset) & (ring_size - 1)
+        if self._buffer is not None and start + 4 <= ring_size:
+            return int(_U32.unpack_from(self._buffer, start)[0])  # one read of each byte
         return self.ring.u32(self.cons + offset)
+
+    def peer_may_wait(self, since: int, need: int) -> bool:
+        """After :meth:`publish`: whether the peer may have found less than
+        *need* bytes of room at some time since this side's index was
+        *since* (and so may wait for a notification to go on).
+
+        The peer found that little room only if more than ``size - need``
+        bytes were queued from *since* then; what it has produced by now,
+        loaded after the index was published, bounds that.  A peer's index
+        out of range answers ``True``.
+        """
+        self._mb()  # the published index before the peer's is loaded again
+        prod = self._load_prod()
+        return ((prod - since) & _MASK32) > self.ring.size - need
 
     def publish(self) -> None:
         """Publish the private consumer index, after the data was read."""
-        self._barriers.mb()
+        self._mb()
         self._store_cons(self.cons)

@@ -51,9 +51,10 @@ directory read (Rread on a directory open with Topen) carries packed
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from enum import IntEnum
+from operator import attrgetter
 from typing import Any, ClassVar, TypeVar
 
 from pyxen9p.errors import ProtocolError
@@ -993,7 +994,9 @@ class _StrsOp(_Op):
 
     def encode(self, msg: Any, parts: _Parts) -> None:
         names = getattr(msg, self.name)
-        if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        if type(names) is not tuple and (
+            isinstance(names, (str, bytes)) or not isinstance(names, Sequence)
+        ):
             raise ProtocolError(f"{self.name}: expected a sequence of str")
         if len(names) > MAXWELEM:
             raise ProtocolError(f"{self.name}: {len(names)} names exceed {MAXWELEM}")
@@ -1154,6 +1157,13 @@ class Message:
     #: whole message (header included) and the field names (the fast path
     #: of :func:`encode` and :func:`decode`).
     _FIXED: ClassVar[tuple[struct.Struct, tuple[str, ...]] | None] = None
+    #: With :attr:`_FIXED`: the tag and the fields, as one tuple (``None``:
+    #: the tag is the only field).
+    _GET: ClassVar[Callable[[Any], tuple[Any, ...]] | None] = None
+    #: For a message of fixed-size fields only, qids among them: the struct
+    #: of the whole message and where each qid starts among its values, last
+    #: first (the fast path of :func:`decode`).
+    _DECODE: ClassVar[tuple[struct.Struct, tuple[int, ...]] | None] = None
 
     tag: int
 
@@ -1193,6 +1203,11 @@ def _register(cls: _M, table: dict[int, type[Message]]) -> _M:
     if not ops or (isinstance(only, _FixedOp) and not only.has_qid):
         body = only.struct.format[1:] if isinstance(only, _FixedOp) else ""
         cls._FIXED = (struct.Struct("<IBH" + body), tuple(names))
+        cls._GET = attrgetter("tag", *names) if names else None
+    elif isinstance(only, _FixedOp):
+        # the header's three values come first
+        starts = tuple(start + 3 for start in only._qid_starts)
+        cls._DECODE = (struct.Struct("<IBH" + only.struct.format[1:]), starts)
     table[cls.TYPE] = cls
     return cls
 
@@ -2044,11 +2059,18 @@ def encode(msg: Message) -> bytes:
     cls = type(msg)
     if not isinstance(msg, Message) or _EVERY_TYPE.get(cls.TYPE) is not cls:
         raise ProtocolError(f"not a 9P message: {msg!r}")
+    if cls is Twalk:  # every path lookup: names packed without the generic ops
+        data = _encode_twalk(msg)  # type: ignore[arg-type]
+        if data is not None:
+            return data
     fixed = cls._FIXED
     if fixed is not None:  # one struct for the whole message
-        whole, names = fixed
+        whole = fixed[0]
+        get = cls._GET
         try:
-            return whole.pack(whole.size, cls.TYPE, msg.tag, *[getattr(msg, n) for n in names])
+            if get is None:
+                return whole.pack(whole.size, cls.TYPE, msg.tag)
+            return whole.pack(whole.size, cls.TYPE, *get(msg))
         except struct.error:
             pass  # the general path below names the field that does not fit
     parts: _Parts = [b""]
@@ -2061,6 +2083,39 @@ def encode(msg: Message) -> bytes:
         parts[0] = _HEADER.pack(size, cls.TYPE, msg.tag)
     except struct.error as exc:
         raise ProtocolError(f"cannot encode tag {msg.tag!r}: {exc}") from None
+    return b"".join(parts)
+
+
+#: size type tag fid newfid nwname: the fixed part of Twalk
+_TWALK_HEAD = struct.Struct("<IBHIIH")
+
+
+def _encode_twalk(msg: Twalk) -> bytes | None:
+    """The common Twalk (a tuple of at most 16 str names) encoded directly;
+    ``None`` for anything else, left to the generic path (which says what
+    does not fit)."""
+    names = msg.wnames
+    if type(names) is not tuple or len(names) > MAXWELEM:
+        return None
+    parts = [b""]
+    size = _TWALK_HEAD.size
+    for name in names:
+        if type(name) is not str:
+            return None
+        try:
+            raw = name.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            return None
+        n = len(raw)
+        if n > 0xFFFF:
+            return None
+        parts.append(_U16.pack(n))
+        parts.append(raw)
+        size += 2 + n
+    try:
+        parts[0] = _TWALK_HEAD.pack(size, Twalk.TYPE, msg.tag, msg.fid, msg.newfid, len(names))
+    except struct.error:
+        return None
     return b"".join(parts)
 
 
@@ -2091,10 +2146,16 @@ def decode(data: bytes | bytearray | memoryview, dialect: str = VERSION_9P2000_L
         documentation)
     :raises ValueError: *dialect* is neither
     """
-    table = _table(dialect)
-    mv = _as_bytes_view(data)
+    table = _DIALECTS.get(dialect) if type(dialect) is str else None
+    if table is None:
+        table = _table(dialect)
+    mv = memoryview(data) if type(data) is bytes else _as_bytes_view(data)
     n = mv.nbytes
-    size, mtype, tag = peek_header(mv)
+    if n < HEADER_SIZE:
+        raise ProtocolError(f"a 9P header is {HEADER_SIZE} bytes, got {n}")
+    size, mtype, tag = _HEADER.unpack_from(mv, 0)
+    if size < HEADER_SIZE:
+        raise ProtocolError(f"size field {size} is smaller than the header")
     if size != n:
         raise ProtocolError(f"size field says {size} bytes but {n} were given")
     cls = table.get(mtype)
@@ -2105,6 +2166,13 @@ def decode(data: bytes | bytearray | memoryview, dialect: str = VERSION_9P2000_L
     fixed = cls._FIXED
     if fixed is not None and fixed[0].size == n:  # one struct for the whole message
         return cls(*fixed[0].unpack_from(mv, 0)[2:])
+    whole = cls._DECODE
+    if whole is not None and whole[0].size == n:  # one struct, qids among the values
+        raw = whole[0].unpack_from(mv, 0)
+        merged = list(raw)
+        for i in whole[1]:
+            merged[i : i + 3] = (Qid(raw[i], raw[i + 1], raw[i + 2]),)
+        return cls(*merged[2:])
     values: list[Any] = [tag]
     off = HEADER_SIZE
     for op in cls._OPS:

@@ -32,7 +32,6 @@ own I/O.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import errno
 import inspect
@@ -86,6 +85,13 @@ _RREAD = struct.Struct("<IBHI")
 _TREAD_TYPE = int(c.MessageType.TREAD)
 _RREAD_TYPE = int(c.MessageType.RREAD)
 _TWRITE_TYPE = int(c.MessageType.TWRITE)
+#: size type tag fid: Tclunk
+_TCLUNK = struct.Struct("<IBHI")
+_TCLUNK_TYPE = int(c.MessageType.TCLUNK)
+#: The replies that may answer a Tclunk.
+_CLUNK_ANSWERS = frozenset(
+    int(t) for t in (c.MessageType.RCLUNK, c.MessageType.RLERROR, c.MessageType.RERROR)
+)
 #: A message as the wire takes it: whole, or pieces written one after another.
 Pieces = bytes | tuple[bytes | bytearray | memoryview, ...]
 
@@ -311,10 +317,17 @@ def version_answer(reply: c.Rversion | c.Rlerror | c.Rerror) -> str:
 
 
 class TagPool:
-    """A thread-safe :class:`TagAllocator`: :meth:`acquire` waits for a free tag."""
+    """A thread-safe :class:`TagAllocator`: :meth:`acquire` waits for a free tag.
+
+    A plain lock guards it (``with`` on a lock costs no Python frame, on a
+    :class:`threading.Condition` two); the condition built on that lock is
+    used only by a caller that must wait, and notified only while one does.
+    """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiting = 0
         self._tags = TagAllocator()
 
     @property
@@ -330,14 +343,16 @@ class TagPool:
 
         :raises TimeoutError: none became free in time
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
+        with self._lock:
             tag = self._tags.acquire()
+            if tag is not None:
+                return tag
+            deadline = None if timeout is None else time.monotonic() + timeout
             while tag is None:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(errno.ETIMEDOUT, "no free 9P tag")
-                self._cond.wait(1.0 if left is None else min(left, 1.0))
+                self._wait(1.0 if left is None else min(left, 1.0))
                 tag = self._tags.acquire()
             return tag
 
@@ -347,38 +362,49 @@ class TagPool:
 
         :raises TimeoutError: not enough became free in time
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
+        with self._lock:
             tags = self._tags.acquire_group(count, modulus)
+            if tags is not None:
+                return tags
+            deadline = None if timeout is None else time.monotonic() + timeout
             while tags is None:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise TimeoutError(errno.ETIMEDOUT, "no free 9P tags")
-                self._cond.wait(1.0 if left is None else min(left, 1.0))
+                self._wait(1.0 if left is None else min(left, 1.0))
                 tags = self._tags.acquire_group(count, modulus)
             return tags
 
+    def _wait(self, seconds: float) -> None:
+        """Wait (the lock held) for a release, at most *seconds*."""
+        self._waiting += 1
+        try:
+            self._cond.wait(seconds)
+        finally:
+            self._waiting -= 1
+
     def release(self, tag: int) -> None:
         """*tag* may be reused."""
-        with self._cond:
+        with self._lock:
             self._tags.busy.discard(tag)  # TagAllocator.release, inlined: every request
-            self._cond.notify()
+            if self._waiting:
+                self._cond.notify()
 
     def quarantine(self, tag: int) -> None:
         """Never reuse *tag*: its reply may still come."""
-        with self._cond:
+        with self._lock:
             self._tags.quarantine(tag)
 
     @property
     def in_use(self) -> int:
         """Tags in use, the quarantined ones excluded."""
-        with self._cond:
+        with self._lock:
             return self._tags.in_use
 
     @property
     def stuck(self) -> frozenset[int]:
         """The quarantined tags."""
-        with self._cond:
+        with self._lock:
             return frozenset(self._tags.stuck)
 
 
@@ -479,6 +505,8 @@ class Wire:
         #: the transport takes ``lazy=True`` (the session waits with ``result``)
         self._lazy_submit = self.asynchronous and _accepts(submit, "lazy")
         self.batch = self.asynchronous and callable(getattr(transport, "submit_many", None))
+        #: the transport's submit_many takes into= too
+        self._batch_into = self.batch and self.into and _accepts(transport.submit_many, "into")
         if ordered is None:
             ordered = getattr(transport, "in_order", False) is True
         self.ordered = bool(ordered) and self.asynchronous
@@ -536,10 +564,18 @@ class Wire:
             self._lazy(tag)
 
     def submit_many(
-        self, messages: Sequence[Pieces], *, timeout: float | None
+        self,
+        messages: Sequence[Pieces],
+        *,
+        timeout: float | None,
+        into: Sequence[memoryview | None] | None = None,
     ) -> tuple[list[Future[bytes]], BaseException | _Uncertain | None]:
         """Send *messages* in order: the futures of those sent, and why the
         rest were not (``None``: all were).
+
+        *into*: ``None``, or one buffer (or ``None``) per message, used as
+        :meth:`submit` does (where the transport reads Rread data into the
+        caller's buffer; else the data stays in the reply).
 
         The transport's futures of the messages it did not send
         (:class:`~pyxen9p._requests.NotSent`: the first that could not be put
@@ -549,12 +585,16 @@ class Wire:
         uncertain, and the caller gives up its tags (and fids) for good.
         """
         futures: list[Future[bytes]]
-        if self.batch and len(messages) > 1:
+        if self.batch and len(messages) > 1 and (into is None or self._batch_into):
+            extra: dict[str, Any] = {"lazy": True} if self._lazy_submit else {}
+            if self.into:
+                if into is not None:
+                    extra["into"] = list(into)
+                batch = list(messages)
+            else:  # FALLBACK (whole messages only): join the pieces
+                batch = [m if isinstance(m, bytes) else b"".join(m) for m in messages]
             try:
-                extra = {"lazy": True} if self._lazy_submit else {}
-                futures = list(
-                    self.transport.submit_many(list(messages), timeout=timeout, **extra)
-                )
+                futures = list(self.transport.submit_many(batch, timeout=timeout, **extra))
             except Exception as exc:
                 return [], _Uncertain(exc)
             for i, future in enumerate(futures):
@@ -563,9 +603,11 @@ class Wire:
             return futures, None
         # FALLBACK: one message at a time, in order (on one ring, so in order there)
         futures = []
-        for message in messages:
+        for i, message in enumerate(messages):
             try:
-                futures.append(self.submit(message, timeout=timeout))
+                futures.append(
+                    self.submit(message, timeout=timeout, into=None if into is None else into[i])
+                )
             except Exception as exc:
                 return futures, exc
         return futures, None
@@ -617,6 +659,7 @@ class Chain:
         path: str | None,
         timeout: float | None,
         clunk: int | None,
+        deadline: float | _Default | None = _DEFAULT,
     ) -> None:
         self._session = session
         self._steps = steps
@@ -626,7 +669,9 @@ class Chain:
         self._failure = failure
         self._path = path
         self._timeout = timeout
-        self._deadline = None if timeout is None else time.monotonic() + timeout
+        if deadline is _DEFAULT:
+            deadline = None if timeout is None else time.monotonic() + timeout
+        self._deadline = deadline
         self._clunk = clunk
         self.sent = len(futures)
 
@@ -644,10 +689,13 @@ class Chain:
                 # the ring is served in order: once the last step's reply is
                 # in, so are the others; one wait (one receiving turn) for all
                 last = self._futures[-1]
-                left = None if self._deadline is None else self._deadline - time.monotonic()
-                if left is None or left > 0:
-                    with contextlib.suppress(Exception):
-                        session.wire.result(last, left)
+                if not last.done():
+                    left = None if self._deadline is None else self._deadline - time.monotonic()
+                    if left is None or left > 0:
+                        try:
+                            session.wire.result(last, left)
+                        except Exception:
+                            pass  # each step's outcome is settled below
             for i in range(len(self._steps)):
                 outcomes.append(self._settle(i))
                 pending.remove(i)
@@ -669,6 +717,14 @@ class Chain:
         tag = self._tags[i]
         message = self._messages[i]
         if i >= len(self._futures):
+            if isinstance(self._failure, TimeoutError) and i == len(self._futures):
+                # no room on the ring in time: the server consumes nothing, as
+                # when a reply does not come (rpc's way: a Tflush, and a server
+                # that does not answer it either is declared dead)
+                why = f"no room for tag {tag} within {self._timeout or 0:g}s"
+                if session.give_up_wait(tag, why):
+                    session.tags.release(tag)
+                return session.timeout_error(type(message).__name__, self._timeout, self._path)
             if not isinstance(self._failure, _Uncertain):
                 session.tags.release(tag)
             else:
@@ -676,9 +732,15 @@ class Chain:
             assert self._failure is not None
             cause = self._failure
             return cause.cause if isinstance(cause, _Uncertain) else cause
-        left = None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
+        future = self._futures[i]
         try:
-            raw = session.wire.result(self._futures[i], left)
+            if future.done():  # the common case: no clock read
+                raw = future.result()
+            else:
+                left = (
+                    None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
+                )
+                raw = session.wire.result(future, left)
         except FutureTimeout:
             if session.give_up_wait(tag, f"no reply to tag {tag} within {self._timeout:g}s"):
                 session.tags.release(tag)
@@ -764,6 +826,7 @@ class ClientSession:
         self._deferred: list[int] = []
         self._clunks: dict[int, _Clunk] = {}
         self._clunks_done = threading.Condition(self._lock)
+        self._clunk_waiters = 0  # threads waiting on _clunks_done
 
     @property
     def transport(self) -> Transport:
@@ -1032,9 +1095,12 @@ class ClientSession:
             *clunk* fids are still the caller's)
         """
         self.check_open()
-        if self._clunks:
-            self._expire_clunks()
         tmo = self.timeout if timeout is _DEFAULT else timeout
+        # one clock read for the chains' deadlines and the clunks' expiry
+        now = time.monotonic() if tmo is not None or self._clunks else 0.0
+        if self._clunks:
+            self._expire_clunks(now=now)
+        deadline = None if tmo is None else now + tmo
         groups: list[list[int]] = []
         messages: list[list[c.Message]] = []
         datas: list[Pieces] = []
@@ -1055,7 +1121,7 @@ class ClientSession:
                     encoded.append(message)
                     datas.append(data)
                 if clunk is not None:
-                    datas.append(c.encode(c.Tclunk(tags[-1], clunk)))
+                    datas.append(_TCLUNK.pack(_TCLUNK.size, _TCLUNK_TYPE, tags[-1], clunk))
                 messages.append(encoded)
         except BaseException:
             for tags in groups:
@@ -1070,13 +1136,13 @@ class ClientSession:
             mine = futures[at : at + count]
             at += count
             chain = Chain(
-                self, steps, encoded, tags, mine[: len(steps)], failure, path, tmo, clunk
+                self, steps, encoded, tags, mine[: len(steps)], failure, path, tmo, clunk,
+                deadline,
             )
             chain.sent = len(mine)
             chains.append(chain)
             if clunk is not None:
                 if len(mine) == count:
-                    deadline = None if tmo is None else time.monotonic() + tmo
                     self._background_clunk(clunk, tags[-1], mine[-1], deadline)
                 elif isinstance(failure, _Uncertain):
                     self.tags.quarantine(tags[-1])
@@ -1103,7 +1169,8 @@ class ClientSession:
                 return  # given up already (timed out)
             entry.settled = True
             self._clunks.pop(entry.tag, None)
-            self._clunks_done.notify_all()
+            if self._clunk_waiters:
+                self._clunks_done.notify_all()
         exc = future.exception()
         if exc is None or isinstance(exc, TransportError):
             # an Rclunk, an error reply (the fid is clunked all the same), or a
@@ -1116,15 +1183,17 @@ class ClientSession:
         self.tags.release(entry.tag)
         if exc is None:
             raw = future.result()
-            if len(raw) >= c.HEADER_SIZE and raw[4] not in (
-                int(c.MessageType.RCLUNK), int(c.MessageType.RLERROR), int(c.MessageType.RERROR)
-            ):
+            if len(raw) >= c.HEADER_SIZE and raw[4] not in _CLUNK_ANSWERS:
                 log.warning("reply of type %d to a Tclunk (fid %d)", raw[4], entry.fid)
 
-    def _expire_clunks(self, *, everything: bool = False) -> None:
+    def _expire_clunks(self, *, everything: bool = False, now: float | None = None) -> None:
         """Give up the background clunks past their deadline (or all of
-        them): their fids are never reused, their tags flushed (or retired)."""
-        now = time.monotonic()
+        them): their fids are never reused, their tags flushed (or retired).
+
+        :param now: ``time.monotonic()`` read just before (else read here)
+        """
+        if now is None:
+            now = time.monotonic()
         with self._lock:
             expired = [
                 e
@@ -1167,7 +1236,11 @@ class ClientSession:
                 except RuntimeError:  # this thread delivers replies: wait for them
                     with self._lock:
                         if self._clunks:
-                            self._clunks_done.wait(min(wait, 1.0))
+                            self._clunk_waiters += 1
+                            try:
+                                self._clunks_done.wait(min(wait, 1.0))
+                            finally:
+                                self._clunk_waiters -= 1
                 except Exception:  # a failed clunk is settled by its callback
                     pass
                 continue
@@ -1216,42 +1289,68 @@ class ClientSession:
         Every request sent is waited for, even after one failed; then the
         first failure is raised.
         """
-        into = self.wire.into
 
-        def send(tag: int, offset: int, mv: memoryview) -> Future[bytes] | BaseException:
-            data = _TREAD.pack(_TREAD.size, _TREAD_TYPE, tag, fid, offset, mv.nbytes)
-            return self._send(tag, data, tmo, mv if into else None)
+        def make(tag: int, offset: int, mv: memoryview) -> Pieces:
+            return _TREAD.pack(_TREAD.size, _TREAD_TYPE, tag, fid, offset, mv.nbytes)
 
         def settle(raw: bytes, tag: int, offset: int, mv: memoryview) -> int:
             return self._rread(raw, tag, fid, offset, mv, path)
 
         tmo = self.timeout if timeout is _DEFAULT else timeout
-        return self._in_flight(spans, send, settle, "Tread", path, tmo)
+        return self._in_flight(spans, make, settle, "Tread", path, tmo, into=True)
 
     def _in_flight(
         self,
         spans: Sequence[tuple[int, memoryview]],
-        send: Callable[[int, int, memoryview], Future[bytes] | BaseException],
+        make: Callable[[int, int, memoryview], Pieces],
         settle: Callable[[bytes, int, int, memoryview], int],
         name: str,
         path: str | None,
         tmo: float | None,
+        *,
+        into: bool = False,
     ) -> list[int]:
-        """One request per ``(offset, buffer)`` of *spans*, all sent from
-        this thread (``send(tag, offset, buffer)``), then each reply awaited
-        in order and turned into a count (``settle(raw, tag, offset,
-        buffer)``).  Every request sent is waited for, even after one
-        failed; then the first failure is raised."""
+        """One request per ``(offset, buffer)`` of *spans*
+        (``make(tag, offset, buffer)``), all sent from this thread in one
+        batch (one notification per ring), then each reply awaited in order
+        and turned into a count (``settle(raw, tag, offset, buffer)``);
+        *into*: an Rread's data goes straight into the span's buffer where
+        the transport can.  Every request sent is waited for, even after
+        one failed; then the first failure is raised."""
         self.check_open()
         sent: list[tuple[int, Future[bytes] | BaseException]] = []
         failure: BaseException | None = None
-        for offset, mv in spans:
+        tags: list[int] = []
+        for _ in spans:
             try:
-                tag = self.tags.acquire(tmo)
+                tags.append(self.tags.acquire(tmo))
             except BaseException as exc:
                 failure = exc
                 break
-            sent.append((tag, send(tag, offset, mv)))
+        if tags:
+            messages = [
+                make(tag, offset, mv) for tag, (offset, mv) in zip(tags, spans, strict=False)
+            ]
+            buffers = [mv for _, mv in spans[: len(tags)]] if into and self.wire.into else None
+            futures, why = self.wire.submit_many(messages, timeout=tmo, into=buffers)
+            for i, tag in enumerate(tags):
+                if i < len(futures):
+                    sent.append((tag, futures[i]))
+                    continue
+                # not sent (or, of a transport of another make, maybe sent)
+                if isinstance(why, _Uncertain):
+                    self.tags.quarantine(tag)
+                    sent.append((tag, why.cause))
+                elif isinstance(why, TimeoutError) and i == len(futures):
+                    # no room on the ring in time: the server consumes nothing,
+                    # as when a reply does not come (rpc's way: a Tflush, and
+                    # a server that does not answer it either is dead)
+                    if self.give_up_wait(tag, f"no room for tag {tag} within {tmo or 0:g}s"):
+                        self.tags.release(tag)
+                    sent.append((tag, self.timeout_error(name, tmo, path)))
+                else:
+                    self.tags.release(tag)
+                    sent.append((tag, why if why is not None else RuntimeError("not sent")))
         counts: list[int] = []
         for (tag, future), (offset, mv) in zip(sent, spans, strict=False):
             try:
@@ -1320,9 +1419,9 @@ class ClientSession:
             if size > self.msize:
                 raise ProtocolError(f"Twrite of {size} bytes exceeds the msize {self.msize}")
 
-        def send(tag: int, offset: int, mv: memoryview) -> Future[bytes] | BaseException:
+        def make(tag: int, offset: int, mv: memoryview) -> Pieces:
             header = _TREAD.pack(_TREAD.size + mv.nbytes, _TWRITE_TYPE, tag, fid, offset, mv.nbytes)
-            return self._send(tag, (header, mv), tmo, None)
+            return (header, mv)
 
         def settle(raw: bytes, tag: int, offset: int, mv: memoryview) -> int:
             message = c.Twrite(tag, fid, offset, b"")
@@ -1334,18 +1433,7 @@ class ClientSession:
             return int(reply.count)
 
         tmo = self.timeout if timeout is _DEFAULT else timeout
-        return self._in_flight(spans, send, settle, "Twrite", path, tmo)
-
-    def _send(
-        self, tag: int, message: Pieces, tmo: float | None, into: memoryview | None
-    ) -> Future[bytes] | BaseException:
-        """Send *message* (tagged *tag*): its future, or why it was not sent
-        (the tag is then released)."""
-        try:
-            return self.wire.submit(message, timeout=tmo, into=into)
-        except BaseException as exc:
-            self.tags.release(tag)
-            return exc
+        return self._in_flight(spans, make, settle, "Twrite", path, tmo)
 
     def _await(
         self,
@@ -1355,8 +1443,9 @@ class ClientSession:
         path: str | None,
         tmo: float | None,
     ) -> bytes:
-        """The reply of :meth:`_send`; the tag is released (or flushed, or
-        retired) here, as :meth:`rpc` does."""
+        """The reply of a request :meth:`_in_flight` sent (or why it was
+        not sent); the tag is released (or flushed, or retired) here, as
+        :meth:`rpc` does."""
         if isinstance(future, BaseException):
             raise future
         reusable = True

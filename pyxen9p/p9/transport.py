@@ -397,7 +397,7 @@ class StreamTransport:
                     raise
                 failure = exc
                 registered = []
-        futures = [request.future for request in registered]
+        futures: list[Future[bytes]] = [request.future for request in registered]
         while len(futures) < len(checked):
             futures.append(failed_future(failure))
         return futures

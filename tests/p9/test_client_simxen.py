@@ -160,3 +160,41 @@ def test_backend_killed_mid_transfer(root: Path) -> None:
             m.assert_clean()
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("operation", ["stat", "read", "write"])
+def test_no_room_on_a_dead_backends_ring_is_an_unresponsive_server(
+    root: Path, operation: str
+) -> None:
+    """The backend dies with its ring full: a chain (stat) or a window of
+    Treads or Twrites that cannot be put within the request timeout is
+    handled as a request not answered (a Tflush, which cannot be put either:
+    the server is declared unresponsive), not raised as a bare timeout."""
+    import struct
+    import time
+
+    server = FileServer(root)
+    (root / "f").write_bytes(b"x" * 20000)
+    try:
+        with machine(handler=server.handle) as m:
+            fe = m.connect(rings=1, ring_order=2, timeout=3.0)  # 8 KiB each way
+            c = Client(fe, aname=str(root), timeout=0.5, flush_timeout=0.3)
+            f = c.open("f", "r+b", buffering=0)
+            m.backend.kill()
+            # fill the ring to the last byte with requests nobody will consume
+            # (tags the session does not reach)
+            for tag in (0x7000, 0x7001):
+                body = b"z" * (fe.msize - 7)
+                fe.submit(struct.pack("<IBH", fe.msize, 116, tag) + body, timeout=1, lazy=True)
+            started = time.monotonic()
+            with pytest.raises(OSError, match="unresponsive"):
+                if operation == "stat":
+                    c.stat("f")
+                elif operation == "read":
+                    f.read(8192)
+                else:
+                    f.write(b"y" * 8192)
+            assert time.monotonic() - started < 5
+            c.close()
+    finally:
+        server.close()

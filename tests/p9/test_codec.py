@@ -562,3 +562,24 @@ def test_messages_are_frozen_and_hashable() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         m.fid = 5  # type: ignore[misc]
     assert hash(m) == hash(c.Twalk(1, 2, 3, ("a",)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tag=st.integers(0, 0xFFFF),
+    fid=st.integers(0, 0xFFFFFFFF),
+    newfid=st.integers(0, 0xFFFFFFFF),
+    names=st.lists(st.text(max_size=12), max_size=16).map(tuple),
+)
+def test_twalk_fast_encoding_is_the_generic_one(
+    tag: int, fid: int, newfid: int, names: tuple[str, ...]
+) -> None:
+    """encode's direct Twalk path gives the bytes of the generic field ops."""
+    msg = c.Twalk(tag, fid, newfid, names)
+    parts: list[bytes | bytearray | memoryview] = [b""]
+    for op in c.Twalk._OPS:
+        op.encode(msg, parts)
+    body = b"".join(parts)
+    generic = struct.pack("<IBH", 7 + len(body), c.Twalk.TYPE, tag) + body
+    assert c.encode(msg) == generic
+    assert c.decode(generic) == msg

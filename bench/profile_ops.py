@@ -1,0 +1,304 @@
+"""Deterministic cost per operation of the caller's thread, on the simulated Xen.
+
+Not a timed benchmark: it counts.  For each line of ``bench_realxen.py``
+(``stat``, ``small_read``: ``read_bytes`` of a 4 KiB file, ``ls_l``: a
+``scandir`` of 1,000 entries and each entry's ``stat(follow_symlinks=False)``,
+``seq_read`` / ``seq_write``: a 16 MiB file in 1 MiB calls through an
+unbuffered file) it runs the operation under :mod:`cProfile` in the calling
+thread only (Python 3.11's profiler follows one thread: the simulated
+backend's threads, which run the server, are not counted) and prints per
+operation (per entry, per MiB):
+
+* ``calls``: every function call the caller's thread made, Python and C;
+* ``py``: the calls of Python functions among them (a frame each);
+* ``pyxen9p``: calls of pyxen9p's own client-side code (``pyxen9p/`` but not
+  ``pyxen9p/sim``, ``pyxen9p/p9/server.py``);
+* ``sim``: calls into the simulated Xen (``pyxen9p/sim``: what the real
+  libraries and the kernel do on real Xen);
+* ``other``: the standard library and built-ins;
+* ``clock``: ``time.monotonic``/``time.time``/``perf_counter`` calls (a
+  system call each in a PV dom0 without vDSO);
+* ``xen``: event-channel operations (notify, pending, unmask: an ioctl,
+  read or write each on real Xen) and ``poll`` calls;
+* ``locks``: explicit ``acquire`` calls (``with lock:`` is not seen by the
+  profiler);
+* ``rx``: every call the frontend's receiver thread made meanwhile (the
+  replies it received for the caller: a thread handoff each time).
+
+The counts move a little with the threads' timing (the simulated backend
+runs in threads of the same process): each line is profiled ``--runs``
+times (default 3) and the run with the median total is printed.
+
+With ``--syscalls``, one more run of each line under ``strace -c`` attached
+to the calling thread only (no ``-f``) gives its system calls per operation.
+With ``--top N``, the N functions called most often for each line.
+
+Usage::
+
+    python bench/profile_ops.py [--only stat small_read ...] [--top 15] [--syscalls]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from pyxen9p.frontend import Frontend  # noqa: E402
+from pyxen9p.p9.client import Client  # noqa: E402
+from pyxen9p.p9.server import FileServer  # noqa: E402
+from pyxen9p.sim.backend import Sim9pfsBackend  # noqa: E402
+from pyxen9p.sim.platform import SimulatedXen  # noqa: E402
+
+FE_DOMID = 7
+MIB = 1 << 20
+SMALL = 4096
+LINES = ("stat", "small_read", "ls_l", "seq_read", "seq_write")
+_PKG = os.sep + "pyxen9p" + os.sep
+_SIM = _PKG + "sim" + os.sep
+_SERVER = _PKG + "p9" + os.sep + "server.py"
+_CLOCKS = {
+    f"<built-in method time.{name}>"
+    for name in ("monotonic", "time", "perf_counter", "monotonic_ns")
+}
+_XEN = {"notify", "pending", "unmask"}
+
+
+#: The profilers of the frontend's receiver threads (see :func:`_profile_receivers`).
+_RX_PROFILES: list[cProfile.Profile] = []
+
+
+def _profile_receivers() -> None:
+    """Run every frontend receiver thread started from now on under its own
+    profiler (the calls it makes for the caller: ``rx`` in the output)."""
+
+    def hook(_frame: object, _event: str, _arg: object) -> None:
+        sys.setprofile(None)
+        if threading.current_thread().name.startswith("pyxen9p-rx"):
+            profiler = cProfile.Profile()
+            _RX_PROFILES.append(profiler)
+            profiler.enable()
+
+    threading.setprofile(hook)  # type: ignore[arg-type]
+
+
+def _rx_calls() -> int:
+    """Calls made so far by the receiver threads profiled."""
+    return sum(entry.callcount for p in _RX_PROFILES for entry in p.getstats())  # type: ignore[attr-defined]
+
+
+@contextmanager
+def simulated_client(export: Path) -> Iterator[Client]:
+    """A client over a simulated Xen frontend (default layout) to a FileServer on *export*."""
+    server = FileServer(export)
+    xen = SimulatedXen()
+    try:
+        guest = xen.create_domain(FE_DOMID, "profile-guest")
+        backend = Sim9pfsBackend(xen.domain(0), FE_DOMID, handler=server.handle)
+        backend.start()
+        try:
+            frontend = Frontend.connect(devid=0, platform=guest, timeout=10.0)
+            with Client(frontend, aname=str(export), timeout=60) as client:
+                yield client
+        finally:
+            backend.stop()
+        if backend.errors:
+            raise RuntimeError(f"the simulated backend failed: {backend.errors}")
+    finally:
+        xen.close()
+        server.close()
+
+
+def classify(stats: pstats.Stats) -> dict[str, int]:
+    """Calls by kind (see the module's docstring)."""
+    out = dict.fromkeys(("calls", "py", "pyxen9p", "sim", "other", "clock", "xen", "locks"), 0)
+    for (filename, _line, name), (_cc, nc, _tt, _ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        out["calls"] += nc
+        if filename != "~":
+            out["py"] += nc
+        if _PKG in filename and _SIM not in filename and not filename.endswith(_SERVER):
+            out["pyxen9p"] += nc
+        elif _SIM in filename:
+            out["sim"] += nc
+            if name in _XEN and filename.endswith("platform.py"):
+                out["xen"] += nc
+        else:
+            out["other"] += nc
+            if name in _CLOCKS:
+                out["clock"] += nc
+            elif name.startswith("<method 'poll' of 'select.poll"):
+                out["xen"] += nc
+            elif name.startswith("<method 'acquire' of '_thread"):
+                out["locks"] += nc
+    return out
+
+
+def top(stats: pstats.Stats, n: int, per: float) -> list[str]:
+    rows = sorted(stats.stats.items(), key=lambda kv: -kv[1][1])  # type: ignore[attr-defined]
+    lines = []
+    for (filename, line, name), (_cc, nc, *_rest) in rows[:n]:
+        where = filename if filename == "~" else f"{Path(filename).name}:{line}"
+        lines.append(f"    {nc / per:8.1f}  {name}  ({where})")
+    return lines
+
+
+def strace_count(work: Callable[[], object]) -> tuple[int, list[tuple[str, int]]]:
+    """System calls of this (main) thread during *work*: ``strace -c -p <tid>``."""
+    tid = threading.get_native_id()
+    with tempfile.NamedTemporaryFile("r", suffix=".strace") as report:
+        tracer = subprocess.Popen(
+            ["strace", "-c", "-o", report.name, "-p", str(tid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        status = Path(f"/proc/self/task/{tid}/status")
+        deadline = time.monotonic() + 30
+        while not any(
+            line.startswith("TracerPid:") and line.split()[1] != "0"
+            for line in status.read_text().splitlines()
+        ):
+            if tracer.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("strace did not attach")
+            time.sleep(0.02)
+        try:
+            work()
+        finally:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(60)
+        calls, total = [], 0
+        for line in report.read().splitlines():
+            fields = line.split()
+            if len(fields) >= 5 and fields[3].isdigit():
+                if fields[-1] == "total":
+                    total = int(fields[3])
+                else:
+                    calls.append((fields[-1], int(fields[3])))
+    calls.sort(key=lambda item: -item[1])
+    return total, calls
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="+", choices=LINES, default=list(LINES))
+    parser.add_argument("--ops", type=int, default=100, help="stats and small reads per line")
+    parser.add_argument("--entries", type=int, default=1000, help="entries of the ls_l line")
+    parser.add_argument("--size-mib", type=int, default=16, help="file of the seq_* lines")
+    parser.add_argument(
+        "--runs", type=int, default=3, help="profiled runs of each line (the median is printed)"
+    )
+    parser.add_argument("--top", type=int, default=0, help="the N functions called most")
+    parser.add_argument("--syscalls", action="store_true", help="strace -c the caller's thread")
+    args = parser.parse_args(argv)
+    if sys.version_info >= (3, 12):
+        print("profile_ops needs Python 3.11 or older (cProfile of one thread)", file=sys.stderr)
+        return 2
+
+    with tempfile.TemporaryDirectory(prefix="profile-ops-") as tmp:
+        export = Path(tmp)
+        small = os.urandom(SMALL)
+        (export / "small").write_bytes(small)
+        listing = export / "listing"
+        listing.mkdir()
+        for i in range(args.entries):
+            (listing / f"entry{i:05d}").write_bytes(b"x" * (i % 100))
+        size = args.size_mib * MIB
+        data = memoryview(os.urandom(size))
+        buf = bytearray(MIB)
+        (export / "seq").write_bytes(data)
+
+        _profile_receivers()
+        with simulated_client(export) as client:
+            threading.setprofile(None)  # type: ignore[arg-type]
+
+            def stat() -> None:
+                for _ in range(args.ops):
+                    client.stat("small")
+
+            def small_read() -> None:
+                for _ in range(args.ops):
+                    if client.read_bytes("small") != small:
+                        raise RuntimeError("small file read wrong")
+
+            def ls_l() -> None:
+                n = 0
+                for entry in client.scandir("listing"):
+                    entry.stat(follow_symlinks=False)
+                    n += 1
+                if n != args.entries:
+                    raise RuntimeError(f"listed {n} of {args.entries}")
+
+            def seq_read() -> None:
+                total = 0
+                with client.open("seq", "rb", buffering=0) as f:
+                    while n := f.readinto(buf):
+                        total += n
+                if total != size:
+                    raise RuntimeError(f"read {total} of {size}")
+
+            def seq_write() -> None:
+                with client.open("seq-w", "wb", buffering=0) as f:
+                    for at in range(0, size, MIB):
+                        f.write(data[at : at + MIB])
+
+            plan: dict[str, tuple[Callable[[], None], float, str]] = {
+                "stat": (stat, args.ops, "stat"),
+                "small_read": (small_read, args.ops, "read"),
+                "ls_l": (ls_l, args.entries, "entry"),
+                "seq_read": (seq_read, args.size_mib, "MiB"),
+                "seq_write": (seq_write, args.size_mib, "MiB"),
+            }
+            print(
+                f"# simulated Xen: msize={client.msize} rings={client.transport.num_rings}"  # type: ignore[attr-defined]
+                f" ring_order={client.transport.ring_order} window={client.window}"  # type: ignore[attr-defined]
+                f" pipelined={client.pipelined}; caller's thread only;"
+                f" Python {sys.version.split()[0]}"
+            )
+            for name in args.only:
+                work, per, unit = plan[name]
+                work()  # warm-up (caches, first allocations)
+                client._session.drain_clunks()
+                runs = []
+                for _ in range(max(args.runs, 1)):
+                    profiler = cProfile.Profile()
+                    rx_before = _rx_calls()
+                    profiler.enable()
+                    work()
+                    profiler.disable()
+                    rx = _rx_calls() - rx_before
+                    client._session.drain_clunks()
+                    stats = pstats.Stats(profiler)
+                    kinds = classify(stats)
+                    kinds["rx"] = rx
+                    runs.append((kinds["calls"] + rx, kinds, stats))
+                # the run whose calls (caller's and receiver's) are the median:
+                # the threads' timing (the machine's load) moves them a little
+                runs.sort(key=lambda run: run[0])
+                _, kinds, stats = runs[len(runs) // 2]
+                figures = " ".join(f"{k}={v / per:.1f}" for k, v in kinds.items())
+                print(f"{name}: per {unit}: {figures}")
+                if args.top:
+                    print("\n".join(top(stats, args.top, per)))
+                if args.syscalls:
+                    total, calls = strace_count(work)
+                    client._session.drain_clunks()
+                    most = ", ".join(f"{call} {count / per:.1f}" for call, count in calls[:6])
+                    print(f"# {name}: system calls per {unit} (caller's thread): "
+                          f"{total / per:.1f} ({most})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
