@@ -72,15 +72,16 @@ class Killed:
     killed: float
     alive: int
 
-    def check(self, bound: float, said: str, who: str) -> None:
+    def check(self, bound: float, said: str, who: str, log: str = "teardown.txt") -> None:
         """Both callers ended with an OSError saying *said*, within *bound*
-        seconds of the kill; each reported."""
+        seconds of the kill; each reported (in *log*, see :func:`report`)."""
         assert not self.alive, "a transfer still waits after the kill"
         assert sorted(n for n, _, _ in self.errors) == [0, 1], self.errors
         for n, when, exc in self.errors:
             report(
                 f"{who} killed: thread {n} got {type(exc).__name__}"
-                f" after {when - self.killed:.1f}s: {exc}"
+                f" after {when - self.killed:.1f}s: {exc}",
+                log,
             )
             assert isinstance(exc, OSError), repr(exc)
             assert said in str(exc), exc

@@ -376,7 +376,7 @@ def test_daemon_killed_mid_transfer(share_dir: Path) -> None:
 
         try:
             killed = transfers_until_killed(client, payload, kill, request_timeout + slack)
-            killed.check(request_timeout + slack, "unresponsive", "xen-9pfsd")
+            killed.check(request_timeout + slack, "unresponsive", "xen-9pfsd", "xen9pfsd.txt")
             with pytest.raises(OSError, match="unresponsive"):
                 client.stat("big.bin")
             assert dev.backend_state() == XenbusState.CONNECTED  # nobody wrote it since
