@@ -24,18 +24,17 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import xenlab
+from teardown_helpers import assert_grants_free, baseline, report, snapshot, transfers_until_killed
 from xenlab import XenbusState
 
 import pyxen9p
 from pyxen9p.frontend import ReconnectRefusedError
-from pyxen9p.libs import GrantSharer
 
 #: QEMU serves these devices: Debian 12 only (QEMU 10 serves none, see test_qemu10.py).
 RELEASES = ("bookworm",)
@@ -65,24 +64,6 @@ def retired() -> Iterator[list[xenlab.Dom0NinePDevice]]:
         xenlab.restart_dom0_qemu(devices)
 
 
-def report(line: str) -> None:
-    """Print *line* and append it to ``teardown.txt`` in the results folder
-    (a passing test's output is not shown otherwise)."""
-    print(line)
-    results = os.environ.get("PYXEN9P_RESULTS")
-    if results:
-        with open(Path(results, "teardown.txt"), "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-
-
-def snapshot() -> dict[str, object]:
-    """What pyxen9p (this process) holds of Xen: descriptors and event channels."""
-    return {
-        "xen_fds": xenlab.open_xen_fds(),
-        "evtchn_irqs": xenlab.evtchn_irqs("python3"),
-    }
-
-
 def fresh_device(
     export: Path, tag: str, retired: list[xenlab.Dom0NinePDevice]
 ) -> tuple[xenlab.Dom0NinePDevice, int]:
@@ -105,9 +86,7 @@ def fresh_device(
 def test_connect_close_cycles_leave_nothing(
     export: Path, retired: list[xenlab.Dom0NinePDevice]
 ) -> None:
-    with GrantSharer() as warm, warm.share_pages(0, 1):
-        pass
-    before = snapshot()
+    before = baseline()
     qemu_pages = []
     qemu_irqs = []
     for cycle in range(4):
@@ -145,9 +124,7 @@ def test_connect_close_cycles_leave_nothing(
         assert xenlab.dom0_qemu_pid() == qemu
         fs.close()  # idempotent
     print(f"QEMU's gntdev-mapped pages: {qemu_pages}; its event channels: {qemu_irqs}")
-    # every grant pyxen9p shared is free again: almost all of gntalloc's 1024 fit
-    with GrantSharer() as sharer, sharer.share_pages(0, 1000) as pages:
-        assert len(pages.refs) == 1000
+    assert_grants_free()
 
 
 def test_new_devices_on_the_same_qemu_after_close(
@@ -156,9 +133,7 @@ def test_new_devices_on_the_same_qemu_after_close(
     """After ``close()`` the same QEMU serves new connections: a new device
     right after a closed one, and two devices open at once (each within half
     of gntalloc's 1024 grants), all without QEMU restarting."""
-    with GrantSharer() as warm, warm.share_pages(0, 1):
-        pass
-    before = snapshot()
+    before = baseline()
     first, qemu = fresh_device(export, "first", retired)
     with pyxen9p.connect(path=first.frontend, timeout=30) as fs:
         fs.write_bytes("one.txt", b"first device\n")
@@ -195,8 +170,7 @@ def test_same_device_again_after_close(
     refuses by default; pyxen9p reports the dead backend within its timeout
     and leaves nothing behind.  (A QEMU that can reconnect must serve the
     first connection's file.)"""
-    with GrantSharer() as warm, warm.share_pages(0, 1):
-        pass
+    baseline()
     dev, qemu = fresh_device(export, "again", retired)
     with pyxen9p.connect(path=dev.frontend, timeout=30) as fs:
         fs.write_bytes("first.txt", b"first connection\n")
@@ -251,9 +225,7 @@ def test_qemu_killed_mid_transfer(export: Path, retired: list[xenlab.Dom0NinePDe
     one bounded wait for a backend that ignores Closing; nothing stays held;
     and a fresh QEMU then serves a new device to a new connection.
     """
-    with GrantSharer() as warm, warm.share_pages(0, 1):
-        pass
-    before = snapshot()
+    before = baseline()
     payload = os.urandom(8 << 20)
     (export / "big.bin").write_bytes(payload)
     request_timeout, flush_timeout, fe_timeout = 5.0, 3.0, 10.0
@@ -263,44 +235,13 @@ def test_qemu_killed_mid_transfer(export: Path, retired: list[xenlab.Dom0NinePDe
         path=dev.frontend, timeout=fe_timeout, request_timeout=request_timeout,
         flush_timeout=flush_timeout,
     )  # fmt: skip
-    moved = [0, 0]
-    errors: list[tuple[int, float, BaseException]] = []
-
-    def transfer(n: int) -> None:
-        try:
-            while True:
-                if n == 0:
-                    fs.write_bytes("written.bin", payload)
-                else:
-                    assert fs.read_bytes("big.bin") == payload
-                moved[n] += len(payload)
-        except BaseException as exc:  # recorded, checked below
-            errors.append((n, time.monotonic(), exc))
-
-    threads = [threading.Thread(target=transfer, args=(n,), daemon=True) for n in (0, 1)]
     try:
-        for t in threads:
-            t.start()
-        xenlab.wait_until(
-            lambda: True if min(moved) > 0 or errors else None, 180, "both transfers to move data"
-        )
-        assert not errors, errors
-        assert min(moved) > 0  # both transfers are under way: the kill is mid-transfer
         assert dev.backend_state() == XenbusState.CONNECTED
-        killed = time.monotonic()
-        xenlab.kill_dom0_qemu(qemu)
-        for t in threads:
-            t.join(request_timeout + flush_timeout + slack)
-        assert not any(t.is_alive() for t in threads), "a transfer still waits after the kill"
-        assert sorted(n for n, _, _ in errors) == [0, 1], errors
-        for n, when, exc in errors:
-            report(
-                f"QEMU killed: thread {n} got {type(exc).__name__}"
-                f" after {when - killed:.1f}s: {exc}"
-            )
-            assert isinstance(exc, OSError), repr(exc)
-            assert "unresponsive" in str(exc), exc  # not a plain timeout
-            assert when - killed < request_timeout + flush_timeout + slack
+        killed = transfers_until_killed(
+            fs, payload, lambda: xenlab.kill_dom0_qemu(qemu),
+            request_timeout + flush_timeout + slack,
+        )  # fmt: skip
+        killed.check(request_timeout + flush_timeout + slack, "unresponsive", "QEMU")
         with pytest.raises(OSError, match="unresponsive"):
             fs.stat("big.bin")
         # XenStore still says Connected: nobody wrote the dead backend's state
@@ -309,8 +250,7 @@ def test_qemu_killed_mid_transfer(export: Path, retired: list[xenlab.Dom0NinePDe
         started = time.monotonic()
         fs.close()
         close_s = time.monotonic() - started
-        for t in threads:
-            t.join(1)
+    moved = killed.moved
     report(f"QEMU killed: moved before the kill {moved}; close() took {close_s:.1f}s")
     assert close_s < fe_timeout + slack, "close() waited twice for a dead backend"
     assert dev.frontend_state() == XenbusState.CLOSED
@@ -324,5 +264,4 @@ def test_qemu_killed_mid_transfer(export: Path, retired: list[xenlab.Dom0NinePDe
         fs2.write_bytes("after.txt", b"alive\n")
     assert (export / "after.txt").read_bytes() == b"alive\n"
     assert snapshot() == before
-    with GrantSharer() as sharer, sharer.share_pages(0, 1000) as pages:
-        assert len(pages.refs) == 1000
+    assert_grants_free()

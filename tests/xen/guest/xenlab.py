@@ -872,6 +872,22 @@ def open_xen_fds(pid: int | str = "self") -> list[str]:
     return sorted(found)
 
 
+#: gntalloc's system-wide limit of grants (a module parameter root may change).
+GNTALLOC_LIMIT = Path("/sys/module/xen_gntalloc/parameters/limit")
+
+
+@contextlib.contextmanager
+def gntalloc_limit(limit: int) -> Iterator[None]:
+    """gntalloc's limit set to *limit* for the ``with`` block, then restored."""
+    ensure_modules("xen-gntalloc")
+    old = GNTALLOC_LIMIT.read_text().strip()
+    GNTALLOC_LIMIT.write_text(f"{limit}\n")
+    try:
+        yield
+    finally:
+        GNTALLOC_LIMIT.write_text(f"{old}\n")
+
+
 def process_argv(pid: int) -> list[str]:
     """The command line of process *pid*."""
     raw = Path(f"/proc/{pid}/cmdline").read_bytes()
