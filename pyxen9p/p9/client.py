@@ -828,8 +828,9 @@ class Client:
         if len(qids) > len(parts):
             raise ProtocolError(f"Rwalk has {len(qids)} qids for {len(parts)} names")
         limit = len(parts) if follow else len(parts) - 1
-        if any(q.type & c.QTSYMLINK for q in qids[:limit]):
-            return None
+        for q in qids[:limit]:  # a loop, not any(): no generator frames
+            if q.type & c.QTSYMLINK:
+                return None
         if len(qids) < len(parts):
             if qids and not qids[-1].type & c.QTDIR:
                 raise _local_error(errno.ENOTDIR, display)
@@ -2789,9 +2790,14 @@ def _stat_result(r: c.Rgetattr) -> os.stat_result:
 
     :raises ProtocolError: a nanosecond field is not below 10⁹
     """
-    for name in ("atime_nsec", "mtime_nsec", "ctime_nsec"):
-        if getattr(r, name) >= 1_000_000_000:
-            raise ProtocolError(f"Rgetattr: {name} {getattr(r, name)} is not below 10^9")
+    if (
+        r.atime_nsec >= 1_000_000_000
+        or r.mtime_nsec >= 1_000_000_000
+        or r.ctime_nsec >= 1_000_000_000
+    ):
+        for name in ("atime_nsec", "mtime_nsec", "ctime_nsec"):
+            if getattr(r, name) >= 1_000_000_000:
+                raise ProtocolError(f"Rgetattr: {name} {getattr(r, name)} is not below 10^9")
     atime_ns = r.atime_sec * 1_000_000_000 + r.atime_nsec
     mtime_ns = r.mtime_sec * 1_000_000_000 + r.mtime_nsec
     ctime_ns = r.ctime_sec * 1_000_000_000 + r.ctime_nsec

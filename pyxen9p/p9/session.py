@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import inspect
 import logging
 import os
@@ -1157,7 +1158,7 @@ class ClientSession:
         with self._lock:
             self._clunks[tag] = entry
         self.wire.lazy(tag)
-        future.add_done_callback(lambda f: self._clunk_answered(entry, f))
+        future.add_done_callback(functools.partial(self._clunk_answered, entry))
 
     def _clunk_answered(self, entry: _Clunk, future: Future[bytes]) -> None:
         """The reply (or the end) of a background Tclunk: free its fid and tag.
