@@ -790,6 +790,7 @@ class Client:
         specs: list[tuple[Sequence[Step], str | None, int | None]] = []
         fids: list[int] = []
         walkable = [len(parts) <= c.MAXWELEM for _, parts, _ in items]
+        root_fid = self._session.root_fid
         try:
             for (display, parts, after), ok in zip(items, walkable, strict=True):
                 if not ok:
@@ -797,7 +798,7 @@ class Client:
                 newfid = self._fids.acquire()
                 fids.append(newfid)
                 walk = functools.partial(
-                    c.Twalk, fid=self._root_fid, newfid=newfid, wnames=tuple(parts)
+                    c.Twalk, fid=root_fid, newfid=newfid, wnames=tuple(parts)
                 )
                 specs.append(([(walk, c.Rwalk), *after(newfid)], display, newfid))
             chains = iter(self._session.chain_many(specs) if specs else [])
@@ -844,11 +845,12 @@ class Client:
 
         :returns: ``(display, qids, outcomes)``, or ``None``: the sequential way
         """
-        self._check_open()
-        self._process_deferred()
+        session = self._session  # its methods called directly: fewer frames per operation
+        session.check_open()
+        session.process_deferred()
         display = _display(path)
         parts = _normalize(display.split("/"))
-        chain = self._start_walk_chain(display, parts, after)
+        (chain,) = self._start_walk_chains([(display, parts, after)])
         if chain is None:
             return None
         got = self._finish_walk_chain(chain, display, parts, follow)
