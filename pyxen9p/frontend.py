@@ -35,6 +35,8 @@ from typing import Any
 from typing_extensions import Self
 
 from pyxen9p._requests import (
+    _RERROR,
+    _RLERROR,
     RREAD,
     RREAD_HEADER_SIZE,
     Message,
@@ -779,7 +781,8 @@ class Frontend:
                 while end < count and registered[end].tag % num_rings == ring.index:
                     end += 1
                 if end - at > 1 and self._put_run(ring, checked[at:end]):
-                    futures.extend(request.future for request in registered[at:end])
+                    for i in range(at, end):  # a loop: no generator frames
+                        futures.append(registered[i].future)
                     if ring not in touched:
                         touched.append(ring)
                     at = end
@@ -1352,8 +1355,10 @@ class Frontend:
             for request, mtype, reply in answered:
                 if mtype < 0:
                     request.reject(reply)
+                elif mtype == request.type + 1 or mtype in (_RLERROR, _RERROR):
+                    request.future.settle(reply, None)  # resolve()'s common case, inline
                 else:
-                    request.resolve(mtype, reply)
+                    request.resolve(mtype, reply)  # the wrong type's ProtocolError
             # a sender may wait for the room the backend's consuming made in `out`
             if ring.space_waiters:
                 with ring.space:

@@ -403,7 +403,12 @@ class Consumer:
 
         The new index is published by :meth:`publish`.
         """
-        data = self.ring.read(self.cons, n)
+        buffer = self._buffer
+        start = self.cons & (self.ring.size - 1)
+        if buffer is not None and start + n <= self.ring.size:
+            data = buffer[start : start + n].tobytes()  # ByteRing.read's own copy, inline
+        else:
+            data = self.ring.read(self.cons, n)
         self.cons = (self.cons + n) & _MASK32
         return data
 

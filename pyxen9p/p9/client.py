@@ -790,6 +790,7 @@ class Client:
         specs: list[tuple[Sequence[Step], str | None, int | None]] = []
         fids: list[int] = []
         walkable = [len(parts) <= c.MAXWELEM for _, parts, _ in items]
+        root_fid = self._session.root_fid
         try:
             for (display, parts, after), ok in zip(items, walkable, strict=True):
                 if not ok:
@@ -797,7 +798,7 @@ class Client:
                 newfid = self._fids.acquire()
                 fids.append(newfid)
                 walk = functools.partial(
-                    c.Twalk, fid=self._root_fid, newfid=newfid, wnames=tuple(parts)
+                    c.Twalk, fid=root_fid, newfid=newfid, wnames=tuple(parts)
                 )
                 specs.append(([(walk, c.Rwalk), *after(newfid)], display, newfid))
             chains = iter(self._session.chain_many(specs) if specs else [])
@@ -828,8 +829,9 @@ class Client:
         if len(qids) > len(parts):
             raise ProtocolError(f"Rwalk has {len(qids)} qids for {len(parts)} names")
         limit = len(parts) if follow else len(parts) - 1
-        if any(q.type & c.QTSYMLINK for q in qids[:limit]):
-            return None
+        for q in qids[:limit]:  # a loop, not any(): no generator frames
+            if q.type & c.QTSYMLINK:
+                return None
         if len(qids) < len(parts):
             if qids and not qids[-1].type & c.QTDIR:
                 raise _local_error(errno.ENOTDIR, display)
@@ -843,11 +845,12 @@ class Client:
 
         :returns: ``(display, qids, outcomes)``, or ``None``: the sequential way
         """
-        self._check_open()
-        self._process_deferred()
+        session = self._session  # its methods called directly: fewer frames per operation
+        session.check_open()
+        session.process_deferred()
         display = _display(path)
         parts = _normalize(display.split("/"))
-        chain = self._start_walk_chain(display, parts, after)
+        (chain,) = self._start_walk_chains([(display, parts, after)])
         if chain is None:
             return None
         got = self._finish_walk_chain(chain, display, parts, follow)
@@ -2789,9 +2792,14 @@ def _stat_result(r: c.Rgetattr) -> os.stat_result:
 
     :raises ProtocolError: a nanosecond field is not below 10⁹
     """
-    for name in ("atime_nsec", "mtime_nsec", "ctime_nsec"):
-        if getattr(r, name) >= 1_000_000_000:
-            raise ProtocolError(f"Rgetattr: {name} {getattr(r, name)} is not below 10^9")
+    if (
+        r.atime_nsec >= 1_000_000_000
+        or r.mtime_nsec >= 1_000_000_000
+        or r.ctime_nsec >= 1_000_000_000
+    ):
+        for name in ("atime_nsec", "mtime_nsec", "ctime_nsec"):
+            if getattr(r, name) >= 1_000_000_000:
+                raise ProtocolError(f"Rgetattr: {name} {getattr(r, name)} is not below 10^9")
     atime_ns = r.atime_sec * 1_000_000_000 + r.atime_nsec
     mtime_ns = r.mtime_sec * 1_000_000_000 + r.mtime_nsec
     ctime_ns = r.ctime_sec * 1_000_000_000 + r.ctime_nsec

@@ -2119,6 +2119,10 @@ def _encode_twalk(msg: Twalk) -> bytes | None:
     return b"".join(parts)
 
 
+#: size type tag nwqid: the fixed part of Rwalk
+_RWALK_HEAD = struct.Struct("<IBHH")
+
+
 def peek_header(data: bytes | bytearray | memoryview) -> tuple[int, int, int]:
     """Read the header of a message whose body may not have arrived yet.
 
@@ -2163,6 +2167,16 @@ def decode(data: bytes | bytearray | memoryview, dialect: str = VERSION_9P2000_L
         raise ProtocolError(f"unknown message type {mtype}")
     if cls is Rerror:
         return _decode_rerror(mv, tag)
+    if cls is Rwalk and n >= _RWALK_HEAD.size:  # every path lookup: no generic field ops
+        (count,) = _U16.unpack_from(mv, HEADER_SIZE)
+        if count <= MAXWELEM and n == _RWALK_HEAD.size + count * QID_SIZE:
+            off = _RWALK_HEAD.size
+            qids = []
+            for _ in range(count):
+                qids.append(Qid(*_QID.unpack_from(mv, off)))
+                off += QID_SIZE
+            return Rwalk(tag, tuple(qids))
+        # anything else: the generic path below says what is wrong
     fixed = cls._FIXED
     if fixed is not None and fixed[0].size == n:  # one struct for the whole message
         return cls(*fixed[0].unpack_from(mv, 0)[2:])

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import inspect
 import logging
 import os
@@ -749,9 +750,17 @@ class Chain:
             session.tags.release(tag)  # the transport is done with this tag
             return exc
         session.tags.release(tag)
+        rtype = self._steps[i][1]
         try:
+            if len(raw) <= session.msize:
+                # check_reply's success path, inline: the reply expected, with
+                # our tag (anything else, an error reply included, is decoded
+                # again by check_reply, which raises what is wrong)
+                reply = session.decode(raw)
+                if type(reply) is rtype and reply.tag == tag:
+                    return reply
             return check_reply(
-                raw, tag, message, self._steps[i][1], self._path, session.msize, session.decode,
+                raw, tag, message, rtype, self._path, session.msize, session.decode,
                 dotu=session.dotu,
             )
         except (OSError, ValueError) as exc:
@@ -1157,7 +1166,7 @@ class ClientSession:
         with self._lock:
             self._clunks[tag] = entry
         self.wire.lazy(tag)
-        future.add_done_callback(lambda f: self._clunk_answered(entry, f))
+        future.add_done_callback(functools.partial(self._clunk_answered, entry))
 
     def _clunk_answered(self, entry: _Clunk, future: Future[bytes]) -> None:
         """The reply (or the end) of a background Tclunk: free its fid and tag.

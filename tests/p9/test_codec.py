@@ -583,3 +583,52 @@ def test_twalk_fast_encoding_is_the_generic_one(
     generic = struct.pack("<IBH", 7 + len(body), c.Twalk.TYPE, tag) + body
     assert c.encode(msg) == generic
     assert c.decode(generic) == msg
+
+
+def _generic_decode(cls: type[c.Message], data: bytes) -> c.Message:
+    """*data* (one whole message of *cls*) decoded by the generic field ops only."""
+    size, mtype, tag = struct.unpack_from("<IBH", data)
+    assert size == len(data) and mtype == cls.TYPE
+    values: list[Any] = [tag]
+    off = 7
+    for op in cls._OPS:
+        off = op.decode(memoryview(data), off, len(data), values)
+    if off != len(data):
+        raise c.ProtocolError(f"{cls.__name__}: {len(data) - off} trailing byte(s)")
+    return cls(*values)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    tag=st.integers(0, 0xFFFF),
+    qids=st.lists(
+        st.builds(
+            c.Qid, st.integers(0, 0xFF), st.integers(0, 0xFFFFFFFF), st.integers(0, 2**64 - 1)
+        ),
+        max_size=20,
+    ),
+    count=st.one_of(st.none(), st.integers(0, 0xFFFF)),
+    cut=st.integers(0, 15),
+    extra=st.binary(max_size=15),
+)
+def test_rwalk_fast_decoding_is_the_generic_one(
+    tag: int, qids: list[c.Qid], count: int | None, cut: int, extra: bytes
+) -> None:
+    """decode's direct Rwalk path gives the generic field ops' message, or
+    the same ProtocolError, for valid and malformed bodies (too many qids,
+    a count that disagrees with the body, truncated, trailing bytes)."""
+    body = struct.pack("<H", len(qids) if count is None else count)
+    body += b"".join(q.pack() for q in qids)
+    body = body[: max(len(body) - cut, 0)] + extra
+    data = struct.pack("<IBH", 7 + len(body), c.Rwalk.TYPE, tag) + body
+    try:
+        expected: c.Message | str = _generic_decode(c.Rwalk, data)
+    except c.ProtocolError as exc:
+        expected = str(exc)
+    try:
+        got: c.Message | str = c.decode(data)
+    except c.ProtocolError as exc:
+        got = str(exc)
+    assert got == expected
+    if isinstance(got, c.Rwalk):
+        assert type(got.wqids) is tuple and all(type(q) is c.Qid for q in got.wqids)

@@ -14,6 +14,7 @@ of today's contract (``submit(bytes)``) and one of the new contract
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import queue
@@ -695,3 +696,45 @@ def test_a_window_of_writes_from_one_thread_reports_the_first_failure(
                     f.write(data)
         assert len(seen) == 3  # all three went out together
         assert client.tags_in_use == 0 and client.fid_count == 1
+
+
+def _rgetattr_bytes(request: Any, honest: Callable[[], c.Message]) -> bytes:
+    return c.encode(honest())
+
+
+@pytest.mark.parametrize(
+    ("answer", "says"),
+    [
+        # another tag
+        (lambda r, h: c.encode(dataclasses.replace(h(), tag=(r.tag + 1) & 0xFFFF)), "tagged"),
+        # another type (an Rclunk)
+        (lambda r, h: struct.pack("<IBH", 7, c.Rclunk.TYPE, r.tag), "Rclunk in reply to Tgetattr"),
+        # truncated, and a byte too many
+        (lambda r, h: _resized(_rgetattr_bytes(r, h), -1), "truncated"),
+        (lambda r, h: _resized(_rgetattr_bytes(r, h), +1), "trailing"),
+        # an error reply with an impossible error number
+        (lambda r, h: c.encode(c.Rlerror(r.tag, 70000)), "invalid error number"),
+    ],
+    ids=["tag", "type", "short", "long", "errno"],
+)
+def test_every_reply_of_a_chain_is_checked(
+    root: Path, kind: str, answer: Callable[[Any, Callable[[], c.Message]], bytes], says: str
+) -> None:
+    """A chain's reply of another tag or type, or malformed, fails the
+    operation with a ProtocolError naming it, and leaks no fid."""
+    server, _transport, client = scripted(root, kind, on(c.Tgetattr, answer))
+    with server, client:
+        with pytest.raises(c.ProtocolError, match=says):
+            client.stat("f")
+        with pytest.raises(c.ProtocolError, match=says):
+            client.read_bytes("f")
+        assert client.fid_count == 1 and client.lost_fids == 0
+        server.script = None
+        assert client.stat("f").st_size == 5 and client.read_bytes("f") == b"hello"
+
+
+def _resized(frame: bytes, delta: int) -> bytes:
+    """*frame* one byte shorter or longer, its size field saying so."""
+    body = frame[7:-1] if delta < 0 else frame[7:] + b"\0"
+    return struct.pack("<I", 7 + len(body)) + frame[4:7] + body
+
