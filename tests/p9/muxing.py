@@ -87,7 +87,11 @@ class RawClient:
         (size,) = struct.unpack("<I", head)
         body = self._exact(size - 4)
         assert body is not None, "stream ended inside a reply"
-        return c.decode(head + body)
+        return self.decode_frame(head + body)
+
+    def decode_frame(self, frame: bytes) -> c.Message:
+        """Decode one whole frame (9P2000.L; a subclass may speak another dialect)."""
+        return c.decode(frame)
 
     def rpc(self, msg: c.Message) -> c.Message | None:
         """Send *msg*, return the next message."""

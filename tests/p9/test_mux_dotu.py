@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import socket
-import struct
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +29,7 @@ from pyxen9p.p9.transport import StreamTransport
 from pyxen9p.sim.platform import SimulatedXen
 from pyxen9p.sim.xen9pfsd import SimXen9pfsd
 
-from .muxing import wait_for
+from .muxing import RawClient, wait_for
 from .userver import U, UServer
 
 FE = 7
@@ -81,58 +79,15 @@ def client(path: str, **options: Any) -> Client:
     return Client(StreamTransport.unix(path), **options)
 
 
-class URaw:
+class URaw(RawClient):
     """Raw 9P2000.u frames over the multiplexer's socket."""
 
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(10)
-        self.sock.connect(path)
-
-    def send(self, data: bytes | c.Message) -> None:
-        self.sock.sendall(data if isinstance(data, bytes) else c.encode(data))
-
-    def recv(self) -> c.Message | None:
-        head = self._exact(4)
-        if head is None:
-            return None
-        (size,) = struct.unpack("<I", head)
-        body = self._exact(size - 4)
-        assert body is not None
-        frame = head + body
+    def decode_frame(self, frame: bytes) -> c.Message:
+        """A 9P2000.u frame (an Rstat in xen-9pfsd's layout first)."""
         if frame[4] == c.MessageType.RSTAT:
             with contextlib.suppress(c.ProtocolError):
                 return c.decode_xen9pfsd_rstat(frame)
         return c.decode(frame, U)
-
-    def rpc(self, msg: c.Message) -> c.Message | None:
-        self.send(msg)
-        return self.recv()
-
-    def closed_by_peer(self) -> bool:
-        try:
-            while True:
-                if not self.sock.recv(65536):
-                    return True
-        except ConnectionResetError:
-            return True
-        except TimeoutError:
-            return False
-
-    def _exact(self, n: int) -> bytes | None:
-        buf = b""
-        while len(buf) < n:
-            try:
-                chunk = self.sock.recv(n - len(buf))
-            except ConnectionResetError:
-                return None
-            if not chunk:
-                return None
-            buf += chunk
-        return buf
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def attached(path: str, fid: int = 1) -> URaw:
