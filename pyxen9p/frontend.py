@@ -1157,13 +1157,8 @@ class Frontend:
                     if leading:
                         self._rx_owner = None
                         rx.release()
-        except TransportError as exc:
-            self._fail(exc)
-        except OSError as exc:
-            self._fail(TransportError(exc.errno or errno.EIO, f"receiver failed: {exc}"))
         except Exception as exc:  # never die silently with callers waiting
-            log.exception("pyxen9p receiver crashed")
-            self._fail(TransportError(errno.EIO, f"receiver crashed: {exc!r}"))
+            self._receiving_failed(exc, "receiver", "the receiver thread")
 
     def _on_event(self, evtchn: EventChannelLike) -> None:
         """The event channel is readable: drain the signalled ring, unmask."""
@@ -1193,10 +1188,7 @@ class Frontend:
             evtchn = self._evtchn
             if evtchn is None or self._closed or self._failure is not None:
                 return
-            poller = self._lead_poller
-            if poller is None:
-                poller = self._lead_poller = select.poll()
-                poller.register(evtchn.fileno(), select.POLLIN)
+            poller = self._lead_poller or self._make_lead_poller(evtchn)
             # the reply may be there already
             if ring is not None:
                 self._drain(ring)
@@ -1224,13 +1216,8 @@ class Frontend:
                     check = deadline is not None and not events & 15
                 else:
                     check = deadline is not None
-        except TransportError as exc:
-            self._fail(exc)
-        except OSError as exc:
-            self._fail(TransportError(exc.errno or errno.EIO, f"receiving failed: {exc}"))
         except Exception as exc:  # never leave the other callers waiting
-            log.exception("pyxen9p receiving (in a caller) crashed")
-            self._fail(TransportError(errno.EIO, f"receiving crashed: {exc!r}"))
+            self._receiving_failed(exc, "receiving", "in a caller")
         finally:
             self._leave_lead()
 
@@ -1248,22 +1235,33 @@ class Frontend:
             evtchn = self._evtchn
             if evtchn is None or self._closed or self._failure is not None:
                 return True
-            poller = self._lead_poller
-            if poller is None:
-                poller = self._lead_poller = select.poll()
-                poller.register(evtchn.fileno(), select.POLLIN)
+            poller = self._lead_poller or self._make_lead_poller(evtchn)
             if poller.poll(seconds * 1000):
                 self._on_event(evtchn)
-        except TransportError as exc:
-            self._fail(exc)
-        except OSError as exc:
-            self._fail(TransportError(exc.errno or errno.EIO, f"receiving failed: {exc}"))
         except Exception as exc:  # never leave the other callers waiting
-            log.exception("pyxen9p receiving (in a sender) crashed")
-            self._fail(TransportError(errno.EIO, f"receiving crashed: {exc!r}"))
+            self._receiving_failed(exc, "receiving", "in a sender")
         finally:
             self._leave_lead()
         return True
+
+    def _make_lead_poller(self, evtchn: EventChannelLike) -> select.poll:
+        """The poller of the event channel that a receiving caller uses (made once)."""
+        poller = self._lead_poller = select.poll()
+        poller.register(evtchn.fileno(), select.POLLIN)
+        return poller
+
+    def _receiving_failed(self, exc: Exception, what: str, where: str) -> None:
+        """Fail the connection for *exc*, raised while receiving (*where*:
+        the receiver thread, in a caller, in a sender): a
+        :class:`~pyxen9p.errors.TransportError` as it is, an :class:`OSError`
+        as ``"<what> failed"``, anything else logged as a crash."""
+        if isinstance(exc, TransportError):
+            self._fail(exc)
+        elif isinstance(exc, OSError):
+            self._fail(TransportError(exc.errno or errno.EIO, f"{what} failed: {exc}"))
+        else:
+            log.error("pyxen9p receiving (%s) crashed", where, exc_info=exc)
+            self._fail(TransportError(errno.EIO, f"{what} crashed: {exc!r}"))
 
     def _leave_lead(self) -> None:
         """Give the receiving role up; run a teardown left to this leader."""
