@@ -356,26 +356,45 @@ def create_dom0_9pfs_device(
     """
     if dom0_qemu_pid() is None:
         raise LabError("dom0's QEMU (-xen-domid 0 -xen-attach) is not running")
-    Path(path).mkdir(parents=True, exist_ok=True)
     if devid is None:
         devid = free_devid()
-    backend = f"{DOM0_BACKEND_BASE}/{devid}"
-    frontend = f"{frontend_base.rstrip('/')}/{devid}"
+    return _publish_dom0_device(
+        path, tag, f"{DOM0_BACKEND_BASE}/{devid}", f"{frontend_base.rstrip('/')}/{devid}",
+        devid, {"security_model": security_model}, wait, timeout,
+    )  # fmt: skip
+
+
+def _publish_dom0_device(
+    path: str | os.PathLike[str],
+    tag: str,
+    backend: str,
+    frontend: str,
+    devid: int,
+    backend_nodes: Mapping[str, str | int],
+    wait: bool,
+    timeout: float,
+) -> Dom0NinePDevice:
+    """Write a dom0 9pfs device's frontend and backend nodes in one
+    transaction (the backend's: the toolstack's usual ones and
+    *backend_nodes*), and wait for its backend's InitWait if *wait* (the
+    device removed again if it does not come)."""
+    Path(path).mkdir(parents=True, exist_ok=True)
     dev = Dom0NinePDevice(devid, tag, os.fspath(path), backend, frontend)
-    xs_write(
-        {
-            f"{frontend}/backend": backend,
-            f"{frontend}/backend-id": 0,
-            f"{frontend}/tag": tag,
-            f"{frontend}/state": int(XenbusState.INITIALISING),
-            f"{backend}/frontend": frontend,
-            f"{backend}/frontend-id": 0,
-            f"{backend}/online": 1,
-            f"{backend}/path": os.fspath(path),
-            f"{backend}/security_model": security_model,
-            f"{backend}/state": int(XenbusState.INITIALISING),
-        }
-    )
+    nodes: dict[str, str | int] = {
+        f"{frontend}/backend": backend,
+        f"{frontend}/backend-id": 0,
+        f"{frontend}/tag": tag,
+        f"{frontend}/state": int(XenbusState.INITIALISING),
+        f"{backend}/frontend": frontend,
+        f"{backend}/frontend-id": 0,
+        f"{backend}/online": 1,
+        f"{backend}/path": os.fspath(path),
+        f"{backend}/security_model": "none",
+        f"{backend}/state": int(XenbusState.INITIALISING),
+    }
+    for key, value in backend_nodes.items():
+        nodes[f"{backend}/{key}"] = value
+    xs_write(nodes)
     if wait:
         try:
             dev.wait_backend_state((XenbusState.INIT_WAIT,), timeout)
@@ -1057,34 +1076,12 @@ def create_xen_9pfsd_device(
         trailing ``/``, as xen-9pfsd requires)
     :raises TimeoutError: if xen-9pfsd does not reach InitWait in time
     """
-    Path(path).mkdir(parents=True, exist_ok=True)
     if devid is None:
         devid = free_xen_9pfsd_devid()
-    backend = f"{XEN_9PFSD_BACKEND_BASE}/{devid}"
-    frontend = f"{XEN_9PFSD_FRONTEND_BASE}/{devid}"
-    dev = Dom0NinePDevice(devid, tag, os.fspath(path), backend, frontend)
-    nodes: dict[str, str | int] = {
-        f"{frontend}/backend": backend,
-        f"{frontend}/backend-id": 0,
-        f"{frontend}/tag": tag,
-        f"{frontend}/state": int(XenbusState.INITIALISING),
-        f"{backend}/frontend": frontend,
-        f"{backend}/frontend-id": 0,
-        f"{backend}/online": 1,
-        f"{backend}/path": os.fspath(path),
-        f"{backend}/security_model": "none",
-        f"{backend}/state": int(XenbusState.INITIALISING),
-    }
-    for key, value in (extra or {}).items():
-        nodes[f"{backend}/{key}"] = value
-    xs_write(nodes)
-    if wait:
-        try:
-            dev.wait_backend_state((XenbusState.INIT_WAIT,), timeout)
-        except TimeoutError:
-            dev.remove(timeout=1.0)
-            raise
-    return dev
+    return _publish_dom0_device(
+        path, tag, f"{XEN_9PFSD_BACKEND_BASE}/{devid}", f"{XEN_9PFSD_FRONTEND_BASE}/{devid}",
+        devid, extra or {}, wait, timeout,
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
