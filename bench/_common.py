@@ -22,14 +22,18 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 # Running ``python bench/<script>.py`` from a checkout without installing the
 # package: make the repository root importable (harmless when installed).
@@ -49,6 +53,8 @@ __all__ = [
     "measure_pair",
     "options_from",
     "report",
+    "simulated_client",
+    "strace_counts",
     "thread_cpu",
     "thread_group",
     "timed",
@@ -428,3 +434,90 @@ def report(results: list[Result], json_path: str | None, out: TextIO) -> None:
     else:
         Path(json_path).write_text(text + "\n", encoding="utf-8")
         comment(f"results written to {json_path}", out)
+
+
+_T = TypeVar("_T")
+
+if TYPE_CHECKING:
+    from pyxen9p.p9.client import Client
+
+
+def strace_counts(
+    work: Callable[[], _T], *, tid: int, follow: bool = False, settle: float = 0.0
+) -> tuple[_T, int, list[tuple[str, int]]]:
+    """Run *work* with ``strace -c`` attached to the thread *tid* of this
+    process (``follow``: ``-f``, every thread of the process when *tid* is
+    its pid), after waiting for the tracer to attach and *settle* seconds more.
+
+    :returns: what *work* returned, the system calls counted, and each
+        call's name with its count, the most frequent first
+    :raises RuntimeError: if strace does not attach within 30 s
+    """
+    status = Path(f"/proc/self/task/{tid}/status")
+    with tempfile.NamedTemporaryFile("r", suffix=".strace") as report_file:
+        tracer = subprocess.Popen(
+            ["strace", *(["-f"] if follow else []), "-c", "-o", report_file.name, "-p", str(tid)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while not any(
+                line.startswith("TracerPid:") and line.split()[1] != "0"
+                for line in status.read_text().splitlines()
+            ):
+                if tracer.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("strace did not attach")
+                time.sleep(0.02)
+            time.sleep(settle)
+            result = work()
+        finally:
+            tracer.send_signal(signal.SIGINT)
+            tracer.wait(60)
+        calls: list[tuple[str, int]] = []
+        total = 0
+        for line in report_file.read().splitlines():
+            fields = line.split()
+            # % time, seconds, usecs/call, calls, [errors,] name
+            if len(fields) >= 5 and fields[3].isdigit():
+                if fields[-1] == "total":
+                    total = int(fields[3])
+                else:
+                    calls.append((fields[-1], int(fields[3])))
+    calls.sort(key=lambda item: -item[1])
+    return result, total, calls
+
+
+#: The simulated guest's domain id in the benchmarks.
+FE_DOMID = 7
+
+
+@contextmanager
+def simulated_client(export: Path, rings: int | None = None) -> Iterator[Client]:
+    """A client over a simulated Xen frontend (*rings* rings, default: the
+    frontend's choice) to a :class:`~pyxen9p.p9.server.FileServer` on
+    *export*; on the way out, the backend's errors and any leak raise."""
+    from pyxen9p.frontend import Frontend
+    from pyxen9p.p9.client import Client
+    from pyxen9p.p9.server import FileServer
+    from pyxen9p.sim.backend import Sim9pfsBackend
+    from pyxen9p.sim.platform import SimulatedXen
+
+    server = FileServer(export)
+    xen = SimulatedXen()
+    try:
+        guest = xen.create_domain(FE_DOMID, "bench-guest")
+        backend = Sim9pfsBackend(xen.domain(0), FE_DOMID, handler=server.handle)
+        backend.start()
+        try:
+            options: dict[str, Any] = {} if rings is None else {"rings": rings}
+            frontend = Frontend.connect(devid=0, platform=guest, timeout=10.0, **options)
+            with Client(frontend, aname=str(export), timeout=60) as client:
+                yield client
+        finally:
+            backend.stop()
+        if backend.errors:
+            raise RuntimeError(f"the simulated backend failed: {backend.errors}")
+        xen.assert_no_leaks(FE_DOMID)
+    finally:
+        xen.close()
+        server.close()

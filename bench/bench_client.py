@@ -43,8 +43,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 from _common import (
@@ -56,42 +55,15 @@ from _common import (
     measure_pair,
     options_from,
     report,
+    simulated_client,
     timed,
 )
 
-from pyxen9p.frontend import Frontend
 from pyxen9p.p9 import codec as c
 from pyxen9p.p9.client import Client
-from pyxen9p.p9.server import FileServer
-from pyxen9p.sim.backend import Sim9pfsBackend
-from pyxen9p.sim.platform import SimulatedXen
 
-FE_DOMID = 7
 #: Fids the sequential side uses (far from the client's own, which start at 0).
 _FID0 = 1 << 20
-
-
-@contextmanager
-def simulated_client(export: Path, rings: int) -> Iterator[Client]:
-    """A client over a simulated Xen frontend to a FileServer on *export*."""
-    server = FileServer(export)
-    xen = SimulatedXen()
-    try:
-        guest = xen.create_domain(FE_DOMID, "bench-guest")
-        backend = Sim9pfsBackend(xen.domain(0), FE_DOMID, handler=server.handle)
-        backend.start()
-        try:
-            frontend = Frontend.connect(devid=0, platform=guest, timeout=10.0, rings=rings)
-            with Client(frontend, aname=str(export), timeout=60) as client:
-                yield client
-        finally:
-            backend.stop()
-        if backend.errors:
-            raise RuntimeError(f"the simulated backend failed: {backend.errors}")
-        xen.assert_no_leaks(FE_DOMID)
-    finally:
-        xen.close()
-        server.close()
 
 
 class Sequential:

@@ -51,12 +51,9 @@ from __future__ import annotations
 import os
 import resource
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,6 +77,7 @@ from _common import (  # noqa: E402
     measure_pair,
     options_from,
     report,
+    strace_counts,
     timed,
 )
 
@@ -173,41 +171,8 @@ def count_syscalls(work: Callable[[], Sample]) -> tuple[float, int, list[tuple[s
     :returns: the units *work* did, the system calls made meanwhile by all
         of this process's threads, and the most frequent ones with their counts
     """
-    with tempfile.NamedTemporaryFile("r", suffix=".strace") as report_file:
-        tracer = subprocess.Popen(
-            ["strace", "-f", "-c", "-o", report_file.name, "-p", str(os.getpid())],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while _tracer_pid() == 0:
-                if tracer.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("strace did not attach")
-                time.sleep(0.05)
-            time.sleep(0.5)  # every thread attached
-            sample = work()
-        finally:
-            tracer.send_signal(signal.SIGINT)
-            tracer.wait(60)
-        calls: list[tuple[str, int]] = []
-        total = 0
-        for line in report_file.read().splitlines():
-            fields = line.split()
-            # % time, seconds, usecs/call, calls, [errors,] name
-            if len(fields) >= 5 and fields[3].isdigit():
-                if fields[-1] == "total":
-                    total = int(fields[3])
-                else:
-                    calls.append((fields[-1], int(fields[3])))
-    calls.sort(key=lambda item: -item[1])
+    sample, total, calls = strace_counts(work, tid=os.getpid(), follow=True, settle=0.5)
     return sample.units, total, calls[:5]
-
-
-def _tracer_pid() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("TracerPid:"):
-            return int(line.split()[1])
-    return 0
 
 
 def syscall_line(

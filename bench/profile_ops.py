@@ -44,27 +44,18 @@ import argparse
 import cProfile
 import os
 import pstats
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from pyxen9p.frontend import Frontend  # noqa: E402
-from pyxen9p.p9.client import Client  # noqa: E402
-from pyxen9p.p9.server import FileServer  # noqa: E402
-from pyxen9p.sim.backend import Sim9pfsBackend  # noqa: E402
-from pyxen9p.sim.platform import SimulatedXen  # noqa: E402
+from _common import simulated_client, strace_counts  # noqa: E402
 
-FE_DOMID = 7
 MIB = 1 << 20
 SMALL = 4096
 LINES = ("stat", "small_read", "ls_l", "seq_read", "seq_write")
@@ -99,28 +90,6 @@ def _profile_receivers() -> None:
 def _rx_calls() -> int:
     """Calls made so far by the receiver threads profiled."""
     return sum(entry.callcount for p in _RX_PROFILES for entry in p.getstats())  # type: ignore[attr-defined]
-
-
-@contextmanager
-def simulated_client(export: Path) -> Iterator[Client]:
-    """A client over a simulated Xen frontend (default layout) to a FileServer on *export*."""
-    server = FileServer(export)
-    xen = SimulatedXen()
-    try:
-        guest = xen.create_domain(FE_DOMID, "profile-guest")
-        backend = Sim9pfsBackend(xen.domain(0), FE_DOMID, handler=server.handle)
-        backend.start()
-        try:
-            frontend = Frontend.connect(devid=0, platform=guest, timeout=10.0)
-            with Client(frontend, aname=str(export), timeout=60) as client:
-                yield client
-        finally:
-            backend.stop()
-        if backend.errors:
-            raise RuntimeError(f"the simulated backend failed: {backend.errors}")
-    finally:
-        xen.close()
-        server.close()
 
 
 def classify(stats: pstats.Stats) -> dict[str, int]:
@@ -158,35 +127,7 @@ def top(stats: pstats.Stats, n: int, per: float) -> list[str]:
 
 def strace_count(work: Callable[[], object]) -> tuple[int, list[tuple[str, int]]]:
     """System calls of this (main) thread during *work*: ``strace -c -p <tid>``."""
-    tid = threading.get_native_id()
-    with tempfile.NamedTemporaryFile("r", suffix=".strace") as report:
-        tracer = subprocess.Popen(
-            ["strace", "-c", "-o", report.name, "-p", str(tid)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        status = Path(f"/proc/self/task/{tid}/status")
-        deadline = time.monotonic() + 30
-        while not any(
-            line.startswith("TracerPid:") and line.split()[1] != "0"
-            for line in status.read_text().splitlines()
-        ):
-            if tracer.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("strace did not attach")
-            time.sleep(0.02)
-        try:
-            work()
-        finally:
-            tracer.send_signal(signal.SIGINT)
-            tracer.wait(60)
-        calls, total = [], 0
-        for line in report.read().splitlines():
-            fields = line.split()
-            if len(fields) >= 5 and fields[3].isdigit():
-                if fields[-1] == "total":
-                    total = int(fields[3])
-                else:
-                    calls.append((fields[-1], int(fields[3])))
-    calls.sort(key=lambda item: -item[1])
+    _, total, calls = strace_counts(work, tid=threading.get_native_id())
     return total, calls
 
 
