@@ -979,8 +979,9 @@ class Frontend:
         fresh: bool = False,
     ) -> bytes:
         """Wait for *future* until *start* + *timeout* (*fresh*: *start* was
-        read just now, the first poll need not read the clock again)."""
-        if not future.done():
+        read just now, the first poll need not read the clock again, and
+        *future* was seen not done just before: it is not asked again)."""
+        if fresh or not future.done():
             deadline = None if timeout is None else start + timeout
             budget = timeout if fresh else None
             if self._rx_lock.acquire(blocking=False):

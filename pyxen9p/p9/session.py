@@ -684,7 +684,7 @@ class Chain:
         """
         session = self._session
         outcomes: list[Outcome] = []
-        pending = list(range(len(self._steps)))
+        steps = len(self._steps)
         try:
             if len(self._futures) > 1:
                 # the ring is served in order: once the last step's reply is
@@ -697,16 +697,17 @@ class Chain:
                             session.wire.result(last, left)
                         except Exception:
                             pass  # each step's outcome is settled below
-            for i in range(len(self._steps)):
+            for i in range(steps):
                 outcomes.append(self._settle(i))
-                pending.remove(i)
         except BaseException:
             # interrupted while waiting: nobody will read the remaining replies
-            for i in pending:
+            # (the steps from the one being settled on: those before it are
+            # in *outcomes*)
+            for i in range(len(outcomes), steps):
                 self._give_up(i)
             raise
         finally:
-            if self._clunk is not None and self.sent <= len(self._steps):
+            if self._clunk is not None and self.sent <= steps:
                 if isinstance(self._failure, _Uncertain):
                     session.fids.lose(self._clunk)  # its Tclunk may be on the ring
                 else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import os
 import queue
 import stat as stat_module
@@ -633,6 +634,42 @@ def test_a_chain_sent_in_part_is_cleaned_up(root: Path) -> None:
         assert client.fid_count == 1 and client.lost_fids == 0
         assert client.tags_in_use == 0 and not client.stuck_tags
         assert isinstance(transport.sent[-1], c.Tclunk)
+        assert client.stat("f").st_size == 5
+
+
+def test_an_interrupted_chain_gives_up_exactly_the_steps_not_settled(root: Path) -> None:
+    """Chain.finish interrupted while settling a step: that step and those
+    after it are given up (their tags freed), the ones before are not; the
+    walked fid is still clunked."""
+    server, _transport, client = scripted(root, "new")
+    with server, client:
+
+        def after(fid: int) -> Any:
+            getattr_ = functools.partial(c.Tgetattr, fid=fid, request_mask=c.P9_GETATTR_BASIC)
+            return ((getattr_, c.Rgetattr), (getattr_, c.Rgetattr))
+
+        chain = client._start_walk_chain("f", ["f"], after)
+        assert chain is not None
+        settle, give_up = chain._settle, chain._give_up
+        given_up: list[int] = []
+
+        def settle_until_the_second(i: int) -> Any:
+            if i == 1:
+                raise KeyboardInterrupt
+            return settle(i)
+
+        def record(i: int) -> None:
+            given_up.append(i)
+            give_up(i)
+
+        chain._settle = settle_until_the_second  # type: ignore[method-assign]
+        chain._give_up = record  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            chain.finish()
+        assert given_up == [1, 2]
+        client._session.drain_clunks(5)
+        assert client.tags_in_use == 0 and not client.stuck_tags
+        assert client.fid_count == 1 and client.lost_fids == 0
         assert client.stat("f").st_size == 5
 
 
