@@ -16,10 +16,7 @@ try:
 except ImportError:  # pragma: no cover - fsspec is a test dependency
     fsspec = None
 
-from p9.userver import UServer, serve_unix
-
-from pyxen9p.p9.mux import MultiplexerThread
-from pyxen9p.p9.transport import StreamTransport
+from p9.userver import UServer, mux_as_xen_9pfsd
 
 
 @pytest.fixture
@@ -87,19 +84,10 @@ def test_fsspec_through_the_mux_on_xen_9pfsd(share: Path, tmp_path: Path) -> Non
     need(fsspec is not None, "fsspec")
     from pyxen9p.fsspec import Xen9pFileSystem
 
-    server = UServer(share)
-    stop = serve_unix(server, tmp_path / "u.sock")
-    transport = StreamTransport.unix(str(tmp_path / "u.sock"))
-    transport.backend_path = "/local/domain/0/backend/xen_9pfs/1/0"  # type: ignore[attr-defined]
-    try:
-        with MultiplexerThread(transport) as mux:
-            sock = mux.listen_unix(tmp_path / "mux.sock")
-            fs = Xen9pFileSystem(server=f"unix:{sock}", skip_instance_cache=True)
-            try:
-                exercise(fs, share, tmp_path)
-            finally:
-                fs.close()
-    finally:
-        transport.close()
-        stop()
-    assert not server.root_tstat_seen
+    with mux_as_xen_9pfsd(share, tmp_path):
+        sock = str(tmp_path / "mux.sock")
+        fs = Xen9pFileSystem(server=f"unix:{sock}", skip_instance_cache=True)
+        try:
+            exercise(fs, share, tmp_path)
+        finally:
+            fs.close()

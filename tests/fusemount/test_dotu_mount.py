@@ -20,11 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from p9.userver import UServer, serve_unix
+from p9.userver import UServer, mux_as_xen_9pfsd
 
 from pyxen9p.mount import ClientOperations
-from pyxen9p.p9.mux import MultiplexerThread
-from pyxen9p.p9.transport import StreamTransport
 
 
 @pytest.fixture
@@ -133,36 +131,26 @@ print(json.dumps(out))
 def test_fuse_mount_through_the_mux_on_xen_9pfsd(
     share: Path, tmp_path: Path, mounter: Any
 ) -> None:
-    server = UServer(share)
-    stop = serve_unix(server, tmp_path / "u.sock")
-    transport = StreamTransport.unix(str(tmp_path / "u.sock"))
-    transport.backend_path = "/local/domain/0/backend/xen_9pfs/1/0"  # type: ignore[attr-defined]
-    try:
-        with MultiplexerThread(transport) as mux:
-            sock = mux.listen_unix(tmp_path / "mux.sock")
-            m = mounter("--unix", sock, "--timeout", "10")
-            done = subprocess.run(
-                [sys.executable, "-c", _PROGRAM, str(m.path)],
-                capture_output=True, text=True, timeout=120, check=False,
-            )
-            assert done.returncode == 0, done.stderr
-            out = json.loads(done.stdout)
-            assert out["root"] == [True, 0o755, True]
-            assert out["ls"] == ["a.txt", "sub"]
-            assert out["cat"] == "alpha\n"
-            assert out["write"] == "written through FUSE\n"
-            assert out["overwrite"] == "new\n"
-            assert out["mkdir"] is None
-            assert out["rmdir"] == f"errno {errno.EPERM}"
-            assert out["rename"] == f"errno {errno.EPERM}"
-            assert out["chmod"] == f"errno {errno.EOPNOTSUPP}"
-            assert out["statvfs"] == 255
-            assert out["rm"] is None and out["ls-sub"] == []
-            assert (share / "a.txt").read_text() == "new\n"
-            assert (share / "d").is_dir() and not (share / "sub/new.txt").exists()
-            assert m.unmount() == 0
-            assert mux.root_tstats_refused >= 1
-    finally:
-        transport.close()
-        stop()
-    assert not server.root_tstat_seen
+    with mux_as_xen_9pfsd(share, tmp_path) as (_, mux):
+        m = mounter("--unix", str(tmp_path / "mux.sock"), "--timeout", "10")
+        done = subprocess.run(
+            [sys.executable, "-c", _PROGRAM, str(m.path)],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        out = json.loads(done.stdout)
+        assert out["root"] == [True, 0o755, True]
+        assert out["ls"] == ["a.txt", "sub"]
+        assert out["cat"] == "alpha\n"
+        assert out["write"] == "written through FUSE\n"
+        assert out["overwrite"] == "new\n"
+        assert out["mkdir"] is None
+        assert out["rmdir"] == f"errno {errno.EPERM}"
+        assert out["rename"] == f"errno {errno.EPERM}"
+        assert out["chmod"] == f"errno {errno.EOPNOTSUPP}"
+        assert out["statvfs"] == 255
+        assert out["rm"] is None and out["ls-sub"] == []
+        assert (share / "a.txt").read_text() == "new\n"
+        assert (share / "d").is_dir() and not (share / "sub/new.txt").exists()
+        assert m.unmount() == 0
+        assert mux.root_tstats_refused >= 1

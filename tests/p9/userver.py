@@ -33,11 +33,12 @@ and the most fids the server held at once: :attr:`UServer.peak_fids`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat as st
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -471,3 +472,29 @@ def serve_unix(server: UServer, path: str | Path) -> Callable[[], None]:
         thread.join(10)
 
     return stop
+
+
+@contextlib.contextmanager
+def mux_as_xen_9pfsd(root: Path, where: Path) -> Iterator[tuple[UServer, Any]]:
+    """A :class:`UServer` of *root* behind pyxen9p's multiplexer, whose
+    backend transport says it is xen-9pfsd (``backend/xen_9pfs``).
+
+    Yields the server and the running :class:`~pyxen9p.p9.mux.MultiplexerThread`
+    (listening at ``where/mux.sock``); on the way out,
+    checks that the server was never asked for the root's attributes.
+    """
+    from pyxen9p.p9.mux import MultiplexerThread
+    from pyxen9p.p9.transport import StreamTransport
+
+    server = UServer(root)
+    stop = serve_unix(server, where / "u.sock")
+    transport = StreamTransport.unix(str(where / "u.sock"))
+    transport.backend_path = "/local/domain/0/backend/xen_9pfs/1/0"  # type: ignore[attr-defined]
+    try:
+        with MultiplexerThread(transport) as mux:
+            mux.listen_unix(where / "mux.sock")
+            yield server, mux
+    finally:
+        transport.close()
+        stop()
+    assert not server.root_tstat_seen
