@@ -323,6 +323,14 @@ def test_benchmark_against_the_kernel(
         # every pyxen9p operation makes system calls (at least the event channel's)
         assert float(calls[1]) > 0 and float(calls[3]) > 0, calls[0]
     assert "# pyxen9p: msize=" in output
+    # the interpreter's basic costs in this domain, for reading the CPU figures
+    costs = re.search(
+        r"^# platform: us per empty call ([0-9.]+), time\.monotonic\(\) ([0-9.]+),"
+        r" with lock: ([0-9.]+), poll\(0\) ([0-9.]+); Python 3\.\S+; clocksource \S+$",
+        output, re.M,
+    )
+    assert costs, f"no platform line:\n{output}"
+    assert all(float(costs[i]) > 0 for i in range(1, 5)), costs[0]
     # it cleaned up after itself: no kernel 9pfs mount over Xen is left
     mounts = Path("/proc/mounts").read_text().splitlines()
     assert [line for line in mounts if " 9p " in line and "trans=xen" in line] == []
