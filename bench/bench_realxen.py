@@ -29,8 +29,8 @@ user and system time per MB::
       kernel=... ms (user ... + sys ...)
 
 (one line).  A ``# platform:`` line first gives what an empty Python call,
-``time.monotonic()``, an uncontended ``with lock:`` and ``poll(0)`` cost in
-this domain, and its clock source: in a PV domain whose clock has no vDSO
+``time.monotonic()``, an uncontended ``with lock:``, ``poll(0)`` and one copy
+of 1 MiB cost in this domain, and its clock source: in a PV domain whose clock has no vDSO
 path, every clock read is a system call, and CPython up to 3.12 reads the
 clock on every lock acquire.
 The kernel's frontend runs in the reading process's system calls, so its
@@ -127,7 +127,8 @@ def cpu_split_line(name: str, per: str, units: float, sides: dict[str, CpuSplit]
 def platform_costs(loops: int = 20000) -> str:
     """What the interpreter's basic steps cost in this domain, for reading the
     CPU figures: an empty Python call, ``time.monotonic()``, an uncontended
-    ``with lock:`` and a zero-timeout ``poll`` (medians of 3 runs, µs each).
+    ``with lock:``, a zero-timeout ``poll`` (medians of 3 runs) and one copy of
+    1 MiB between two buffers (median of 5), µs each.
 
     CPython up to 3.12 reads ``CLOCK_MONOTONIC`` on every lock acquire, and in
     a PV domain without a vDSO clock each read is a system call: the
@@ -170,6 +171,16 @@ def platform_costs(loops: int = 20000) -> str:
             work()
             times.append(time.perf_counter() - start)
         figures.append(f"{label} {statistics.median(times) / loops * 1e6:.2f}")
+    # one copy of 1 MiB between two buffers (what a read or a write pays per MiB
+    # for each copy it makes)
+    src, dst = bytes(1 << 20), bytearray(1 << 20)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(16):
+            dst[:] = src
+        times.append((time.perf_counter() - start) / 16)
+    figures.append(f"1 MiB copy {statistics.median(times) * 1e6:.0f}")
     try:
         source = Path("/sys/devices/system/clocksource/clocksource0/current_clocksource")
         clock = source.read_text().strip() or "?"
