@@ -267,6 +267,7 @@ def run(
     options: Options,
     entries: int = 1000,
     syscalls: bool = False,
+    layout: dict[str, int] | None = None,
 ) -> list[Result]:
     """Set both frontends up on a fresh dom0 directory, measure, tear everything down.
 
@@ -274,6 +275,7 @@ def run(
     :param ops: operations per repetition of the small-operation benchmarks
     :param kernel_msize: the kernel mount's msize (``None``: pyxen9p's)
     :param entries: files in the directory of the ``ls_l`` benchmark
+    :param layout: ``rings`` / ``ring_order`` for ``pyxen9p.connect`` (default: its choice)
     :returns: the five results
     """
     out = sys.stdout
@@ -288,7 +290,7 @@ def run(
     small = os.urandom(SMALL)
     results: list[Result] = []
     try:
-        with kernel_helpers.pyxen9p_client(share, tag="benchp") as (_, client):
+        with kernel_helpers.pyxen9p_client(share, tag="benchp", **(layout or {})) as (_, client):
             msize = kernel_msize or client.msize
             opts = f"{kernel_helpers.KERNEL_MOUNT_OPTIONS},msize={msize}"
             with kernel_helpers.kernel_mount(share, mnt, "benchk", options=opts) as km:
@@ -456,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="files listed by ls_l (default 1000; 50 with --quick)")
     parser.add_argument("--kernel-msize", type=int, default=None,
                         help="msize of the kernel mount (default: the msize pyxen9p negotiated)")
+    parser.add_argument("--rings", type=int, default=None,
+                        help="pyxen9p's rings (default: the frontend's choice)")
+    parser.add_argument("--ring-order", type=int, default=None,
+                        help="pyxen9p's ring order (default: the frontend's choice)")
     parser.add_argument("--syscalls", action="store_true",
                         help="also count each side's system calls per unit: one more"
                              " repetition of each, under strace -f -c (not timed)")
@@ -469,7 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size_mib or (2 if options.quick else 16)
     ops = args.ops or (20 if options.quick else 100)
     entries = args.entries or (50 if options.quick else 1000)
-    results = run(size, ops, args.kernel_msize, options, entries, args.syscalls)
+    layout = {k: v for k, v in (("rings", args.rings), ("ring_order", args.ring_order))
+              if v is not None}  # fmt: skip
+    results = run(size, ops, args.kernel_msize, options, entries, args.syscalls, layout)
     report(results, args.json, sys.stdout)
     return 0
 

@@ -275,7 +275,9 @@ def test_benchmark_against_the_kernel(
     src = Path(os.environ.get("PYXEN9P_SRC", Path(__file__).resolve().parents[3]))
     full = xenlab.bench_requested()
     argv = [str(src / "bench" / "bench_realxen.py"), "--syscalls"]
-    if not full:
+    if full:
+        argv += xenlab.bench_args()
+    else:
         argv += ["--quick", "--repeat", "1", "--warmup", "0", "--ops", "10", "--size-mib", "1",
                  "--entries", "20"]
     res = kernel_helpers.run_python(argv, timeout=850 if full else 240)
