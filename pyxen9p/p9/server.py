@@ -127,6 +127,7 @@ import resource
 import select
 import socket
 import stat
+import struct
 import threading
 import time
 from collections import OrderedDict
@@ -166,6 +167,8 @@ _MAX_LISTINGS = 4
 _MAX_CLIENT_ID = 255
 
 _O_PATH = getattr(os, "O_PATH", 0)
+#: ``size[4] type[1] tag[2]``
+_HEADER = struct.Struct("<IBH")
 _S_ISDIR = stat.S_ISDIR
 _S_ISLNK = stat.S_ISLNK
 _allocate_lock = threading.Lock
@@ -866,11 +869,18 @@ class Session:
             well-framed message (shorter than 7 bytes, or its size field
             differs from its length)
         """
-        size, mtype, tag = c.peek_header(request)
-        if size != memoryview(request).nbytes:
-            raise c.ProtocolError(
-                f"size field says {size} bytes but {memoryview(request).nbytes} were given"
-            )
+        if type(request) is bytes and len(request) >= c.HEADER_SIZE:  # what rings give
+            size, mtype, tag = _HEADER.unpack_from(request)  # c.peek_header, inline
+            if size != len(request):
+                if size < c.HEADER_SIZE:
+                    raise c.ProtocolError(f"size field {size} is smaller than the header")
+                raise c.ProtocolError(f"size field says {size} bytes but {len(request)} were given")
+        else:
+            size, mtype, tag = c.peek_header(request)
+            if size != memoryview(request).nbytes:
+                raise c.ProtocolError(
+                    f"size field says {size} bytes but {memoryview(request).nbytes} were given"
+                )
         with self._lock:
             if self.closed:
                 return c.encode(c.Rlerror(tag, errno.EIO))
