@@ -170,8 +170,9 @@ def failed_future(exc: BaseException | None) -> NotSent:
     return future
 
 
-#: Serialises the state changes of every :class:`Reply` (held for a few
-#: bytecodes, never while waiting or running a callback).
+#: Serialises the rare state changes of a :class:`Reply` that are not a
+#: settle (cancel, set_running_or_notify_cancel) and the making of its
+#: condition: never taken on the path of a reply.
 _TRANSITION = threading.Lock()
 _DONE = (FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED)
 
@@ -183,12 +184,32 @@ class Reply(Future[bytes]):
     A plain ``Future`` builds a :class:`threading.Condition` (and its
     ``RLock``) for every request and takes it in every ``done()``,
     ``result()``, ``set_result()``: on the hot path of a stat that was
-    about a quarter of the caller's function calls.  Here the state changes
-    are serialised by one module-wide lock held for a few bytecodes, reading
-    the state takes none, and the condition is made only for a thread that
-    waits for a future not yet done (or :func:`concurrent.futures.wait`):
-    a state change made after the condition exists notifies it under its
-    lock, one made before is seen by the waiter's check under that lock.
+    about a quarter of the caller's function calls, and on CPython 3.11
+    every lock acquisition reads the clock (a system call in a PV domain
+    without vDSO).  Here settling and adding a callback take no lock:
+
+    * who finishes the future (:meth:`settle`) or cancels it claims it by
+      ``self._claim.pop()`` on a one-token list: one C-level operation,
+      atomic under the GIL and on free-threaded builds, that exactly one
+      caller wins (the others get :class:`IndexError`).  Only the winner
+      writes the result and then the state, so the state is written once
+      (``PENDING`` -> ``FINISHED`` or ``CANCELLED``).
+    * ``RUNNING`` is kept in a flag of its own (``_running``), never
+      written into the settled state: a ``set_running_or_notify_cancel``
+      racing a settle cannot overwrite ``FINISHED``.  :attr:`_state`
+      combines the two for the base class's methods.
+    * each done-callback is kept in a one-element list, and whoever calls
+      it pops it first (``entry.pop()``, atomic): the settler after the
+      state is written, the adder if it sees the state done after
+      appending.  A callback added while the future settles is called
+      exactly once, by one of them.
+    * the condition is made only for a thread that waits for a future not
+      yet done (or :func:`concurrent.futures.wait`): the settler writes the
+      state before it reads ``_cond``, the waiter publishes ``_cond``
+      before it reads the state under that condition, so either the
+      waiter sees the state done or the settler sees the condition and
+      notifies under its lock.
+
     The behaviour (states, callbacks, ``wait``/``as_completed``,
     ``asyncio.wrap_future``) is the base class's.
     """
@@ -196,12 +217,28 @@ class Reply(Future[bytes]):
     def __init__(self, tag: int = -1) -> None:  # no super().__init__(): no condition yet
         #: the tag of its request (how the request table finds it)
         self.tag = tag
-        self._state = PENDING
+        self._settled = PENDING  # PENDING, FINISHED, CANCELLED or CANCELLED_AND_NOTIFIED
+        self._running = False
+        self._claim: list[None] = [None]
         self._result: bytes | None = None
         self._exception: BaseException | None = None
         self._waiters: list[Any] = []
-        self._done_callbacks: list[Callable[[Future[bytes]], object]] = []
+        self._callbacks: list[list[Callable[[Future[bytes]], object]]] = []
         self._cond: threading.Condition | None = None
+
+    @property  # type: ignore[override]
+    def _state(self) -> str:
+        settled = self._settled
+        if settled == PENDING and self._running:
+            return RUNNING
+        return settled
+
+    @_state.setter
+    def _state(self, value: str) -> None:  # only the base class's code, on paths overridden here
+        if value == RUNNING:
+            self._running = True
+        else:
+            self._settled = value
 
     @property
     def _condition(self) -> threading.Condition:
@@ -219,12 +256,12 @@ class Reply(Future[bytes]):
 
     def done(self) -> bool:
         """Whether the future is finished or cancelled (no lock taken)."""
-        return self._state in _DONE
+        return self._settled != PENDING
 
     def result(self, timeout: float | None = None) -> bytes:
         """The reply, or the failure raised; waits (at most *timeout*
         seconds) only if not done, as :meth:`concurrent.futures.Future.result`."""
-        if self._state == FINISHED:
+        if self._settled == FINISHED:
             exc = self._exception
             if exc is None:
                 return self._result  # type: ignore[return-value]
@@ -236,22 +273,25 @@ class Reply(Future[bytes]):
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The failure (``None`` for a reply); waits as :meth:`result` does."""
-        if self._state == FINISHED:
+        if self._settled == FINISHED:
             return self._exception
         return super().exception(timeout)
 
     def settle(self, result: bytes | None, exc: BaseException | None) -> bool:
         """Finish with *result*, or *exc* if not ``None``; ``False`` (and
-        nothing changed) if the future was done already."""
-        with _TRANSITION:
-            if self._state != PENDING and self._state != RUNNING:
-                return False
-            if exc is None:
-                self._result = result
-            else:
-                self._exception = exc
-            self._state = FINISHED
-        cond = self._cond
+        nothing changed) if the future was done already (or is being
+        finished or cancelled by another thread).  Takes no lock unless a
+        thread waits on the future's condition."""
+        try:
+            self._claim.pop()  # atomic: exactly one settle or cancel wins
+        except IndexError:
+            return False
+        if exc is None:
+            self._result = result
+        else:
+            self._exception = exc
+        self._settled = FINISHED  # after the result: a reader of the state sees it
+        cond = self._cond  # read after the state is written (see the class)
         if cond is not None:
             with cond:
                 for waiter in self._waiters:
@@ -260,8 +300,8 @@ class Reply(Future[bytes]):
                     else:
                         waiter.add_exception(self)
                 cond.notify_all()
-        if self._done_callbacks:
-            self._invoke_callbacks()  # type: ignore[attr-defined]
+        if self._callbacks:
+            self._invoke_callbacks()
         return True
 
     def set_result(self, result: bytes) -> None:
@@ -281,31 +321,35 @@ class Reply(Future[bytes]):
             raise InvalidStateError(f"{self._state}: {self!r}")
 
     def cancel(self) -> bool:
-        """Cancel unless finished: whether the future is cancelled."""
-        with _TRANSITION:
-            if self._state in (RUNNING, FINISHED):
-                return False
-            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+        """Cancel unless running or finished: whether the future is cancelled."""
+        with _TRANSITION:  # against set_running_or_notify_cancel (a settle claims)
+            if self._settled in (CANCELLED, CANCELLED_AND_NOTIFIED):
                 return True
-            self._state = CANCELLED
+            if self._running:
+                return False
+            try:
+                self._claim.pop()
+            except IndexError:
+                return False  # finished, or being finished by a settle
+            self._settled = CANCELLED
         cond = self._cond
         if cond is not None:
             with cond:
                 cond.notify_all()
-        self._invoke_callbacks()  # type: ignore[attr-defined]
+        self._invoke_callbacks()
         return True
 
     def set_running_or_notify_cancel(self) -> bool:
         """As :meth:`concurrent.futures.Future.set_running_or_notify_cancel`."""
-        with _TRANSITION:
-            state = self._state
-            if state == PENDING:
-                self._state = RUNNING
+        with _TRANSITION:  # against cancel; a settle only ever writes FINISHED
+            settled = self._settled
+            if settled == PENDING and not self._running:
+                self._running = True
                 return True
-            if state == CANCELLED:
-                self._state = CANCELLED_AND_NOTIFIED
-        if state != CANCELLED:
-            LOGGER.critical("Future %s in unexpected state: %s", id(self), state)
+            if settled == CANCELLED:
+                self._settled = CANCELLED_AND_NOTIFIED
+        if settled != CANCELLED:
+            LOGGER.critical("Future %s in unexpected state: %s", id(self), self._state)
             raise RuntimeError("Future in unexpected state")
         with self._condition:
             for waiter in self._waiters:
@@ -314,14 +358,36 @@ class Reply(Future[bytes]):
 
     def add_done_callback(self, fn: Callable[[Future[bytes]], object]) -> None:
         """Call *fn* with the future once it is done (now, if it is)."""
-        with _TRANSITION:
-            if self._state not in _DONE:
-                self._done_callbacks.append(fn)
+        if self._settled == PENDING:
+            entry = [fn]
+            self._callbacks.append(entry)  # atomic
+            if self._settled == PENDING:
+                # not done after the append: the settler, which writes the
+                # state before it looks at the list, finds the entry
                 return
+            # settled meanwhile: the settler may or may not have seen the
+            # entry; whoever pops it calls it
+            try:
+                fn = entry.pop()
+            except IndexError:
+                return  # the settler called it
         try:
             fn(self)
         except Exception:
             LOGGER.exception("exception calling callback for %r", self)
+
+    def _invoke_callbacks(self) -> None:
+        """Call each callback not called yet, in the order added (each
+        claimed by an atomic ``pop`` of its entry: never twice)."""
+        for entry in self._callbacks:  # a list only appended to: no entry skipped
+            try:
+                fn = entry.pop()
+            except IndexError:
+                continue
+            try:
+                fn(self)
+            except Exception:
+                LOGGER.exception("exception calling callback for %r", self)
 
 
 class Request:
