@@ -40,6 +40,7 @@ __all__ = [
     "Reply",
     "Request",
     "RequestTable",
+    "TagInFlightError",
     "as_pieces",
     "check_batch",
     "failed_future",
@@ -155,6 +156,10 @@ def check_batch(
         seen.add(tag)
         checked.append((views, total, mtype, tag, writable_target(into[i]) if into else None))
     return checked
+
+
+class TagInFlightError(ValueError):
+    """A request was registered under a tag already in flight."""
 
 
 class NotSent(Future[bytes]):
@@ -465,7 +470,35 @@ class RequestTable:
     """The requests in flight on one transport, by tag.
 
     Thread-safe.  Once :meth:`fail` was called, every later :meth:`register`
-    raises the failure.
+    (or :meth:`add`) raises the failure.
+
+    Taking a reply's request, marking one lazy or awaited, flushing and
+    failing take no lock (on CPython 3.11 each lock acquisition reads the
+    clock: a system call in a PV domain without vDSO).  The rules that make
+    that safe:
+
+    * :attr:`pending` is changed only by single C-level dict operations,
+      each atomic under the GIL and on free-threaded builds: removals are
+      ``pop``/``popitem`` (whoever pops a request owns it: never two), an
+      insertion is ``setdefault`` (which tells whether the tag was free).
+    * Inserting a tag and removing an unsent request by identity (a
+      ``get`` then a ``pop``: two steps) are serialised per tag by one
+      lock: :attr:`lock` for :meth:`register`/:meth:`unregister`, the
+      caller's own for :meth:`add`/:meth:`withdraw` (a frontend's ring send
+      lock: a tag belongs to one ring).  So between the ``get`` and the
+      ``pop`` the tag may only lose its request (a reply, a flush, a
+      failure), never gain another.
+    * The requests someone waits for promptly are also keys of
+      :attr:`_awaited` (by identity, not tag: a tag used again cannot be
+      confused).  A request enters it before :attr:`pending` and leaves it
+      after; :meth:`mark_awaited` puts it back then checks that it is still
+      pending, removing it if not: a request taken meanwhile never stays.
+    * :meth:`fail` records the failure under :attr:`lock`, then pops every
+      request; :meth:`add` inserts, then reads the failure: either the
+      failure's pops find the request, or :meth:`add` sees the failure and
+      withdraws it (and raises).
+    * :attr:`dropped_replies` is counted only by the thread receiving the
+      transport's replies (one at a time).
 
     :ivar dropped_replies: replies that answered no request in flight
     """
@@ -475,8 +508,8 @@ class RequestTable:
         self.pending: dict[int, Request] = {}
         self.failure: TransportError | None = None
         self.dropped_replies = 0
-        #: requests in :attr:`pending` not :meth:`marked lazy <mark_lazy>`
-        self._awaited = 0
+        #: the requests in :attr:`pending` not :meth:`marked lazy <mark_lazy>`
+        self._awaited: dict[Request, None] = {}
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -486,106 +519,108 @@ class RequestTable:
     ) -> Request:
         """Reserve *tag* for a request of type *mtype* (*lazy*: see :attr:`Request.lazy`).
 
-        :raises ValueError: the tag is in flight
+        :raises TagInFlightError: the tag is in flight (a :class:`ValueError`)
         :raises ~pyxen9p.errors.TransportError: the table failed (closed transport)
         """
-        request = Request(tag, mtype, into)
-        request.lazy = lazy
         with self.lock:
             if self.failure is not None:
                 raise self.failure
-            if tag in self.pending:
-                raise ValueError(f"tag {tag} is already in flight")
-            self.pending[tag] = request
-            if not lazy:
-                self._awaited += 1
+            return self._insert(tag, mtype, into, lazy)
+
+    def add(
+        self, tag: int, mtype: int, into: memoryview | None = None, lazy: bool = False
+    ) -> Request:
+        """:meth:`register` without the table's lock: the caller holds a lock
+        of its own that serialises every :meth:`add` and :meth:`withdraw`
+        of *tag* (and never mixes them with :meth:`register` for it).
+
+        :raises TagInFlightError: the tag is in flight (a :class:`ValueError`)
+        :raises ~pyxen9p.errors.TransportError: the table failed (closed transport)
+        """
+        request = self._insert(tag, mtype, into, lazy)
+        failure = self.failure  # read after the insertion (see the class)
+        if failure is not None:
+            self.withdraw(request)
+            request.reject(failure)
+            raise failure
         return request
 
-    def register_many(
-        self, entries: Sequence[tuple[int, int, memoryview | None]], lazy: bool = False
-    ) -> tuple[list[Request], ValueError | TransportError | None]:
-        """:meth:`register` of each ``(tag, type, into)`` in order, under one
-        lock: the requests registered, and why the next was not (``None``:
-        all were; none after it is)."""
-        requests = []
-        for tag, mtype, into in entries:
-            request = Request(tag, mtype, into)
-            request.lazy = lazy
-            requests.append(request)
-        pending = self.pending
-        with self.lock:
-            if self.failure is not None:
-                return [], self.failure
-            for i, request in enumerate(requests):
-                if request.tag in pending:
-                    if not lazy:
-                        self._awaited += i
-                    return requests[:i], ValueError(f"tag {request.tag} is already in flight")
-                pending[request.tag] = request
-            if not lazy:
-                self._awaited += len(requests)
-        return requests, None
+    def _insert(self, tag: int, mtype: int, into: memoryview | None, lazy: bool) -> Request:
+        request = Request(tag, mtype, into)
+        if lazy:
+            request.lazy = True
+        else:
+            self._awaited[request] = None  # before it can be taken (see the class)
+        if self.pending.setdefault(tag, request) is not request:  # atomic
+            self._awaited.pop(request, None)
+            raise TagInFlightError(f"tag {tag} is already in flight")
+        return request
+
+    def withdraw(self, request: Request) -> None:
+        """Forget *request*, never sent (the caller holds the lock it used
+        for :meth:`add`: no other request can come under its tag meanwhile)."""
+        if self.pending.get(request.tag) is request:
+            self.pending.pop(request.tag, None)  # or taken meanwhile: gone either way
+        self._awaited.pop(request, None)
 
     def unregister(self, request: Request) -> None:
-        """Forget *request* (it was never sent)."""
+        """Forget *request* (it was never sent) registered with :meth:`register`."""
         with self.lock:
-            if self.pending.get(request.tag) is request:
-                del self.pending[request.tag]
-                if not request.lazy:
-                    self._awaited -= 1
+            self.withdraw(request)
 
     def take(self, tag: int) -> Request | None:
-        """Remove and return the request for *tag*, or count a dropped reply."""
-        with self.lock:
-            request = self.pending.pop(tag, None)
-            if request is None:
-                self.dropped_replies += 1
-            elif not request.lazy:
-                self._awaited -= 1
+        """Remove and return the request for *tag*, or count a dropped reply.
+
+        Only the thread receiving the transport's replies calls it.
+        """
+        request = self.pending.pop(tag, None)  # atomic: the request is ours alone
+        if request is None:
+            self.dropped_replies += 1  # one receiving thread at a time
+            return None
+        self._awaited.pop(request, None)  # after the pending pop (see the class)
         return request
 
     def in_flight_on(self, index: int, modulus: int) -> bool:
         """Whether a request is in flight (abandoned ones included) whose
         tag is *index* modulo *modulus*: on that ring of a multi-ring transport."""
-        with self.lock:
-            if modulus == 1:
-                return bool(self.pending)
-            for tag in self.pending:  # a loop, not any(): no generator frames
-                if tag % modulus == index:
-                    break
-            else:
-                return False
-            return True
+        if modulus == 1:
+            return bool(self.pending)
+        for tag in self.pending.copy():  # one atomic copy: never changed while iterated
+            if tag % modulus == index:
+                return True
+        return False
 
     def mark_lazy(self, tag: int) -> None:
         """Nobody waits promptly for the reply to *tag* (if still in flight)."""
-        with self.lock:
-            request = self.pending.get(tag)
-            if request is not None and not request.lazy:
-                request.lazy = True
-                self._awaited -= 1
+        request = self.pending.get(tag)
+        if request is not None:
+            request.lazy = True
+            self._awaited.pop(request, None)  # atomic; gone already if taken
 
     def mark_awaited(self, future: Future[bytes]) -> bool:
         """Someone waits for *future*'s reply after all: it is no longer lazy.
 
         :returns: whether its request is still in flight
         """
-        with self.lock:
-            request = self._find(future)
-            if request is None:
-                return False
-            if request.lazy:
-                request.lazy = False
-                self._awaited += 1
-            return True
+        request = self._find(future)
+        if request is None:
+            return False
+        request.lazy = False
+        self._awaited[request] = None
+        # taken (or flushed, failed) meanwhile: its taker's pop of _awaited
+        # may have come before the insertion above, so look again
+        if self.pending.get(request.tag) is not request:
+            self._awaited.pop(request, None)
+            return False
+        return True
 
     def _find(self, future: Future[bytes]) -> Request | None:
-        """The request in flight whose future is *future* (the lock held)."""
+        """The request in flight whose future is *future*."""
         tag = getattr(future, "tag", None)
         if tag is not None:  # a Reply: its request is under its tag, if in flight
             request = self.pending.get(tag)
             return request if request is not None and request.future is future else None
-        for request in self.pending.values():  # a future of another make: look
+        for request in self.pending.copy().values():  # a future of another make: look
             if request.future is future:
                 return request
         return None
@@ -593,7 +628,7 @@ class RequestTable:
     def awaited(self) -> bool:
         """Whether a request is in flight whose reply someone waits for
         promptly (not :meth:`marked lazy <mark_lazy>`)."""
-        return self._awaited > 0
+        return bool(self._awaited)
 
     def peek(self, tag: int) -> Request | None:
         """The request for *tag*, left in place."""
@@ -601,35 +636,34 @@ class RequestTable:
 
     def abandon(self, future: Future[bytes]) -> None:
         """The caller stopped waiting for *future*: its tag stays reserved."""
-        with self.lock:
-            request = self._find(future)
-            if request is not None:
-                request.abandoned = True
+        request = self._find(future)
+        if request is not None:
+            request.abandoned = True
 
     def flushed(self, tag: int) -> None:
         """Free *tag* (Rflush came: no reply will); a waiter gets ``InterruptedError``."""
-        with self.lock:
-            request = self.pending.pop(tag, None)
-            if request is not None and not request.lazy:
-                self._awaited -= 1
+        request = self.pending.pop(tag, None)  # atomic
         if request is not None:
+            self._awaited.pop(request, None)
             request.reject(InterruptedError(errno.EINTR, f"tag {tag} was flushed"))
 
     def fail(self, exc: TransportError) -> TransportError:
         """Fail every request in flight, and every later registration, with
         the first failure recorded; return it."""
-        with self.lock:
+        with self.lock:  # the first failure wins; a register after it sees it
             if self.failure is None:
                 self.failure = exc
             failure = self.failure
-            pending = list(self.pending.values())
-            self.pending.clear()
-            self._awaited = 0
-        for request in pending:
+        pending, awaited = self.pending, self._awaited
+        while True:
+            try:
+                _tag, request = pending.popitem()  # atomic: each request failed once
+            except KeyError:
+                break
+            awaited.pop(request, None)
             request.reject(failure)
         return failure
 
     def tags(self) -> set[int]:
         """Tags in flight (including abandoned ones)."""
-        with self.lock:
-            return set(self.pending)
+        return set(self.pending.copy())
