@@ -537,7 +537,14 @@ class RequestTable:
         :raises TagInFlightError: the tag is in flight (a :class:`ValueError`)
         :raises ~pyxen9p.errors.TransportError: the table failed (closed transport)
         """
-        request = self._insert(tag, mtype, into, lazy)
+        request = Request(tag, mtype, into)  # _insert's steps, inline: the hot path
+        if lazy:
+            request.lazy = True
+        else:
+            self._awaited[request] = None  # before it can be taken (see the class)
+        if self.pending.setdefault(tag, request) is not request:  # atomic
+            self._awaited.pop(request, None)
+            raise TagInFlightError(f"tag {tag} is already in flight")
         failure = self.failure  # read after the insertion (see the class)
         if failure is not None:
             self.withdraw(request)
