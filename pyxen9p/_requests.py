@@ -40,7 +40,6 @@ __all__ = [
     "Reply",
     "Request",
     "RequestTable",
-    "TagInFlightError",
     "as_pieces",
     "check_batch",
     "failed_future",
@@ -156,10 +155,6 @@ def check_batch(
         seen.add(tag)
         checked.append((views, total, mtype, tag, writable_target(into[i]) if into else None))
     return checked
-
-
-class TagInFlightError(ValueError):
-    """A request was registered under a tag already in flight."""
 
 
 class NotSent(Future[bytes]):
@@ -519,7 +514,7 @@ class RequestTable:
     ) -> Request:
         """Reserve *tag* for a request of type *mtype* (*lazy*: see :attr:`Request.lazy`).
 
-        :raises TagInFlightError: the tag is in flight (a :class:`ValueError`)
+        :raises ValueError: the tag is in flight
         :raises ~pyxen9p.errors.TransportError: the table failed (closed transport)
         """
         with self.lock:
@@ -529,12 +524,12 @@ class RequestTable:
 
     def add(
         self, tag: int, mtype: int, into: memoryview | None = None, lazy: bool = False
-    ) -> Request:
+    ) -> Request | None:
         """:meth:`register` without the table's lock: the caller holds a lock
         of its own that serialises every :meth:`add` and :meth:`withdraw`
         of *tag* (and never mixes them with :meth:`register` for it).
 
-        :raises TagInFlightError: the tag is in flight (a :class:`ValueError`)
+        :returns: the request, or ``None`` if the tag is in flight
         :raises ~pyxen9p.errors.TransportError: the table failed (closed transport)
         """
         request = Request(tag, mtype, into)  # _insert's steps, inline: the hot path
@@ -544,7 +539,7 @@ class RequestTable:
             self._awaited[request] = None  # before it can be taken (see the class)
         if self.pending.setdefault(tag, request) is not request:  # atomic
             self._awaited.pop(request, None)
-            raise TagInFlightError(f"tag {tag} is already in flight")
+            return None
         failure = self.failure  # read after the insertion (see the class)
         if failure is not None:
             self.withdraw(request)
@@ -560,7 +555,7 @@ class RequestTable:
             self._awaited[request] = None  # before it can be taken (see the class)
         if self.pending.setdefault(tag, request) is not request:  # atomic
             self._awaited.pop(request, None)
-            raise TagInFlightError(f"tag {tag} is already in flight")
+            raise ValueError(f"tag {tag} is already in flight")
         return request
 
     def withdraw(self, request: Request) -> None:

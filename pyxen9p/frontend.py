@@ -42,7 +42,6 @@ from pyxen9p._requests import (
     Message,
     Request,
     RequestTable,
-    TagInFlightError,
     as_pieces,
     check_batch,
     failed_future,
@@ -759,6 +758,8 @@ class Frontend:
         self._check_usable()
         ring = self._rings[tag % self.num_rings]
         request = self._send(ring, (views, total, mtype, tag, target), timeout, lazy)
+        if request is None:
+            raise ValueError(f"tag {tag} is already in flight")
         self._notify(ring)  # a failure fails the table: the request with it
         return request.future, ring
 
@@ -834,8 +835,8 @@ class Frontend:
                 if end - at > 1:
                     run = self._put_run(ring, checked[at:end], lazy)
                     if run is not None:
-                        for request in run:  # a loop: no generator frames
-                            futures.append(request.future)
+                        for sent in run:  # a loop: no generator frames
+                            futures.append(sent.future)
                         if ring not in touched:
                             touched.append(ring)
                         at = end
@@ -843,10 +844,13 @@ class Frontend:
                 for i in range(at, end):
                     try:
                         request = self._send(ring, checked[i], timeout, lazy, touched)
-                    except (TimeoutError, TransportError, TagInFlightError) as exc:
+                    except (TimeoutError, TransportError) as exc:
+                        request, failure = None, exc
+                    if request is None:
                         # its tag in flight, no room in time, or the transport
                         # failed: this one and every one after it, not sent
-                        failure = exc
+                        if failure is None:
+                            failure = ValueError(f"tag {checked[i][3]} is already in flight")
                         count = end = i
                         break
                     if ring not in touched:
@@ -886,13 +890,17 @@ class Frontend:
             if total > producer.ring.size:
                 return None
             for _views, _total, mtype, tag, target in run:
-                requests.append(table.add(tag, mtype, target, lazy))
-            if producer.put_pieces(views, total):
-                return requests
+                request = table.add(tag, mtype, target, lazy)
+                if request is None:  # in flight: one by one, up to it
+                    break
+                requests.append(request)
+            else:
+                if producer.put_pieces(views, total):
+                    return requests
             for request in requests:  # no room: one by one, waiting for it
                 table.withdraw(request)
             return None
-        except (TagInFlightError, TransportError) as exc:
+        except TransportError as exc:
             if isinstance(exc, RingProtocolError):
                 self._fail(exc)
                 raise
@@ -909,7 +917,7 @@ class Frontend:
         timeout: float | None,
         lazy: bool = False,
         unnotified: list[_Ring] | None = None,
-    ) -> Request:
+    ) -> Request | None:
         """Register one checked message (*entry*, from :func:`check_batch`)
         and copy it onto *ring*, waiting for room; the caller notifies.
 
@@ -918,7 +926,7 @@ class Frontend:
         :meth:`RequestTable.add`) and withdrawn, under it, if the message
         is not put.
 
-        :raises TagInFlightError: its tag is in flight (a :class:`ValueError`)
+        :returns: its request, or ``None`` if its tag is in flight (nothing sent)
         """
         views, total, mtype, tag, target = entry
         table = self._table
@@ -928,6 +936,8 @@ class Frontend:
             try:
                 if producer is not None and not self._closed and self._failure is None:
                     request = table.add(tag, mtype, target, lazy)
+                    if request is None:
+                        return None
                     try:
                         if producer.put_pieces(views, total):
                             return request
@@ -967,6 +977,8 @@ class Frontend:
                     raise TransportClosedError(errno.ENOTCONN, "the frontend is closed")
                 if registered is None:
                     registered = table.add(tag, mtype, target, lazy)
+                    if registered is None:
+                        return None
                 try:
                     published = producer.put_pieces(views, total)
                 except RingProtocolError as exc:

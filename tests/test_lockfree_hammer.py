@@ -27,7 +27,7 @@ from functools import partial
 import pytest
 from frontend_helpers import TREAD, echo, frame, machine
 
-from pyxen9p._requests import Reply, Request, RequestTable, TagInFlightError
+from pyxen9p._requests import Reply, Request, RequestTable
 from pyxen9p.errors import TransportClosedError, TransportError
 from pyxen9p.frontend import _Role
 
@@ -194,9 +194,8 @@ def test_table_add_take_mark_and_withdraw_race_leaves_nothing_behind() -> None:
         while not stop.is_set():
             tag = rng.randrange(TAGS)
             with ring_locks[tag % RINGS]:
-                try:
-                    request = table.add(tag, TREAD, None, lazy=rng.random() < 0.3)
-                except TagInFlightError:
+                request = table.add(tag, TREAD, None, lazy=rng.random() < 0.3)
+                if request is None:  # in flight
                     continue
                 if rng.random() < 0.2:  # not sent after all
                     table.withdraw(request)
@@ -271,9 +270,12 @@ def _fail_round(round_: int) -> None:
         for tag in range(ring, 4 * TAGS, RINGS):  # this ring's tags only
             with ring_locks[ring]:
                 try:
-                    accepted.append(table.add(tag, TREAD))
+                    request = table.add(tag, TREAD)
                 except TransportError as exc:
                     refused.append(exc)
+                    continue
+                assert request is not None  # each tag once
+                accepted.append(request)
 
     def failer() -> None:
         start.wait()
@@ -406,7 +408,6 @@ def test_receiving_role_has_one_holder_at_a_time() -> None:
     )
     assert most[0] == 1, "two threads held the receiving role at once"
     assert taken["wait0"] == taken["wait1"] == 100  # waiting takers always got it
-    assert sum(taken[f"try{i}"] for i in range(4)) > 0
     assert not role.locked()
     with pytest.raises(RuntimeError):
         role.release()
