@@ -29,7 +29,8 @@ user and system time per MB::
       kernel=... ms (user ... + sys ...)
 
 (one line).  A ``# platform:`` line first gives what an empty Python call,
-``time.monotonic()``, an uncontended ``with lock:``, ``poll(0)`` and one copy
+a ctypes call, ``time.monotonic()``, an uncontended ``with lock:``,
+``poll(0)`` and one copy
 of 1 MiB cost in this domain, and its clock source: in a PV domain whose clock has no vDSO
 path, every clock read is a system call, and CPython up to 3.12 reads the
 clock on every lock acquire.
@@ -126,7 +127,8 @@ def cpu_split_line(name: str, per: str, units: float, sides: dict[str, CpuSplit]
 
 def platform_costs(loops: int = 20000) -> str:
     """What the interpreter's basic steps cost in this domain, for reading the
-    CPU figures: an empty Python call, ``time.monotonic()``, an uncontended
+    CPU figures: an empty Python call, a ctypes call of a C function that
+    makes no system call, ``time.monotonic()``, an uncontended
     ``with lock:``, a zero-timeout ``poll`` (medians of 3 runs) and one copy of
     1 MiB between two buffers (median of 5), µs each.
 
@@ -134,6 +136,7 @@ def platform_costs(loops: int = 20000) -> str:
     a PV domain without a vDSO clock each read is a system call: the
     difference between the first figure and the others is that call.
     """
+    import ctypes
     import select
     import threading
     import time
@@ -144,6 +147,12 @@ def platform_costs(loops: int = 20000) -> str:
     lock = threading.Lock()
     poller = select.poll()
     monotonic = time.monotonic
+    labs = ctypes.CDLL(None).labs  # a C function that makes no system call
+    labs.argtypes, labs.restype = [ctypes.c_long], ctypes.c_long
+
+    def run_ctypes() -> None:
+        for _ in range(loops):
+            labs(-1)
 
     def run_call() -> None:
         for _ in range(loops):
@@ -163,8 +172,9 @@ def platform_costs(loops: int = 20000) -> str:
             poller.poll(0)
 
     figures = []
-    for label, work in (("empty call", run_call), ("time.monotonic()", run_clock),
-                        ("with lock:", run_lock), ("poll(0)", run_poll)):  # fmt: skip
+    for label, work in (("empty call", run_call), ("ctypes call", run_ctypes),
+                        ("time.monotonic()", run_clock), ("with lock:", run_lock),
+                        ("poll(0)", run_poll)):  # fmt: skip
         times = []
         for _ in range(3):
             start = time.perf_counter()
