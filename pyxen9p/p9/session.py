@@ -32,10 +32,12 @@ own I/O.
 
 from __future__ import annotations
 
+import collections
 import enum
 import errno
 import functools
 import inspect
+import itertools
 import logging
 import os
 import struct
@@ -78,6 +80,7 @@ _NTAGS = MAX_TAG + 1
 _DIALECTS = (c.VERSION_9P2000_L, c.VERSION_9P2000_U)
 
 _R = TypeVar("_R", bound=c.Message)
+_T = TypeVar("_T")
 
 #: size type tag fid offset count: the fixed part of Tread (and Twrite's, data apart)
 _TREAD = struct.Struct("<IBHIQI")
@@ -318,132 +321,347 @@ def version_answer(reply: c.Rversion | c.Rlerror | c.Rerror) -> str:
 
 
 class TagPool:
-    """A thread-safe :class:`TagAllocator`: :meth:`acquire` waits for a free tag.
+    """The client's tags ``0..0xFFFE`` (never NOTAG), thread-safe with no
+    lock taken while a tag is free: :meth:`acquire` waits only when none is.
 
-    A plain lock guards it (``with`` on a lock costs no Python frame, on a
-    :class:`threading.Condition` two); the condition built on that lock is
-    used only by a caller that must wait, and notified only while one does.
+    The tags are kept per ring (tag modulo *rings*, the transport's rings):
+    each ring's tags are handed out first in increasing order (never handed
+    out yet), then the least recently released first.  A released tag thus
+    comes back only after every other free tag of its ring was used (the
+    round-robin of :class:`TagAllocator`), and successive requests (and
+    groups) go to successive rings.  A *quarantined* tag (its reply may
+    still come) is never handed out again.
+
+    Why no lock is needed on the way of a request (every step is one
+    C-level operation on a builtin: atomic under the GIL, and thread-safe on
+    free-threaded builds too, which lock each such object around the call):
+
+    * ``next()`` of an :func:`itertools.count` gives each value to one
+      caller only (a ring's tags not handed out yet, and the ring turn);
+    * ``deque.popleft()`` gives each released tag to one caller only;
+      ``deque.append`` / ``appendleft`` put it back;
+    * a tag handed out is in the ``busy`` dict; :meth:`release` and
+      :meth:`quarantine` first ``pop`` it from there, and only the one call
+      that got it back does the rest: a tag released twice (or released and
+      quarantined) is never queued twice;
+    * a caller owns a tag from its ``popleft`` (or ``next``) on: no other
+      thread can see it until it is released, so the steps after that
+      (``busy[tag] = True``) need no lock.
+
+    The lock (and its condition) serves only a caller that found no tag
+    free and must wait, and the rare paths (:meth:`_start_at`).  A waiter
+    counts itself in ``_waiting`` (under the lock) *before* its last look at
+    the free tags; :meth:`release` reads ``_waiting`` *after* queuing its
+    tag.  So either the waiter's look sees the tag, or the releaser sees the
+    waiter and notifies it (taking the lock, which the waiter holds until
+    it waits): no wake-up is lost.
+
+    :param rings: the transport's rings (tags of one ring: congruent
+        modulo *rings*)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rings: int = 1) -> None:
+        self._rings = max(1, min(int(rings), _NTAGS))
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._waiting = 0
-        self._tags = TagAllocator()
+        #: per ring: the tags not handed out yet (from ``next``, up to ``_NTAGS``)
+        self._fresh = [itertools.count(r, self._rings) for r in range(self._rings)]
+        #: per ring: whether ``_fresh`` may have tags left (a stale True costs a ``next``)
+        self._fresh_open = [True] * self._rings
+        #: per ring: the released tags, least recently released first
+        self._free: list[collections.deque[int]] = [
+            collections.deque() for _ in range(self._rings)
+        ]
+        self._turn = itertools.count()
+        self._busy: dict[int, bool] = {}
+        self._stuck: set[int] = set()
 
     @property
-    def _next(self) -> int:
-        return self._tags._next
+    def rings(self) -> int:
+        """The rings the tags are kept for."""
+        return self._rings
 
-    @_next.setter
-    def _next(self, value: int) -> None:
-        self._tags._next = value
+    def _take_one(self, r: int) -> int | None:
+        """A free tag of ring *r* (the caller's from now on), or ``None``."""
+        if self._fresh_open[r]:
+            tag = next(self._fresh[r])
+            if tag < _NTAGS:
+                return tag
+            self._fresh_open[r] = False  # a plain store: a racing reader costs a next()
+        free = self._free[r]
+        while True:
+            try:
+                tag = free.popleft()
+            except IndexError:
+                return None
+            if tag not in self._stuck:  # (only a tag released, then quarantined)
+                return tag
+
+    def _take(self, r: int, count: int) -> list[int] | None:
+        """*count* free tags of ring *r* (the caller's from now on), or
+        ``None`` (and none taken)."""
+        tags: list[int] = []
+        if self._fresh_open[r]:
+            fresh = self._fresh[r]
+            while len(tags) < count:
+                tag = next(fresh)
+                if tag >= _NTAGS:
+                    self._fresh_open[r] = False
+                    break
+                tags.append(tag)
+            if len(tags) == count:
+                return tags
+        free = self._free[r]
+        while len(tags) < count:
+            try:
+                tag = free.popleft()
+            except IndexError:
+                self._give_back(tags)
+                return None
+            if tag not in self._stuck:
+                tags.append(tag)
+        return tags
+
+    def _give_back(self, tags: list[int]) -> None:
+        """Tags taken and not handed out (never marked busy): first in line again."""
+        rings = self._rings
+        for tag in reversed(tags):
+            self._free[tag % rings].appendleft(tag)
+
+    def _try_one(self) -> int | None:
+        """A free tag (marked busy), from the next ring that has one, or ``None``."""
+        rings = self._rings
+        r = next(self._turn) % rings if rings > 1 else 0
+        for _ in range(rings):
+            tag = self._take_one(r)
+            if tag is not None:
+                self._busy[tag] = True
+                return tag
+            r = (r + 1) % rings
+        return None
+
+    def _try_group(self, count: int, modulus: int) -> list[int] | None:
+        """*count* free tags (marked busy) congruent modulo *modulus*, or ``None``."""
+        rings = self._rings
+        tags: list[int] | None = None
+        if modulus <= 1 or rings % modulus == 0:
+            # every tag of one of our rings is congruent modulo *modulus*
+            r = next(self._turn) % rings if rings > 1 else 0
+            for _ in range(rings):
+                tags = self._take(r, count)
+                if tags is not None:
+                    break
+                r = (r + 1) % rings
+        else:
+            tags = self._take_congruent(count, modulus)
+        if tags is not None:
+            busy = self._busy
+            for tag in tags:
+                busy[tag] = True
+        return tags
+
+    def _take_congruent(self, count: int, modulus: int) -> list[int] | None:
+        """*count* free tags congruent modulo a *modulus* that does not
+        divide :attr:`rings` (a transport replaced by one with other rings),
+        taken one at a time, the others given back; or ``None``."""
+        rings = self._rings
+        start = next(self._turn)
+        for k in range(rings):
+            first = self._take_one((start + k) % rings)
+            if first is None:
+                continue
+            tags, others = [first], list[int]()
+            for s in range(rings):
+                r = (start + k + s) % rings
+                while len(tags) < count:
+                    tag = self._take_one(r)
+                    if tag is None:
+                        break
+                    (tags if tag % modulus == first % modulus else others).append(tag)
+            self._give_back(others)
+            if len(tags) == count:
+                return tags
+            self._give_back(tags)
+        return None
 
     def acquire(self, timeout: float | None) -> int:
         """A free tag, waiting at most *timeout* seconds (``None``: no limit).
 
         :raises TimeoutError: none became free in time
         """
-        with self._lock:
-            tag = self._tags.acquire()
-            if tag is not None:
-                return tag
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while tag is None:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(errno.ETIMEDOUT, "no free 9P tag")
-                self._wait(1.0 if left is None else min(left, 1.0))
-                tag = self._tags.acquire()
-            return tag
+        tag = self._try_one()
+        if tag is None:
+            return self._wait(self._try_one, timeout, "no free 9P tag")
+        return tag
+
+    def acquire_many(self, count: int, timeout: float | None) -> list[int]:
+        """*count* free tags, successive ones on successive rings, waiting at
+        most *timeout* seconds for each one not free.
+
+        :raises TimeoutError: not enough became free in time (those got are
+            released)
+        """
+        rings = self._rings
+        busy = self._busy
+        tags: list[int] = []
+        try:
+            for _ in range(count):
+                # _try_one inline: a frame less per tag
+                r = next(self._turn) % rings if rings > 1 else 0
+                for _ring in range(rings):
+                    tag = self._take_one(r)
+                    if tag is not None:
+                        busy[tag] = True
+                        break
+                    r = (r + 1) % rings
+                else:
+                    tag = self._wait(self._try_one, timeout, "no free 9P tag")
+                tags.append(tag)
+        except BaseException:
+            self.release_many(tags)
+            raise
+        return tags
 
     def acquire_group(self, count: int, modulus: int, timeout: float | None) -> list[int]:
         """*count* free tags of one ring (congruent modulo *modulus*), waiting
-        at most *timeout* seconds.
+        at most *timeout* seconds; successive groups go to successive rings.
 
         :raises TimeoutError: not enough became free in time
         """
-        with self._lock:
-            tags = self._tags.acquire_group(count, modulus)
-            if tags is not None:
-                return tags
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while tags is None:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(errno.ETIMEDOUT, "no free 9P tags")
-                self._wait(1.0 if left is None else min(left, 1.0))
-                tags = self._tags.acquire_group(count, modulus)
-            return tags
+        tags = self._try_group(count, modulus)
+        if tags is None:
+            return self._wait(lambda: self._try_group(count, modulus), timeout, "no free 9P tags")
+        return tags
 
-    def _wait(self, seconds: float) -> None:
-        """Wait (the lock held) for a release, at most *seconds*."""
-        self._waiting += 1
-        try:
-            self._cond.wait(seconds)
-        finally:
-            self._waiting -= 1
+    def _wait(self, attempt: Callable[[], _T | None], timeout: float | None, what: str) -> _T:
+        """``attempt()`` until it gives something, waiting for releases (at
+        most *timeout* seconds in all)."""
+        deadline = None
+        with self._lock:
+            self._waiting += 1  # before the look below: see the class
+            try:
+                while True:
+                    got = attempt()
+                    if got is not None:
+                        return got
+                    if timeout is not None:
+                        now = time.monotonic()
+                        if deadline is None:
+                            deadline = now + timeout
+                        left = deadline - now
+                        if left <= 0:
+                            raise TimeoutError(errno.ETIMEDOUT, what)
+                        self._cond.wait(min(left, 1.0))
+                    else:
+                        self._cond.wait(1.0)
+            finally:
+                self._waiting -= 1
 
     def release(self, tag: int) -> None:
-        """*tag* may be reused."""
-        with self._lock:
-            self._tags.busy.discard(tag)  # TagAllocator.release, inlined: every request
-            if self._waiting:
-                self._cond.notify()
+        """*tag* may be reused (ignored unless handed out and not released)."""
+        if self._busy.pop(tag, False):  # the one release that wins (see the class)
+            self._free[tag % self._rings].append(tag)
+            if self._waiting:  # read after the append: see the class
+                with self._lock:
+                    self._cond.notify_all()
+
+    def release_many(self, tags: Sequence[int]) -> None:
+        """:meth:`release` of each of *tags*."""
+        busy, free, rings = self._busy, self._free, self._rings
+        for tag in tags:
+            if busy.pop(tag, False):
+                free[tag % rings].append(tag)
+        if self._waiting:
+            with self._lock:
+                self._cond.notify_all()
 
     def quarantine(self, tag: int) -> None:
         """Never reuse *tag*: its reply may still come."""
+        self._stuck.add(tag)  # first: a release racing with this call cannot requeue it...
+        self._busy.pop(tag, False)  # ...once it is out of busy
+
+    def _start_at(self, tag: int) -> None:
+        """Hand out the free tags in increasing order from *tag* on, then
+        from 0 (tests; call while no other thread uses the pool)."""
         with self._lock:
-            self._tags.quarantine(tag)
+            rings = self._rings
+            for r in range(rings):
+                free = set(self._free[r])
+                if self._fresh_open[r]:
+                    first = next(self._fresh[r])
+                    free.update(range(first, _NTAGS, rings))
+                    self._fresh_open[r] = False
+                free -= self._stuck
+                ordered = sorted(free)
+                self._free[r] = collections.deque(
+                    [t for t in ordered if t >= tag] + [t for t in ordered if t < tag]
+                )
+            self._turn = itertools.count(tag % rings)
 
     @property
     def in_use(self) -> int:
         """Tags in use, the quarantined ones excluded."""
-        with self._lock:
-            return self._tags.in_use
+        return len(self._busy)
 
     @property
     def stuck(self) -> frozenset[int]:
         """The quarantined tags."""
-        with self._lock:
-            return frozenset(self._tags.stuck)
+        return frozenset(self._stuck)
 
 
 class FidPool:
-    """Fids ``0..NOFID-1``, recycled most-recently-freed first; thread-safe."""
+    """Fids ``0..NOFID-1``, recycled most-recently-freed first; thread-safe
+    with no lock.
+
+    Why no lock is needed (every step is one C-level operation on a builtin,
+    atomic under the GIL and thread-safe on free-threaded builds):
+    ``list.pop()`` gives each freed fid to one caller only, and ``next()`` of
+    an :func:`itertools.count` each new one; the caller owns it from then on
+    (``used[fid] = True`` needs no lock).  :meth:`release` and :meth:`lose`
+    first ``pop`` the fid from ``used``: only the one call that got it back
+    frees (or forgets) it, so a fid is never freed twice.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pool = IdPool(c.NOFID, errno.EMFILE, "out of 9P fids")
+        self._free: list[int] = []
+        self._fresh = itertools.count()
+        self._used: dict[int, bool] = {}
+        self._lost: list[int] = []
 
     def acquire(self) -> int:
         """A free fid.
 
         :raises OSError: ``EMFILE``, every fid is in use
         """
-        with self._lock:
-            return self._pool.alloc()
+        try:
+            fid = self._free.pop()
+        except IndexError:
+            fid = next(self._fresh)
+            if fid >= c.NOFID:
+                raise OSError(errno.EMFILE, "out of 9P fids") from None
+        self._used[fid] = True
+        return fid
 
     def release(self, fid: int) -> None:
-        """*fid* may be reused (the server forgot it)."""
-        with self._lock:
-            self._pool.free(fid)
+        """*fid* may be reused (the server forgot it); ignored unless in use."""
+        if self._used.pop(fid, False):
+            self._free.append(fid)
 
     def lose(self, fid: int) -> None:
         """Forget *fid* without reusing it: the server's state for it is unknown."""
-        with self._lock:
-            self._pool.lose(fid)
+        if self._used.pop(fid, False):
+            self._lost.append(fid)
 
     @property
     def lost(self) -> int:
         """How many fids were given up with :meth:`lose`."""
-        return self._pool.lost
+        return len(self._lost)
 
     @property
     def count(self) -> int:
         """Fids in use."""
-        with self._lock:
-            return len(self._pool.used)
+        return len(self._used)
 
 
 # --------------------------------------------------------------------------
@@ -825,7 +1043,7 @@ class ClientSession:
         self.msize = 0
         self.version = ""
         self.dotu = False
-        self.tags = TagPool()
+        self.tags = TagPool(self.wire.num_rings)
         self.fids = FidPool()
         self.dead: TransportError | None = None
         self.closed = False
@@ -1330,13 +1548,10 @@ class ClientSession:
         self.check_open()
         sent: list[tuple[int, Future[bytes] | BaseException]] = []
         failure: BaseException | None = None
-        tags: list[int] = []
-        for _ in spans:
-            try:
-                tags.append(self.tags.acquire(tmo))
-            except BaseException as exc:
-                failure = exc
-                break
+        try:
+            tags = self.tags.acquire_many(len(spans), tmo)  # all or none
+        except BaseException as exc:
+            failure, tags = exc, []
         if tags:
             messages = [
                 make(tag, offset, mv) for tag, (offset, mv) in zip(tags, spans, strict=False)

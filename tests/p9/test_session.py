@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 from pathlib import Path
 
 import pytest
@@ -123,13 +124,20 @@ def test_tag_exhaustion() -> None:
     for _ in range(MAX_TAG + 1):
         assert tags.acquire() is not None
     assert tags.full and tags.acquire() is None
-    pool = TagPool()
-    pool._tags = tags
-    with pytest.raises(TimeoutError) as info:
-        pool.acquire(0.05)
-    assert info.value.errno == errno.ETIMEDOUT
-    pool.release(7)
-    assert pool.acquire(0.05) == 7
+    for rings in (1, 3):
+        pool = TagPool(rings)
+        got = [pool.acquire(None) for _ in range(MAX_TAG + 1)]
+        assert sorted(got) == list(range(MAX_TAG + 1))  # every tag once, never NOTAG
+        assert pool.in_use == MAX_TAG + 1
+        with pytest.raises(TimeoutError) as info:
+            pool.acquire(0.05)
+        assert info.value.errno == errno.ETIMEDOUT
+        with pytest.raises(TimeoutError):
+            pool.acquire_group(1, rings, 0.05)
+        with pytest.raises(TimeoutError):
+            pool.acquire_many(1, 0)
+        pool.release(7)
+        assert pool.acquire(0.05) == 7
 
 
 def test_tag_pool_counts_stuck_apart() -> None:
@@ -143,7 +151,7 @@ def test_tag_pool_counts_stuck_apart() -> None:
 
 def test_fid_pool_exhaustion_is_emfile_and_lost_counts() -> None:
     fids = FidPool()
-    fids._pool._next = c.NOFID - 1
+    fids._fresh = itertools.count(c.NOFID - 1)
     last = fids.acquire()
     assert last == c.NOFID - 1
     with pytest.raises(OSError) as info:
