@@ -850,14 +850,15 @@ Outcome = c.Message | BaseException
 class _Clunk:
     """A Tclunk nobody waits for: the fid and tag are freed when its reply comes."""
 
-    __slots__ = ("deadline", "fid", "future", "settled", "tag")
+    __slots__ = ("claim", "deadline", "fid", "future", "tag")
 
     def __init__(self, fid: int, tag: int, future: Future[bytes], deadline: float | None):
         self.fid = fid
         self.tag = tag
         self.future = future
         self.deadline = deadline
-        self.settled = False
+        #: one token: whoever pops it (list.pop, atomic) settles the clunk
+        self.claim = [True]
 
 
 class Chain:
@@ -1052,9 +1053,10 @@ class ClientSession:
         self.root_fid = c.NOFID
         self._lock = threading.Lock()
         self._deferred: list[int] = []
-        self._clunks: dict[int, _Clunk] = {}
+        #: the background clunks in flight (a dict used as an ordered set)
+        self._clunks: dict[_Clunk, bool] = {}
         self._clunks_done = threading.Condition(self._lock)
-        self._clunk_waiters = 0  # threads waiting on _clunks_done
+        self._clunk_waiters = 0  # threads waiting on _clunks_done (changed under _lock)
 
     @property
     def transport(self) -> Transport:
@@ -1382,23 +1384,22 @@ class ClientSession:
         self, fid: int, tag: int, future: Future[bytes], deadline: float | None
     ) -> None:
         entry = _Clunk(fid, tag, future, deadline)
-        with self._lock:
-            self._clunks[tag] = entry
+        # no lock: one dict store (atomic); the entry is settled once, by
+        # whoever claims it first (_clunk_answered or _expire_clunks)
+        self._clunks[entry] = True
         self.wire.lazy(tag)
         future.add_done_callback(functools.partial(self._clunk_answered, entry))
 
     def _clunk_answered(self, entry: _Clunk, future: Future[bytes]) -> None:
         """The reply (or the end) of a background Tclunk: free its fid and tag.
 
-        Runs on the transport's receiving thread: takes locks, never waits.
+        Runs on the thread that delivered the reply (the transport's
+        receiving thread, or a caller receiving its own replies): never waits.
         """
-        with self._lock:
-            if entry.settled:
-                return  # given up already (timed out)
-            entry.settled = True
-            self._clunks.pop(entry.tag, None)
-            if self._clunk_waiters:
-                self._clunks_done.notify_all()
+        try:
+            entry.claim.pop()  # atomic: exactly one of this and _expire_clunks gets it
+        except IndexError:
+            return  # given up already (timed out)
         exc = future.exception()
         if exc is None or isinstance(exc, TransportError):
             # an Rclunk, an error reply (the fid is clunked all the same), or a
@@ -1409,6 +1410,12 @@ class ClientSession:
             # answer of the wrong type: the fid may live on in the server
             self.fids.lose(entry.fid)
         self.tags.release(entry.tag)
+        # out of _clunks only now: whoever sees it gone (drain_clunks, and so
+        # fid_count) sees its fid and tag freed
+        del self._clunks[entry]  # only the claimer removes it: present
+        if self._clunk_waiters:  # read after the removal: see drain_clunks
+            with self._lock:
+                self._clunks_done.notify_all()
         if exc is None:
             raw = future.result()
             if len(raw) >= c.HEADER_SIZE and raw[4] not in _CLUNK_ANSWERS:
@@ -1422,16 +1429,19 @@ class ClientSession:
         """
         if now is None:
             now = time.monotonic()
-        with self._lock:
-            expired = [
-                e
-                for e in self._clunks.values()
-                if everything or (e.deadline is not None and e.deadline <= now)
-            ]
-            for entry in expired:
-                entry.settled = True
-                del self._clunks[entry.tag]
-            if expired:
+        expired: list[_Clunk] = []
+        # list(dict) is one C call (atomic): a snapshot, whatever other
+        # threads add or remove meanwhile
+        for entry in list(self._clunks):
+            if everything or (entry.deadline is not None and entry.deadline <= now):
+                try:
+                    entry.claim.pop()  # atomic: see _clunk_answered
+                except IndexError:
+                    continue  # answered meanwhile: _clunk_answered frees it
+                del self._clunks[entry]  # only the claimer removes it: present
+                expired.append(entry)
+        if expired and self._clunk_waiters:
+            with self._lock:
                 self._clunks_done.notify_all()
         for entry in expired:
             self.fids.lose(entry.fid)
@@ -1447,28 +1457,31 @@ class ClientSession:
         all that remain after *timeout* seconds (``None``: their deadlines)."""
         end = None if timeout is None else time.monotonic() + timeout
         while True:
-            with self._lock:
-                if not self._clunks:
-                    return
-                deadlines = [e.deadline for e in self._clunks.values() if e.deadline is not None]
-                now = time.monotonic()
-                limit = min(deadlines) if deadlines else None
-                if end is not None and (limit is None or end < limit):
-                    limit = end
-                wait = 1.0 if limit is None else max(limit - now, 0.0)
-                waiting = next(iter(self._clunks.values())).future
+            entries = list(self._clunks)  # a snapshot (one C call)
+            if not entries:
+                return
+            deadlines = [e.deadline for e in entries if e.deadline is not None]
+            now = time.monotonic()
+            limit = min(deadlines) if deadlines else None
+            if end is not None and (limit is None or end < limit):
+                limit = end
+            wait = 1.0 if limit is None else max(limit - now, 0.0)
             if wait > 0:
                 # receive: their replies are lazy, nobody else may be reading
                 try:
-                    self.wire.result(waiting, min(wait, 1.0))
+                    self.wire.result(entries[0].future, min(wait, 1.0))
                 except RuntimeError:  # this thread delivers replies: wait for them
                     with self._lock:
-                        if self._clunks:
-                            self._clunk_waiters += 1
-                            try:
+                        # counted before the look at _clunks: a clunk answered
+                        # after the look sees the count and notifies (under
+                        # the lock, so once this thread waits); one answered
+                        # before it is out of _clunks already
+                        self._clunk_waiters += 1
+                        try:
+                            if self._clunks:
                                 self._clunks_done.wait(min(wait, 1.0))
-                            finally:
-                                self._clunk_waiters -= 1
+                        finally:
+                            self._clunk_waiters -= 1
                 except Exception:  # a failed clunk is settled by its callback
                     pass
                 continue
@@ -1480,8 +1493,7 @@ class ClientSession:
     @property
     def clunks_in_flight(self) -> int:
         """Background Tclunks not yet answered."""
-        with self._lock:
-            return len(self._clunks)
+        return len(self._clunks)
 
     # --- data ------------------------------------------------------------------
 

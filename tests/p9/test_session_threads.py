@@ -1,12 +1,13 @@
 """The session's lock-free structures hammered from several threads.
 
-:class:`~pyxen9p.p9.session.TagPool` and :class:`~pyxen9p.p9.session.FidPool`
+:class:`~pyxen9p.p9.session.TagPool`, :class:`~pyxen9p.p9.session.FidPool`
+and the background clunks of :class:`~pyxen9p.p9.session.ClientSession`
 take no lock on the way of a request: they rely on single atomic operations
 on builtins.  These tests run many threads against each with a tiny switch
 interval (a thread switch every few bytecodes) and check what a lock would
 guarantee: no number is ever held twice, none is lost or queued twice, a
-quarantined tag or a lost fid never comes back, and no waiter misses its
-wake-up.
+quarantined tag or a lost fid never comes back, each background clunk is
+settled exactly once, and no waiter misses its wake-up.
 """
 
 from __future__ import annotations
@@ -17,11 +18,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from pyxen9p.p9.session import MAX_TAG, FidPool, TagPool
+from pyxen9p.p9 import codec as c
+from pyxen9p.p9.session import MAX_TAG, ClientSession, FidPool, TagPool
+
+from .hostile import HostileServer
 
 THREADS = 8
 
@@ -271,3 +277,103 @@ def test_fid_pool_reuses_the_most_recently_freed() -> None:
     pool.release(a)
     pool.release(b)
     assert pool.acquire() == b and pool.acquire() == a and pool.acquire() == 2
+
+
+def _session(tmp_path: Path) -> ClientSession:
+    session = ClientSession(
+        HostileServer(tmp_path).transport(owner=True), timeout=10, flush_timeout=1
+    )
+    session.negotiate(None, c.VERSION_9P2000_L)
+    session.attach("user", str(tmp_path), 0)
+    return session
+
+
+def test_background_clunks_settled_once_under_races(tmp_path: Path) -> None:
+    """Replies to background clunks delivered by several threads while
+    others give them up (as an expiry does): each clunk's fid is freed or
+    lost exactly once and its tag released or quarantined exactly once;
+    nothing stays in flight."""
+    session = _session(tmp_path)
+    session.dotu = True  # an expiry retires the tag (no Tflush round trip here)
+    freed: list[int] = []
+    lost: list[int] = []
+    released: list[int] = []
+    retired: list[int] = []
+    fids, tags = session.fids, session.tags
+    real = (fids.release, fids.lose, tags.release, tags.quarantine)
+
+    def record(log: list[int], fn: Callable[[int], None]) -> Callable[[int], None]:
+        def call(n: int) -> None:
+            log.append(n)
+            fn(n)
+
+        return call
+
+    fids.release, fids.lose = record(freed, real[0]), record(lost, real[1])  # type: ignore[method-assign]
+    tags.release, tags.quarantine = record(released, real[2]), record(retired, real[3])  # type: ignore[method-assign]
+    rounds, per_round = 30, 40
+    try:
+        for _ in range(rounds):
+            for log in (freed, lost, released, retired):
+                log.clear()
+            entries: list[tuple[int, int, Future[bytes]]] = []
+            for _ in range(per_round):
+                fid, tag = fids.acquire(), tags.acquire(None)
+                future: Future[bytes] = Future()
+                session._background_clunk(fid, tag, future, None)
+                entries.append((fid, tag, future))
+            assert session.clunks_in_flight == per_round
+
+            def work(me: int, rng: random.Random, entries: Any = entries) -> None:
+                if me == 0:
+                    session._expire_clunks(everything=True)
+                    return
+                for _fid, tag, future in entries[me - 1 :: THREADS - 1]:
+                    future.set_result(c.encode(c.Rclunk(tag)))
+
+            assert run_threads(work) == []
+            assert session.clunks_in_flight == 0
+            # each fid freed or lost once, each tag released or retired once,
+            # and by the same side (an answer frees both, an expiry gives up both)
+            assert sorted(freed + lost) == sorted(fid for fid, _, _ in entries)
+            assert sorted(released + retired) == sorted(tag for _, tag, _ in entries)
+            by_fid = {fid: tag for fid, tag, _ in entries}
+            assert sorted(by_fid[f] for f in lost) == sorted(retired)
+    finally:
+        fids.release, fids.lose, tags.release, tags.quarantine = real  # type: ignore[method-assign]
+    assert session.fids.count == 1  # the attach root
+    assert session.tags.in_use == 0
+
+
+def test_a_drain_waiting_on_the_delivering_thread_misses_no_wakeup(tmp_path: Path) -> None:
+    """drain_clunks in a thread that may not receive (the transport's own
+    receiving thread) waits on a condition: clunks answered by other
+    threads wake it every time, however the threads interleave."""
+    session = _session(tmp_path)
+    cond = CountingCondition(session._lock)
+    session._clunks_done = cond
+
+    def cannot_receive(future: Future[bytes], timeout: float | None) -> bytes:
+        raise RuntimeError("this thread delivers replies")
+
+    session.wire.result = cannot_receive  # type: ignore[method-assign]
+    for _ in range(20):
+        entries: list[tuple[int, Future[bytes]]] = []
+        for _ in range(30):
+            tag = session.tags.acquire(None)
+            future: Future[bytes] = Future()
+            session._background_clunk(session.fids.acquire(), tag, future, None)
+            entries.append((tag, future))
+
+        def work(me: int, rng: random.Random, entries: Any = entries) -> None:
+            if me == 0:
+                session.drain_clunks(30)
+                if session.clunks_in_flight:
+                    raise AssertionError("drain_clunks returned with clunks in flight")
+                return
+            for tag, future in entries[me - 1 :: 3]:
+                future.set_result(c.encode(c.Rclunk(tag)))
+
+        assert run_threads(work, 4) == []
+    assert cond.timed_out == 0
+    assert session.fids.count == 1 and session.tags.in_use == 0 and session.fids.lost == 0
