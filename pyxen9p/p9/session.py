@@ -712,6 +712,9 @@ class Wire:
     :ivar asynchronous: the transport has ``submit``
     :ivar ordered: requests written back to back on one ring are processed
         in that order: compound operations are pipelined
+    :ivar lazy_submit: every message goes out with ``lazy=True`` (the
+        transport takes it, by :meth:`submit` and :meth:`submit_many`):
+        :meth:`lazy` of a tag nobody waited for since is then needless
     """
 
     def __init__(self, transport: Any, *, ordered: bool | None = None) -> None:
@@ -726,6 +729,8 @@ class Wire:
         self.batch = self.asynchronous and callable(getattr(transport, "submit_many", None))
         #: the transport's submit_many takes into= too
         self._batch_into = self.batch and self.into and _accepts(transport.submit_many, "into")
+        # submit passes lazy only with into; submit_many whenever _lazy_submit
+        self.lazy_submit = self._lazy_submit and self.into
         if ordered is None:
             ordered = getattr(transport, "in_order", False) is True
         self.ordered = bool(ordered) and self.asynchronous
@@ -905,17 +910,22 @@ class Chain:
         outcomes: list[Outcome] = []
         steps = len(self._steps)
         try:
-            if len(self._futures) > 1:
+            if self._futures:
                 # the ring is served in order: once the last step's reply is
                 # in, so are the others; one wait (one receiving turn) for all
                 last = self._futures[-1]
                 if not last.done():
-                    left = None if self._deadline is None else self._deadline - time.monotonic()
-                    if left is None or left > 0:
-                        try:
-                            session.wire.result(last, left)
-                        except Exception:
-                            pass  # each step's outcome is settled below
+                    # the chain's own timeout, not what is left of its
+                    # deadline: no clock read here (the transport reads it
+                    # once for its wait).  A chain is finished right after it
+                    # is sent (or after the chains sent before it in a batch),
+                    # so this wait ends at most that long after the deadline;
+                    # the steps still unanswered then are settled against the
+                    # deadline itself (_settle)
+                    try:
+                        session.wire.result(last, self._timeout)
+                    except Exception:
+                        pass  # each step's outcome is settled below
             for i in range(steps):
                 outcomes.append(self._settle(i))
         except BaseException:
@@ -1387,7 +1397,10 @@ class ClientSession:
         # no lock: one dict store (atomic); the entry is settled once, by
         # whoever claims it first (_clunk_answered or _expire_clunks)
         self._clunks[entry] = True
-        self.wire.lazy(tag)
+        if not self.wire.lazy_submit:
+            # (a transport that takes lazy=True at submit had it with the chain,
+            # and nobody has waited on this future since: no call is needed)
+            self.wire.lazy(tag)
         future.add_done_callback(functools.partial(self._clunk_answered, entry))
 
     def _clunk_answered(self, entry: _Clunk, future: Future[bytes]) -> None:
