@@ -504,20 +504,30 @@ class TagPool:
         """
         rings = self._rings
         busy = self._busy
-        tags: list[int] = []
-        try:
+        if count > 0:
+            # the common case: each ring's share in one _take (a frame per
+            # ring, not per tag), dealt out in turn from the next ring
+            start = next(self._turn) % rings if rings > 1 else 0
+            shares: list[list[int]] = []
+            for k in range(min(rings, count)):
+                share = self._take((start + k) % rings, (count - k + rings - 1) // rings)
+                if share is None:
+                    for taken in shares:
+                        self._give_back(taken)
+                    break
+                shares.append(share)
+            else:
+                tags = [shares[i % rings][i // rings] for i in range(count)]
+                for tag in tags:
+                    busy[tag] = True
+                return tags
+        tags = []
+        try:  # a ring short of tags: one at a time, waiting if need be
             for _ in range(count):
-                # _try_one inline: a frame less per tag
-                r = next(self._turn) % rings if rings > 1 else 0
-                for _ring in range(rings):
-                    tag = self._take_one(r)
-                    if tag is not None:
-                        busy[tag] = True
-                        break
-                    r = (r + 1) % rings
-                else:
-                    tag = self._wait(self._try_one, timeout, "no free 9P tag")
-                tags.append(tag)
+                got = self._try_one()
+                tags.append(
+                    self._wait(self._try_one, timeout, "no free 9P tag") if got is None else got
+                )
         except BaseException:
             self.release_many(tags)
             raise
@@ -529,6 +539,15 @@ class TagPool:
 
         :raises TimeoutError: not enough became free in time
         """
+        rings = self._rings
+        if modulus <= 1 or rings % modulus == 0:
+            # _try_group's first try, inline (a frame less per group)
+            tags = self._take(next(self._turn) % rings if rings > 1 else 0, count)
+            if tags is not None:
+                busy = self._busy
+                for tag in tags:
+                    busy[tag] = True
+                return tags
         tags = self._try_group(count, modulus)
         if tags is None:
             return self._wait(lambda: self._try_group(count, modulus), timeout, "no free 9P tags")
@@ -898,6 +917,7 @@ class Chain:
             deadline = None if timeout is None else time.monotonic() + timeout
         self._deadline = deadline
         self._clunk = clunk
+        self._answered: list[int] = []
         self.sent = len(futures)
 
     def finish(self) -> list[Outcome]:
@@ -909,6 +929,9 @@ class Chain:
         session = self._session
         outcomes: list[Outcome] = []
         steps = len(self._steps)
+        # the tags of the steps answered: released together at the end (one
+        # call, not one per step); only this thread uses the chain
+        answered = self._answered = []
         try:
             if self._futures:
                 # the ring is served in order: once the last step's reply is
@@ -931,11 +954,13 @@ class Chain:
         except BaseException:
             # interrupted while waiting: nobody will read the remaining replies
             # (the steps from the one being settled on: those before it are
-            # in *outcomes*)
+            # in *outcomes*; one whose reply was in is only released)
             for i in range(len(outcomes), steps):
-                self._give_up(i)
+                if self._tags[i] not in answered:
+                    self._give_up(i)
             raise
         finally:
+            session.tags.release_many(answered)
             if self._clunk is not None and self.sent <= steps:
                 if isinstance(self._failure, _Uncertain):
                     session.fids.lose(self._clunk)  # its Tclunk may be on the ring
@@ -979,7 +1004,7 @@ class Chain:
         except Exception as exc:
             session.tags.release(tag)  # the transport is done with this tag
             return exc
-        session.tags.release(tag)
+        self._answered.append(tag)  # released by finish
         rtype = self._steps[i][1]
         try:
             if len(raw) <= session.msize:
@@ -1413,7 +1438,11 @@ class ClientSession:
             entry.claim.pop()  # atomic: exactly one of this and _expire_clunks gets it
         except IndexError:
             return  # given up already (timed out)
-        exc = future.exception()
+        exc: BaseException | None = None
+        try:
+            raw = future.result()  # done: no wait (one call, not exception() and result())
+        except Exception as failure:  # what it failed with (a transport's errors are Exceptions)
+            raw, exc = b"", failure
         if exc is None or isinstance(exc, TransportError):
             # an Rclunk, an error reply (the fid is clunked all the same), or a
             # transport that ended (nothing is left to clunk)
@@ -1429,10 +1458,8 @@ class ClientSession:
         if self._clunk_waiters:  # read after the removal: see drain_clunks
             with self._lock:
                 self._clunks_done.notify_all()
-        if exc is None:
-            raw = future.result()
-            if len(raw) >= c.HEADER_SIZE and raw[4] not in _CLUNK_ANSWERS:
-                log.warning("reply of type %d to a Tclunk (fid %d)", raw[4], entry.fid)
+        if exc is None and len(raw) >= c.HEADER_SIZE and raw[4] not in _CLUNK_ANSWERS:
+            log.warning("reply of type %d to a Tclunk (fid %d)", raw[4], entry.fid)
 
     def _expire_clunks(self, *, everything: bool = False, now: float | None = None) -> None:
         """Give up the background clunks past their deadline (or all of
@@ -1543,19 +1570,22 @@ class ClientSession:
         first failure is raised.
         """
 
-        def make(tag: int, offset: int, mv: memoryview) -> Pieces:
-            return _TREAD.pack(_TREAD.size, _TREAD_TYPE, tag, fid, offset, mv.nbytes)
+        def make(tags: list[int]) -> list[Pieces]:
+            pack, size = _TREAD.pack, _TREAD.size
+            return [
+                pack(size, _TREAD_TYPE, tag, fid, offset, mv.nbytes)
+                for tag, (offset, mv) in zip(tags, spans, strict=False)
+            ]
 
-        def settle(raw: bytes, tag: int, offset: int, mv: memoryview) -> int:
-            return self._rread(raw, tag, fid, offset, mv, path)
-
+        # a partial, not a closure: no Python frame of its own per reply
+        settle = functools.partial(self._rread, fid, path)
         tmo = self.timeout if timeout is _DEFAULT else timeout
         return self._in_flight(spans, make, settle, "Tread", path, tmo, into=True)
 
     def _in_flight(
         self,
         spans: Sequence[tuple[int, memoryview]],
-        make: Callable[[int, int, memoryview], Pieces],
+        make: Callable[[list[int]], list[Pieces]],
         settle: Callable[[bytes, int, int, memoryview], int],
         name: str,
         path: str | None,
@@ -1563,13 +1593,15 @@ class ClientSession:
         *,
         into: bool = False,
     ) -> list[int]:
-        """One request per ``(offset, buffer)`` of *spans*
-        (``make(tag, offset, buffer)``), all sent from this thread in one
-        batch (one notification per ring), then each reply awaited in order
-        and turned into a count (``settle(raw, tag, offset, buffer)``);
-        *into*: an Rread's data goes straight into the span's buffer where
-        the transport can.  Every request sent is waited for, even after
-        one failed; then the first failure is raised."""
+        """One request per ``(offset, buffer)`` of *spans* (``make(tags)``:
+        the messages of the first ``len(tags)`` spans, with those tags), all
+        sent from this thread in one batch (one notification per ring), then
+        each reply awaited in order and turned into a count
+        (``settle(raw, tag, offset, buffer)``); *into*: an Rread's data goes
+        straight into the span's buffer where the transport can.  Every
+        request sent is waited for, even after one failed; then the first
+        failure is raised.  The tags answered are released together at the
+        end (one call, not one per request)."""
         self.check_open()
         sent: list[tuple[int, Future[bytes] | BaseException]] = []
         failure: BaseException | None = None
@@ -1578,9 +1610,7 @@ class ClientSession:
         except BaseException as exc:
             failure, tags = exc, []
         if tags:
-            messages = [
-                make(tag, offset, mv) for tag, (offset, mv) in zip(tags, spans, strict=False)
-            ]
+            messages = make(tags)
             buffers = [mv for _, mv in spans[: len(tags)]] if into and self.wire.into else None
             futures, why = self.wire.submit_many(messages, timeout=tmo, into=buffers)
             for i, tag in enumerate(tags):
@@ -1602,18 +1632,23 @@ class ClientSession:
                     self.tags.release(tag)
                     sent.append((tag, why if why is not None else RuntimeError("not sent")))
         counts: list[int] = []
-        for (tag, future), (offset, mv) in zip(sent, spans, strict=False):
-            try:
-                counts.append(settle(self._await(tag, future, name, path, tmo), tag, offset, mv))
-            except BaseException as exc:
-                if failure is None:
-                    failure = exc
+        answered: list[int] = []  # the tags to release (see _await)
+        try:
+            for (tag, future), (offset, mv) in zip(sent, spans, strict=False):
+                try:
+                    raw = self._await(tag, future, name, path, tmo, answered)
+                    counts.append(settle(raw, tag, offset, mv))
+                except BaseException as exc:
+                    if failure is None:
+                        failure = exc
+        finally:
+            self.tags.release_many(answered)
         if failure is not None:
             raise failure
         return counts
 
     def _rread(
-        self, raw: bytes, tag: int, fid: int, offset: int, mv: memoryview, path: str | None
+        self, fid: int, path: str | None, raw: bytes, tag: int, offset: int, mv: memoryview
     ) -> int:
         """The byte count of the reply *raw* to a Tread into *mv*, its data put there."""
         count = mv.nbytes
@@ -1669,9 +1704,12 @@ class ClientSession:
             if size > self.msize:
                 raise ProtocolError(f"Twrite of {size} bytes exceeds the msize {self.msize}")
 
-        def make(tag: int, offset: int, mv: memoryview) -> Pieces:
-            header = _TREAD.pack(_TREAD.size + mv.nbytes, _TWRITE_TYPE, tag, fid, offset, mv.nbytes)
-            return (header, mv)
+        def make(tags: list[int]) -> list[Pieces]:
+            pack, size = _TREAD.pack, _TREAD.size
+            return [
+                (pack(size + mv.nbytes, _TWRITE_TYPE, tag, fid, offset, mv.nbytes), mv)
+                for tag, (offset, mv) in zip(tags, spans, strict=False)
+            ]
 
         def settle(raw: bytes, tag: int, offset: int, mv: memoryview) -> int:
             message = c.Twrite(tag, fid, offset, b"")
@@ -1692,10 +1730,12 @@ class ClientSession:
         name: str,
         path: str | None,
         tmo: float | None,
+        answered: list[int],
     ) -> bytes:
         """The reply of a request :meth:`_in_flight` sent (or why it was
-        not sent); the tag is released (or flushed, or retired) here, as
-        :meth:`rpc` does."""
+        not sent); the tag is flushed or retired here as :meth:`rpc` does,
+        or, free to reuse, appended to *answered* (the caller releases them
+        all at once)."""
         if isinstance(future, BaseException):
             raise future
         reusable = True
@@ -1715,7 +1755,7 @@ class ClientSession:
                 raise
         finally:
             if reusable:
-                self.tags.release(tag)
+                answered.append(tag)
 
     # --- clunks ----------------------------------------------------------------
 
