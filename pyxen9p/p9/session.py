@@ -800,6 +800,16 @@ class Wire:
                 raise FutureTimeout(*exc.args) from None
         return future.result(timeout)
 
+    def result_pending(self, future: Future[bytes], timeout: float | None) -> bytes:
+        """:meth:`result` of a *future* the caller just saw not done (it is
+        not asked again: a call less per wait)."""
+        if self._result is not None:
+            try:
+                return self._result(future, timeout=timeout)  # type: ignore[no-any-return]
+            except TimeoutError as exc:  # one class for callers on Python 3.10 too
+                raise FutureTimeout(*exc.args) from None
+        return future.result(timeout)
+
     def lazy(self, tag: int) -> None:
         """Tell the transport, if it listens, that nobody waits promptly for
         *tag*'s reply (its ``lazy``)."""
@@ -946,7 +956,7 @@ class Chain:
                     # the steps still unanswered then are settled against the
                     # deadline itself (_settle)
                     try:
-                        session.wire.result(last, self._timeout)
+                        session.wire.result_pending(last, self._timeout)
                     except Exception:
                         pass  # each step's outcome is settled below
             for i in range(steps):
@@ -996,7 +1006,7 @@ class Chain:
                 left = (
                     None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
                 )
-                raw = session.wire.result(future, left)
+                raw = session.wire.result_pending(future, left)
         except FutureTimeout:
             if session.give_up_wait(tag, f"no reply to tag {tag} within {self._timeout:g}s"):
                 session.tags.release(tag)
