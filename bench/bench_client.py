@@ -33,6 +33,16 @@ entry by group of threads (the caller, the frontend's receiver, the client's
 pools, the simulated backend's ring threads that run the server): the
 server's share is paid by both sides alike and bounds the ratio.
 
+The export and the local files live in a new temporary directory (under
+``--dir``, default the system's temporary directory), whose file system is
+printed: ``put_r`` creates *N* files there per repetition on each side, and
+the host's kernel does that work in the server's thread.  On an ext4 without
+a journal the kernel's inode allocator passes over every inode freed in the
+last minutes (``recently_deleted``), so each creation there costs hundreds
+of microseconds that depend on how many files anything on the machine
+deleted just before (the benchmark deletes its own trees between
+repetitions); ``--dir /dev/shm`` (tmpfs) measures pyxen9p without that.
+
 Run ``python bench/bench_client.py`` (a few minutes: ``--entries`` to change
 *N*, default 5,000), ``--quick`` for a smoke run.
 """
@@ -140,11 +150,31 @@ class Sequential:
             self.rpc(c.Tclunk(0, fid))
 
 
-def run(entries: int, rings: int, options: Options) -> list[Result]:
-    """Measure the three operations on *entries* entries; print and return the results."""
+def file_system(path: Path) -> str:
+    """The type of the file system *path* is on (the mount point nearest
+    above it in ``/proc/self/mountinfo``), or ``"unknown"``."""
+    path = path.resolve()
+    best, kind = -1, "unknown"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as mounts:
+            for line in mounts:
+                fields = line.split()
+                at = fields.index("-")
+                point = Path(fields[4].replace("\\040", " "))
+                if (path == point or point in path.parents) and len(point.parts) > best:
+                    best, kind = len(point.parts), fields[at + 1]
+    except (OSError, ValueError, IndexError):
+        return "unknown"
+    return kind
+
+
+def run(entries: int, rings: int, options: Options, where: str | None = None) -> list[Result]:
+    """Measure the three operations on *entries* entries (in a temporary
+    directory under *where*, default the system's); print and return the results."""
     out = sys.stdout
     results: list[Result] = []
-    work = Path(tempfile.mkdtemp(prefix="bench-client-"))
+    work = Path(tempfile.mkdtemp(prefix="bench-client-", dir=where))
+    comment(f"export and local files in {work} ({file_system(work)})", out)
     try:
         export = work / "export"
         export.mkdir()
@@ -256,13 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--entries", type=int, default=None,
                         help="entries of each operation (default 5000; 40 with --quick)")
     parser.add_argument("--rings", type=int, default=2, help="rings of the frontend (default 2)")
+    parser.add_argument("--dir", default=None,
+                        help="where the temporary export is made (default: the system's"
+                        " temporary directory; its file system is printed)")
     parser.set_defaults(repeat=None)
     args = parser.parse_args(argv)
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
     options = options_from(args)
     entries = args.entries or (40 if options.quick else 5000)
-    results = run(entries, args.rings, options)
+    results = run(entries, args.rings, options, args.dir)
     report(results, args.json, sys.stdout)
     return 0
 

@@ -28,7 +28,11 @@ user and system time per MB::
     # seq_read: CPU per MB (process): pyxen9p=... ms (user ... + sys ...)
       kernel=... ms (user ... + sys ...)
 
-(one line).
+(one line).  A ``# platform:`` line first gives what an empty Python call,
+``time.monotonic()``, an uncontended ``with lock:``, ``poll(0)`` and one copy
+of 1 MiB cost in this domain, and its clock source: in a PV domain whose clock has no vDSO
+path, every clock read is a system call, and CPython up to 3.12 reads the
+clock on every lock acquire.
 The kernel's frontend runs in the reading process's system calls, so its
 work is the kernel side's system time; QEMU's CPU (the same backend for
 both sides) is in neither figure.
@@ -120,6 +124,74 @@ def cpu_split_line(name: str, per: str, units: float, sides: dict[str, CpuSplit]
     return f"# {name}: CPU per {per} (process): {' '.join(parts)}"
 
 
+def platform_costs(loops: int = 20000) -> str:
+    """What the interpreter's basic steps cost in this domain, for reading the
+    CPU figures: an empty Python call, ``time.monotonic()``, an uncontended
+    ``with lock:``, a zero-timeout ``poll`` (medians of 3 runs) and one copy of
+    1 MiB between two buffers (median of 5), µs each.
+
+    CPython up to 3.12 reads ``CLOCK_MONOTONIC`` on every lock acquire, and in
+    a PV domain without a vDSO clock each read is a system call: the
+    difference between the first figure and the others is that call.
+    """
+    import select
+    import threading
+    import time
+
+    def nothing() -> None:
+        return None
+
+    lock = threading.Lock()
+    poller = select.poll()
+    monotonic = time.monotonic
+
+    def run_call() -> None:
+        for _ in range(loops):
+            nothing()
+
+    def run_clock() -> None:
+        for _ in range(loops):
+            monotonic()
+
+    def run_lock() -> None:
+        for _ in range(loops):
+            with lock:
+                pass
+
+    def run_poll() -> None:
+        for _ in range(loops):
+            poller.poll(0)
+
+    figures = []
+    for label, work in (("empty call", run_call), ("time.monotonic()", run_clock),
+                        ("with lock:", run_lock), ("poll(0)", run_poll)):  # fmt: skip
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - start)
+        figures.append(f"{label} {statistics.median(times) / loops * 1e6:.2f}")
+    # one copy of 1 MiB between two buffers (what a read or a write pays per MiB
+    # for each copy it makes)
+    src, dst = bytes(1 << 20), bytearray(1 << 20)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(16):
+            dst[:] = src
+        times.append((time.perf_counter() - start) / 16)
+    figures.append(f"1 MiB copy {statistics.median(times) * 1e6:.0f}")
+    try:
+        source = Path("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+        clock = source.read_text().strip() or "?"
+    except OSError:
+        clock = "?"
+    return (
+        f"platform: us per {', '.join(figures)}; Python {sys.version.split()[0]};"
+        f" clocksource {clock}"
+    )
+
+
 def kernel_ls_l(directory: Path) -> int:
     """``ls -l`` on the kernel's mount: the entries, each lstat'ed; their count."""
     count = 0
@@ -195,6 +267,7 @@ def run(
     options: Options,
     entries: int = 1000,
     syscalls: bool = False,
+    layout: dict[str, int] | None = None,
 ) -> list[Result]:
     """Set both frontends up on a fresh dom0 directory, measure, tear everything down.
 
@@ -202,6 +275,7 @@ def run(
     :param ops: operations per repetition of the small-operation benchmarks
     :param kernel_msize: the kernel mount's msize (``None``: pyxen9p's)
     :param entries: files in the directory of the ``ls_l`` benchmark
+    :param layout: ``rings`` / ``ring_order`` for ``pyxen9p.connect`` (default: its choice)
     :returns: the five results
     """
     out = sys.stdout
@@ -216,7 +290,7 @@ def run(
     small = os.urandom(SMALL)
     results: list[Result] = []
     try:
-        with kernel_helpers.pyxen9p_client(share, tag="benchp") as (_, client):
+        with kernel_helpers.pyxen9p_client(share, tag="benchp", **(layout or {})) as (_, client):
             msize = kernel_msize or client.msize
             opts = f"{kernel_helpers.KERNEL_MOUNT_OPTIONS},msize={msize}"
             with kernel_helpers.kernel_mount(share, mnt, "benchk", options=opts) as km:
@@ -227,6 +301,7 @@ def run(
                     f" options={kernel_helpers.mounted(mnt)}",
                     out,
                 )
+                comment(platform_costs(), out)
                 comment(
                     f"file {size} bytes in {CHUNK}-byte calls; {ops} ops of each small kind;"
                     f" {entries} entries listed; {options.repeat} repetitions (median),"
@@ -383,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="files listed by ls_l (default 1000; 50 with --quick)")
     parser.add_argument("--kernel-msize", type=int, default=None,
                         help="msize of the kernel mount (default: the msize pyxen9p negotiated)")
+    parser.add_argument("--rings", type=int, default=None,
+                        help="pyxen9p's rings (default: the frontend's choice)")
+    parser.add_argument("--ring-order", type=int, default=None,
+                        help="pyxen9p's ring order (default: the frontend's choice)")
     parser.add_argument("--syscalls", action="store_true",
                         help="also count each side's system calls per unit: one more"
                              " repetition of each, under strace -f -c (not timed)")
@@ -396,7 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size_mib or (2 if options.quick else 16)
     ops = args.ops or (20 if options.quick else 100)
     entries = args.entries or (50 if options.quick else 1000)
-    results = run(size, ops, args.kernel_msize, options, entries, args.syscalls)
+    layout = {k: v for k, v in (("rings", args.rings), ("ring_order", args.ring_order))
+              if v is not None}  # fmt: skip
+    results = run(size, ops, args.kernel_msize, options, entries, args.syscalls, layout)
     report(results, args.json, sys.stdout)
     return 0
 

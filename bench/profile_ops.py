@@ -33,6 +33,17 @@ With ``--syscalls``, one more run of each line under ``strace -c`` attached
 to the calling thread only (no ``-f``) gives its system calls per operation.
 With ``--top N``, the N functions called most often for each line.
 
+With ``--clock-sites``, one more run of each line with ``clock_gettime``
+replaced (``LD_PRELOAD`` of ``bench/clock_sites.c``, built with ``gcc``)
+counts the clock reads of the calling thread per operation, by kind and by
+the Python line that made them.  In a PV domain whose clock has no vDSO
+path each is a system call, and CPython up to 3.12 makes one on every lock
+acquire (``lock``), every timeout turned into a deadline (``deadline``:
+``poll``, ``Condition.wait``), every ``time.monotonic()`` (``monotonic``);
+``other`` is the interpreter's own (waiting for the GIL); ``sim``: made in
+the simulated Xen's code, where the real libraries make their own system
+calls instead.
+
 Usage::
 
     python bench/profile_ops.py [--only stat small_read ...] [--top 15] [--syscalls]
@@ -42,13 +53,18 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import ctypes
 import os
 import pstats
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
@@ -131,6 +147,76 @@ def strace_count(work: Callable[[], object]) -> tuple[int, list[tuple[str, int]]
     return total, calls
 
 
+_CLOCK_SITES_ENV = "PYXEN9P_CLOCK_SITES"
+
+
+def _clock_sites() -> Any:
+    """The clock-site recorder preloaded into this process (``None``: not)."""
+    if not os.environ.get(_CLOCK_SITES_ENV):
+        return None
+    lib = ctypes.CDLL(None)
+    try:
+        lib.pyxen9p_clock_sites_start.argtypes = [ctypes.c_char_p]
+        lib.pyxen9p_clock_sites_start.restype = ctypes.c_int
+        lib.pyxen9p_clock_sites_stop.restype = ctypes.c_int
+    except AttributeError:
+        return None
+    return lib
+
+
+def _run_with_clock_sites(argv: list[str]) -> int:
+    """Build ``clock_sites.c`` and run this script again with it preloaded."""
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None:
+        print("--clock-sites needs a C compiler (gcc)", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="clock-sites-") as tmp:
+        shim = Path(tmp, "clock_sites.so")
+        source = Path(__file__).with_name("clock_sites.c")
+        subprocess.run(
+            [gcc, "-shared", "-fPIC", "-O1", "-o", str(shim), str(source), "-ldl"], check=True
+        )
+        env = dict(os.environ)
+        env["LD_PRELOAD"] = " ".join(filter(None, [str(shim), env.get("LD_PRELOAD")]))
+        env[_CLOCK_SITES_ENV] = tmp
+        return subprocess.run([sys.executable, __file__, *argv], env=env, check=False).returncode
+
+
+def clock_sites_line(name: str, unit: str, per: float, work: Callable[[], object]) -> str:
+    """Run *work* once recording the clock reads; one line: this thread's
+    reads per unit, by kind and by the five most frequent sites."""
+    lib = _clock_sites()
+    log = Path(os.environ[_CLOCK_SITES_ENV], "log")
+    if lib.pyxen9p_clock_sites_start(str(log).encode()) != 0:
+        raise RuntimeError("the clock-site recorder could not start")
+    try:
+        work()
+    finally:
+        lib.pyxen9p_clock_sites_stop()
+    me = str(threading.get_native_id())
+    # the simulated Xen's own locks stand for the real libraries' system calls
+    sim = {f.name for f in Path(_ROOT, "pyxen9p", "sim").glob("*.py")}
+    kinds: Counter[str] = Counter()
+    sites: Counter[str] = Counter()
+    for line in log.read_text(errors="replace").splitlines():
+        tid, kind, first, second = [*line.split(" "), "-", "-", "-"][:4]
+        if tid != me:
+            continue
+        if first.split(":")[0] in sim:
+            kind = "sim"
+        kinds[kind] += 1
+        # a lock or a wait inside the standard library: name its caller too
+        where = first if not first.startswith(("threading.py", "_base.py")) else f"{first}<{second}"
+        sites[f"{kind} {where}"] += 1
+    total = sum(kinds.values())
+    by_kind = ", ".join(f"{k} {v / per:.1f}" for k, v in kinds.most_common())
+    most = ", ".join(f"{site} {n / per:.1f}" for site, n in sites.most_common(5))
+    return (
+        f"# {name}: clock reads per {unit} (caller's thread): {total / per:.1f}"
+        f" ({by_kind}); most: {most}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", choices=LINES, default=list(LINES))
@@ -142,10 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--top", type=int, default=0, help="the N functions called most")
     parser.add_argument("--syscalls", action="store_true", help="strace -c the caller's thread")
+    parser.add_argument(
+        "--clock-sites", action="store_true", help="count the caller's clock reads by site (gcc)"
+    )
     args = parser.parse_args(argv)
     if sys.version_info >= (3, 12):
         print("profile_ops needs Python 3.11 or older (cProfile of one thread)", file=sys.stderr)
         return 2
+    if args.clock_sites and _clock_sites() is None:
+        return _run_with_clock_sites(sys.argv[1:] if argv is None else argv)
 
     with tempfile.TemporaryDirectory(prefix="profile-ops-") as tmp:
         export = Path(tmp)
@@ -232,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}: per {unit}: {figures}")
                 if args.top:
                     print("\n".join(top(stats, args.top, per)))
+                if args.clock_sites:
+                    print(clock_sites_line(name, unit, per, work))
                 if args.syscalls:
                     total, calls = strace_count(work)
                     client._session.drain_clunks()

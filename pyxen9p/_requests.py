@@ -170,8 +170,9 @@ def failed_future(exc: BaseException | None) -> NotSent:
     return future
 
 
-#: Serialises the state changes of every :class:`Reply` (held for a few
-#: bytecodes, never while waiting or running a callback).
+#: Serialises the rare state changes of a :class:`Reply` that are not a
+#: settle (cancel, set_running_or_notify_cancel) and the making of its
+#: condition: never taken on the path of a reply.
 _TRANSITION = threading.Lock()
 _DONE = (FINISHED, CANCELLED, CANCELLED_AND_NOTIFIED)
 
@@ -183,12 +184,32 @@ class Reply(Future[bytes]):
     A plain ``Future`` builds a :class:`threading.Condition` (and its
     ``RLock``) for every request and takes it in every ``done()``,
     ``result()``, ``set_result()``: on the hot path of a stat that was
-    about a quarter of the caller's function calls.  Here the state changes
-    are serialised by one module-wide lock held for a few bytecodes, reading
-    the state takes none, and the condition is made only for a thread that
-    waits for a future not yet done (or :func:`concurrent.futures.wait`):
-    a state change made after the condition exists notifies it under its
-    lock, one made before is seen by the waiter's check under that lock.
+    about a quarter of the caller's function calls, and on CPython 3.11
+    every lock acquisition reads the clock (a system call in a PV domain
+    without vDSO).  Here settling and adding a callback take no lock:
+
+    * who finishes the future (:meth:`settle`) or cancels it claims it by
+      ``self._claim.pop()`` on a one-token list: one C-level operation,
+      atomic under the GIL and on free-threaded builds, that exactly one
+      caller wins (the others get :class:`IndexError`).  Only the winner
+      writes the result and then the state, so the state is written once
+      (``PENDING`` -> ``FINISHED`` or ``CANCELLED``).
+    * ``RUNNING`` is kept in a flag of its own (``_running``), never
+      written into the settled state: a ``set_running_or_notify_cancel``
+      racing a settle cannot overwrite ``FINISHED``.  :attr:`_state`
+      combines the two for the base class's methods.
+    * each done-callback is kept in a one-element list, and whoever calls
+      it pops it first (``entry.pop()``, atomic): the settler after the
+      state is written, the adder if it sees the state done after
+      appending.  A callback added while the future settles is called
+      exactly once, by one of them.
+    * the condition is made only for a thread that waits for a future not
+      yet done (or :func:`concurrent.futures.wait`): the settler writes the
+      state before it reads ``_cond``, the waiter publishes ``_cond``
+      before it reads the state under that condition, so either the
+      waiter sees the state done or the settler sees the condition and
+      notifies under its lock.
+
     The behaviour (states, callbacks, ``wait``/``as_completed``,
     ``asyncio.wrap_future``) is the base class's.
     """
@@ -196,12 +217,28 @@ class Reply(Future[bytes]):
     def __init__(self, tag: int = -1) -> None:  # no super().__init__(): no condition yet
         #: the tag of its request (how the request table finds it)
         self.tag = tag
-        self._state = PENDING
+        self._settled = PENDING  # PENDING, FINISHED, CANCELLED or CANCELLED_AND_NOTIFIED
+        self._running = False
+        self._claim: list[None] = [None]
         self._result: bytes | None = None
         self._exception: BaseException | None = None
         self._waiters: list[Any] = []
-        self._done_callbacks: list[Callable[[Future[bytes]], object]] = []
+        self._callbacks: list[list[Callable[[Future[bytes]], object]]] = []
         self._cond: threading.Condition | None = None
+
+    @property
+    def _state(self) -> str:
+        settled = self._settled
+        if settled == PENDING and self._running:
+            return RUNNING
+        return settled
+
+    @_state.setter
+    def _state(self, value: str) -> None:  # only the base class's code, on paths overridden here
+        if value == RUNNING:
+            self._running = True
+        else:
+            self._settled = value
 
     @property
     def _condition(self) -> threading.Condition:
@@ -219,12 +256,12 @@ class Reply(Future[bytes]):
 
     def done(self) -> bool:
         """Whether the future is finished or cancelled (no lock taken)."""
-        return self._state in _DONE
+        return self._settled != PENDING
 
     def result(self, timeout: float | None = None) -> bytes:
         """The reply, or the failure raised; waits (at most *timeout*
         seconds) only if not done, as :meth:`concurrent.futures.Future.result`."""
-        if self._state == FINISHED:
+        if self._settled == FINISHED:
             exc = self._exception
             if exc is None:
                 return self._result  # type: ignore[return-value]
@@ -236,22 +273,25 @@ class Reply(Future[bytes]):
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The failure (``None`` for a reply); waits as :meth:`result` does."""
-        if self._state == FINISHED:
+        if self._settled == FINISHED:
             return self._exception
         return super().exception(timeout)
 
     def settle(self, result: bytes | None, exc: BaseException | None) -> bool:
         """Finish with *result*, or *exc* if not ``None``; ``False`` (and
-        nothing changed) if the future was done already."""
-        with _TRANSITION:
-            if self._state != PENDING and self._state != RUNNING:
-                return False
-            if exc is None:
-                self._result = result
-            else:
-                self._exception = exc
-            self._state = FINISHED
-        cond = self._cond
+        nothing changed) if the future was done already (or is being
+        finished or cancelled by another thread).  Takes no lock unless a
+        thread waits on the future's condition."""
+        try:
+            self._claim.pop()  # atomic: exactly one settle or cancel wins
+        except IndexError:
+            return False
+        if exc is None:
+            self._result = result
+        else:
+            self._exception = exc
+        self._settled = FINISHED  # after the result: a reader of the state sees it
+        cond = self._cond  # read after the state is written (see the class)
         if cond is not None:
             with cond:
                 for waiter in self._waiters:
@@ -260,8 +300,8 @@ class Reply(Future[bytes]):
                     else:
                         waiter.add_exception(self)
                 cond.notify_all()
-        if self._done_callbacks:
-            self._invoke_callbacks()  # type: ignore[attr-defined]
+        if self._callbacks:
+            self._invoke_callbacks()
         return True
 
     def set_result(self, result: bytes) -> None:
@@ -281,31 +321,35 @@ class Reply(Future[bytes]):
             raise InvalidStateError(f"{self._state}: {self!r}")
 
     def cancel(self) -> bool:
-        """Cancel unless finished: whether the future is cancelled."""
-        with _TRANSITION:
-            if self._state in (RUNNING, FINISHED):
-                return False
-            if self._state in (CANCELLED, CANCELLED_AND_NOTIFIED):
+        """Cancel unless running or finished: whether the future is cancelled."""
+        with _TRANSITION:  # against set_running_or_notify_cancel (a settle claims)
+            if self._settled in (CANCELLED, CANCELLED_AND_NOTIFIED):
                 return True
-            self._state = CANCELLED
+            if self._running:
+                return False
+            try:
+                self._claim.pop()
+            except IndexError:
+                return False  # finished, or being finished by a settle
+            self._settled = CANCELLED
         cond = self._cond
         if cond is not None:
             with cond:
                 cond.notify_all()
-        self._invoke_callbacks()  # type: ignore[attr-defined]
+        self._invoke_callbacks()
         return True
 
     def set_running_or_notify_cancel(self) -> bool:
         """As :meth:`concurrent.futures.Future.set_running_or_notify_cancel`."""
-        with _TRANSITION:
-            state = self._state
-            if state == PENDING:
-                self._state = RUNNING
+        with _TRANSITION:  # against cancel; a settle only ever writes FINISHED
+            settled = self._settled
+            if settled == PENDING and not self._running:
+                self._running = True
                 return True
-            if state == CANCELLED:
-                self._state = CANCELLED_AND_NOTIFIED
-        if state != CANCELLED:
-            LOGGER.critical("Future %s in unexpected state: %s", id(self), state)
+            if settled == CANCELLED:
+                self._settled = CANCELLED_AND_NOTIFIED
+        if settled != CANCELLED:
+            LOGGER.critical("Future %s in unexpected state: %s", id(self), self._state)
             raise RuntimeError("Future in unexpected state")
         with self._condition:
             for waiter in self._waiters:
@@ -314,14 +358,36 @@ class Reply(Future[bytes]):
 
     def add_done_callback(self, fn: Callable[[Future[bytes]], object]) -> None:
         """Call *fn* with the future once it is done (now, if it is)."""
-        with _TRANSITION:
-            if self._state not in _DONE:
-                self._done_callbacks.append(fn)
+        if self._settled == PENDING:
+            entry = [fn]
+            self._callbacks.append(entry)  # atomic
+            if self._settled == PENDING:
+                # not done after the append: the settler, which writes the
+                # state before it looks at the list, finds the entry
                 return
+            # settled meanwhile: the settler may or may not have seen the
+            # entry; whoever pops it calls it
+            try:
+                fn = entry.pop()
+            except IndexError:
+                return  # the settler called it
         try:
             fn(self)
         except Exception:
             LOGGER.exception("exception calling callback for %r", self)
+
+    def _invoke_callbacks(self) -> None:
+        """Call each callback not called yet, in the order added (each
+        claimed by an atomic ``pop`` of its entry: never twice)."""
+        for entry in self._callbacks:  # a list only appended to: no entry skipped
+            try:
+                fn = entry.pop()
+            except IndexError:
+                continue
+            try:
+                fn(self)
+            except Exception:
+                LOGGER.exception("exception calling callback for %r", self)
 
 
 class Request:
@@ -399,7 +465,35 @@ class RequestTable:
     """The requests in flight on one transport, by tag.
 
     Thread-safe.  Once :meth:`fail` was called, every later :meth:`register`
-    raises the failure.
+    (or :meth:`add`) raises the failure.
+
+    Taking a reply's request, marking one lazy or awaited, flushing and
+    failing take no lock (on CPython 3.11 each lock acquisition reads the
+    clock: a system call in a PV domain without vDSO).  The rules that make
+    that safe:
+
+    * :attr:`pending` is changed only by single C-level dict operations,
+      each atomic under the GIL and on free-threaded builds: removals are
+      ``pop``/``popitem`` (whoever pops a request owns it: never two), an
+      insertion is ``setdefault`` (which tells whether the tag was free).
+    * Inserting a tag and removing an unsent request by identity (a
+      ``get`` then a ``pop``: two steps) are serialised per tag by one
+      lock: :attr:`lock` for :meth:`register`/:meth:`unregister`, the
+      caller's own for :meth:`add`/:meth:`withdraw` (a frontend's ring send
+      lock: a tag belongs to one ring).  So between the ``get`` and the
+      ``pop`` the tag may only lose its request (a reply, a flush, a
+      failure), never gain another.
+    * The requests someone waits for promptly are also keys of
+      :attr:`_awaited` (by identity, not tag: a tag used again cannot be
+      confused).  A request enters it before :attr:`pending` and leaves it
+      after; :meth:`mark_awaited` puts it back then checks that it is still
+      pending, removing it if not: a request taken meanwhile never stays.
+    * :meth:`fail` records the failure under :attr:`lock`, then pops every
+      request; :meth:`add` inserts, then reads the failure: either the
+      failure's pops find the request, or :meth:`add` sees the failure and
+      withdraws it (and raises).
+    * :attr:`dropped_replies` is counted only by the thread receiving the
+      transport's replies (one at a time).
 
     :ivar dropped_replies: replies that answered no request in flight
     """
@@ -409,8 +503,8 @@ class RequestTable:
         self.pending: dict[int, Request] = {}
         self.failure: TransportError | None = None
         self.dropped_replies = 0
-        #: requests in :attr:`pending` not :meth:`marked lazy <mark_lazy>`
-        self._awaited = 0
+        #: the requests in :attr:`pending` not :meth:`marked lazy <mark_lazy>`
+        self._awaited: dict[Request, None] = {}
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -423,103 +517,114 @@ class RequestTable:
         :raises ValueError: the tag is in flight
         :raises ~pyxen9p.errors.TransportError: the table failed (closed transport)
         """
-        request = Request(tag, mtype, into)
-        request.lazy = lazy
         with self.lock:
             if self.failure is not None:
                 raise self.failure
-            if tag in self.pending:
-                raise ValueError(f"tag {tag} is already in flight")
-            self.pending[tag] = request
-            if not lazy:
-                self._awaited += 1
+            return self._insert(tag, mtype, into, lazy)
+
+    def add(
+        self, tag: int, mtype: int, into: memoryview | None = None, lazy: bool = False
+    ) -> Request | None:
+        """:meth:`register` without the table's lock: the caller holds a lock
+        of its own that serialises every :meth:`add` and :meth:`withdraw`
+        of *tag* (and never mixes them with :meth:`register` for it).
+
+        :returns: the request, or ``None`` if the tag is in flight
+        :raises ~pyxen9p.errors.TransportError: the table failed (closed transport)
+        """
+        request = Request(tag, mtype, into)  # _insert's steps, inline: the hot path
+        if lazy:
+            request.lazy = True
+        else:
+            self._awaited[request] = None  # before it can be taken (see the class)
+        if self.pending.setdefault(tag, request) is not request:  # atomic
+            self._awaited.pop(request, None)
+            return None
+        failure = self.failure  # read after the insertion (see the class)
+        if failure is not None:
+            self.withdraw(request)
+            request.reject(failure)
+            raise failure
         return request
 
-    def register_many(
-        self, entries: Sequence[tuple[int, int, memoryview | None]], lazy: bool = False
-    ) -> tuple[list[Request], ValueError | TransportError | None]:
-        """:meth:`register` of each ``(tag, type, into)`` in order, under one
-        lock: the requests registered, and why the next was not (``None``:
-        all were; none after it is)."""
-        requests = []
-        for tag, mtype, into in entries:
-            request = Request(tag, mtype, into)
-            request.lazy = lazy
-            requests.append(request)
-        pending = self.pending
-        with self.lock:
-            if self.failure is not None:
-                return [], self.failure
-            for i, request in enumerate(requests):
-                if request.tag in pending:
-                    if not lazy:
-                        self._awaited += i
-                    return requests[:i], ValueError(f"tag {request.tag} is already in flight")
-                pending[request.tag] = request
-            if not lazy:
-                self._awaited += len(requests)
-        return requests, None
+    def _insert(self, tag: int, mtype: int, into: memoryview | None, lazy: bool) -> Request:
+        request = Request(tag, mtype, into)
+        if lazy:
+            request.lazy = True
+        else:
+            self._awaited[request] = None  # before it can be taken (see the class)
+        if self.pending.setdefault(tag, request) is not request:  # atomic
+            self._awaited.pop(request, None)
+            raise ValueError(f"tag {tag} is already in flight")
+        return request
+
+    def withdraw(self, request: Request) -> None:
+        """Forget *request*, never sent (the caller holds the lock it used
+        for :meth:`add`: no other request can come under its tag meanwhile)."""
+        if self.pending.get(request.tag) is request:
+            self.pending.pop(request.tag, None)  # or taken meanwhile: gone either way
+        self._awaited.pop(request, None)
 
     def unregister(self, request: Request) -> None:
-        """Forget *request* (it was never sent)."""
+        """Forget *request* (it was never sent) registered with :meth:`register`."""
         with self.lock:
-            if self.pending.get(request.tag) is request:
-                del self.pending[request.tag]
-                if not request.lazy:
-                    self._awaited -= 1
+            self.withdraw(request)
 
     def take(self, tag: int) -> Request | None:
-        """Remove and return the request for *tag*, or count a dropped reply."""
-        with self.lock:
-            request = self.pending.pop(tag, None)
-            if request is None:
-                self.dropped_replies += 1
-            elif not request.lazy:
-                self._awaited -= 1
+        """Remove and return the request for *tag*, or count a dropped reply.
+
+        Only the thread receiving the transport's replies calls it.
+        """
+        request = self.pending.pop(tag, None)  # atomic: the request is ours alone
+        if request is None:
+            self.dropped_replies += 1  # one receiving thread at a time
+            return None
+        self._awaited.pop(request, None)  # after the pending pop (see the class)
         return request
 
     def in_flight_on(self, index: int, modulus: int) -> bool:
         """Whether a request is in flight (abandoned ones included) whose
         tag is *index* modulo *modulus*: on that ring of a multi-ring transport."""
-        with self.lock:
-            if modulus == 1:
-                return bool(self.pending)
-            for tag in self.pending:  # a loop, not any(): no generator frames
-                if tag % modulus == index:
-                    break
-            else:
-                return False
-            return True
+        if modulus == 1:
+            return bool(self.pending)
+        # one atomic copy: never changed while iterated; a loop, not any():
+        # no generator frames
+        for tag in self.pending.copy():  # noqa: SIM110
+            if tag % modulus == index:
+                return True
+        return False
 
     def mark_lazy(self, tag: int) -> None:
         """Nobody waits promptly for the reply to *tag* (if still in flight)."""
-        with self.lock:
-            request = self.pending.get(tag)
-            if request is not None and not request.lazy:
-                request.lazy = True
-                self._awaited -= 1
+        request = self.pending.get(tag)
+        if request is not None:
+            request.lazy = True
+            self._awaited.pop(request, None)  # atomic; gone already if taken
 
     def mark_awaited(self, future: Future[bytes]) -> bool:
         """Someone waits for *future*'s reply after all: it is no longer lazy.
 
         :returns: whether its request is still in flight
         """
-        with self.lock:
-            request = self._find(future)
-            if request is None:
-                return False
-            if request.lazy:
-                request.lazy = False
-                self._awaited += 1
-            return True
+        request = self._find(future)
+        if request is None:
+            return False
+        request.lazy = False
+        self._awaited[request] = None
+        # taken (or flushed, failed) meanwhile: its taker's pop of _awaited
+        # may have come before the insertion above, so look again
+        if self.pending.get(request.tag) is not request:
+            self._awaited.pop(request, None)
+            return False
+        return True
 
     def _find(self, future: Future[bytes]) -> Request | None:
-        """The request in flight whose future is *future* (the lock held)."""
+        """The request in flight whose future is *future*."""
         tag = getattr(future, "tag", None)
         if tag is not None:  # a Reply: its request is under its tag, if in flight
             request = self.pending.get(tag)
             return request if request is not None and request.future is future else None
-        for request in self.pending.values():  # a future of another make: look
+        for request in self.pending.copy().values():  # a future of another make: look
             if request.future is future:
                 return request
         return None
@@ -527,7 +632,7 @@ class RequestTable:
     def awaited(self) -> bool:
         """Whether a request is in flight whose reply someone waits for
         promptly (not :meth:`marked lazy <mark_lazy>`)."""
-        return self._awaited > 0
+        return bool(self._awaited)
 
     def peek(self, tag: int) -> Request | None:
         """The request for *tag*, left in place."""
@@ -535,35 +640,34 @@ class RequestTable:
 
     def abandon(self, future: Future[bytes]) -> None:
         """The caller stopped waiting for *future*: its tag stays reserved."""
-        with self.lock:
-            request = self._find(future)
-            if request is not None:
-                request.abandoned = True
+        request = self._find(future)
+        if request is not None:
+            request.abandoned = True
 
     def flushed(self, tag: int) -> None:
         """Free *tag* (Rflush came: no reply will); a waiter gets ``InterruptedError``."""
-        with self.lock:
-            request = self.pending.pop(tag, None)
-            if request is not None and not request.lazy:
-                self._awaited -= 1
+        request = self.pending.pop(tag, None)  # atomic
         if request is not None:
+            self._awaited.pop(request, None)
             request.reject(InterruptedError(errno.EINTR, f"tag {tag} was flushed"))
 
     def fail(self, exc: TransportError) -> TransportError:
         """Fail every request in flight, and every later registration, with
         the first failure recorded; return it."""
-        with self.lock:
+        with self.lock:  # the first failure wins; a register after it sees it
             if self.failure is None:
                 self.failure = exc
             failure = self.failure
-            pending = list(self.pending.values())
-            self.pending.clear()
-            self._awaited = 0
-        for request in pending:
+        pending, awaited = self.pending, self._awaited
+        while True:
+            try:
+                _tag, request = pending.popitem()  # atomic: each request failed once
+            except KeyError:
+                break
+            awaited.pop(request, None)
             request.reject(failure)
         return failure
 
     def tags(self) -> set[int]:
         """Tags in flight (including abandoned ones)."""
-        with self.lock:
-            return set(self.pending)
+        return set(self.pending.copy())

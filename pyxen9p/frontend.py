@@ -251,6 +251,63 @@ def choose_layout(
     return num_rings, chosen
 
 
+class _Role:
+    """The receiving role, held by one thread at a time: a lock without a
+    lock.  On CPython 3.11 every acquisition of a :class:`threading.Lock`
+    reads the clock (a system call in a PV domain without vDSO), and a
+    caller takes this role once per reply it waits for.
+
+    The role is one token in a list: taking it is ``list.pop()``, one C-level
+    operation, atomic under the GIL and on free-threaded builds, that exactly
+    one of the threads trying at once wins (the others get
+    :class:`IndexError`); giving it back is ``list.append``, done only by
+    the holder.  Waiting for it (only :meth:`Frontend.close` does, bounded)
+    tries again every few milliseconds.
+    """
+
+    __slots__ = ("_token",)
+
+    def __init__(self) -> None:
+        self._token: list[None] = [None]
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Take the role: whether it was taken (within *timeout* seconds if
+        *blocking*; a negative *timeout*: as long as it takes)."""
+        try:
+            self._token.pop()  # atomic: one taker
+            return True
+        except IndexError:
+            if not blocking:
+                return False
+        deadline = None if timeout < 0 else time.monotonic() + timeout
+        pause = 0.001
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            time.sleep(pause if left is None else min(pause, left))
+            pause = min(pause * 2, 0.01)
+            try:
+                self._token.pop()
+                return True
+            except IndexError:
+                pass
+
+    def release(self) -> None:
+        """Give the role back (only its holder calls this: while it is held,
+        nobody else touches the token).
+
+        :raises RuntimeError: the role is not held
+        """
+        if self._token:
+            raise RuntimeError("release of a receiving role not held")
+        self._token.append(None)
+
+    def locked(self) -> bool:
+        """Whether a thread holds the role."""
+        return not self._token
+
+
 class _Ring:
     """One shared ring: interface page, data pages, event channel, and queues."""
 
@@ -439,9 +496,10 @@ class Frontend:
         self._handover_lock = threading.Lock()
         self._handover: list[Callable[[], None]] | None = None
         self._receiver_exited = False
-        # the receiving role: whoever holds _rx_lock polls the event channel
+        # the receiving role: whoever holds _rx_lock (a _Role: a one-token
+        # list, no lock) polls the event channel
         # and drains the rings (a caller of request(), or the receiver thread)
-        self._rx_lock = threading.Lock()
+        self._rx_lock = _Role()
         self._rx_owner: threading.Thread | None = None
         self._leader_inside = False  # a leader may still reach the rings after close
         self._lead_poller: select.poll | None = None
@@ -699,13 +757,10 @@ class Frontend:
         target = writable_target(into)
         self._check_usable()
         ring = self._rings[tag % self.num_rings]
-        request = self._table.register(tag, mtype, target, lazy)
-        try:
-            self._send(ring, views, total, timeout)
-            self._notify(ring)
-        except BaseException:
-            self._table.unregister(request)
-            raise
+        request = self._send(ring, (views, total, mtype, tag, target), timeout, lazy)
+        if request is None:
+            raise ValueError(f"tag {tag} is already in flight")
+        self._notify(ring)  # a failure fails the table: the request with it
         return request.future, ring
 
     def _ensure_receiver(self) -> None:
@@ -763,45 +818,44 @@ class Frontend:
     ) -> list[Future[bytes]]:
         checked = check_batch(messages, into, self.msize)
         self._check_usable()
-        table = self._table
-        failure: BaseException | None
-        registered, failure = table.register_many(
-            [(tag, mtype, target) for _views, _total, mtype, tag, target in checked], lazy
-        )
+        failure: BaseException | None = None
         rings, num_rings = self._rings, self.num_rings
         futures: list[Future[bytes]] = []
         touched: list[_Ring] = []
         try:
-            at, count = 0, len(registered)
+            at, count = 0, len(checked)
             while at < count:
-                # a run of messages for one ring goes on it in one put when
+                # a run of messages for one ring goes on it in one put, and
+                # is registered under the ring's send lock taken once, when
                 # there is room for all (one index store); else one by one
-                ring = rings[registered[at].tag % num_rings]
+                ring = rings[checked[at][3] % num_rings]
                 end = at + 1
-                while end < count and registered[end].tag % num_rings == ring.index:
+                while end < count and checked[end][3] % num_rings == ring.index:
                     end += 1
-                if end - at > 1 and self._put_run(ring, checked[at:end]):
-                    for i in range(at, end):  # a loop: no generator frames
-                        futures.append(registered[i].future)
-                    if ring not in touched:
-                        touched.append(ring)
-                    at = end
-                    continue
+                if end - at > 1:
+                    run = self._put_run(ring, checked[at:end], lazy)
+                    if run is not None:
+                        for sent in run:  # a loop: no generator frames
+                            futures.append(sent.future)
+                        if ring not in touched:
+                            touched.append(ring)
+                        at = end
+                        continue
                 for i in range(at, end):
-                    views, total = checked[i][0], checked[i][1]
                     try:
-                        self._send(ring, views, total, timeout, touched)
-                    except BaseException as exc:
-                        for request in registered[i:]:
-                            table.unregister(request)
-                        if not isinstance(exc, (TimeoutError, TransportError)):
-                            raise
-                        failure = exc  # this one and every one after it: not sent
-                        count = i
+                        request = self._send(ring, checked[i], timeout, lazy, touched)
+                    except (TimeoutError, TransportError) as exc:
+                        request, failure = None, exc
+                    if request is None:
+                        # its tag in flight, no room in time, or the transport
+                        # failed: this one and every one after it, not sent
+                        if failure is None:
+                            failure = ValueError(f"tag {checked[i][3]} is already in flight")
+                        count = end = i
                         break
                     if ring not in touched:
                         touched.append(ring)
-                    futures.append(registered[i].future)
+                    futures.append(request.future)
                 at = end
             while len(futures) < len(checked):
                 futures.append(failed_future(failure))
@@ -811,50 +865,86 @@ class Frontend:
         return futures
 
     def _put_run(
-        self, ring: _Ring, run: Sequence[tuple[list[memoryview], int, int, int, object]]
-    ) -> bool:
-        """Put the messages of *run* on *ring* at once if nobody else is
-        sending there and there is room for all: whether it did."""
+        self,
+        ring: _Ring,
+        run: Sequence[tuple[list[memoryview], int, int, int, memoryview | None]],
+        lazy: bool,
+    ) -> list[Request] | None:
+        """Register the messages of *run* and put them on *ring* at once, if
+        nobody else is sending there, none's tag is in flight and there is
+        room for all: their requests (``None``: nothing done).  One lock
+        acquisition: the ring's send lock, which also serialises the
+        registration of the ring's tags (see :meth:`RequestTable.add`)."""
         producer = ring.producer
         if producer is None or not ring.send_lock.acquire(blocking=False):
-            return False
+            return None
+        table = self._table
+        requests: list[Request] = []
         try:
             if self._closed or self._failure is not None:
-                return False
+                return None
             views = [view for entry in run for view in entry[0]]
             total = 0
             for entry in run:
                 total += entry[1]
             if total > producer.ring.size:
-                return False
-            try:
-                return producer.put_pieces(views, total)
-            except RingProtocolError as exc:
+                return None
+            for _views, _total, mtype, tag, target in run:
+                request = table.add(tag, mtype, target, lazy)
+                if request is None:  # in flight: one by one, up to it
+                    break
+                requests.append(request)
+            else:
+                if producer.put_pieces(views, total):
+                    return requests
+            for request in requests:  # no room: one by one, waiting for it
+                table.withdraw(request)
+            return None
+        except TransportError as exc:
+            if isinstance(exc, RingProtocolError):
                 self._fail(exc)
                 raise
+            for request in requests:  # one by one: the failing one says why
+                table.withdraw(request)
+            return None
         finally:
             ring.send_lock.release()
 
     def _send(
         self,
         ring: _Ring,
-        views: list[memoryview],
-        total: int,
+        entry: tuple[list[memoryview], int, int, int, memoryview | None],
         timeout: float | None,
+        lazy: bool = False,
         unnotified: list[_Ring] | None = None,
-    ) -> None:
-        """Copy one message onto *ring* (waiting for room); the caller notifies."""
+    ) -> Request | None:
+        """Register one checked message (*entry*, from :func:`check_batch`)
+        and copy it onto *ring*, waiting for room; the caller notifies.
+
+        The request is registered once the ring's send lock is held (that
+        lock serialises the registration of the ring's tags: see
+        :meth:`RequestTable.add`) and withdrawn, under it, if the message
+        is not put.
+
+        :returns: its request, or ``None`` if its tag is in flight (nothing sent)
+        """
+        views, total, mtype, tag, target = entry
+        table = self._table
         producer = ring.producer
         if ring.send_lock.acquire(blocking=False):
             # the fast path: nobody else is sending on this ring, and there is room
             try:
                 if producer is not None and not self._closed and self._failure is None:
+                    request = table.add(tag, mtype, target, lazy)
+                    if request is None:
+                        return None
                     try:
                         if producer.put_pieces(views, total):
-                            return
+                            return request
                     except RingProtocolError as exc:
                         self._fail(exc)
                         raise
+                    table.withdraw(request)  # no room: registered again below
             finally:
                 ring.send_lock.release()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -878,19 +968,25 @@ class Frontend:
         # room is not overtaken by small ones
         while not ring.send_lock.acquire(timeout=remaining()):
             self._check_usable()
+        registered: Request | None = None
         try:
             while True:
                 self._check_usable()
                 producer = ring.producer
                 if producer is None:
                     raise TransportClosedError(errno.ENOTCONN, "the frontend is closed")
+                if registered is None:
+                    registered = table.add(tag, mtype, target, lazy)
+                    if registered is None:
+                        return None
                 try:
                     published = producer.put_pieces(views, total)
                 except RingProtocolError as exc:
                     self._fail(exc)
                     raise
                 if published:
-                    break
+                    request, registered = registered, None
+                    return request
                 # replies must be read for the backend to go on: by this
                 # thread when nobody receives (no thread handoff), else by
                 # the receiver thread or the caller that receives
@@ -904,6 +1000,8 @@ class Frontend:
                     finally:
                         ring.space_waiters -= 1
         finally:
+            if registered is not None:  # not put: its tag is not reserved
+                table.withdraw(registered)
             ring.send_lock.release()
 
     def _notify(self, ring: _Ring) -> None:
@@ -1116,8 +1214,7 @@ class Frontend:
                     for ring in self._rings:
                         self._drain(ring)
                 finally:
-                    self._rx_owner = None
-                    rx.release()
+                    self._release_role()
             table = self._table
             while not self._closed and self._failure is None:
                 # the role is taken for replies someone waits for; replies
@@ -1132,8 +1229,7 @@ class Frontend:
                         for ring in self._rings:
                             self._drain(ring)
                     finally:
-                        self._rx_owner = None
-                        rx.release()
+                        self._release_role()
                     if table.awaited():
                         # marked awaited by a caller that found the role
                         # taken by this sweep: receive for it
@@ -1156,8 +1252,7 @@ class Frontend:
                         self._check_backend()
                 finally:
                     if leading:
-                        self._rx_owner = None
-                        rx.release()
+                        self._release_role()
         except Exception as exc:  # never die silently with callers waiting
             self._receiving_failed(exc, "receiver", "the receiver thread")
 
@@ -1264,19 +1359,38 @@ class Frontend:
             log.error("pyxen9p receiving (%s) crashed", where, exc_info=exc)
             self._fail(TransportError(errno.EIO, f"{what} crashed: {exc!r}"))
 
-    def _leave_lead(self) -> None:
-        """Give the receiving role up; run a teardown left to this leader."""
+    def _release_role(self) -> bool:
+        """Give the receiving role up (every holder, the receiver thread
+        too); run a teardown left to the leader: whether :meth:`_stop_leader`
+        was waiting for the role (the connection is over).
+
+        No lock beyond the role's unless :meth:`_stop_leader` found the role
+        taken: it sets :attr:`_leader_inside` *before* it tries the role's
+        lock, and a holder reads it *after* releasing that lock, so either
+        the try succeeds (this holder was out) or this holder sees the flag
+        (or a holder after it, who had the role when the try failed, does).
+        """
+        self._rx_owner = None
+        self._rx_lock.release()
+        if not self._leader_inside:
+            return False
+        work = None
         with self._handover_lock:
-            self._rx_owner = None
-            self._rx_lock.release()
-            work = None
-            if self._leader_inside:
+            # nobody is inside unless a later holder took the role, who sees
+            # the flag as it leaves: whoever gets the role keeps it for good
+            if self._leader_inside and self._rx_lock.acquire(blocking=False):
                 self._leader_inside = False
                 if self._receiver_exited:
                     work, self._handover = self._handover, None
         if work is not None:
             log.info("the receiving caller left: releasing what it could reach")
             self._run_all(work)
+        return True
+
+    def _leave_lead(self) -> None:
+        """Give the receiving role up (a caller or sender); wake the receiver
+        thread for requests still awaited."""
+        if self._release_role():
             return
         if not self._closed and self._table.awaited():
             self._wake()  # the receiver thread takes over
@@ -1370,8 +1484,8 @@ class Frontend:
                 consumed
                 and self._evtchn is not None
                 and ring.port is not None
-                and table.in_flight_on(index, num_rings)
                 and consumer.peer_may_wait(since, msize)
+                and table.in_flight_on(index, num_rings)
             ):
                 self._evtchn.notify(ring.port)
 
@@ -1572,9 +1686,12 @@ class Frontend:
             owner = self._rx_owner
             if owner is receiver:
                 return
-            if owner is not me and self._rx_lock.acquire(blocking=False):
-                return
+            # set before the try: a leader reads it after releasing the role
+            # (see _leave_lead), so one that leaves now is seen leaving
             self._leader_inside = True
+            if owner is not me and self._rx_lock.acquire(blocking=False):
+                self._leader_inside = False
+                return
         if owner is not me:
             log.error(
                 "a caller receiving replies did not stop within %gs: it releases the rings,"

@@ -262,6 +262,9 @@ class Producer:
         # a barrier the architecture makes unnecessary is not called at all
         self._wmb = None if barriers.wmb is _noop else barriers.wmb
         self.prod = prod & _MASK32
+        # a ByteRing is written in place (a wrapper of a ring, say a test's
+        # guard, is written through its write())
+        self._buffer: memoryview | None = ring.buffer if type(ring) is ByteRing else None
 
     def free(self) -> int:
         """Bytes that can be written now (validated against the peer's cons)."""
@@ -278,40 +281,54 @@ class Producer:
 
         :returns: ``False`` (writing nothing) if there is not enough room
         """
-        if len(message) > self.ring.size:
-            raise ValueError(
-                f"a {len(message)}-byte message can never fit a {self.ring.size}-byte ring"
-            )
-        if self.free() < len(message):
-            return False
-        self.ring.write(self.prod, message)
-        if self._wmb is not None:
-            self._wmb()
-        self.prod = (self.prod + len(message)) & _MASK32
-        self._store_prod(self.prod)
-        return True
+        return self.put_pieces((message,), len(message))
 
-    def put_pieces(self, pieces: list[memoryview] | tuple[memoryview, ...], total: int) -> bool:
+    def put_pieces(
+        self,
+        pieces: list[memoryview] | tuple[memoryview | bytes | bytearray, ...],
+        total: int,
+    ) -> bool:
         """:meth:`put` for a message given as *pieces* (flat byte views whose
-        lengths add up to *total*), copied straight from each piece.
+        lengths add up to *total*), copied straight from each piece: one copy
+        of each byte, two slice assignments for a piece that wraps.
 
         :returns: ``False`` (writing nothing) if there is not enough room
         """
         ring = self.ring
-        if total > ring.size:
-            raise ValueError(f"a {total}-byte message can never fit a {ring.size}-byte ring")
-        if self.free() < total:
+        size = ring.size
+        if total > size:
+            raise ValueError(f"a {total}-byte message can never fit a {size}-byte ring")
+        cons = self._load_cons()
+        self._mb()
+        prod = self.prod
+        used = (prod - cons) & _MASK32
+        if used > size:
+            queued(prod, cons, size)  # raises RingProtocolError
+        if size - used < total:
             return False
-        index = self.prod
-        for piece in pieces:
-            n = len(piece)
-            if n:
-                ring.write(index, piece)
-                index += n
+        buffer = self._buffer
+        if buffer is None:  # a ring-like without a ByteRing's buffer (a test's guard)
+            index = prod
+            for piece in pieces:
+                if piece:
+                    ring.write(index, piece)
+                    index += len(piece)
+        else:
+            start = prod & (size - 1)
+            for piece in pieces:
+                end = start + len(piece)
+                if end <= size:
+                    buffer[start:end] = piece
+                    start = end & (size - 1)
+                else:  # the piece wraps: its head at the end, its tail at the start
+                    first = size - start
+                    buffer[start:] = piece[:first]
+                    start = end - size
+                    buffer[:start] = piece[first:]
         if self._wmb is not None:
             self._wmb()
-        self.prod = (self.prod + total) & _MASK32
-        self._store_prod(self.prod)
+        self.prod = prod = (prod + total) & _MASK32
+        self._store_prod(prod)
         return True
 
 
@@ -344,16 +361,17 @@ class Consumer:
         # a ByteRing's header is read in place where it does not wrap (a
         # wrapper of a ring, say a test's guard, is read through its read())
         self._buffer: memoryview | None = ring.buffer if type(ring) is ByteRing else None
+        self._size = ring.size
+        self._mask = ring.size - 1
 
     def available(self) -> int:
         """Bytes the peer has published and this side has not consumed."""
         prod = self._load_prod()
         if self._rmb is not None:
             self._rmb()
-        size = self.ring.size
         distance = (prod - self.cons) & _MASK32
-        if distance > size:
-            queued(prod, self.cons, size)  # raises RingProtocolError
+        if distance > self._size:
+            queued(prod, self.cons, self._size)  # raises RingProtocolError
         return distance
 
     def peek_header(self, max_size: int) -> tuple[int, int, int] | None:
@@ -367,7 +385,13 @@ class Consumer:
             resynchronised (the same failure as on a stream transport)
         :raises RingProtocolError: if the peer's index is out of range
         """
-        return self.header_within(self.available(), max_size)
+        prod = self._load_prod()  # available(), inline
+        if self._rmb is not None:
+            self._rmb()
+        avail = (prod - self.cons) & _MASK32
+        if avail > self._size:
+            queued(prod, self.cons, self._size)  # raises RingProtocolError
+        return self.header_within(avail, max_size)
 
     def header_within(self, avail: int, max_size: int) -> tuple[int, int, int] | None:
         """:meth:`peek_header` when *avail* bytes are known to be queued (a
@@ -375,28 +399,25 @@ class Consumer:
         peer's index is not loaded again."""
         if avail < HEADER_SIZE:
             return None
-        ring_size = self.ring.size
-        start = self.cons & (ring_size - 1)
+        ring_size = self._size
+        start = self.cons & self._mask
         if self._buffer is not None and start + HEADER_SIZE <= ring_size:
             size, mtype, tag = HEADER.unpack_from(self._buffer, start)  # one read of each byte
         else:
             size, mtype, tag = HEADER.unpack(self.ring.read(self.cons, HEADER_SIZE))
-        limit = min(max_size, ring_size)
+        if HEADER_SIZE <= size <= max_size and size <= ring_size:
+            return (size, mtype, tag) if avail >= size else None
         if size < HEADER_SIZE:
             raise FramingError(
                 errno.EPROTO,
                 f"message header announces {size} bytes, less than the 9P header"
                 f" (type {mtype}, tag {tag})",
             )
-        if size > limit:
-            raise FramingError(
-                errno.EMSGSIZE,
-                f"message header announces {size} bytes, more than the limit {limit}"
-                f" (type {mtype}, tag {tag})",
-            )
-        if avail < size:
-            return None
-        return size, mtype, tag
+        raise FramingError(
+            errno.EMSGSIZE,
+            f"message header announces {size} bytes, more than the limit"
+            f" {min(max_size, ring_size)} (type {mtype}, tag {tag})",
+        )
 
     def take(self, n: int) -> bytes:
         """Read *n* already-validated bytes and advance the private index.
@@ -404,22 +425,33 @@ class Consumer:
         The new index is published by :meth:`publish`.
         """
         buffer = self._buffer
-        start = self.cons & (self.ring.size - 1)
-        if buffer is not None and start + n <= self.ring.size:
-            data = buffer[start : start + n].tobytes()  # ByteRing.read's own copy, inline
-        else:
-            data = self.ring.read(self.cons, n)
-        self.cons = (self.cons + n) & _MASK32
-        return data
+        cons = self.cons
+        start = cons & self._mask
+        self.cons = (cons + n) & _MASK32
+        if buffer is not None and start + n <= self._size:
+            return buffer[start : start + n].tobytes()  # ByteRing.read's own copy, inline
+        return self.ring.read(cons, n)
 
     def take_into(self, target: memoryview) -> None:
         """Copy ``target.nbytes`` already-validated bytes into *target* and
         advance the private index (published by :meth:`publish`)."""
-        if self._readinto is not None:
-            self._readinto(self.cons, target)
+        buffer = self._buffer
+        cons = self.cons
+        n = target.nbytes
+        if buffer is not None:
+            start = cons & self._mask
+            end = start + n
+            if end <= self._size:
+                target[:] = buffer[start:end]
+            else:  # ByteRing.readinto's wrap, inline
+                first = self._size - start
+                target[:first] = buffer[start:]
+                target[first:] = buffer[: end - self._size]
+        elif self._readinto is not None:
+            self._readinto(cons, target)
         else:  # a ring-like with only read() (a test's guard, say)
-            target[:] = self.ring.read(self.cons, target.nbytes)
-        self.cons = (self.cons + target.nbytes) & _MASK32
+            target[:] = self.ring.read(cons, n)
+        self.cons = (cons + n) & _MASK32
 
     def skip(self, n: int) -> None:
         """Pass over *n* already-validated bytes without reading them."""
@@ -428,8 +460,8 @@ class Consumer:
     def peek_u32(self, offset: int) -> int:
         """The little-endian 32-bit value *offset* bytes past the private
         index (inside a message already validated as queued whole)."""
-        ring_size = self.ring.size
-        start = (self.cons + offset) & (ring_size - 1)
+        ring_size = self._size
+        start = (self.cons + offset) & self._mask
         if self._buffer is not None and start + 4 <= ring_size:
             return int(_U32.unpack_from(self._buffer, start)[0])  # one read of each byte
         return self.ring.u32(self.cons + offset)

@@ -167,3 +167,59 @@ def test_python_frontend_side_against_c_backend(
     assert received == expected
     assert intf.out_prod == (start + sum(len(m) for m in expected)) & U32
     assert intf.in_cons == intf.in_prod == intf.out_cons == intf.out_prod
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    start=st.integers(0, U32),
+    messages=st.lists(
+        st.tuples(st.integers(4, 3000), st.integers(0, 3000), st.integers(0, 3000)),
+        min_size=1,
+        max_size=40,
+    ),
+)
+def test_pieces_in_and_payload_out_in_place_against_c_backend(
+    oracle: ctypes.CDLL, start: int, messages: list[tuple[int, int, int]]
+) -> None:
+    """The frontend's data path: each message put as up to three pieces cut
+    anywhere (``put_pieces``, written in place, a piece may wrap), echoed by
+    the C backend, taken back as an 11-byte head (``take``) and the rest
+    copied straight into a buffer (``take_into``, which may wrap), from an
+    arbitrary start so every piece and payload boundary meets the ring's end."""
+    order = 1  # 4 KiB per direction
+    size = ring_size(order)
+    page = (ctypes.c_ubyte * XEN_PAGE_SIZE)()
+    data = (ctypes.c_ubyte * (2 * size))()
+    intf = Interface(memoryview(page))
+    for name in ("in_cons", "in_prod", "out_cons", "out_prod"):
+        setattr(intf, name, start)
+    barriers = get_barriers()
+    view = memoryview(data).cast("B")
+    producer = Producer(
+        ByteRing(view[size:]), intf.loader("out_cons"), intf.storer("out_prod"), barriers, start
+    )
+    consumer = Consumer(
+        ByteRing(view[:size]), intf.loader("in_prod"), intf.storer("in_cons"), barriers, start
+    )
+    pending = []
+    for i, (n, cut1, cut2) in enumerate(messages):
+        whole = _message(i, bytes((i + j) % 251 for j in range(n)))
+        a, b = sorted((cut1 % (len(whole) + 1), cut2 % (len(whole) + 1)))
+        mv = memoryview(whole)
+        pending.append((whole, [mv[:a], mv[a:b], mv[b:]]))
+    expected = [whole for whole, _ in pending]
+    received: list[bytes] = []
+    for _ in range(10 * len(pending) + 10):
+        while pending and producer.put_pieces(pending[0][1], len(pending[0][0])):
+            pending.pop(0)
+        oracle.oracle_backend_echo(page, data, order)
+        while (header := consumer.peek_header(size)) is not None:
+            head = consumer.take(11)
+            payload = bytearray(header[0] - 11)
+            consumer.take_into(memoryview(payload))
+            consumer.publish()
+            received.append(head + payload)
+        if not pending and len(received) == len(expected):
+            break
+    assert received == expected
+    assert intf.in_cons == intf.in_prod == intf.out_cons == intf.out_prod

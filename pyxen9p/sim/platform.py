@@ -847,12 +847,21 @@ class SimEventChannel(_Handle):
         """
         xen = self._xen
         with xen._lock:
-            self._check_open()
-            xen._maybe_fail("notify", self._domid)
-            entry = self._port(port, "xenevtchn_notify")
+            if self._closed:
+                self._check_open()  # raises
+            if xen._faults:
+                xen._maybe_fail("notify", self._domid)
+            entry = self._ports.get(port)
+            if entry is None:
+                entry = self._port(port, "xenevtchn_notify")  # raises
             xen._notifications += 1
-            if entry.peer is not None:
-                self._deliver(entry.peer)
+            target = entry.peer
+            if target is not None:  # _deliver, inline
+                if target.masked:
+                    target.latched = True
+                else:
+                    target.masked = True
+                    target.handle._enqueue(target.port)
 
     def pending(self, timeout: float | None = None) -> int:
         """Return the next pending port; it stays masked until :meth:`unmask`.
@@ -865,8 +874,10 @@ class SimEventChannel(_Handle):
         xen = self._xen
         deadline = None if timeout is None else time.monotonic() + timeout
         with xen._lock:
-            self._check_open()
-            xen._maybe_fail("pending", self._domid)
+            if self._closed:
+                self._check_open()  # raises
+            if xen._faults:
+                xen._maybe_fail("pending", self._domid)
             while not self._queue:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
@@ -888,8 +899,10 @@ class SimEventChannel(_Handle):
         """
         xen = self._xen
         with xen._lock:
-            self._check_open()
-            xen._maybe_fail("unmask", self._domid)
+            if self._closed:
+                self._check_open()  # raises
+            if xen._faults:
+                xen._maybe_fail("unmask", self._domid)
             entry = self._ports.get(port)
             if entry is None or not entry.masked or port in self._queue:
                 return

@@ -478,6 +478,25 @@ def test_fsync_flush_xattr_and_unknown(conn: Conn) -> None:
         conn.target.handle(b"\x01\x02")
 
 
+def test_framing_errors_are_the_same_for_every_buffer_type(conn: Conn) -> None:
+    """handle() reads a bytes request's header in place (what the rings
+    give); a bytearray or a memoryview goes through codec.peek_header: the
+    same frames fail the same way, and a good frame is answered the same."""
+    good = c.encode(c.Tclunk(4, 12345))
+    for raw, match in [
+        (good[:-1], "size field says 11 bytes but 10 were given"),
+        (good + b"\0", "size field says 11 bytes but 12 were given"),
+        (struct.pack("<IBH", 3, c.Tclunk.TYPE, 9) + b"\0" * 4, "smaller than the header"),
+        (b"\x01\x02", "a 9P header is 7 bytes, got 2"),
+    ]:
+        for kind in (bytes, bytearray, memoryview):
+            with pytest.raises(c.ProtocolError, match=match):
+                conn.target.handle(kind(raw))  # type: ignore[operator]
+    for kind in (bytes, bytearray, memoryview):
+        reply = conn.target.handle(kind(good))  # type: ignore[operator]
+        assert c.decode(reply) == c.Rlerror(4, errno.EBADF)
+
+
 def test_locks(server: FileServer, tree: Path) -> None:
     a = Conn(server.session())
     b = Conn(server.session())

@@ -1239,6 +1239,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bench", action="store_true",
                         help="the kernel group runs the full bench/bench_realxen.py and prints "
                         "its figures (see docs/realxen-benchmark.rst)")
+    parser.add_argument("--bench-args", default="",
+                        help="more options for bench/bench_realxen.py with --bench, one string"
+                        " (e.g. \"--rings 1 --ring-order 9\")")
     parser.add_argument("--boot-timeout", type=float, default=300.0,
                         help="seconds until dom0's test unit starts (default 300)")
     parser.add_argument("--test-timeout", type=float, default=900.0,
@@ -1374,6 +1377,7 @@ def run_release(args: argparse.Namespace, release: Release, cache: Path) -> tupl
         "test_timeout": args.test_timeout,
         "per_test_timeout": args.per_test_timeout,
         "bench": args.bench,
+        "bench_args": shlex.split(args.bench_args),
     }
     (share / "request.json").write_text(json.dumps(request, indent=2) + "\n")
     log(f"groups: {', '.join(groups)} (expect >= {expected} tests); run folder: {run_dir}")

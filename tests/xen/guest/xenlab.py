@@ -37,7 +37,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -981,16 +981,27 @@ def restart_dom0_qemu(drop: Iterable[Dom0NinePDevice] = (), timeout: float = 60.
     return start_dom0_qemu(argv, timeout)
 
 
-def bench_requested() -> bool:
-    """Whether the harness was run with ``--bench`` (its ``request.json`` says so)."""
+def _request() -> dict[str, Any]:
+    """The harness's ``request.json`` (empty outside the harness)."""
     results = os.environ.get("PYXEN9P_RESULTS")
     if not results:
-        return False
+        return {}
     try:
         request = json.loads((Path(results) / "request.json").read_text())
     except (OSError, ValueError):
-        return False
-    return bool(request.get("bench"))
+        return {}
+    return request if isinstance(request, dict) else {}
+
+
+def bench_requested() -> bool:
+    """Whether the harness was run with ``--bench`` (its ``request.json`` says so)."""
+    return bool(_request().get("bench"))
+
+
+def bench_args() -> list[str]:
+    """The harness's ``--bench-args``: more options for ``bench_realxen.py``."""
+    args = _request().get("bench_args") or []
+    return [str(arg) for arg in args] if isinstance(args, list) else []
 
 
 # --------------------------------------------------------------------------- xen-9pfsd
