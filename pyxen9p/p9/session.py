@@ -7,11 +7,14 @@ needs whatever it does with files:
 * :class:`IdPool`: numbers (fids, or tags) handed out and recycled
   most-recently-freed first; pure, no locks, no I/O (the multiplexer uses it
   from its event loop for its backend tags and fids);
-* :class:`TagPool`: the client's tags ``0..0xFFFE``, handed out round-robin
-  (so consecutive requests spread over the rings of a Xen transport), never
-  NOTAG, reused only once free, and *quarantined* for good when a reply may
-  still come; thread-safe, built on the pure :class:`TagAllocator`;
-* :class:`FidPool`: a thread-safe :class:`IdPool` of fids;
+* :class:`TagAllocator`: tags handed out round-robin; pure, no locks;
+* :class:`TagPool`: the client's tags ``0..0xFFFE``, kept per ring
+  (consecutive requests spread over the rings of a Xen transport), never
+  NOTAG, reused only once free (the least recently released first), and
+  *quarantined* for good when a reply may still come; thread-safe with no
+  lock taken unless a caller must wait for a free tag;
+* :class:`FidPool`: fids recycled most-recently-freed first, ``EMFILE``
+  when none is left; thread-safe with no lock;
 * :func:`check_reply`: a raw reply checked against its request (size, tag,
   type) and error replies mapped to :class:`OSError`; pure;
 * :class:`Wire`: the session's view of the transport's sending side, which
