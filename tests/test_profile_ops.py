@@ -59,5 +59,8 @@ def test_clock_sites_name_the_locks_that_read_the_clock() -> None:
         assert sum(kinds.values()) == pytest.approx(float(match[1]), abs=0.3)
         # CPython 3.11 reads the clock on a lock acquire: a request takes some
         assert kinds.get("lock", 0) > 0
-        # and the sites are pyxen9p's own lines, file:line:function
-        assert re.match(r"(lock|deadline|monotonic|other|sim) \S+\.py:\d+:\w+", match[3]), match[3]
+        # and the sites are pyxen9p's own lines, file:line:function (the
+        # interpreter's own, "other -", may be the most frequent: the GIL)
+        sites = match[3].split(", ")
+        assert all(re.match(r"(lock|deadline|monotonic|other|sim) \S+ [0-9.]+$", s) for s in sites)
+        assert any(re.match(r"(lock|deadline|monotonic|sim) \S+\.py:\d+:\w+", s) for s in sites)

@@ -789,11 +789,10 @@ class Client:
         sent to the transport in one batch."""
         specs: list[tuple[Sequence[Step], str | None, int | None]] = []
         fids: list[int] = []
-        walkable = [len(parts) <= c.MAXWELEM for _, parts, _ in items]
         root_fid = self._session.root_fid
         try:
-            for (display, parts, after), ok in zip(items, walkable, strict=True):
-                if not ok:
+            for display, parts, after in items:  # loops, not comprehensions: no frames
+                if len(parts) > c.MAXWELEM:
                     continue
                 newfid = self._fids.acquire()
                 fids.append(newfid)
@@ -806,7 +805,10 @@ class Client:
             for fid in fids:
                 self._fids.release(fid)  # nothing was sent
             raise
-        return [next(chains) if ok else None for ok in walkable]
+        started: list[Chain | None] = []
+        for _, parts, _ in items:
+            started.append(next(chains) if len(parts) <= c.MAXWELEM else None)
+        return started
 
     def _finish_walk_chain(
         self, chain: Chain, display: str, parts: list[str], follow: bool
@@ -846,8 +848,7 @@ class Client:
         :returns: ``(display, qids, outcomes)``, or ``None``: the sequential way
         """
         session = self._session  # its methods called directly: fewer frames per operation
-        session.check_open()
-        session.process_deferred()
+        session.process_deferred()  # (chain_many checks the session is open)
         display = _display(path)
         parts = _normalize(display.split("/"))
         (chain,) = self._start_walk_chains([(display, parts, after)])

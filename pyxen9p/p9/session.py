@@ -7,11 +7,14 @@ needs whatever it does with files:
 * :class:`IdPool`: numbers (fids, or tags) handed out and recycled
   most-recently-freed first; pure, no locks, no I/O (the multiplexer uses it
   from its event loop for its backend tags and fids);
-* :class:`TagPool`: the client's tags ``0..0xFFFE``, handed out round-robin
-  (so consecutive requests spread over the rings of a Xen transport), never
-  NOTAG, reused only once free, and *quarantined* for good when a reply may
-  still come; thread-safe, built on the pure :class:`TagAllocator`;
-* :class:`FidPool`: a thread-safe :class:`IdPool` of fids;
+* :class:`TagAllocator`: tags handed out round-robin; pure, no locks;
+* :class:`TagPool`: the client's tags ``0..0xFFFE``, kept per ring
+  (consecutive requests spread over the rings of a Xen transport), never
+  NOTAG, reused only once free (the least recently released first), and
+  *quarantined* for good when a reply may still come; thread-safe with no
+  lock taken unless a caller must wait for a free tag;
+* :class:`FidPool`: fids recycled most-recently-freed first, ``EMFILE``
+  when none is left; thread-safe with no lock;
 * :func:`check_reply`: a raw reply checked against its request (size, tag,
   type) and error replies mapped to :class:`OSError`; pure;
 * :class:`Wire`: the session's view of the transport's sending side, which
@@ -32,10 +35,12 @@ own I/O.
 
 from __future__ import annotations
 
+import collections
 import enum
 import errno
 import functools
 import inspect
+import itertools
 import logging
 import os
 import struct
@@ -78,6 +83,7 @@ _NTAGS = MAX_TAG + 1
 _DIALECTS = (c.VERSION_9P2000_L, c.VERSION_9P2000_U)
 
 _R = TypeVar("_R", bound=c.Message)
+_T = TypeVar("_T")
 
 #: size type tag fid offset count: the fixed part of Tread (and Twrite's, data apart)
 _TREAD = struct.Struct("<IBHIQI")
@@ -318,132 +324,366 @@ def version_answer(reply: c.Rversion | c.Rlerror | c.Rerror) -> str:
 
 
 class TagPool:
-    """A thread-safe :class:`TagAllocator`: :meth:`acquire` waits for a free tag.
+    """The client's tags ``0..0xFFFE`` (never NOTAG), thread-safe with no
+    lock taken while a tag is free: :meth:`acquire` waits only when none is.
 
-    A plain lock guards it (``with`` on a lock costs no Python frame, on a
-    :class:`threading.Condition` two); the condition built on that lock is
-    used only by a caller that must wait, and notified only while one does.
+    The tags are kept per ring (tag modulo *rings*, the transport's rings):
+    each ring's tags are handed out first in increasing order (never handed
+    out yet), then the least recently released first.  A released tag thus
+    comes back only after every other free tag of its ring was used (the
+    round-robin of :class:`TagAllocator`), and successive requests (and
+    groups) go to successive rings.  A *quarantined* tag (its reply may
+    still come) is never handed out again.
+
+    Why no lock is needed on the way of a request (every step is one
+    C-level operation on a builtin: atomic under the GIL, and thread-safe on
+    free-threaded builds too, which lock each such object around the call):
+
+    * ``next()`` of an :func:`itertools.count` gives each value to one
+      caller only (a ring's tags not handed out yet, and the ring turn);
+    * ``deque.popleft()`` gives each released tag to one caller only;
+      ``deque.append`` / ``appendleft`` put it back;
+    * a tag handed out is in the ``busy`` dict; :meth:`release` and
+      :meth:`quarantine` first ``pop`` it from there, and only the one call
+      that got it back does the rest: a tag released twice (or released and
+      quarantined) is never queued twice;
+    * a caller owns a tag from its ``popleft`` (or ``next``) on: no other
+      thread can see it until it is released, so the steps after that
+      (``busy[tag] = True``) need no lock.
+
+    The lock (and its condition) serves only a caller that found no tag
+    free and must wait, and the rare paths (:meth:`_start_at`).  A waiter
+    counts itself in ``_waiting`` (under the lock) *before* its last look at
+    the free tags; :meth:`release` reads ``_waiting`` *after* queuing its
+    tag.  So either the waiter's look sees the tag, or the releaser sees the
+    waiter and notifies it (taking the lock, which the waiter holds until
+    it waits): no wake-up is lost.
+
+    :param rings: the transport's rings (tags of one ring: congruent
+        modulo *rings*)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rings: int = 1) -> None:
+        self._rings = max(1, min(int(rings), _NTAGS))
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._waiting = 0
-        self._tags = TagAllocator()
+        #: per ring: the tags not handed out yet (from ``next``, up to ``_NTAGS``)
+        self._fresh = [itertools.count(r, self._rings) for r in range(self._rings)]
+        #: per ring: whether ``_fresh`` may have tags left (a stale True costs a ``next``)
+        self._fresh_open = [True] * self._rings
+        #: per ring: the released tags, least recently released first
+        self._free: list[collections.deque[int]] = [
+            collections.deque() for _ in range(self._rings)
+        ]
+        self._turn = itertools.count()
+        self._busy: dict[int, bool] = {}
+        self._stuck: set[int] = set()
 
     @property
-    def _next(self) -> int:
-        return self._tags._next
+    def rings(self) -> int:
+        """The rings the tags are kept for."""
+        return self._rings
 
-    @_next.setter
-    def _next(self, value: int) -> None:
-        self._tags._next = value
+    def _take_one(self, r: int) -> int | None:
+        """A free tag of ring *r* (the caller's from now on), or ``None``."""
+        if self._fresh_open[r]:
+            tag = next(self._fresh[r])
+            if tag < _NTAGS:
+                return tag
+            self._fresh_open[r] = False  # a plain store: a racing reader costs a next()
+        free = self._free[r]
+        while True:
+            try:
+                tag = free.popleft()
+            except IndexError:
+                return None
+            if tag not in self._stuck:  # (only a tag released, then quarantined)
+                return tag
+
+    def _take(self, r: int, count: int) -> list[int] | None:
+        """*count* free tags of ring *r* (the caller's from now on), or
+        ``None`` (and none taken)."""
+        tags: list[int] = []
+        if self._fresh_open[r]:
+            fresh = self._fresh[r]
+            while len(tags) < count:
+                tag = next(fresh)
+                if tag >= _NTAGS:
+                    self._fresh_open[r] = False
+                    break
+                tags.append(tag)
+            if len(tags) == count:
+                return tags
+        free = self._free[r]
+        while len(tags) < count:
+            try:
+                tag = free.popleft()
+            except IndexError:
+                self._give_back(tags)
+                return None
+            if tag not in self._stuck:
+                tags.append(tag)
+        return tags
+
+    def _give_back(self, tags: list[int]) -> None:
+        """Tags taken and not handed out (never marked busy): first in line again."""
+        rings = self._rings
+        for tag in reversed(tags):
+            self._free[tag % rings].appendleft(tag)
+
+    def _try_one(self) -> int | None:
+        """A free tag (marked busy), from the next ring that has one, or ``None``."""
+        rings = self._rings
+        r = next(self._turn) % rings if rings > 1 else 0
+        for _ in range(rings):
+            tag = self._take_one(r)
+            if tag is not None:
+                self._busy[tag] = True
+                return tag
+            r = (r + 1) % rings
+        return None
+
+    def _try_group(self, count: int, modulus: int) -> list[int] | None:
+        """*count* free tags (marked busy) congruent modulo *modulus*, or ``None``."""
+        rings = self._rings
+        tags: list[int] | None = None
+        if modulus <= 1 or rings % modulus == 0:
+            # every tag of one of our rings is congruent modulo *modulus*
+            r = next(self._turn) % rings if rings > 1 else 0
+            for _ in range(rings):
+                tags = self._take(r, count)
+                if tags is not None:
+                    break
+                r = (r + 1) % rings
+        else:
+            tags = self._take_congruent(count, modulus)
+        if tags is not None:
+            busy = self._busy
+            for tag in tags:
+                busy[tag] = True
+        return tags
+
+    def _take_congruent(self, count: int, modulus: int) -> list[int] | None:
+        """*count* free tags congruent modulo a *modulus* that does not
+        divide :attr:`rings` (a transport replaced by one with other rings),
+        taken one at a time, the others given back; or ``None``."""
+        rings = self._rings
+        start = next(self._turn)
+        for k in range(rings):
+            first = self._take_one((start + k) % rings)
+            if first is None:
+                continue
+            tags, others = [first], list[int]()
+            for s in range(rings):
+                r = (start + k + s) % rings
+                while len(tags) < count:
+                    tag = self._take_one(r)
+                    if tag is None:
+                        break
+                    (tags if tag % modulus == first % modulus else others).append(tag)
+            self._give_back(others)
+            if len(tags) == count:
+                return tags
+            self._give_back(tags)
+        return None
 
     def acquire(self, timeout: float | None) -> int:
         """A free tag, waiting at most *timeout* seconds (``None``: no limit).
 
         :raises TimeoutError: none became free in time
         """
-        with self._lock:
-            tag = self._tags.acquire()
-            if tag is not None:
-                return tag
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while tag is None:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(errno.ETIMEDOUT, "no free 9P tag")
-                self._wait(1.0 if left is None else min(left, 1.0))
-                tag = self._tags.acquire()
-            return tag
+        tag = self._try_one()
+        if tag is None:
+            return self._wait(self._try_one, timeout, "no free 9P tag")
+        return tag
+
+    def acquire_many(self, count: int, timeout: float | None) -> list[int]:
+        """*count* free tags, successive ones on successive rings, waiting at
+        most *timeout* seconds for each one not free.
+
+        :raises TimeoutError: not enough became free in time (those got are
+            released)
+        """
+        rings = self._rings
+        busy = self._busy
+        if count > 0:
+            # the common case: each ring's share in one _take (a frame per
+            # ring, not per tag), dealt out in turn from the next ring
+            start = next(self._turn) % rings if rings > 1 else 0
+            shares: list[list[int]] = []
+            for k in range(min(rings, count)):
+                share = self._take((start + k) % rings, (count - k + rings - 1) // rings)
+                if share is None:
+                    for taken in shares:
+                        self._give_back(taken)
+                    break
+                shares.append(share)
+            else:
+                tags = [shares[i % rings][i // rings] for i in range(count)]
+                for tag in tags:
+                    busy[tag] = True
+                return tags
+        tags = []
+        try:  # a ring short of tags: one at a time, waiting if need be
+            for _ in range(count):
+                got = self._try_one()
+                tags.append(
+                    self._wait(self._try_one, timeout, "no free 9P tag") if got is None else got
+                )
+        except BaseException:
+            self.release_many(tags)
+            raise
+        return tags
 
     def acquire_group(self, count: int, modulus: int, timeout: float | None) -> list[int]:
         """*count* free tags of one ring (congruent modulo *modulus*), waiting
-        at most *timeout* seconds.
+        at most *timeout* seconds; successive groups go to successive rings.
 
         :raises TimeoutError: not enough became free in time
         """
-        with self._lock:
-            tags = self._tags.acquire_group(count, modulus)
+        rings = self._rings
+        if modulus <= 1 or rings % modulus == 0:
+            # _try_group's first try, inline (a frame less per group)
+            tags = self._take(next(self._turn) % rings if rings > 1 else 0, count)
             if tags is not None:
+                busy = self._busy
+                for tag in tags:
+                    busy[tag] = True
                 return tags
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while tags is None:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(errno.ETIMEDOUT, "no free 9P tags")
-                self._wait(1.0 if left is None else min(left, 1.0))
-                tags = self._tags.acquire_group(count, modulus)
-            return tags
+        tags = self._try_group(count, modulus)
+        if tags is None:
+            return self._wait(lambda: self._try_group(count, modulus), timeout, "no free 9P tags")
+        return tags
 
-    def _wait(self, seconds: float) -> None:
-        """Wait (the lock held) for a release, at most *seconds*."""
-        self._waiting += 1
-        try:
-            self._cond.wait(seconds)
-        finally:
-            self._waiting -= 1
+    def _wait(self, attempt: Callable[[], _T | None], timeout: float | None, what: str) -> _T:
+        """``attempt()`` until it gives something, waiting for releases (at
+        most *timeout* seconds in all)."""
+        deadline = None
+        with self._lock:
+            self._waiting += 1  # before the look below: see the class
+            try:
+                while True:
+                    got = attempt()
+                    if got is not None:
+                        return got
+                    if timeout is not None:
+                        now = time.monotonic()
+                        if deadline is None:
+                            deadline = now + timeout
+                        left = deadline - now
+                        if left <= 0:
+                            raise TimeoutError(errno.ETIMEDOUT, what)
+                        self._cond.wait(min(left, 1.0))
+                    else:
+                        self._cond.wait(1.0)
+            finally:
+                self._waiting -= 1
 
     def release(self, tag: int) -> None:
-        """*tag* may be reused."""
-        with self._lock:
-            self._tags.busy.discard(tag)  # TagAllocator.release, inlined: every request
-            if self._waiting:
-                self._cond.notify()
+        """*tag* may be reused (ignored unless handed out and not released)."""
+        if self._busy.pop(tag, False):  # the one release that wins (see the class)
+            self._free[tag % self._rings].append(tag)
+            if self._waiting:  # read after the append: see the class
+                with self._lock:
+                    self._cond.notify_all()
+
+    def release_many(self, tags: Sequence[int]) -> None:
+        """:meth:`release` of each of *tags*."""
+        busy, free, rings = self._busy, self._free, self._rings
+        for tag in tags:
+            if busy.pop(tag, False):
+                free[tag % rings].append(tag)
+        if self._waiting:
+            with self._lock:
+                self._cond.notify_all()
 
     def quarantine(self, tag: int) -> None:
         """Never reuse *tag*: its reply may still come."""
+        self._stuck.add(tag)  # first: a release racing with this call cannot requeue it...
+        self._busy.pop(tag, False)  # ...once it is out of busy
+
+    def _start_at(self, tag: int) -> None:
+        """Hand out the free tags in increasing order from *tag* on, then
+        from 0 (tests; call while no other thread uses the pool)."""
         with self._lock:
-            self._tags.quarantine(tag)
+            rings = self._rings
+            for r in range(rings):
+                free = set(self._free[r])
+                if self._fresh_open[r]:
+                    first = next(self._fresh[r])
+                    free.update(range(first, _NTAGS, rings))
+                    self._fresh_open[r] = False
+                free -= self._stuck
+                ordered = sorted(free)
+                self._free[r] = collections.deque(
+                    [t for t in ordered if t >= tag] + [t for t in ordered if t < tag]
+                )
+            self._turn = itertools.count(tag % rings)
 
     @property
     def in_use(self) -> int:
         """Tags in use, the quarantined ones excluded."""
-        with self._lock:
-            return self._tags.in_use
+        return len(self._busy)
 
     @property
     def stuck(self) -> frozenset[int]:
         """The quarantined tags."""
-        with self._lock:
-            return frozenset(self._tags.stuck)
+        return frozenset(self._stuck)
 
 
 class FidPool:
-    """Fids ``0..NOFID-1``, recycled most-recently-freed first; thread-safe."""
+    """Fids ``0..NOFID-1``, recycled most-recently-freed first; thread-safe
+    with no lock.
+
+    Why no lock is needed (every step is one C-level operation on a builtin,
+    atomic under the GIL and thread-safe on free-threaded builds):
+    ``list.pop()`` gives each freed fid to one caller only, and ``next()`` of
+    an :func:`itertools.count` each new one; the caller owns it from then on
+    (``used[fid] = True`` needs no lock).  :meth:`release` and :meth:`lose`
+    first ``pop`` the fid from ``used``: only the one call that got it back
+    frees (or forgets) it, so a fid is never freed twice.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pool = IdPool(c.NOFID, errno.EMFILE, "out of 9P fids")
+        self._free: list[int] = []
+        self._fresh = itertools.count()
+        self._used: dict[int, bool] = {}
+        self._lost: list[int] = []
 
     def acquire(self) -> int:
         """A free fid.
 
         :raises OSError: ``EMFILE``, every fid is in use
         """
-        with self._lock:
-            return self._pool.alloc()
+        try:
+            fid = self._free.pop()
+        except IndexError:
+            fid = next(self._fresh)
+            if fid >= c.NOFID:
+                raise OSError(errno.EMFILE, "out of 9P fids") from None
+        self._used[fid] = True
+        return fid
 
     def release(self, fid: int) -> None:
-        """*fid* may be reused (the server forgot it)."""
-        with self._lock:
-            self._pool.free(fid)
+        """*fid* may be reused (the server forgot it); ignored unless in use."""
+        if self._used.pop(fid, False):
+            self._free.append(fid)
 
     def lose(self, fid: int) -> None:
         """Forget *fid* without reusing it: the server's state for it is unknown."""
-        with self._lock:
-            self._pool.lose(fid)
+        if self._used.pop(fid, False):
+            self._lost.append(fid)
 
     @property
     def lost(self) -> int:
         """How many fids were given up with :meth:`lose`."""
-        return self._pool.lost
+        return len(self._lost)
 
     @property
     def count(self) -> int:
         """Fids in use."""
-        with self._lock:
-            return len(self._pool.used)
+        return len(self._used)
 
 
 # --------------------------------------------------------------------------
@@ -494,6 +734,9 @@ class Wire:
     :ivar asynchronous: the transport has ``submit``
     :ivar ordered: requests written back to back on one ring are processed
         in that order: compound operations are pipelined
+    :ivar lazy_submit: every message goes out with ``lazy=True`` (the
+        transport takes it, by :meth:`submit` and :meth:`submit_many`):
+        :meth:`lazy` of a tag nobody waited for since is then needless
     """
 
     def __init__(self, transport: Any, *, ordered: bool | None = None) -> None:
@@ -508,6 +751,8 @@ class Wire:
         self.batch = self.asynchronous and callable(getattr(transport, "submit_many", None))
         #: the transport's submit_many takes into= too
         self._batch_into = self.batch and self.into and _accepts(transport.submit_many, "into")
+        # submit passes lazy only with into; submit_many whenever _lazy_submit
+        self.lazy_submit = self._lazy_submit and self.into
         if ordered is None:
             ordered = getattr(transport, "in_order", False) is True
         self.ordered = bool(ordered) and self.asynchronous
@@ -552,6 +797,16 @@ class Wire:
             built-in :class:`TimeoutError` from Python 3.11)
         """
         if self._result is not None and not future.done():
+            try:
+                return self._result(future, timeout=timeout)  # type: ignore[no-any-return]
+            except TimeoutError as exc:  # one class for callers on Python 3.10 too
+                raise FutureTimeout(*exc.args) from None
+        return future.result(timeout)
+
+    def result_pending(self, future: Future[bytes], timeout: float | None) -> bytes:
+        """:meth:`result` of a *future* the caller just saw not done (it is
+        not asked again: a call less per wait)."""
+        if self._result is not None:
             try:
                 return self._result(future, timeout=timeout)  # type: ignore[no-any-return]
             except TimeoutError as exc:  # one class for callers on Python 3.10 too
@@ -632,14 +887,15 @@ Outcome = c.Message | BaseException
 class _Clunk:
     """A Tclunk nobody waits for: the fid and tag are freed when its reply comes."""
 
-    __slots__ = ("deadline", "fid", "future", "settled", "tag")
+    __slots__ = ("claim", "deadline", "fid", "future", "tag")
 
     def __init__(self, fid: int, tag: int, future: Future[bytes], deadline: float | None):
         self.fid = fid
         self.tag = tag
         self.future = future
         self.deadline = deadline
-        self.settled = False
+        #: one token: whoever pops it (list.pop, atomic) settles the clunk
+        self.claim = [True]
 
 
 class Chain:
@@ -674,6 +930,7 @@ class Chain:
             deadline = None if timeout is None else time.monotonic() + timeout
         self._deadline = deadline
         self._clunk = clunk
+        self._answered: list[int] = []
         self.sent = len(futures)
 
     def finish(self) -> list[Outcome]:
@@ -685,28 +942,38 @@ class Chain:
         session = self._session
         outcomes: list[Outcome] = []
         steps = len(self._steps)
+        # the tags of the steps answered: released together at the end (one
+        # call, not one per step); only this thread uses the chain
+        answered = self._answered = []
         try:
-            if len(self._futures) > 1:
+            if self._futures:
                 # the ring is served in order: once the last step's reply is
                 # in, so are the others; one wait (one receiving turn) for all
                 last = self._futures[-1]
                 if not last.done():
-                    left = None if self._deadline is None else self._deadline - time.monotonic()
-                    if left is None or left > 0:
-                        try:
-                            session.wire.result(last, left)
-                        except Exception:
-                            pass  # each step's outcome is settled below
+                    # the chain's own timeout, not what is left of its
+                    # deadline: no clock read here (the transport reads it
+                    # once for its wait).  A chain is finished right after it
+                    # is sent (or after the chains sent before it in a batch),
+                    # so this wait ends at most that long after the deadline;
+                    # the steps still unanswered then are settled against the
+                    # deadline itself (_settle)
+                    try:
+                        session.wire.result_pending(last, self._timeout)
+                    except Exception:
+                        pass  # each step's outcome is settled below
             for i in range(steps):
                 outcomes.append(self._settle(i))
         except BaseException:
             # interrupted while waiting: nobody will read the remaining replies
             # (the steps from the one being settled on: those before it are
-            # in *outcomes*)
+            # in *outcomes*; one whose reply was in is only released)
             for i in range(len(outcomes), steps):
-                self._give_up(i)
+                if self._tags[i] not in answered:
+                    self._give_up(i)
             raise
         finally:
+            session.tags.release_many(answered)
             if self._clunk is not None and self.sent <= steps:
                 if isinstance(self._failure, _Uncertain):
                     session.fids.lose(self._clunk)  # its Tclunk may be on the ring
@@ -742,7 +1009,7 @@ class Chain:
                 left = (
                     None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
                 )
-                raw = session.wire.result(future, left)
+                raw = session.wire.result_pending(future, left)
         except FutureTimeout:
             if session.give_up_wait(tag, f"no reply to tag {tag} within {self._timeout:g}s"):
                 session.tags.release(tag)
@@ -750,7 +1017,7 @@ class Chain:
         except Exception as exc:
             session.tags.release(tag)  # the transport is done with this tag
             return exc
-        session.tags.release(tag)
+        self._answered.append(tag)  # released by finish
         rtype = self._steps[i][1]
         try:
             if len(raw) <= session.msize:
@@ -825,7 +1092,7 @@ class ClientSession:
         self.msize = 0
         self.version = ""
         self.dotu = False
-        self.tags = TagPool()
+        self.tags = TagPool(self.wire.num_rings)
         self.fids = FidPool()
         self.dead: TransportError | None = None
         self.closed = False
@@ -834,9 +1101,10 @@ class ClientSession:
         self.root_fid = c.NOFID
         self._lock = threading.Lock()
         self._deferred: list[int] = []
-        self._clunks: dict[int, _Clunk] = {}
+        #: the background clunks in flight (a dict used as an ordered set)
+        self._clunks: dict[_Clunk, bool] = {}
         self._clunks_done = threading.Condition(self._lock)
-        self._clunk_waiters = 0  # threads waiting on _clunks_done
+        self._clunk_waiters = 0  # threads waiting on _clunks_done (changed under _lock)
 
     @property
     def transport(self) -> Transport:
@@ -1164,24 +1432,30 @@ class ClientSession:
         self, fid: int, tag: int, future: Future[bytes], deadline: float | None
     ) -> None:
         entry = _Clunk(fid, tag, future, deadline)
-        with self._lock:
-            self._clunks[tag] = entry
-        self.wire.lazy(tag)
+        # no lock: one dict store (atomic); the entry is settled once, by
+        # whoever claims it first (_clunk_answered or _expire_clunks)
+        self._clunks[entry] = True
+        if not self.wire.lazy_submit:
+            # (a transport that takes lazy=True at submit had it with the chain,
+            # and nobody has waited on this future since: no call is needed)
+            self.wire.lazy(tag)
         future.add_done_callback(functools.partial(self._clunk_answered, entry))
 
     def _clunk_answered(self, entry: _Clunk, future: Future[bytes]) -> None:
         """The reply (or the end) of a background Tclunk: free its fid and tag.
 
-        Runs on the transport's receiving thread: takes locks, never waits.
+        Runs on the thread that delivered the reply (the transport's
+        receiving thread, or a caller receiving its own replies): never waits.
         """
-        with self._lock:
-            if entry.settled:
-                return  # given up already (timed out)
-            entry.settled = True
-            self._clunks.pop(entry.tag, None)
-            if self._clunk_waiters:
-                self._clunks_done.notify_all()
-        exc = future.exception()
+        try:
+            entry.claim.pop()  # atomic: exactly one of this and _expire_clunks gets it
+        except IndexError:
+            return  # given up already (timed out)
+        exc: BaseException | None = None
+        try:
+            raw = future.result()  # done: no wait (one call, not exception() and result())
+        except Exception as failure:  # what it failed with (a transport's errors are Exceptions)
+            raw, exc = b"", failure
         if exc is None or isinstance(exc, TransportError):
             # an Rclunk, an error reply (the fid is clunked all the same), or a
             # transport that ended (nothing is left to clunk)
@@ -1191,10 +1465,14 @@ class ClientSession:
             # answer of the wrong type: the fid may live on in the server
             self.fids.lose(entry.fid)
         self.tags.release(entry.tag)
-        if exc is None:
-            raw = future.result()
-            if len(raw) >= c.HEADER_SIZE and raw[4] not in _CLUNK_ANSWERS:
-                log.warning("reply of type %d to a Tclunk (fid %d)", raw[4], entry.fid)
+        # out of _clunks only now: whoever sees it gone (drain_clunks, and so
+        # fid_count) sees its fid and tag freed
+        del self._clunks[entry]  # only the claimer removes it: present
+        if self._clunk_waiters:  # read after the removal: see drain_clunks
+            with self._lock:
+                self._clunks_done.notify_all()
+        if exc is None and len(raw) >= c.HEADER_SIZE and raw[4] not in _CLUNK_ANSWERS:
+            log.warning("reply of type %d to a Tclunk (fid %d)", raw[4], entry.fid)
 
     def _expire_clunks(self, *, everything: bool = False, now: float | None = None) -> None:
         """Give up the background clunks past their deadline (or all of
@@ -1204,16 +1482,19 @@ class ClientSession:
         """
         if now is None:
             now = time.monotonic()
-        with self._lock:
-            expired = [
-                e
-                for e in self._clunks.values()
-                if everything or (e.deadline is not None and e.deadline <= now)
-            ]
-            for entry in expired:
-                entry.settled = True
-                del self._clunks[entry.tag]
-            if expired:
+        expired: list[_Clunk] = []
+        # list(dict) is one C call (atomic): a snapshot, whatever other
+        # threads add or remove meanwhile
+        for entry in list(self._clunks):
+            if everything or (entry.deadline is not None and entry.deadline <= now):
+                try:
+                    entry.claim.pop()  # atomic: see _clunk_answered
+                except IndexError:
+                    continue  # answered meanwhile: _clunk_answered frees it
+                del self._clunks[entry]  # only the claimer removes it: present
+                expired.append(entry)
+        if expired and self._clunk_waiters:
+            with self._lock:
                 self._clunks_done.notify_all()
         for entry in expired:
             self.fids.lose(entry.fid)
@@ -1229,28 +1510,31 @@ class ClientSession:
         all that remain after *timeout* seconds (``None``: their deadlines)."""
         end = None if timeout is None else time.monotonic() + timeout
         while True:
-            with self._lock:
-                if not self._clunks:
-                    return
-                deadlines = [e.deadline for e in self._clunks.values() if e.deadline is not None]
-                now = time.monotonic()
-                limit = min(deadlines) if deadlines else None
-                if end is not None and (limit is None or end < limit):
-                    limit = end
-                wait = 1.0 if limit is None else max(limit - now, 0.0)
-                waiting = next(iter(self._clunks.values())).future
+            entries = list(self._clunks)  # a snapshot (one C call)
+            if not entries:
+                return
+            deadlines = [e.deadline for e in entries if e.deadline is not None]
+            now = time.monotonic()
+            limit = min(deadlines) if deadlines else None
+            if end is not None and (limit is None or end < limit):
+                limit = end
+            wait = 1.0 if limit is None else max(limit - now, 0.0)
             if wait > 0:
                 # receive: their replies are lazy, nobody else may be reading
                 try:
-                    self.wire.result(waiting, min(wait, 1.0))
+                    self.wire.result(entries[0].future, min(wait, 1.0))
                 except RuntimeError:  # this thread delivers replies: wait for them
                     with self._lock:
-                        if self._clunks:
-                            self._clunk_waiters += 1
-                            try:
+                        # counted before the look at _clunks: a clunk answered
+                        # after the look sees the count and notifies (under
+                        # the lock, so once this thread waits); one answered
+                        # before it is out of _clunks already
+                        self._clunk_waiters += 1
+                        try:
+                            if self._clunks:
                                 self._clunks_done.wait(min(wait, 1.0))
-                            finally:
-                                self._clunk_waiters -= 1
+                        finally:
+                            self._clunk_waiters -= 1
                 except Exception:  # a failed clunk is settled by its callback
                     pass
                 continue
@@ -1262,8 +1546,7 @@ class ClientSession:
     @property
     def clunks_in_flight(self) -> int:
         """Background Tclunks not yet answered."""
-        with self._lock:
-            return len(self._clunks)
+        return len(self._clunks)
 
     # --- data ------------------------------------------------------------------
 
@@ -1300,19 +1583,22 @@ class ClientSession:
         first failure is raised.
         """
 
-        def make(tag: int, offset: int, mv: memoryview) -> Pieces:
-            return _TREAD.pack(_TREAD.size, _TREAD_TYPE, tag, fid, offset, mv.nbytes)
+        def make(tags: list[int]) -> list[Pieces]:
+            pack, size = _TREAD.pack, _TREAD.size
+            return [
+                pack(size, _TREAD_TYPE, tag, fid, offset, mv.nbytes)
+                for tag, (offset, mv) in zip(tags, spans, strict=False)
+            ]
 
-        def settle(raw: bytes, tag: int, offset: int, mv: memoryview) -> int:
-            return self._rread(raw, tag, fid, offset, mv, path)
-
+        # a partial, not a closure: no Python frame of its own per reply
+        settle = functools.partial(self._rread, fid, path)
         tmo = self.timeout if timeout is _DEFAULT else timeout
         return self._in_flight(spans, make, settle, "Tread", path, tmo, into=True)
 
     def _in_flight(
         self,
         spans: Sequence[tuple[int, memoryview]],
-        make: Callable[[int, int, memoryview], Pieces],
+        make: Callable[[list[int]], list[Pieces]],
         settle: Callable[[bytes, int, int, memoryview], int],
         name: str,
         path: str | None,
@@ -1320,27 +1606,24 @@ class ClientSession:
         *,
         into: bool = False,
     ) -> list[int]:
-        """One request per ``(offset, buffer)`` of *spans*
-        (``make(tag, offset, buffer)``), all sent from this thread in one
-        batch (one notification per ring), then each reply awaited in order
-        and turned into a count (``settle(raw, tag, offset, buffer)``);
-        *into*: an Rread's data goes straight into the span's buffer where
-        the transport can.  Every request sent is waited for, even after
-        one failed; then the first failure is raised."""
+        """One request per ``(offset, buffer)`` of *spans* (``make(tags)``:
+        the messages of the first ``len(tags)`` spans, with those tags), all
+        sent from this thread in one batch (one notification per ring), then
+        each reply awaited in order and turned into a count
+        (``settle(raw, tag, offset, buffer)``); *into*: an Rread's data goes
+        straight into the span's buffer where the transport can.  Every
+        request sent is waited for, even after one failed; then the first
+        failure is raised.  The tags answered are released together at the
+        end (one call, not one per request)."""
         self.check_open()
         sent: list[tuple[int, Future[bytes] | BaseException]] = []
         failure: BaseException | None = None
-        tags: list[int] = []
-        for _ in spans:
-            try:
-                tags.append(self.tags.acquire(tmo))
-            except BaseException as exc:
-                failure = exc
-                break
+        try:
+            tags = self.tags.acquire_many(len(spans), tmo)  # all or none
+        except BaseException as exc:
+            failure, tags = exc, []
         if tags:
-            messages = [
-                make(tag, offset, mv) for tag, (offset, mv) in zip(tags, spans, strict=False)
-            ]
+            messages = make(tags)
             buffers = [mv for _, mv in spans[: len(tags)]] if into and self.wire.into else None
             futures, why = self.wire.submit_many(messages, timeout=tmo, into=buffers)
             for i, tag in enumerate(tags):
@@ -1362,18 +1645,23 @@ class ClientSession:
                     self.tags.release(tag)
                     sent.append((tag, why if why is not None else RuntimeError("not sent")))
         counts: list[int] = []
-        for (tag, future), (offset, mv) in zip(sent, spans, strict=False):
-            try:
-                counts.append(settle(self._await(tag, future, name, path, tmo), tag, offset, mv))
-            except BaseException as exc:
-                if failure is None:
-                    failure = exc
+        answered: list[int] = []  # the tags to release (see _await)
+        try:
+            for (tag, future), (offset, mv) in zip(sent, spans, strict=False):
+                try:
+                    raw = self._await(tag, future, name, path, tmo, answered)
+                    counts.append(settle(raw, tag, offset, mv))
+                except BaseException as exc:
+                    if failure is None:
+                        failure = exc
+        finally:
+            self.tags.release_many(answered)
         if failure is not None:
             raise failure
         return counts
 
     def _rread(
-        self, raw: bytes, tag: int, fid: int, offset: int, mv: memoryview, path: str | None
+        self, fid: int, path: str | None, raw: bytes, tag: int, offset: int, mv: memoryview
     ) -> int:
         """The byte count of the reply *raw* to a Tread into *mv*, its data put there."""
         count = mv.nbytes
@@ -1429,9 +1717,12 @@ class ClientSession:
             if size > self.msize:
                 raise ProtocolError(f"Twrite of {size} bytes exceeds the msize {self.msize}")
 
-        def make(tag: int, offset: int, mv: memoryview) -> Pieces:
-            header = _TREAD.pack(_TREAD.size + mv.nbytes, _TWRITE_TYPE, tag, fid, offset, mv.nbytes)
-            return (header, mv)
+        def make(tags: list[int]) -> list[Pieces]:
+            pack, size = _TREAD.pack, _TREAD.size
+            return [
+                (pack(size + mv.nbytes, _TWRITE_TYPE, tag, fid, offset, mv.nbytes), mv)
+                for tag, (offset, mv) in zip(tags, spans, strict=False)
+            ]
 
         def settle(raw: bytes, tag: int, offset: int, mv: memoryview) -> int:
             message = c.Twrite(tag, fid, offset, b"")
@@ -1452,10 +1743,12 @@ class ClientSession:
         name: str,
         path: str | None,
         tmo: float | None,
+        answered: list[int],
     ) -> bytes:
         """The reply of a request :meth:`_in_flight` sent (or why it was
-        not sent); the tag is released (or flushed, or retired) here, as
-        :meth:`rpc` does."""
+        not sent); the tag is flushed or retired here as :meth:`rpc` does,
+        or, free to reuse, appended to *answered* (the caller releases them
+        all at once)."""
         if isinstance(future, BaseException):
             raise future
         reusable = True
@@ -1475,7 +1768,7 @@ class ClientSession:
                 raise
         finally:
             if reusable:
-                self.tags.release(tag)
+                answered.append(tag)
 
     # --- clunks ----------------------------------------------------------------
 

@@ -218,7 +218,7 @@ def test_partial_walk_with_unbound_newfid(root: Path) -> None:
 def test_tags_round_robin_and_wrap_without_notag(root: Path) -> None:
     transport = ScriptedTransport(root)
     with Client(transport, aname=str(root)) as client:
-        client._tags._next = 0xFFFC
+        client._tags._start_at(0xFFFC)
         transport.sent.clear()
         for _ in range(3):
             client.stat("")

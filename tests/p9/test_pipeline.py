@@ -274,6 +274,96 @@ def test_the_wire_detects_what_the_transport_offers(root: Path) -> None:
 # Against the hostile server
 
 
+class LazyTransport(NewAsyncTransport):
+    """The new contract with the Xen frontend's ``lazy``: ``submit`` and
+    ``submit_many`` may take ``lazy=True`` (*takes_lazy*), and ``lazy(tag)``
+    marks a request in flight as nobody's to wait for promptly."""
+
+    def __init__(self, server: HostileServer, *, takes_lazy: bool) -> None:
+        super().__init__(server)
+        self.takes_lazy = takes_lazy
+        self.lazy_sent: list[int] = []  # tags submitted with lazy=True
+        self.marked: list[int] = []  # tags given to lazy()
+
+    def _note(self, message: Any, lazy: bool) -> None:
+        if lazy:
+            data = message[0] if isinstance(message, tuple) else message
+            self.lazy_sent.append(struct.unpack_from("<H", data, 5)[0])
+
+    def submit_many(
+        self, messages: list[Any], *, timeout: float | None = None, **lazy: bool
+    ) -> list[Future[bytes]]:
+        for m in messages:
+            self._note(m, lazy.get("lazy", False))
+        return super().submit_many(messages, timeout=timeout)
+
+    def lazy(self, tag: int) -> None:
+        self.marked.append(tag)
+
+
+class LazyAtSubmit(LazyTransport):
+    def submit(  # type: ignore[override]
+        self,
+        message: Any,
+        *,
+        timeout: float | None = None,
+        into: memoryview | None = None,
+        lazy: bool = False,
+    ) -> Future[bytes]:
+        self._note(message, lazy)
+        return super().submit(message, timeout=timeout, into=into)
+
+
+@pytest.mark.parametrize("takes_lazy", [True, False])
+def test_the_background_clunk_is_lazy_from_its_submit(root: Path, takes_lazy: bool) -> None:
+    """A stat's Tclunk, which nobody waits for, is lazy for the transport:
+    sent with ``lazy=True`` where the transport takes it (then not marked
+    again: a call and a lock less per operation), else marked with ``lazy``."""
+    server = HostileServer(root)
+    cls = LazyAtSubmit if takes_lazy else LazyTransport
+    transport = cls(server, takes_lazy=takes_lazy)
+    with server, Client(transport, aname=str(root), timeout=5) as client:
+        assert client.session.wire.lazy_submit is takes_lazy
+        start = len(transport.sent)
+        for _ in range(3):
+            assert client.stat("f").st_size == 5
+        assert client.fid_count == 1
+        clunks = [m.tag for m in transport.sent[start:] if isinstance(m, c.Tclunk)]
+        assert len(clunks) == 3
+        if takes_lazy:
+            assert set(clunks) <= set(transport.lazy_sent) and transport.marked == []
+        else:
+            assert transport.lazy_sent == [] and transport.marked == clunks
+
+
+def test_a_stat_reads_the_clock_once_in_the_session(
+    hostile_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One deadline per operation: the session reads the clock once per
+    stat (a system call in a PV dom0 without vDSO), for the chain's deadline
+    and its clunk's; the wait for the replies is given the timeout itself."""
+    import pyxen9p.p9.session as session_module
+
+    _server, _transport, client = hostile_client
+    reads: list[float] = []
+
+    class Clock:
+        def monotonic(self) -> float:
+            reads.append(time.monotonic())
+            return reads[-1]
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
+    client.stat("f")
+    client.fid_count  # noqa: B018 - no clunk left in flight
+    monkeypatch.setattr(session_module, "time", Clock())
+    for _ in range(5):
+        assert client.stat("f").st_size == 5
+    assert len(reads) <= 5 + 1  # one a stat (and one for a clunk expiry check)
+    assert len(reads) >= 5
+
+
 def test_stat_is_one_chain_and_does_not_wait_for_the_clunk(hostile_client: Any) -> None:
     _server, transport, client = hostile_client
     assert client.pipelined

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 from pathlib import Path
 
 import pytest
@@ -123,13 +124,56 @@ def test_tag_exhaustion() -> None:
     for _ in range(MAX_TAG + 1):
         assert tags.acquire() is not None
     assert tags.full and tags.acquire() is None
-    pool = TagPool()
-    pool._tags = tags
-    with pytest.raises(TimeoutError) as info:
-        pool.acquire(0.05)
-    assert info.value.errno == errno.ETIMEDOUT
-    pool.release(7)
-    assert pool.acquire(0.05) == 7
+    for rings in (1, 3):
+        pool = TagPool(rings)
+        got = [pool.acquire(None) for _ in range(MAX_TAG + 1)]
+        assert sorted(got) == list(range(MAX_TAG + 1))  # every tag once, never NOTAG
+        assert pool.in_use == MAX_TAG + 1
+        with pytest.raises(TimeoutError) as info:
+            pool.acquire(0.05)
+        assert info.value.errno == errno.ETIMEDOUT
+        with pytest.raises(TimeoutError):
+            pool.acquire_group(1, rings, 0.05)
+        with pytest.raises(TimeoutError):
+            pool.acquire_many(1, 0)
+        pool.release(7)
+        assert pool.acquire(0.05) == 7
+
+
+@pytest.mark.parametrize("rings", [1, 2, 3])
+def test_tag_pool_batches_and_groups_spread_over_the_rings(rings: int) -> None:
+    pool = TagPool(rings)
+    for count in range(1, 10):
+        tags = pool.acquire_many(count, 0)
+        assert len(set(tags)) == count and pool.in_use == count
+        # successive tags on successive rings
+        assert [t % rings for t in tags] == [(tags[0] + i) % rings for i in range(count)]
+        pool.release_many(tags)
+        assert pool.in_use == 0
+    firsts = [pool.acquire_group(3, rings, 0) for _ in range(rings)]
+    assert all(len({t % rings for t in g}) == 1 for g in firsts)
+    assert len({g[0] % rings for g in firsts}) == rings  # one group per ring
+    for group in firsts:
+        pool.release_many(group)
+    assert pool.in_use == 0
+
+
+def test_tag_pool_batch_with_a_ring_short_of_tags() -> None:
+    """A batch whose share of one ring is not free takes what the other
+    rings have, one tag at a time."""
+    pool = TagPool(2)
+    every = [pool.acquire(None) for _ in range(MAX_TAG + 1)]
+    keep = [t for t in every if t in (0, 1, 3, 5, 7)]  # one tag of ring 0, four of ring 1
+    for tag in every:
+        if tag not in keep:
+            pool.quarantine(tag)
+    pool.release_many(keep)
+    tags = pool.acquire_many(4, 0)
+    assert sorted(tags) != sorted(keep) and set(tags) <= set(keep) and len(set(tags)) == 4
+    assert pool.acquire_many(1, 0)[0] in set(keep) - set(tags)
+    with pytest.raises(TimeoutError):
+        pool.acquire_many(1, 0)
+    assert pool.in_use == 5
 
 
 def test_tag_pool_counts_stuck_apart() -> None:
@@ -143,7 +187,7 @@ def test_tag_pool_counts_stuck_apart() -> None:
 
 def test_fid_pool_exhaustion_is_emfile_and_lost_counts() -> None:
     fids = FidPool()
-    fids._pool._next = c.NOFID - 1
+    fids._fresh = itertools.count(c.NOFID - 1)
     last = fids.acquire()
     assert last == c.NOFID - 1
     with pytest.raises(OSError) as info:
