@@ -36,7 +36,10 @@ path, every clock read is a system call, and CPython up to 3.12 reads the
 clock on every lock acquire.
 The kernel's frontend runs in the reading process's system calls, so its
 work is the kernel side's system time; QEMU's CPU (the same backend for
-both sides) is in neither figure.
+both sides) is in neither figure.  A ``# <name>: backend CPU per <unit>``
+line gives it: dom0's QEMU's CPU time during each side's timed
+repetitions, added up (``/proc/<pid>/stat``, in 10 ms ticks, so a total
+over all repetitions; the line says how many ticks the smaller side had).
 
 ``cache=none`` makes every ``read``/``write``/``stat`` on the kernel's mount
 a 9P request: the transport is measured, not the page cache.  The kernel is
@@ -247,6 +250,58 @@ def _kernel_read(path: Path, buf: bytearray) -> int:
         os.close(fd)
 
 
+class BackendCpu:
+    """CPU time of the backend's process (dom0's QEMU) during each side's
+    timed repetitions, added up: ``utime + stime`` of ``/proc/<pid>/stat``,
+    which counts the threads that ended too, in clock ticks (10 ms at
+    ``USER_HZ`` 100, so a total over every repetition, not a median)."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.tick = 1.0 / os.sysconf("SC_CLK_TCK")
+        self.seconds: dict[str, float] = {}
+        self.units: dict[str, float] = {}
+
+    def _now(self) -> float | None:
+        if self.pid is None:
+            return None
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        # after "pid (comm)": state is field 3, utime 14 and stime 15 (1-based)
+        return (int(fields[11]) + int(fields[12])) * self.tick
+
+    def wrap(self, side: str, work: Callable[[], Sample]) -> Callable[[], Sample]:
+        """*work*, adding the backend's CPU meanwhile to *side*'s total."""
+
+        def measured() -> Sample:
+            before = self._now()
+            sample = work()
+            after = self._now()
+            if before is not None and after is not None:
+                self.seconds[side] = self.seconds.get(side, 0.0) + after - before
+                self.units[side] = self.units.get(side, 0.0) + sample.units
+            return sample
+
+        return measured
+
+    def line(self, name: str, per: str, subject: str, reference: str) -> str | None:
+        """``# <name>: backend CPU per <per> (dom0's QEMU, ...): ...`` or ``None``."""
+        if not all(self.units.get(side) for side in (subject, reference)):
+            return None
+        unit, scale, digits = ("ms", 1e3, 2) if per == "MB" else ("us", 1e6, 0)
+        figures = " ".join(
+            f"{side}={self.seconds[side] * scale / self.units[side]:.{digits}f} {unit}"
+            for side in (subject, reference)
+        )
+        ticks = min(self.seconds[side] for side in (subject, reference)) / self.tick
+        return (
+            f"# {name}: backend CPU per {per} (dom0's QEMU, all timed repetitions,"
+            f" >= {ticks:.0f} ticks): {figures}"
+        )
+
+
 def count_syscalls(work: Callable[[], Sample]) -> tuple[float, int, list[tuple[str, int]]]:
     """Run *work* once with ``strace -f -c`` attached to this process.
 
@@ -414,7 +469,10 @@ def run(
                     ("ls_l", "entry", p_ls, k_ls),
                 ]
                 for name, per, subject, reference in plan:
-                    sub, ref = measure_pair(subject, reference, options)
+                    backend = BackendCpu(xenlab.dom0_qemu_pid())
+                    sub, ref = measure_pair(
+                        backend.wrap("pyxen9p", subject), backend.wrap("kernel", reference), options
+                    )
                     traced = (
                         {"pyxen9p": count_syscalls(subject), "kernel": count_syscalls(reference)}
                         if syscalls else None
@@ -431,6 +489,9 @@ def run(
                     threads = result.thread_line()
                     if threads is not None:
                         print(threads, file=out, flush=True)
+                    backend_line = backend.line(name, per, "pyxen9p", "kernel")
+                    if backend_line is not None:
+                        print(backend_line, file=out, flush=True)
                     if traced is not None:
                         print(syscall_line(name, per, traced), file=out, flush=True)
                         result.params["syscalls_per_unit"] = {

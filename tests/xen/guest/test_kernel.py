@@ -322,6 +322,12 @@ def test_benchmark_against_the_kernel(
             output, re.M,
         )
         assert calls, f"no system-call line for {name}:\n{output}"
+        backend = re.search(
+            rf"^# {name}: backend CPU per {per} \(dom0's QEMU, all timed repetitions,"
+            rf" >= [0-9]+ ticks\): pyxen9p=([0-9.]+) (ms|us) kernel=([0-9.]+) (ms|us)$",
+            output, re.M,
+        )
+        assert backend, f"no backend CPU line for {name}:\n{output}"
         # every pyxen9p operation makes system calls (at least the event channel's)
         assert float(calls[1]) > 0 and float(calls[3]) > 0, calls[0]
     assert "# pyxen9p: msize=" in output
