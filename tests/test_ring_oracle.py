@@ -123,6 +123,29 @@ def _message(tag: int, body: bytes) -> bytes:
     return HEADER.pack(7 + len(body), 100, tag) + body
 
 
+_Bytes = ctypes.Array[ctypes.c_ubyte]
+
+
+def _frontend_ring(order: int, start: int) -> tuple[_Bytes, _Bytes, Interface, Producer, Consumer]:
+    """An interface page and data area for the C backend, every index at
+    *start*, and the frontend's producer (out) and consumer (in) on them."""
+    size = ring_size(order)
+    page = (ctypes.c_ubyte * XEN_PAGE_SIZE)()
+    data = (ctypes.c_ubyte * (2 * size))()
+    intf = Interface(memoryview(page))
+    for name in ("in_cons", "in_prod", "out_cons", "out_prod"):
+        setattr(intf, name, start)
+    barriers = get_barriers()
+    view = memoryview(data).cast("B")
+    producer = Producer(
+        ByteRing(view[size:]), intf.loader("out_cons"), intf.storer("out_prod"), barriers, start
+    )
+    consumer = Consumer(
+        ByteRing(view[:size]), intf.loader("in_prod"), intf.storer("in_cons"), barriers, start
+    )
+    return page, data, intf, producer, consumer
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     start=st.integers(0, U32),
@@ -136,22 +159,7 @@ def test_python_frontend_side_against_c_backend(
     arbitrary index so the free-running counters wrap."""
     order = 1  # 4 KiB per direction
     size = ring_size(order)
-    page = (ctypes.c_ubyte * XEN_PAGE_SIZE)()
-    data = (ctypes.c_ubyte * (2 * size))()
-    intf = Interface(memoryview(page))
-    for name in ("in_cons", "in_prod", "out_cons", "out_prod"):
-        setattr(intf, name, start)
-    barriers = get_barriers()
-    view = memoryview(data).cast("B")
-
-    def set_out_prod(v: int) -> None:
-        intf.out_prod = v
-
-    def set_in_cons(v: int) -> None:
-        intf.in_cons = v
-
-    producer = Producer(ByteRing(view[size:]), lambda: intf.out_cons, set_out_prod, barriers, start)
-    consumer = Consumer(ByteRing(view[:size]), lambda: intf.in_prod, set_in_cons, barriers, start)
+    page, data, intf, producer, consumer = _frontend_ring(order, start)
     pending = [_message(i, bytes([i % 251]) * n) for i, n in enumerate(sizes)]
     expected = list(pending)
     received = []
@@ -188,19 +196,7 @@ def test_pieces_in_and_payload_out_in_place_against_c_backend(
     arbitrary start so every piece and payload boundary meets the ring's end."""
     order = 1  # 4 KiB per direction
     size = ring_size(order)
-    page = (ctypes.c_ubyte * XEN_PAGE_SIZE)()
-    data = (ctypes.c_ubyte * (2 * size))()
-    intf = Interface(memoryview(page))
-    for name in ("in_cons", "in_prod", "out_cons", "out_prod"):
-        setattr(intf, name, start)
-    barriers = get_barriers()
-    view = memoryview(data).cast("B")
-    producer = Producer(
-        ByteRing(view[size:]), intf.loader("out_cons"), intf.storer("out_prod"), barriers, start
-    )
-    consumer = Consumer(
-        ByteRing(view[:size]), intf.loader("in_prod"), intf.storer("in_cons"), barriers, start
-    )
+    page, data, intf, producer, consumer = _frontend_ring(order, start)
     pending = []
     for i, (n, cut1, cut2) in enumerate(messages):
         whole = _message(i, bytes((i + j) % 251 for j in range(n)))
