@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,15 @@ def need_file(path: str | Path) -> Path:
     p = Path(path)
     need(p.exists(), str(p))
     return p
+
+
+@pytest.fixture
+def switch_often() -> Iterator[None]:
+    """A thread switch every few bytecodes (switch interval 1 µs) for the
+    test: races between threads show up within it."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)

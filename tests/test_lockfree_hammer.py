@@ -16,11 +16,10 @@ every bytecode.
 from __future__ import annotations
 
 import random
-import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from functools import partial
 
@@ -31,15 +30,8 @@ from pyxen9p._requests import Reply, Request, RequestTable
 from pyxen9p.errors import TransportClosedError, TransportError
 from pyxen9p.frontend import _Role
 
-
-@pytest.fixture(autouse=True)
-def _switch_often() -> Iterator[None]:
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
+#: a thread switch every few bytecodes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("switch_often")
 
 
 def _run(threads: list[threading.Thread]) -> None:

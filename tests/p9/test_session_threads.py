@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import itertools
 import random
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -32,15 +31,8 @@ from .hostile import HostileServer
 THREADS = 8
 
 
-@pytest.fixture(autouse=True)
-def _switch_often() -> Iterator[None]:
-    """A thread switch every few bytecodes: races show up within the test."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
+#: a thread switch every few bytecodes (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("switch_often")
 
 
 def run_threads(work: Callable[[int, random.Random], None], count: int = THREADS) -> list[str]:
