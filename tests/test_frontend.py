@@ -592,7 +592,7 @@ def test_result_all_from_a_reply_callback_is_refused() -> None:
             # run by the thread that delivers replies: it would wait forever
             try:
                 fe.result_all([never], timeout=1)
-            except BaseException as exc:  # noqa: BLE001 (recorded, asserted below)
+            except BaseException as exc:  # recorded, asserted below
                 errors.append(exc)
 
         first = fe.submit(frame(TREAD, 1, b"y"))
