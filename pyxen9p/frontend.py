@@ -899,8 +899,23 @@ class Frontend:
         rings, num_rings = self._rings, self.num_rings
         futures: list[Future[bytes]] = []
         touched: list[_Ring] = []
+        at, count = 0, len(checked)
+        if num_rings > 1 and count > 1:
+            # a window's tags are dealt out to the rings in turn (runs of one
+            # message): each ring's share in one put, as many as fit at once
+            first = checked[0][3] % num_rings
+            for entry in checked:
+                if entry[3] % num_rings != first:
+                    try:
+                        for put in self._put_rings(checked, lazy, touched):
+                            futures.append(put.future)
+                    except BaseException:
+                        for ring in touched:
+                            self._notify(ring)
+                        raise
+                    at = len(futures)
+                    break
         try:
-            at, count = 0, len(checked)
             while at < count:
                 # a run of messages for one ring goes on it in one put, and
                 # is registered under the ring's send lock taken once, when
@@ -990,6 +1005,76 @@ class Frontend:
             return None
         finally:
             ring.send_lock.release()
+
+    def _put_rings(
+        self,
+        batch: Sequence[tuple[list[memoryview], int, int, int, memoryview | None]],
+        lazy: bool,
+        touched: list[_Ring],
+    ) -> list[Request]:
+        """Register the first messages of *batch* (for several rings, in any
+        order) that fit the room of their rings, and put each ring's share on
+        it in one put, if nobody else is sending on any of those rings: their
+        requests (the longest such beginning of *batch*; none if a ring is
+        busy or a tag in flight), the rings put on appended to *touched*.
+        The rest is for :meth:`_send`, one by one: a message not sent is
+        never followed by one sent.  One send lock per ring, each a token
+        (no clock read: see :class:`_SendLock`)."""
+        rings, num_rings = self._rings, self.num_rings
+        table = self._table
+        held: dict[int, _Ring] = {}
+        added: list[Request] = []  # withdrawn unless put
+        try:
+            for entry in batch:
+                index = entry[3] % num_rings
+                if index not in held:
+                    ring = rings[index]
+                    try:
+                        ring.send_lock.token.pop()  # atomic: see _SendLock
+                    except IndexError:
+                        return []
+                    held[index] = ring
+            if self._closed or self._failure is not None:
+                return []
+            room: dict[int, int] = {}
+            for index, ring in held.items():
+                producer = ring.producer
+                if producer is None:
+                    return []
+                room[index] = producer.free()  # only grows while the lock is held
+            shares: dict[int, tuple[list[memoryview], list[int]]] = {}
+            for views, total, mtype, tag, target in batch:
+                index = tag % num_rings
+                if total > room[index]:
+                    break
+                request = table.add(tag, mtype, target, lazy)
+                if request is None:  # in flight: one by one, up to it
+                    break
+                added.append(request)
+                room[index] -= total
+                share = shares.get(index)
+                if share is None:
+                    shares[index] = share = ([], [0])
+                share[0].extend(views)
+                share[1][0] += total
+            for index, (views, sizes) in shares.items():
+                producer = held[index].producer
+                if producer is None or not producer.put_pieces(views, sizes[0]):
+                    # the room seen above went away: the backend moved its
+                    # index back (messages may be on other rings already)
+                    raise RingProtocolError(f"the backend took back room on ring {index}")
+                touched.append(held[index])
+            requests, added = added, []
+            return requests
+        except TransportError as exc:
+            if isinstance(exc, RingProtocolError):
+                self._fail(exc)  # the connection is over: nothing sent will be answered
+            return []  # one by one: the first (failing) one says why
+        finally:
+            for request in added:
+                table.withdraw(request)
+            for ring in held.values():
+                ring.send_lock.release()
 
     def _send(
         self,
