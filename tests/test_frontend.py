@@ -582,6 +582,8 @@ def test_result_all_gives_up_after_a_timeout_with_no_reply() -> None:
 def test_result_all_from_a_reply_callback_is_refused() -> None:
     def swallow_two(request: bytes) -> bytes:
         _size, _mtype, tag = HEADER.unpack_from(request)
+        if tag == 1:
+            time.sleep(0.2)  # the callback is added before the reply comes
         return b"" if tag == 2 else echo(request)
 
     with machine(handler=swallow_two) as m, m.connect() as fe:
