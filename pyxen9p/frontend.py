@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -308,6 +308,83 @@ class _Role:
         return not self._token
 
 
+class _SendLock:
+    """A ring's send lock that reads no clock while it is free.
+
+    On CPython 3.11 every acquisition of a :class:`threading.Lock` reads the
+    clock (a system call in a PV domain without vDSO), and every message
+    sent took this lock once.  Here the lock is one token in a list:
+    taking it is ``list.pop()``, one C-level operation, atomic under the GIL
+    and on free-threaded builds, that exactly one of the threads trying at
+    once wins (the others get :class:`IndexError`); giving it back is
+    ``list.append``, done only by the holder.
+
+    A thread that must wait counts itself in ``_waiting`` under the
+    condition's lock *before* its last try of the token, and waits on the
+    condition; :meth:`release` reads ``_waiting`` *after* putting the token
+    back.  So either that last try finds the token, or the releaser sees
+    the waiter and notifies it under the lock (which the waiter holds until
+    it waits): no wake-up is lost.  A waiter woken whose token was taken
+    meanwhile by a fast :meth:`acquire` waits again: that taker's release
+    notifies again.
+    """
+
+    __slots__ = ("_cond", "_token", "_waiting", "token")
+
+    def __init__(self) -> None:
+        #: the token: ``token.pop()`` takes the lock if free (:meth:`acquire`
+        #: without waiting and without a Python frame), else raises IndexError
+        self.token: list[None] = [None]
+        self._token = self.token
+        self._cond = threading.Condition(threading.Lock())
+        self._waiting = 0
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        """Take the lock: whether it was taken (within *timeout* seconds if
+        *blocking*; a negative *timeout*: as long as it takes)."""
+        try:
+            self._token.pop()  # atomic: one taker
+            return True
+        except IndexError:
+            if not blocking:
+                return False
+        deadline = None if timeout < 0 else time.monotonic() + timeout
+        with self._cond:
+            self._waiting += 1  # before the last try below: see the class
+            try:
+                while True:
+                    try:
+                        self._token.pop()
+                        return True
+                    except IndexError:
+                        pass
+                    if deadline is None:
+                        self._cond.wait()
+                        continue
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(left)
+            finally:
+                self._waiting -= 1
+
+    def release(self) -> None:
+        """Give the lock back (only its holder calls this).
+
+        :raises RuntimeError: the lock is not held
+        """
+        if self._token:
+            raise RuntimeError("release of a send lock not held")
+        self._token.append(None)
+        if self._waiting:  # read after the append: see the class
+            with self._cond:
+                self._cond.notify()
+
+    def locked(self) -> bool:
+        """Whether a thread holds the lock."""
+        return not self._token
+
+
 class _Ring:
     """One shared ring: interface page, data pages, event channel, and queues."""
 
@@ -320,7 +397,7 @@ class _Ring:
         self.producer: Producer | None = None
         self.consumer: Consumer | None = None
         self.views: list[ByteRing] = []
-        self.send_lock = threading.Lock()
+        self.send_lock = _SendLock()
         self.space = threading.Condition()
         #: Senders waiting on :attr:`space` (none: a drain need not wake it).
         self.space_waiters = 0
@@ -822,8 +899,23 @@ class Frontend:
         rings, num_rings = self._rings, self.num_rings
         futures: list[Future[bytes]] = []
         touched: list[_Ring] = []
+        at, count = 0, len(checked)
+        if num_rings > 1 and count > 1:
+            # a window's tags are dealt out to the rings in turn (runs of one
+            # message): each ring's share in one put, as many as fit at once
+            first = checked[0][3] % num_rings
+            for entry in checked:
+                if entry[3] % num_rings != first:
+                    try:
+                        for put in self._put_rings(checked, lazy, touched):
+                            futures.append(put.future)
+                    except BaseException:
+                        for ring in touched:
+                            self._notify(ring)
+                        raise
+                    at = len(futures)
+                    break
         try:
-            at, count = 0, len(checked)
             while at < count:
                 # a run of messages for one ring goes on it in one put, and
                 # is registered under the ring's send lock taken once, when
@@ -876,7 +968,11 @@ class Frontend:
         acquisition: the ring's send lock, which also serialises the
         registration of the ring's tags (see :meth:`RequestTable.add`)."""
         producer = ring.producer
-        if producer is None or not ring.send_lock.acquire(blocking=False):
+        if producer is None:
+            return None
+        try:
+            ring.send_lock.token.pop()  # the send lock, if free (atomic: see _SendLock)
+        except IndexError:
             return None
         table = self._table
         requests: list[Request] = []
@@ -910,6 +1006,76 @@ class Frontend:
         finally:
             ring.send_lock.release()
 
+    def _put_rings(
+        self,
+        batch: Sequence[tuple[list[memoryview], int, int, int, memoryview | None]],
+        lazy: bool,
+        touched: list[_Ring],
+    ) -> list[Request]:
+        """Register the first messages of *batch* (for several rings, in any
+        order) that fit the room of their rings, and put each ring's share on
+        it in one put, if nobody else is sending on any of those rings: their
+        requests (the longest such beginning of *batch*; none if a ring is
+        busy or a tag in flight), the rings put on appended to *touched*.
+        The rest is for :meth:`_send`, one by one: a message not sent is
+        never followed by one sent.  One send lock per ring, each a token
+        (no clock read: see :class:`_SendLock`)."""
+        rings, num_rings = self._rings, self.num_rings
+        table = self._table
+        held: dict[int, _Ring] = {}
+        added: list[Request] = []  # withdrawn unless put
+        try:
+            for entry in batch:
+                index = entry[3] % num_rings
+                if index not in held:
+                    ring = rings[index]
+                    try:
+                        ring.send_lock.token.pop()  # atomic: see _SendLock
+                    except IndexError:
+                        return []
+                    held[index] = ring
+            if self._closed or self._failure is not None:
+                return []
+            room: dict[int, int] = {}
+            for index, ring in held.items():
+                producer = ring.producer
+                if producer is None:
+                    return []
+                room[index] = producer.free()  # only grows while the lock is held
+            shares: dict[int, tuple[list[memoryview], list[int]]] = {}
+            for views, total, mtype, tag, target in batch:
+                index = tag % num_rings
+                if total > room[index]:
+                    break
+                request = table.add(tag, mtype, target, lazy)
+                if request is None:  # in flight: one by one, up to it
+                    break
+                added.append(request)
+                room[index] -= total
+                share = shares.get(index)
+                if share is None:
+                    shares[index] = share = ([], [0])
+                share[0].extend(views)
+                share[1][0] += total
+            for index, (views, sizes) in shares.items():
+                producer = held[index].producer
+                if producer is None or not producer.put_pieces(views, sizes[0]):
+                    # the room seen above went away: the backend moved its
+                    # index back (messages may be on other rings already)
+                    raise RingProtocolError(f"the backend took back room on ring {index}")
+                touched.append(held[index])
+            requests, added = added, []
+            return requests
+        except TransportError as exc:
+            if isinstance(exc, RingProtocolError):
+                self._fail(exc)  # the connection is over: nothing sent will be answered
+            return []  # one by one: the first (failing) one says why
+        finally:
+            for request in added:
+                table.withdraw(request)
+            for ring in held.values():
+                ring.send_lock.release()
+
     def _send(
         self,
         ring: _Ring,
@@ -931,7 +1097,12 @@ class Frontend:
         views, total, mtype, tag, target = entry
         table = self._table
         producer = ring.producer
-        if ring.send_lock.acquire(blocking=False):
+        try:
+            ring.send_lock.token.pop()  # the send lock, if free (atomic: see _SendLock)
+            free = True
+        except IndexError:
+            free = False
+        if free:
             # the fast path: nobody else is sending on this ring, and there is room
             try:
                 if producer is not None and not self._closed and self._failure is None:
@@ -956,18 +1127,26 @@ class Frontend:
                 self._notify(touched)
             unnotified.clear()
 
+        # the time left as the clock said just now: the first remaining()
+        # need not read it again (one system call less in a PV domain)
+        fresh = [] if timeout is None else [timeout]
+
         def remaining() -> float:
             if deadline is None:
                 return 1.0
-            left = deadline - time.monotonic()
+            left = fresh.pop() if fresh else deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(errno.ETIMEDOUT, "timed out waiting for room on the ring")
             return min(left, 1.0)
 
         # one sender at a time per ring, in order: a large message waiting for
-        # room is not overtaken by small ones
-        while not ring.send_lock.acquire(timeout=remaining()):
-            self._check_usable()
+        # room is not overtaken by small ones (the token first: no clock read
+        # when the lock is free)
+        try:
+            ring.send_lock.token.pop()  # atomic: see _SendLock
+        except IndexError:
+            while not ring.send_lock.acquire(timeout=remaining()):
+                self._check_usable()
         registered: Request | None = None
         try:
             while True:
@@ -1099,6 +1278,79 @@ class Frontend:
         except FutureTimeout:
             self._abandon(future)
             raise TimeoutError(errno.ETIMEDOUT, f"no reply within {timeout:g}s") from None
+
+    def result_all(
+        self, futures: Sequence[Future[bytes]], *, timeout: float | None = 60.0
+    ) -> bool:
+        """Wait until each of *futures* (from :meth:`submit` or
+        :meth:`submit_many`) is done, in order, receiving in this thread
+        while no other thread is (as :meth:`result` does): a window of
+        requests waited for with one clock read while replies keep coming,
+        not one per request.
+
+        *timeout* bounds the time with no progress: the wait ends once a
+        whole *timeout* passed with none of the futures done meanwhile
+        (found at most two *timeouts* after the last one was; a few
+        hundredths of a second late at worst, the clock being read only
+        when the event channel is quiet).  The futures not done then are
+        abandoned (their tags stay reserved, as for :meth:`result`).
+
+        :returns: whether every future is done (``False``: the timeout)
+        :raises RuntimeError: called from a thread that delivers replies
+        """
+        n = len(futures)
+        i = 0
+        while i < n and futures[i].done():
+            i += 1
+        if i == n:
+            return True
+        me = threading.current_thread()
+        if me is self._receiver or me is self._rx_owner:
+            raise RuntimeError("waiting from the frontend's own receiver thread would deadlock")
+        start = time.monotonic()
+        since = i  # the first future not done at *start*
+        budget = timeout  # what is left, known without reading the clock
+        while True:
+            future = futures[i]
+            deadline = None if timeout is None else start + timeout
+            if self._rx_lock.acquire(blocking=False) or (
+                self._table.mark_awaited(future) and self._rx_lock.acquire(blocking=False)
+            ):
+                # nobody is receiving: wait on the event channel ourselves
+                # (budget: the first poll need not read the clock; a stale
+                # one costs at most a poll's _LEAD_POLL past the deadline)
+                self._lead(future, None, deadline, me, budget)
+            elif not future.done():
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                try:
+                    future.exception(left)
+                except (FutureTimeout, CancelledError):
+                    pass
+            while i < n and futures[i].done():
+                i += 1
+            if i == n:
+                return True
+            if future.done():  # progress: wait for the next one, same deadline
+                budget = None if timeout is None else min(timeout, _LEAD_POLL)
+                continue
+            if timeout is None:
+                # _lead returned for a connection that ended, which fails them
+                try:
+                    future.exception()
+                except CancelledError:
+                    pass
+                continue
+            now = time.monotonic()
+            if now < start + timeout:
+                budget = start + timeout - now
+                continue
+            if i > since:  # one was done meanwhile: a whole timeout from now
+                start, since, budget = now, i, timeout
+                continue
+            for late in futures[i:]:
+                if not late.done():
+                    self._abandon(late)
+            return False
 
     async def request_async(
         self,

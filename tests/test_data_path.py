@@ -251,6 +251,42 @@ def test_submit_many_semantics(transport: str) -> None:
             submit_many([frame(TREAD, 11, b"late")])
 
 
+def test_submit_many_over_rings_stops_at_the_first_not_sent() -> None:
+    """A batch whose messages alternate between the rings (a read window's
+    tags) goes on each ring in one put, as far as it can: a message that
+    cannot be sent (its tag in flight) stops it, on every ring, and nothing
+    after it is sent even where it would fit."""
+
+    def handler(request: bytes) -> bytes:
+        _size, _mtype, tag = HEADER.unpack_from(request)
+        return b"" if tag == 3 else echo(request)  # tag 3 is never answered
+
+    recorder, seen = _recording(handler)
+    with _transport("xen", recorder) as t:
+        fe = t
+        stuck = fe.submit(frame(TREAD, 3, b"stuck"), timeout=5)  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # 8 and 12 on ring 0, 5 and 3 on ring 1: 3 is in flight
+        batch = [frame(TREAD, tag, b"m%d" % tag) for tag in (8, 5, 3, 12)]
+        futures = fe.submit_many(batch, timeout=5)  # type: ignore[attr-defined]
+        assert futures[0].result(5) == echo(batch[0])
+        assert futures[1].result(5) == echo(batch[1])
+        for future in futures[2:]:
+            assert future.done() and isinstance(future.exception(), ValueError)
+        time.sleep(0.1)
+        assert batch[3] not in seen  # fits ring 0, but comes after the one not sent
+        assert fe.outstanding_tags() == {3}  # type: ignore[attr-defined]
+        # all four fit and nothing clashes: every one sent, each ring in one put
+        batch = [frame(TREAD, tag, b"n%d" % tag) for tag in (20, 21, 22, 23, 24)]
+        futures = fe.submit_many(batch, timeout=5)  # type: ignore[attr-defined]
+        for message, future in zip(batch, futures, strict=True):
+            assert future.result(5) == echo(message)
+        fe.flushed(3)  # type: ignore[attr-defined]
+        assert isinstance(stuck.exception(5), InterruptedError)
+
+
 def test_submit_many_notifies_each_ring_once() -> None:
     with machine() as m:
         with m.connect(rings=2) as fe:

@@ -536,3 +536,72 @@ def test_gntalloc_limit_is_shared_by_the_domains_connections() -> None:
         finally:
             second.stop()
         m.assert_clean()
+
+
+def test_result_all_waits_for_a_window_while_replies_keep_coming() -> None:
+    # each reply takes 0.15 s, one after another on one ring: 0.6 s for the
+    # four, more than the timeout, but never a whole timeout without one
+    def slow(request: bytes) -> bytes:
+        time.sleep(0.15)
+        return echo(request)
+
+    with machine(handler=slow) as m, m.connect() as fe:
+        tags = [fe.num_rings * k for k in range(4)]  # all on ring 0
+        futures = fe.submit_many([frame(TREAD, t, b"w") for t in tags], lazy=True)
+        began = time.monotonic()
+        assert fe.result_all(futures, timeout=0.4) is True
+        assert time.monotonic() - began >= 0.5
+        assert [f.result(0) for f in futures] == [echo(frame(TREAD, t, b"w")) for t in tags]
+        assert fe.outstanding_tags() == set()
+        assert fe.result_all([], timeout=0.1) is True
+        assert fe.result_all(futures, timeout=0) is True  # all done: no wait
+
+
+def test_result_all_gives_up_after_a_timeout_with_no_reply() -> None:
+    # the second request of the ring is never answered: the first is done,
+    # the wait ends a timeout later, the rest stay in flight (abandoned)
+    def answer_first(request: bytes) -> bytes:
+        _size, _mtype, tag = HEADER.unpack_from(request)
+        return echo(request) if tag == 0 else b""
+
+    with machine(handler=answer_first) as m, m.connect() as fe:
+        tags = [fe.num_rings * k for k in range(3)]
+        futures = fe.submit_many([frame(TREAD, t, b"x") for t in tags], lazy=True)
+        began = time.monotonic()
+        assert fe.result_all(futures, timeout=0.3) is False
+        waited = time.monotonic() - began
+        assert 0.25 <= waited < 2.0
+        assert futures[0].result(0) == echo(frame(TREAD, 0, b"x"))
+        assert not futures[1].done() and not futures[2].done()
+        assert fe.outstanding_tags() == set(tags[1:])  # the tags stay reserved
+        for tag in tags[1:]:
+            fe.flushed(tag)
+        assert fe.outstanding_tags() == set()
+
+
+def test_result_all_from_a_reply_callback_is_refused() -> None:
+    def swallow_two(request: bytes) -> bytes:
+        _size, _mtype, tag = HEADER.unpack_from(request)
+        if tag == 1:
+            time.sleep(0.2)  # the callback is added before the reply comes
+        return b"" if tag == 2 else echo(request)
+
+    with machine(handler=swallow_two) as m, m.connect() as fe:
+        errors: list[BaseException] = []
+        never = fe.submit(frame(TREAD, 2, b"z"))
+
+        def callback(_f: object) -> None:
+            # run by the thread that delivers replies: it would wait forever
+            try:
+                fe.result_all([never], timeout=1)
+            except BaseException as exc:  # recorded, asserted below
+                errors.append(exc)
+
+        first = fe.submit(frame(TREAD, 1, b"y"))
+        first.add_done_callback(callback)
+        assert fe.result(first, timeout=5) == echo(frame(TREAD, 1, b"y"))
+        deadline = time.monotonic() + 5
+        while not errors and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(errors) == 1 and isinstance(errors[0], RuntimeError)
+        fe.flushed(2)

@@ -7,7 +7,9 @@ threads (issue 11: each lock acquisition reads the clock on CPython 3.11):
   per tag's ring, ``take``/``mark_lazy``/``mark_awaited``/``flushed``/``fail``
   without any;
 * the frontend's receiving role: a one-token list, left without the
-  hand-over lock, racing ``close``.
+  hand-over lock, racing ``close``;
+* a ring's send lock: a one-token list taken without waiting, with a
+  condition only for the senders that wait.
 
 The switch interval is made tiny so that threads interleave between almost
 every bytecode.
@@ -28,7 +30,7 @@ from frontend_helpers import TREAD, echo, frame, machine
 
 from pyxen9p._requests import Reply, Request, RequestTable
 from pyxen9p.errors import TransportClosedError, TransportError
-from pyxen9p.frontend import _Role
+from pyxen9p.frontend import _Role, _SendLock
 
 #: a thread switch every few bytecodes (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("switch_often")
@@ -415,3 +417,57 @@ def test_receiving_role_wait_is_bounded_and_sees_a_release() -> None:
     threading.Timer(0.05, role.release).start()
     assert role.acquire(timeout=5)  # given back meanwhile: taken
     role.release()
+
+
+# --- the send lock -----------------------------------------------------------------
+
+
+def test_send_lock_has_one_holder_and_wakes_every_waiter() -> None:
+    lock = _SendLock()
+    inside: list[int] = []
+    most: list[int] = [0]
+    taken = Counter[str]()
+    start = threading.Barrier(8)
+
+    def contender(name: str, how: str) -> None:
+        start.wait()
+        for _ in range(2000 if how == "try" else 300):
+            if how == "token":  # the frontend's fast path: a pop of the token
+                try:
+                    lock.token.pop()
+                except IndexError:
+                    continue
+            elif not lock.acquire(blocking=how != "try", timeout=-1 if how == "wait" else 10):
+                continue
+            inside.append(1)
+            most[0] = max(most[0], len(inside))
+            time.sleep(0)  # let the others try while it is held
+            inside.pop()
+            taken.update([name])
+            lock.release()
+
+    _run(
+        [threading.Thread(target=contender, args=(f"try{i}", "try")) for i in range(2)]
+        + [threading.Thread(target=contender, args=(f"token{i}", "token")) for i in range(2)]
+        + [threading.Thread(target=contender, args=(f"wait{i}", "wait")) for i in range(2)]
+        + [threading.Thread(target=contender, args=(f"timed{i}", "timed")) for i in range(2)]
+    )
+    assert most[0] == 1, "two threads held a send lock at once"
+    # a waiting sender is never left asleep with the lock free (no lost wake-up)
+    assert taken["wait0"] == taken["wait1"] == taken["timed0"] == taken["timed1"] == 300
+    assert not lock.locked() and lock._waiting == 0
+    with pytest.raises(RuntimeError):
+        lock.release()
+
+
+def test_send_lock_wait_is_bounded_and_sees_a_release() -> None:
+    lock = _SendLock()
+    assert lock.acquire(blocking=False) and lock.locked()
+    assert not lock.acquire(blocking=False)
+    began = time.monotonic()
+    assert not lock.acquire(timeout=0.1)
+    assert 0.09 <= time.monotonic() - began < 5
+    threading.Timer(0.05, lock.release).start()
+    assert lock.acquire(timeout=5)  # given back meanwhile: taken (woken, not polling)
+    lock.release()
+    assert not lock.locked()

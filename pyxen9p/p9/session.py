@@ -760,6 +760,8 @@ class Wire:
         self._result = waiter if callable(waiter) else None
         lazy = getattr(transport, "lazy", None)
         self._lazy = lazy if callable(lazy) else None
+        gather = getattr(transport, "result_all", None)
+        self._result_all = gather if callable(gather) and self._result is not None else None
 
     def submit(
         self,
@@ -812,6 +814,16 @@ class Wire:
             except TimeoutError as exc:  # one class for callers on Python 3.10 too
                 raise FutureTimeout(*exc.args) from None
         return future.result(timeout)
+
+    def wait_all(self, futures: Sequence[Future[bytes]], timeout: float | None) -> bool:
+        """Wait until each of *futures* is done, through the transport's
+        ``result_all`` where it has one (one clock read for a window of
+        replies, not one per reply; *timeout* bounds the time with none of
+        them done): whether all are.  Without it, nothing is waited for
+        here (``True``): :meth:`result` then waits for each."""
+        if self._result_all is None:
+            return True
+        return self._result_all(futures, timeout=timeout)  # type: ignore[no-any-return]
 
     def lazy(self, tag: int) -> None:
         """Tell the transport, if it listens, that nobody waits promptly for
@@ -1646,10 +1658,19 @@ class ClientSession:
                     sent.append((tag, why if why is not None else RuntimeError("not sent")))
         counts: list[int] = []
         answered: list[int] = []  # the tags to release (see _await)
+        # the whole window waited for at once (one clock read while replies
+        # keep coming); what ended the wait early is each late one's failure
+        stopped: BaseException | None = None
+        futures = [f for _, f in sent if not isinstance(f, BaseException)]
+        try:
+            if not self.wire.wait_all(futures, tmo):
+                stopped = TimeoutError(errno.ETIMEDOUT, "no reply")
+        except BaseException as exc:
+            stopped = exc
         try:
             for (tag, future), (offset, mv) in zip(sent, spans, strict=False):
                 try:
-                    raw = self._await(tag, future, name, path, tmo, answered)
+                    raw = self._await(tag, future, name, path, tmo, answered, stopped)
                     counts.append(settle(raw, tag, offset, mv))
                 except BaseException as exc:
                     if failure is None:
@@ -1744,17 +1765,25 @@ class ClientSession:
         path: str | None,
         tmo: float | None,
         answered: list[int],
+        stopped: BaseException | None = None,
     ) -> bytes:
         """The reply of a request :meth:`_in_flight` sent (or why it was
         not sent); the tag is flushed or retired here as :meth:`rpc` does,
         or, free to reuse, appended to *answered* (the caller releases them
-        all at once)."""
+        all at once).  *stopped*: what ended the window's wait
+        (:meth:`Wire.wait_all`) before every reply came, raised for a
+        request still not answered (a :class:`TimeoutError`: no reply in
+        time) instead of waiting again."""
         if isinstance(future, BaseException):
             raise future
         reusable = True
         try:
             try:
                 try:
+                    if stopped is not None and not future.done():
+                        if isinstance(stopped, TimeoutError):
+                            raise TimeoutError(errno.ETIMEDOUT, "no reply")
+                        raise stopped
                     return self.wire.result(future, tmo)
                 except FutureTimeout:
                     raise TimeoutError(errno.ETIMEDOUT, "no reply") from None
