@@ -49,6 +49,7 @@ from pyxen9p._requests import (
     rread_target,
     writable_target,
 )
+from pyxen9p._tokenlock import TokenLock
 from pyxen9p.barrier import Barriers, get_barriers
 from pyxen9p.errors import (
     BackendError,
@@ -308,83 +309,6 @@ class _Role:
         return not self._token
 
 
-class _SendLock:
-    """A ring's send lock that reads no clock while it is free.
-
-    On CPython 3.11 every acquisition of a :class:`threading.Lock` reads the
-    clock (a system call in a PV domain without vDSO), and every message
-    sent took this lock once.  Here the lock is one token in a list:
-    taking it is ``list.pop()``, one C-level operation, atomic under the GIL
-    and on free-threaded builds, that exactly one of the threads trying at
-    once wins (the others get :class:`IndexError`); giving it back is
-    ``list.append``, done only by the holder.
-
-    A thread that must wait counts itself in ``_waiting`` under the
-    condition's lock *before* its last try of the token, and waits on the
-    condition; :meth:`release` reads ``_waiting`` *after* putting the token
-    back.  So either that last try finds the token, or the releaser sees
-    the waiter and notifies it under the lock (which the waiter holds until
-    it waits): no wake-up is lost.  A waiter woken whose token was taken
-    meanwhile by a fast :meth:`acquire` waits again: that taker's release
-    notifies again.
-    """
-
-    __slots__ = ("_cond", "_token", "_waiting", "token")
-
-    def __init__(self) -> None:
-        #: the token: ``token.pop()`` takes the lock if free (:meth:`acquire`
-        #: without waiting and without a Python frame), else raises IndexError
-        self.token: list[None] = [None]
-        self._token = self.token
-        self._cond = threading.Condition(threading.Lock())
-        self._waiting = 0
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        """Take the lock: whether it was taken (within *timeout* seconds if
-        *blocking*; a negative *timeout*: as long as it takes)."""
-        try:
-            self._token.pop()  # atomic: one taker
-            return True
-        except IndexError:
-            if not blocking:
-                return False
-        deadline = None if timeout < 0 else time.monotonic() + timeout
-        with self._cond:
-            self._waiting += 1  # before the last try below: see the class
-            try:
-                while True:
-                    try:
-                        self._token.pop()
-                        return True
-                    except IndexError:
-                        pass
-                    if deadline is None:
-                        self._cond.wait()
-                        continue
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return False
-                    self._cond.wait(left)
-            finally:
-                self._waiting -= 1
-
-    def release(self) -> None:
-        """Give the lock back (only its holder calls this).
-
-        :raises RuntimeError: the lock is not held
-        """
-        if self._token:
-            raise RuntimeError("release of a send lock not held")
-        self._token.append(None)
-        if self._waiting:  # read after the append: see the class
-            with self._cond:
-                self._cond.notify()
-
-    def locked(self) -> bool:
-        """Whether a thread holds the lock."""
-        return not self._token
-
-
 class _Ring:
     """One shared ring: interface page, data pages, event channel, and queues."""
 
@@ -397,7 +321,7 @@ class _Ring:
         self.producer: Producer | None = None
         self.consumer: Consumer | None = None
         self.views: list[ByteRing] = []
-        self.send_lock = _SendLock()
+        self.send_lock = TokenLock()
         self.space = threading.Condition()
         #: Senders waiting on :attr:`space` (none: a drain need not wake it).
         self.space_waiters = 0
@@ -971,7 +895,7 @@ class Frontend:
         if producer is None:
             return None
         try:
-            ring.send_lock.token.pop()  # the send lock, if free (atomic: see _SendLock)
+            ring.send_lock.token.pop()  # the send lock, if free (atomic: see TokenLock)
         except IndexError:
             return None
         table = self._table
@@ -1019,7 +943,7 @@ class Frontend:
         busy or a tag in flight), the rings put on appended to *touched*.
         The rest is for :meth:`_send`, one by one: a message not sent is
         never followed by one sent.  One send lock per ring, each a token
-        (no clock read: see :class:`_SendLock`)."""
+        (no clock read: see :class:`~pyxen9p._tokenlock.TokenLock`)."""
         rings, num_rings = self._rings, self.num_rings
         table = self._table
         held: dict[int, _Ring] = {}
@@ -1030,7 +954,7 @@ class Frontend:
                 if index not in held:
                     ring = rings[index]
                     try:
-                        ring.send_lock.token.pop()  # atomic: see _SendLock
+                        ring.send_lock.token.pop()  # atomic: see TokenLock
                     except IndexError:
                         return []
                     held[index] = ring
@@ -1098,7 +1022,7 @@ class Frontend:
         table = self._table
         producer = ring.producer
         try:
-            ring.send_lock.token.pop()  # the send lock, if free (atomic: see _SendLock)
+            ring.send_lock.token.pop()  # the send lock, if free (atomic: see TokenLock)
             free = True
         except IndexError:
             free = False
@@ -1143,7 +1067,7 @@ class Frontend:
         # room is not overtaken by small ones (the token first: no clock read
         # when the lock is free)
         try:
-            ring.send_lock.token.pop()  # atomic: see _SendLock
+            ring.send_lock.token.pop()  # atomic: see TokenLock
         except IndexError:
             while not ring.send_lock.acquire(timeout=remaining()):
                 self._check_usable()
