@@ -29,8 +29,10 @@ import pytest
 from frontend_helpers import TREAD, echo, frame, machine
 
 from pyxen9p._requests import Reply, Request, RequestTable
-from pyxen9p.errors import TransportClosedError, TransportError
-from pyxen9p.frontend import _Role, _SendLock
+from pyxen9p._tokenlock import TokenLock
+from pyxen9p.errors import HandleClosedError, TransportClosedError, TransportError
+from pyxen9p.frontend import _Role
+from pyxen9p.libs._ctypeslib import CHandle
 
 #: a thread switch every few bytecodes (tests/conftest.py)
 pytestmark = pytest.mark.usefixtures("switch_often")
@@ -423,7 +425,7 @@ def test_receiving_role_wait_is_bounded_and_sees_a_release() -> None:
 
 
 def test_send_lock_has_one_holder_and_wakes_every_waiter() -> None:
-    lock = _SendLock()
+    lock = TokenLock()
     inside: list[int] = []
     most: list[int] = [0]
     taken = Counter[str]()
@@ -461,7 +463,7 @@ def test_send_lock_has_one_holder_and_wakes_every_waiter() -> None:
 
 
 def test_send_lock_wait_is_bounded_and_sees_a_release() -> None:
-    lock = _SendLock()
+    lock = TokenLock()
     assert lock.acquire(blocking=False) and lock.locked()
     assert not lock.acquire(blocking=False)
     began = time.monotonic()
@@ -471,3 +473,60 @@ def test_send_lock_wait_is_bounded_and_sees_a_release() -> None:
     assert lock.acquire(timeout=5)  # given back meanwhile: taken (woken, not polling)
     lock.release()
     assert not lock.locked()
+
+
+class _Counted(CHandle):
+    """A C handle whose "C calls" check that the handle is not released
+    under them, and whose release is recorded."""
+
+    def __init__(self) -> None:
+        self.released: list[int] = []
+        self.errors: list[str] = []
+        self._adopt(0x1000)
+
+    def use(self) -> None:
+        with self._using() as ptr:
+            if self.released:
+                self.errors.append("a call ran on a released handle")
+            time.sleep(0)  # let close (and others) in while "in C"
+            if self.released:
+                self.errors.append("the handle was released under a call")
+            if ptr != 0x1000:
+                self.errors.append(f"wrong pointer {ptr:#x}")
+
+    def _release(self, pointer: int) -> None:
+        self.released.append(pointer)
+
+
+@pytest.mark.parametrize("round_", range(50))
+def test_handle_calls_take_no_lock_yet_close_never_frees_under_them(round_: int) -> None:
+    """CHandle counts its calls without a lock (on CPython 3.11 a lock is a
+    clock read): callers racing close either run on the live handle or get
+    HandleClosedError, close releases exactly once, after the last call."""
+    handle = _Counted()
+    ran: list[None] = []
+    refused: list[None] = []  # list.append: atomic (a Counter's += is not)
+    start = threading.Barrier(5)
+
+    def caller() -> None:
+        rng = random.Random()
+        start.wait()
+        while True:  # until close refuses it: close always races calls
+            sum(range(rng.randrange(30)))  # outside a call most of the time
+            try:
+                handle.use()
+                ran.append(None)
+            except HandleClosedError:
+                refused.append(None)
+                return
+
+    def closer() -> None:
+        start.wait()
+        time.sleep(random.random() / 1000)
+        handle.close()
+
+    _run([threading.Thread(target=caller) for _ in range(4)] + [threading.Thread(target=closer)])
+    assert handle.errors == []
+    assert handle.released == [0x1000]
+    assert handle.closed and not handle._callers
+    assert len(refused) == 4

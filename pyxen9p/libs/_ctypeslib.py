@@ -270,7 +270,8 @@ class CHandle:
     def _adopt(self, pointer: int) -> None:
         self._guard = threading.Condition(threading.Lock())
         self._guard_generation = _fork_generation
-        self._callers: dict[int, int] = {}
+        #: the thread ids of the calls in progress, one entry per call
+        self._callers: list[int] = []
         self._releaser: int | None = None
         self._wake_pipe: tuple[int, int] | None = None
         self._ptr = pointer
@@ -292,7 +293,7 @@ class CHandle:
         if self._guard_generation != _fork_generation:
             self._guard = threading.Condition(threading.Lock())
             self._guard_generation = _fork_generation
-            self._callers = {}
+            self._callers = []
             if self._wake_pipe is not None:
                 for fd in self._wake_pipe:
                     with contextlib.suppress(OSError):
@@ -319,26 +320,50 @@ class CHandle:
         return ptr
 
     def _enter(self) -> int:
-        """Count a call in progress and return the pointer it may use."""
+        """Count a call in progress and return the pointer it may use.
+
+        Takes no lock while the handle is open: on CPython 3.11 every lock
+        acquisition reads the clock (a system call in a PV domain without
+        vDSO), and a ring's event channel is called for every message.  The
+        call is counted first, by ``list.append`` (one C-level operation,
+        atomic under the GIL and on free-threaded builds), and the state read
+        after: :meth:`close` sets ``_closing`` first and reads the count
+        after, under its guard.  So either this call sees ``_closing`` (it
+        leaves again and decides under the guard) or close sees it counted
+        and waits for it.
+        """
+        me = threading.get_ident()
+        ptr = self._ptr
+        if ptr is not None:  # adopted (a closed handle keeps _closing set)
+            self._callers.append(me)
+            if not self._closing and self._generation == _fork_generation:
+                return ptr
+            # closing or forked: uncount, and decide under the guard
+            self._leave()
         with self._lock():
             ptr = self._handle()
-            me = threading.get_ident()
-            self._callers[me] = self._callers.get(me, 0) + 1
+            self._callers.append(me)
             return ptr
 
     def _leave(self) -> None:
         """End a call counted by :meth:`_enter`; the last call out of a
-        handle whose close gave up waiting releases it."""
+        handle whose close gave up waiting releases it.
+
+        No lock unless the handle is closing: the call is uncounted first
+        (``list.remove``, atomic) and ``_closing`` read after, so a close
+        that began meanwhile is woken under its guard (see :meth:`_enter`).
+        """
+        me = threading.get_ident()
+        try:
+            self._callers.remove(me)
+        except ValueError:  # the count was reset in a fork child
+            pass
+        if not self._closing:
+            return
         release: int | None = None
         guard = self._lock()
         with guard:
-            me = threading.get_ident()
-            left = self._callers.get(me, 0) - 1
-            if left > 0:
-                self._callers[me] = left
-            else:
-                self._callers.pop(me, None)
-            if self._closing and not self._callers:
+            if not self._callers:
                 if self._deferred and self._releaser is None and self._ptr is not None:
                     self._releaser = me
                     release = self._ptr
@@ -415,7 +440,7 @@ class CHandle:
                 log.warning(
                     "%s closed while %d call(s) are still in C; it is released when they return",
                     type(self).__name__,
-                    sum(self._callers.values()),
+                    len(self._callers),
                 )
                 return
             self._releaser = me

@@ -15,11 +15,11 @@ descriptor also works with :mod:`select`, :mod:`selectors` and
 from __future__ import annotations
 
 import select
-import threading
 import time
 from collections.abc import Callable
 from ctypes import c_int, c_uint, c_uint16, c_uint32, c_void_p
 
+from pyxen9p._tokenlock import TokenLock
 from pyxen9p.libs._ctypeslib import (
     CHandle,
     LibraryArg,
@@ -70,7 +70,9 @@ class EventChannel(CHandle):
     def __init__(self, *, cloexec: bool = True, library: LibraryArg = None) -> None:
         self._lib = LIBRARY.load(library)
         self._ports: set[int] = set()
-        self._takers = threading.Lock()  # one pending() at a time (see wait)
+        # one pending() at a time (see wait); a TokenLock: taken for every
+        # event, it must not read the clock (see pyxen9p._tokenlock)
+        self._takers = TokenLock()
         self._adopt(self._lib.xenevtchn_open(None, 0 if cloexec else XENEVTCHN_NO_CLOEXEC))
 
     @classmethod
@@ -79,7 +81,7 @@ class EventChannel(CHandle):
         self = cls.__new__(cls)
         self._lib = LIBRARY.load(library)
         self._ports = set()
-        self._takers = threading.Lock()
+        self._takers = TokenLock()
         self._adopt(self._lib.xenevtchn_fdopen(None, fd, 0))
         return self
 
