@@ -1046,7 +1046,13 @@ class Frontend:
         future, ring = self._submit(message, timeout, into)
         return self._wait(future, ring, start, timeout, me)
 
-    def result(self, future: Future[bytes], *, timeout: float | None = 60.0) -> bytes:
+    def result(
+        self,
+        future: Future[bytes],
+        *,
+        timeout: float | None = 60.0,
+        deadline: float | None = None,
+    ) -> bytes:
         """Wait for the reply of a future from :meth:`submit` or
         :meth:`submit_many`, receiving on the event channel in this thread
         while no other thread is (as :meth:`request` does): a chain sent with
@@ -1054,6 +1060,11 @@ class Frontend:
         this caller is alone.
 
         :param timeout: limit in seconds (``None``: as long as the connection lives)
+        :param deadline: the ``time.monotonic()`` at which *timeout* runs
+            out, when the caller knows it (a chain sent with that timeout
+            just before): no clock read then unless a poll ends empty (the
+            first poll waits at most *timeout*, so the wait may end that
+            long after *deadline* at most)
         :raises TimeoutError: no reply in time (the tag stays reserved, as
             for :meth:`request`)
         :raises RuntimeError: called from a thread that delivers replies (a
@@ -1065,6 +1076,10 @@ class Frontend:
         me = threading.current_thread()
         if me is self._receiver or me is self._rx_owner:
             raise RuntimeError("waiting from the frontend's own receiver thread would deadlock")
+        if deadline is not None and timeout is not None:
+            # the caller's deadline: no clock read (a system call each in a PV
+            # domain without vDSO) when the reply is in by the first poll
+            return self._wait(future, None, deadline - timeout, timeout, me, fresh=True)
         return self._wait(future, None, time.monotonic(), timeout, me, fresh=True)
 
     def _wait(

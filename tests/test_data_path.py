@@ -495,6 +495,51 @@ def _slow_tag1(request: bytes) -> bytes:
     return echo(request)
 
 
+class _CountingClock:
+    """``time`` for the frontend's module: counts its ``monotonic()`` reads."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def monotonic(self) -> float:
+        self.reads += 1
+        return time.monotonic()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+
+def test_result_with_the_callers_deadline_reads_no_clock_and_keeps_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``result(deadline=...)``: no clock read for a reply in by the first
+    poll; a reply that does not come still times out by that deadline (the
+    time before it included, not *timeout* from the call)."""
+    import pyxen9p.frontend as frontend_module
+
+    with machine(handler=_slow_tag1) as m:
+        with m.connect(rings=2) as fe:
+            clock = _CountingClock()
+            monkeypatch.setattr(frontend_module, "time", clock)
+            for _ in range(5):
+                message = frame(TREAD, 0, b"fast")
+                deadline = time.monotonic() + 5
+                future = fe.submit(message, timeout=5, lazy=True)
+                assert fe.result(future, timeout=5, deadline=deadline) == echo(message)
+            # (a poll woken by an event reads no clock; submit reads none)
+            assert clock.reads == 0, clock.reads
+            # tag 1 is answered after 0.5 s: a deadline 0.3 s away (0.6 s
+            # given as the timeout) ends the wait before the reply
+            message = frame(TREAD, 1, b"slow")
+            start = time.monotonic()
+            future = fe.submit(message, timeout=5, lazy=True)
+            with pytest.raises(TimeoutError):
+                fe.result(future, timeout=0.6, deadline=start + 0.3)
+            assert time.monotonic() - start < 0.5 + 0.3  # not 0.6 from the call
+            assert future.result(5) == echo(message)  # the reply still comes
+        m.assert_clean()
+
+
 def test_request_from_a_done_callback_on_a_leading_caller_is_refused() -> None:
     with machine(handler=_slow_tag1) as m:
         with m.connect(rings=2) as fe:

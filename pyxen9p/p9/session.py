@@ -758,6 +758,8 @@ class Wire:
         self.ordered = bool(ordered) and self.asynchronous
         waiter = getattr(transport, "result", None)
         self._result = waiter if callable(waiter) else None
+        #: the transport's result takes the caller's deadline (no clock read)
+        self._result_deadline = self._result is not None and _accepts(waiter, "deadline")
         lazy = getattr(transport, "lazy", None)
         self._lazy = lazy if callable(lazy) else None
 
@@ -803,11 +805,20 @@ class Wire:
                 raise FutureTimeout(*exc.args) from None
         return future.result(timeout)
 
-    def result_pending(self, future: Future[bytes], timeout: float | None) -> bytes:
+    def result_pending(
+        self, future: Future[bytes], timeout: float | None, deadline: float | None = None
+    ) -> bytes:
         """:meth:`result` of a *future* the caller just saw not done (it is
-        not asked again: a call less per wait)."""
+        not asked again: a call less per wait).
+
+        :param deadline: when *timeout* runs out (``time.monotonic()``), if
+            the caller knows it: passed to a transport that takes it (the
+            Xen frontend then reads no clock for a reply in by its first poll)
+        """
         if self._result is not None:
             try:
+                if deadline is not None and self._result_deadline:
+                    return self._result(future, timeout=timeout, deadline=deadline)  # type: ignore[no-any-return]
                 return self._result(future, timeout=timeout)  # type: ignore[no-any-return]
             except TimeoutError as exc:  # one class for callers on Python 3.10 too
                 raise FutureTimeout(*exc.args) from None
@@ -952,14 +963,15 @@ class Chain:
                 last = self._futures[-1]
                 if not last.done():
                     # the chain's own timeout, not what is left of its
-                    # deadline: no clock read here (the transport reads it
-                    # once for its wait).  A chain is finished right after it
+                    # deadline: no clock read here (the transport, given the
+                    # deadline, reads it only if its first poll ends empty).
+                    # A chain is finished right after it
                     # is sent (or after the chains sent before it in a batch),
                     # so this wait ends at most that long after the deadline;
                     # the steps still unanswered then are settled against the
                     # deadline itself (_settle)
                     try:
-                        session.wire.result_pending(last, self._timeout)
+                        session.wire.result_pending(last, self._timeout, self._deadline)
                     except Exception:
                         pass  # each step's outcome is settled below
             for i in range(steps):
