@@ -72,7 +72,15 @@ from pyxen9p.p9 import _dotu
 from pyxen9p.p9 import codec as c
 from pyxen9p.p9.codec import ProtocolError
 from pyxen9p.p9.files import OpenMode, RemoteFileIO, parse_mode
-from pyxen9p.p9.session import _DEFAULT, Chain, ClientSession, Outcome, Step, _TimeoutArg
+from pyxen9p.p9.session import (
+    _DEFAULT,
+    Chain,
+    ClientSession,
+    Direct,
+    Outcome,
+    Step,
+    _TimeoutArg,
+)
 from pyxen9p.p9.transport import StreamTransport, Transport
 
 __all__ = [
@@ -796,8 +804,10 @@ class Client:
                     continue
                 newfid = self._fids.acquire()
                 fids.append(newfid)
-                walk = functools.partial(
-                    c.Twalk, fid=root_fid, newfid=newfid, wnames=tuple(parts)
+                names = tuple(parts)
+                walk = Direct(
+                    functools.partial(c.Twalk, fid=root_fid, newfid=newfid, wnames=names),
+                    functools.partial(c.encode_twalk, fid=root_fid, newfid=newfid, wnames=names),
                 )
                 specs.append(([(walk, c.Rwalk), *after(newfid)], display, newfid))
             chains = iter(self._session.chain_many(specs) if specs else [])
@@ -871,13 +881,7 @@ class Client:
     def _stat_chain(self, path: PathArg, follow: bool) -> os.stat_result | None:
         """Walk + getattr + clunk of *path* on one ring; ``None``: the sequential way."""
         got = self._walk_chain(path, follow, _getattr_step)
-        if got is None:
-            return None
-        r = got[2][0]
-        if isinstance(r, BaseException):
-            raise r
-        assert isinstance(r, c.Rgetattr)
-        return _stat_result(r)
+        return None if got is None else _step_stat(got[2][0])
 
     def _stat_many(
         self, paths: Sequence[str], follow: bool
@@ -914,11 +918,7 @@ class Client:
                 if got is None:
                     results.append(one(display))
                     return
-                r = got[1][0]
-                if isinstance(r, BaseException):
-                    raise r
-                assert isinstance(r, c.Rgetattr)
-                results.append(_stat_result(r))
+                results.append(_step_stat(got[1][0]))
             except TransportError:
                 raise
             except (OSError, ValueError) as exc:
@@ -1785,10 +1785,10 @@ class Client:
             if isinstance(outcome, BaseException):
                 raise outcome
         attr, _, read = outcomes
-        assert isinstance(attr, c.Rgetattr) and isinstance(read, c.Rread)
+        assert isinstance(read, c.Rread)
         if len(read.data) > count:
             raise ProtocolError(f"Rread of {len(read.data)} bytes for a Tread of {count}")
-        st = _stat_result(attr)
+        st = _step_stat(attr)
         if self.max_read is not None and st.st_size > self.max_read:
             raise self._read_limit_error(
                 display, self.max_read, f"the file has {st.st_size} bytes:"
@@ -2784,8 +2784,49 @@ def _checked_names(entries: list[c.Dirent], path: str) -> list[c.Dirent]:
 
 
 def _getattr_step(fid: int) -> tuple[Step]:
-    """The Tgetattr step of a chain on *fid* (basic attributes)."""
-    return ((functools.partial(c.Tgetattr, fid=fid, request_mask=c.P9_GETATTR_BASIC), c.Rgetattr),)
+    """The Tgetattr step of a chain on *fid* (basic attributes): its
+    outcome is an :class:`os.stat_result` for a valid Rgetattr (read
+    straight from the reply), else what the generic check gives (see
+    :func:`_step_stat`)."""
+    return (
+        (
+            Direct(
+                functools.partial(c.Tgetattr, fid=fid, request_mask=c.P9_GETATTR_BASIC),
+                functools.partial(c.encode_tgetattr, fid=fid, request_mask=c.P9_GETATTR_BASIC),
+                _rgetattr_stat,
+            ),
+            c.Rgetattr,
+        ),
+    )
+
+
+def _step_stat(outcome: object) -> os.stat_result:
+    """The :class:`os.stat_result` of a :func:`_getattr_step`'s outcome.
+
+    :raises: the step's failure; :class:`ProtocolError` for an Rgetattr
+        the fast reader refused (see :func:`_stat_result`)
+    """
+    if type(outcome) is os.stat_result:
+        return outcome
+    if isinstance(outcome, BaseException):
+        raise outcome
+    assert isinstance(outcome, c.Rgetattr)
+    return _stat_result(outcome)
+
+
+def _rgetattr_stat(raw: bytes, tag: int) -> os.stat_result | None:
+    """The :class:`os.stat_result` of *raw* if it is a valid Rgetattr to
+    *tag* (as :func:`_stat_result` of its decoding gives); ``None`` for
+    anything else (the generic check decodes and judges it)."""
+    v = c.rgetattr_values(raw, tag)
+    if v is None or v[16] >= 1_000_000_000 or v[18] >= 1_000_000_000 or v[20] >= 1_000_000_000:
+        return None
+    # (size type tag valid qtype qversion) qpath mode uid gid nlink rdev size
+    # blksize blocks atime_sec atime_nsec mtime_sec mtime_nsec ctime_sec ctime_nsec ...
+    return _make_stat(
+        v[7], v[6], v[10], v[8], v[9], v[12], v[15], v[16], v[17], v[18], v[19], v[20],
+        v[13], v[14], v[11],
+    )
 
 
 def _stat_result(r: c.Rgetattr) -> os.stat_result:
@@ -2801,22 +2842,30 @@ def _stat_result(r: c.Rgetattr) -> os.stat_result:
         for name in ("atime_nsec", "mtime_nsec", "ctime_nsec"):
             if getattr(r, name) >= 1_000_000_000:
                 raise ProtocolError(f"Rgetattr: {name} {getattr(r, name)} is not below 10^9")
-    atime_ns = r.atime_sec * 1_000_000_000 + r.atime_nsec
-    mtime_ns = r.mtime_sec * 1_000_000_000 + r.mtime_nsec
-    ctime_ns = r.ctime_sec * 1_000_000_000 + r.ctime_nsec
+    return _make_stat(
+        r.mode, r.qid.path, r.nlink, r.uid, r.gid, r.size, r.atime_sec, r.atime_nsec,
+        r.mtime_sec, r.mtime_nsec, r.ctime_sec, r.ctime_nsec, r.blksize, r.blocks, r.rdev,
+    )
+
+
+def _make_stat(
+    mode: int, ino: int, nlink: int, uid: int, gid: int, size: int,
+    atime_sec: int, atime_nsec: int, mtime_sec: int, mtime_nsec: int,
+    ctime_sec: int, ctime_nsec: int, blksize: int, blocks: int, rdev: int,
+) -> os.stat_result:  # fmt: skip
+    """The :class:`os.stat_result` of checked attributes (nanoseconds below 10⁹)."""
     return os.stat_result(
-        (r.mode, r.qid.path, 0, r.nlink, r.uid, r.gid, r.size,
-         r.atime_sec, r.mtime_sec, r.ctime_sec),
+        (mode, ino, 0, nlink, uid, gid, size, atime_sec, mtime_sec, ctime_sec),
         {
-            "st_atime": r.atime_sec + r.atime_nsec * 1e-9,
-            "st_mtime": r.mtime_sec + r.mtime_nsec * 1e-9,
-            "st_ctime": r.ctime_sec + r.ctime_nsec * 1e-9,
-            "st_atime_ns": atime_ns,
-            "st_mtime_ns": mtime_ns,
-            "st_ctime_ns": ctime_ns,
-            "st_blksize": r.blksize,
-            "st_blocks": r.blocks,
-            "st_rdev": r.rdev,
+            "st_atime": atime_sec + atime_nsec * 1e-9,
+            "st_mtime": mtime_sec + mtime_nsec * 1e-9,
+            "st_ctime": ctime_sec + ctime_nsec * 1e-9,
+            "st_atime_ns": atime_sec * 1_000_000_000 + atime_nsec,
+            "st_mtime_ns": mtime_sec * 1_000_000_000 + mtime_nsec,
+            "st_ctime_ns": ctime_sec * 1_000_000_000 + ctime_nsec,
+            "st_blksize": blksize,
+            "st_blocks": blocks,
+            "st_rdev": rdev,
         },
     )
 

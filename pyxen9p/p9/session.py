@@ -891,8 +891,44 @@ class _Uncertain:
 
 #: One step of a :class:`Chain`: ``make(tag)`` and the reply type expected.
 Step = tuple[Callable[[int], c.Message], type[c.Message]]
-#: What a step of a chain gave: its checked reply, or why it has none.
+#: What a step of a chain gave: its checked reply, or why it has none (or,
+#: for a :class:`Direct` step with a *fast* reader, what that reader made of
+#: the reply).
 Outcome = c.Message | BaseException
+
+
+class Direct:
+    """A step's *make* (see :data:`Step`) that also writes its request
+    straight to bytes, and may read the reply expected straight into what
+    the caller wants: no message objects on the way of a step that goes well.
+
+    :param make: ``make(tag)``, the request as a message (made only where
+        one is needed: an error to name)
+    :param raw: ``raw(tag)``, what ``encode(make(tag))`` gives; or ``None``
+        when it cannot say (:func:`~pyxen9p.p9.codec.encode` of the message
+        is used then)
+    :param fast: ``fast(reply, tag)``, the step's outcome for a reply it
+        recognises whole (the type expected, *tag*, the exact size, every
+        field valid); ``None`` for anything else, which the generic check
+        then decodes and judges as for any step (an error reply, a wrong
+        tag, type or size give the same outcome with or without it).  Used
+        in 9P2000.L only.
+    """
+
+    __slots__ = ("fast", "make", "raw")
+
+    def __init__(
+        self,
+        make: Callable[[int], c.Message],
+        raw: Callable[[int], bytes | None],
+        fast: Callable[[bytes, int], Any] | None = None,
+    ) -> None:
+        self.make = make
+        self.raw = raw
+        self.fast = fast
+
+    def __call__(self, tag: int) -> c.Message:
+        return self.make(tag)
 
 
 class _Clunk:
@@ -920,7 +956,7 @@ class Chain:
         self,
         session: ClientSession,
         steps: Sequence[Step],
-        messages: list[c.Message],
+        messages: list[c.Message | None],
         tags: list[int],
         futures: list[Future[bytes]],
         failure: BaseException | _Uncertain | None,
@@ -993,10 +1029,16 @@ class Chain:
                     session.clunk_quiet(self._clunk)  # its Tclunk was never sent
         return outcomes
 
+    def _message(self, i: int) -> c.Message:
+        """Step *i*'s request as a message (made now for a :class:`Direct` step)."""
+        message = self._messages[i]
+        if message is None:
+            message = self._messages[i] = self._steps[i][0](self._tags[i])
+        return message
+
     def _settle(self, i: int) -> Outcome:
         session = self._session
         tag = self._tags[i]
-        message = self._messages[i]
         if i >= len(self._futures):
             if isinstance(self._failure, TimeoutError) and i == len(self._futures):
                 # no room on the ring in time: the server consumes nothing, as
@@ -1005,7 +1047,9 @@ class Chain:
                 why = f"no room for tag {tag} within {self._timeout or 0:g}s"
                 if session.give_up_wait(tag, why):
                     session.tags.release(tag)
-                return session.timeout_error(type(message).__name__, self._timeout, self._path)
+                return session.timeout_error(
+                    type(self._message(i)).__name__, self._timeout, self._path
+                )
             if not isinstance(self._failure, _Uncertain):
                 session.tags.release(tag)
             else:
@@ -1025,12 +1069,19 @@ class Chain:
         except FutureTimeout:
             if session.give_up_wait(tag, f"no reply to tag {tag} within {self._timeout:g}s"):
                 session.tags.release(tag)
-            return session.timeout_error(type(message).__name__, self._timeout, self._path)
+            return session.timeout_error(
+                type(self._message(i)).__name__, self._timeout, self._path
+            )
         except Exception as exc:
             session.tags.release(tag)  # the transport is done with this tag
             return exc
         self._answered.append(tag)  # released by finish
-        rtype = self._steps[i][1]
+        make, rtype = self._steps[i]
+        if type(make) is Direct and make.fast is not None and not session.dotu:
+            value = make.fast(raw, tag)
+            if value is not None:  # recognised whole: no message object
+                return value  # type: ignore[no-any-return]
+            # anything else: judged below, as without the fast reader
         try:
             if len(raw) <= session.msize:
                 # check_reply's success path, inline: the reply expected, with
@@ -1040,7 +1091,7 @@ class Chain:
                 if type(reply) is rtype and reply.tag == tag:
                     return reply
             return check_reply(
-                raw, tag, message, rtype, self._path, session.msize, session.decode,
+                raw, tag, self._message(i), rtype, self._path, session.msize, session.decode,
                 dotu=session.dotu,
             )
         except (OSError, ValueError) as exc:
@@ -1392,21 +1443,27 @@ class ClientSession:
             self._expire_clunks(now=now)
         deadline = None if tmo is None else now + tmo
         groups: list[list[int]] = []
-        messages: list[list[c.Message]] = []
+        messages: list[list[c.Message | None]] = []
         datas: list[Pieces] = []
         try:
             for steps, _, clunk in specs:
                 count = len(steps) + (clunk is not None)
                 tags = self.tags.acquire_group(count, self.wire.num_rings, tmo)
                 groups.append(tags)
-                encoded: list[c.Message] = []
+                encoded: list[c.Message | None] = []
                 for tag, (make, _) in zip(tags, steps, strict=False):
-                    message = make(tag)
-                    data = c.encode(message)
+                    # a Direct step: its bytes without a message object
+                    raw = make.raw(tag) if type(make) is Direct else None
+                    message: c.Message | None = None
+                    if raw is None:
+                        made = make(tag)
+                        data, message = c.encode(made), made
+                    else:
+                        data = raw
                     if len(data) > self.msize:
                         raise ProtocolError(
-                            f"{type(message).__name__} of {len(data)} bytes exceeds the msize"
-                            f" {self.msize}"
+                            f"{type(make(tag)).__name__} of {len(data)} bytes exceeds the"
+                            f" msize {self.msize}"
                         )
                     encoded.append(message)
                     datas.append(data)
