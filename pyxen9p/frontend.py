@@ -66,6 +66,7 @@ from pyxen9p.interfaces import (
     XenStoreLike,
     XenStoreOps,
 )
+from pyxen9p.libs._poll import one_fd_poller, poll_error
 from pyxen9p.ring import (
     HEADER_SIZE,
     MAX_RING_ORDER,
@@ -503,6 +504,8 @@ class Frontend:
         self._rx_owner: threading.Thread | None = None
         self._leader_inside = False  # a leader may still reach the rings after close
         self._lead_poller: select.poll | None = None
+        #: a leading caller's poll of the event channel (no clock read; made once)
+        self._lead_poll: Callable[[int], int] | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.tag = None
         self.backend_versions: frozenset[int] = frozenset()
@@ -1299,7 +1302,9 @@ class Frontend:
             evtchn = self._evtchn
             if evtchn is None or self._closed or self._failure is not None:
                 return
-            poller = self._lead_poller or self._make_lead_poller(evtchn)
+            poll = self._lead_poll
+            if poll is None:
+                poll = self._lead_poll = one_fd_poller(evtchn.fileno())
             # the reply may be there already
             if ring is not None:
                 self._drain(ring)
@@ -1321,11 +1326,20 @@ class Frontend:
                         return
                     wait_ms = min(_LEAD_POLL, left) * 1000
                     check = False
-                if poller.poll(wait_ms):
+                # whole milliseconds, rounded up (as select.poll does); libc's
+                # poll, not select.poll: no clock read for its deadline
+                ready = poll(int(wait_ms + 0.999))
+                if ready > 0:
                     self._on_event(evtchn)
                     events += 1
                     check = deadline is not None and not events & 15
                 else:
+                    if ready < 0:
+                        failure = poll_error()
+                        if failure is not None:
+                            raise failure
+                        # interrupted by a signal: its handler runs now, a
+                        # poll that found nothing
                     check = deadline is not None
         except Exception as exc:  # never leave the other callers waiting
             self._receiving_failed(exc, "receiving", "in a caller")

@@ -6,6 +6,7 @@ into the caller's buffer, submit_many, and callers receiving their own replies
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import threading
@@ -537,6 +538,41 @@ def test_result_with_the_callers_deadline_reads_no_clock_and_keeps_it(
                 fe.result(future, timeout=0.6, deadline=start + 0.3)
             assert time.monotonic() - start < 0.5 + 0.3  # not 0.6 from the call
             assert future.result(5) == echo(message)  # the reply still comes
+        m.assert_clean()
+
+
+def test_a_leading_callers_poll_that_fails_fails_the_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The leader's poll (libc's, through ctypes) returning -1: EINTR is a
+    poll that found nothing; any other errno fails the connection with it,
+    as select.poll's OSError did."""
+    import pyxen9p.libs._poll as poll_module
+
+    with machine(handler=_slow_tag1) as m:
+        with m.connect(rings=2) as fe:
+            message = frame(TREAD, 0, b"warm")
+            assert fe.request(message, timeout=5) == echo(message)  # the poll is made
+            real = fe._lead_poll
+            assert real is not None
+            calls: list[int] = []
+
+            def interrupted_once(ms: int) -> int:
+                calls.append(ms)
+                return -1 if len(calls) == 1 else real(ms)
+
+            errnos = iter([errno.EINTR])
+            monkeypatch.setattr(poll_module.ctypes, "get_errno", lambda: next(errnos))
+            fe._lead_poll = interrupted_once
+            message = frame(TREAD, 1, b"slow")
+            assert fe.request(message, timeout=5) == echo(message)
+            assert len(calls) >= 2  # went on polling after the interruption
+            monkeypatch.setattr(poll_module.ctypes, "get_errno", lambda: errno.EBADF)
+            fe._lead_poll = lambda ms: -1
+            with pytest.raises(TransportError) as info:
+                fe.request(frame(TREAD, 1, b"slow"), timeout=5)
+            assert info.value.errno == errno.EBADF, info.value
+            assert "receiving failed" in str(info.value)
         m.assert_clean()
 
 
