@@ -884,7 +884,11 @@ class Client:
     def _stat_chain(self, path: PathArg, follow: bool) -> os.stat_result | None:
         """Walk + getattr + clunk of *path* on one ring; ``None``: the sequential way."""
         got = self._walk_chain(path, follow, _getattr_step)
-        return None if got is None else _step_stat(got[2][0])
+        if got is None:
+            return None
+        st: object = got[2][0]
+        # the fast reader's result (the common case, no call), else _step_stat
+        return st if type(st) is os.stat_result else _step_stat(st)
 
     def _stat_many(
         self, paths: Sequence[str], follow: bool
@@ -2792,11 +2796,14 @@ def _walk_step(fid: int, newfid: int, parts: list[str]) -> Step:
     names = tuple(parts)
     return (
         Direct(
-            functools.partial(c.Twalk, fid=fid, newfid=newfid, wnames=names),
-            functools.partial(c.encode_twalk, fid=fid, newfid=newfid, wnames=names),
+            (
+                functools.partial(c.Twalk, fid=fid, newfid=newfid, wnames=names),
+                functools.partial(c.encode_twalk, fid=fid, newfid=newfid, wnames=names),
+                None,
+            )
         ),
         c.Rwalk,
-    )
+    )  # type: ignore[return-value]  # (mypy sees no __call__ on a tuple subclass)
 
 
 def _getattr_step(fid: int) -> tuple[Step]:
@@ -2807,13 +2814,15 @@ def _getattr_step(fid: int) -> tuple[Step]:
     return (
         (
             Direct(
-                functools.partial(c.Tgetattr, fid=fid, request_mask=c.P9_GETATTR_BASIC),
-                functools.partial(c.encode_tgetattr, fid=fid, request_mask=c.P9_GETATTR_BASIC),
-                _rgetattr_stat,
+                (
+                    functools.partial(c.Tgetattr, fid=fid, request_mask=c.P9_GETATTR_BASIC),
+                    functools.partial(c.encode_tgetattr, fid=fid, request_mask=c.P9_GETATTR_BASIC),
+                    _rgetattr_stat,
+                )
             ),
             c.Rgetattr,
         ),
-    )
+    )  # type: ignore[return-value]  # (mypy sees no __call__ on a tuple subclass)
 
 
 def _step_stat(outcome: object) -> os.stat_result:

@@ -897,38 +897,52 @@ Step = tuple[Callable[[int], c.Message], type[c.Message]]
 Outcome = c.Message | BaseException
 
 
-class Direct:
+class Direct(
+    tuple[
+        Callable[[int], c.Message],
+        Callable[[int], "bytes | None"],
+        "Callable[[bytes, int], Any] | None",
+    ]
+):
     """A step's *make* (see :data:`Step`) that also writes its request
     straight to bytes, and may read the reply expected straight into what
     the caller wants: no message objects on the way of a step that goes well.
 
-    :param make: ``make(tag)``, the request as a message (made only where
-        one is needed: an error to name)
-    :param raw: ``raw(tag)``, what ``encode(make(tag))`` gives; or ``None``
-        when it cannot say (:func:`~pyxen9p.p9.codec.encode` of the message
-        is used then)
-    :param fast: ``fast(reply, tag)``, the step's outcome for a reply it
-        recognises whole (the type expected, *tag*, the exact size, every
-        field valid); ``None`` for anything else, which the generic check
-        then decodes and judges as for any step (an error reply, a wrong
-        tag, type or size give the same outcome with or without it).  Used
-        in 9P2000.L only.
+    ``Direct((make, raw, fast))``: a tuple (made without a Python frame),
+    called as *make* is:
+
+    * ``make(tag)``: the request as a message (made only where one is
+      needed: an error to name);
+    * ``raw(tag)``: what ``encode(make(tag))`` gives; or ``None`` when it
+      cannot say (:func:`~pyxen9p.p9.codec.encode` of the message is used
+      then);
+    * ``fast(reply, tag)`` (or ``None``): the step's outcome for a reply it
+      recognises whole (the type expected, *tag*, the exact size, every
+      field valid); ``None`` for anything else, which the generic check then
+      decodes and judges as for any step (an error reply, a wrong tag, type
+      or size give the same outcome with or without it).  Used in 9P2000.L
+      only.
     """
 
-    __slots__ = ("fast", "make", "raw")
+    __slots__ = ()
 
-    def __init__(
-        self,
-        make: Callable[[int], c.Message],
-        raw: Callable[[int], bytes | None],
-        fast: Callable[[bytes, int], Any] | None = None,
-    ) -> None:
-        self.make = make
-        self.raw = raw
-        self.fast = fast
+    @property
+    def make(self) -> Callable[[int], c.Message]:
+        """``make(tag)``: the request as a message."""
+        return self[0]
+
+    @property
+    def raw(self) -> Callable[[int], bytes | None]:
+        """``raw(tag)``: the request's bytes (``None``: ask :attr:`make`)."""
+        return self[1]
+
+    @property
+    def fast(self) -> Callable[[bytes, int], Any] | None:
+        """``fast(reply, tag)``: the outcome of a reply recognised, else ``None``."""
+        return self[2]
 
     def __call__(self, tag: int) -> c.Message:
-        return self.make(tag)
+        return self[0](tag)
 
 
 class _Clunk:
@@ -1077,8 +1091,8 @@ class Chain:
             return exc
         self._answered.append(tag)  # released by finish
         make, rtype = self._steps[i]
-        if type(make) is Direct and make.fast is not None and not session.dotu:
-            value = make.fast(raw, tag)
+        if type(make) is Direct and make[2] is not None and not session.dotu:
+            value = make[2](raw, tag)  # fast
             if value is not None:  # recognised whole: no message object
                 return value  # type: ignore[no-any-return]
             # anything else: judged below, as without the fast reader
@@ -1453,7 +1467,7 @@ class ClientSession:
                 encoded: list[c.Message | None] = []
                 for tag, (make, _) in zip(tags, steps, strict=False):
                     # a Direct step: its bytes without a message object
-                    raw = make.raw(tag) if type(make) is Direct else None
+                    raw = make[1](tag) if type(make) is Direct else None
                     message: c.Message | None = None
                     if raw is None:
                         made = make(tag)
