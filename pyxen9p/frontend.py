@@ -67,6 +67,7 @@ from pyxen9p.interfaces import (
     XenStoreLike,
     XenStoreOps,
 )
+from pyxen9p.libs._poll import one_fd_poller, poll_error
 from pyxen9p.ring import (
     HEADER_SIZE,
     MAX_RING_ORDER,
@@ -504,6 +505,8 @@ class Frontend:
         self._rx_owner: threading.Thread | None = None
         self._leader_inside = False  # a leader may still reach the rings after close
         self._lead_poller: select.poll | None = None
+        #: a leading caller's poll of the event channel (no clock read; made once)
+        self._lead_poll: Callable[[int], int] | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.tag = None
         self.backend_versions: frozenset[int] = frozenset()
@@ -1149,7 +1152,13 @@ class Frontend:
         future, ring = self._submit(message, timeout, into)
         return self._wait(future, ring, start, timeout, me)
 
-    def result(self, future: Future[bytes], *, timeout: float | None = 60.0) -> bytes:
+    def result(
+        self,
+        future: Future[bytes],
+        *,
+        timeout: float | None = 60.0,
+        deadline: float | None = None,
+    ) -> bytes:
         """Wait for the reply of a future from :meth:`submit` or
         :meth:`submit_many`, receiving on the event channel in this thread
         while no other thread is (as :meth:`request` does): a chain sent with
@@ -1157,6 +1166,11 @@ class Frontend:
         this caller is alone.
 
         :param timeout: limit in seconds (``None``: as long as the connection lives)
+        :param deadline: the ``time.monotonic()`` at which *timeout* runs
+            out, when the caller knows it (a chain sent with that timeout
+            just before): no clock read then unless a poll ends empty (the
+            first poll waits at most *timeout*, so the wait may end that
+            long after *deadline* at most)
         :raises TimeoutError: no reply in time (the tag stays reserved, as
             for :meth:`request`)
         :raises RuntimeError: called from a thread that delivers replies (a
@@ -1168,6 +1182,10 @@ class Frontend:
         me = threading.current_thread()
         if me is self._receiver or me is self._rx_owner:
             raise RuntimeError("waiting from the frontend's own receiver thread would deadlock")
+        if deadline is not None and timeout is not None:
+            # the caller's deadline: no clock read (a system call each in a PV
+            # domain without vDSO) when the reply is in by the first poll
+            return self._wait(future, None, deadline - timeout, timeout, me, fresh=True)
         return self._wait(future, None, time.monotonic(), timeout, me, fresh=True)
 
     def _wait(
@@ -1460,7 +1478,9 @@ class Frontend:
             evtchn = self._evtchn
             if evtchn is None or self._closed or self._failure is not None:
                 return
-            poller = self._lead_poller or self._make_lead_poller(evtchn)
+            poll = self._lead_poll
+            if poll is None:
+                poll = self._lead_poll = one_fd_poller(evtchn.fileno())
             # the reply may be there already
             if ring is not None:
                 self._drain(ring)
@@ -1482,11 +1502,20 @@ class Frontend:
                         return
                     wait_ms = min(_LEAD_POLL, left) * 1000
                     check = False
-                if poller.poll(wait_ms):
+                # whole milliseconds, rounded up (as select.poll does); libc's
+                # poll, not select.poll: no clock read for its deadline
+                ready = poll(int(wait_ms + 0.999))
+                if ready > 0:
                     self._on_event(evtchn)
                     events += 1
                     check = deadline is not None and not events & 15
                 else:
+                    if ready < 0:
+                        failure = poll_error()
+                        if failure is not None:
+                            raise failure
+                        # interrupted by a signal: its handler runs now, a
+                        # poll that found nothing
                     check = deadline is not None
         except Exception as exc:  # never leave the other callers waiting
             self._receiving_failed(exc, "receiving", "in a caller")

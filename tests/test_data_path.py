@@ -6,6 +6,7 @@ into the caller's buffer, submit_many, and callers receiving their own replies
 
 from __future__ import annotations
 
+import errno
 import socket
 import struct
 import threading
@@ -529,6 +530,86 @@ def _slow_tag1(request: bytes) -> bytes:
     if HEADER.unpack_from(request)[2] == 1:
         time.sleep(0.5)
     return echo(request)
+
+
+class _CountingClock:
+    """``time`` for the frontend's module: counts its ``monotonic()`` reads."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def monotonic(self) -> float:
+        self.reads += 1
+        return time.monotonic()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+
+def test_result_with_the_callers_deadline_reads_no_clock_and_keeps_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``result(deadline=...)``: no clock read for a reply in by the first
+    poll; a reply that does not come still times out by that deadline (the
+    time before it included, not *timeout* from the call)."""
+    import pyxen9p.frontend as frontend_module
+
+    with machine(handler=_slow_tag1) as m:
+        with m.connect(rings=2) as fe:
+            clock = _CountingClock()
+            monkeypatch.setattr(frontend_module, "time", clock)
+            for _ in range(5):
+                message = frame(TREAD, 0, b"fast")
+                deadline = time.monotonic() + 5
+                future = fe.submit(message, timeout=5, lazy=True)
+                assert fe.result(future, timeout=5, deadline=deadline) == echo(message)
+            # (a poll woken by an event reads no clock; submit reads none)
+            assert clock.reads == 0, clock.reads
+            # tag 1 is answered after 0.5 s: a deadline 0.3 s away (0.6 s
+            # given as the timeout) ends the wait before the reply
+            message = frame(TREAD, 1, b"slow")
+            start = time.monotonic()
+            future = fe.submit(message, timeout=5, lazy=True)
+            with pytest.raises(TimeoutError):
+                fe.result(future, timeout=0.6, deadline=start + 0.3)
+            assert time.monotonic() - start < 0.5 + 0.3  # not 0.6 from the call
+            assert future.result(5) == echo(message)  # the reply still comes
+        m.assert_clean()
+
+
+def test_a_leading_callers_poll_that_fails_fails_the_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The leader's poll (libc's, through ctypes) returning -1: EINTR is a
+    poll that found nothing; any other errno fails the connection with it,
+    as select.poll's OSError did."""
+    import pyxen9p.libs._poll as poll_module
+
+    with machine(handler=_slow_tag1) as m:
+        with m.connect(rings=2) as fe:
+            message = frame(TREAD, 0, b"warm")
+            assert fe.request(message, timeout=5) == echo(message)  # the poll is made
+            real = fe._lead_poll
+            assert real is not None
+            calls: list[int] = []
+
+            def interrupted_once(ms: int) -> int:
+                calls.append(ms)
+                return -1 if len(calls) == 1 else real(ms)
+
+            errnos = iter([errno.EINTR])
+            monkeypatch.setattr(poll_module.ctypes, "get_errno", lambda: next(errnos))
+            fe._lead_poll = interrupted_once
+            message = frame(TREAD, 1, b"slow")
+            assert fe.request(message, timeout=5) == echo(message)
+            assert len(calls) >= 2  # went on polling after the interruption
+            monkeypatch.setattr(poll_module.ctypes, "get_errno", lambda: errno.EBADF)
+            fe._lead_poll = lambda ms: -1
+            with pytest.raises(TransportError) as info:
+                fe.request(frame(TREAD, 1, b"slow"), timeout=5)
+            assert info.value.errno == errno.EBADF, info.value
+            assert "receiving failed" in str(info.value)
+        m.assert_clean()
 
 
 def test_request_from_a_done_callback_on_a_leading_caller_is_refused() -> None:

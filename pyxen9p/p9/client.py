@@ -72,7 +72,15 @@ from pyxen9p.p9 import _dotu
 from pyxen9p.p9 import codec as c
 from pyxen9p.p9.codec import ProtocolError
 from pyxen9p.p9.files import OpenMode, RemoteFileIO, parse_mode
-from pyxen9p.p9.session import _DEFAULT, Chain, ClientSession, Outcome, Step, _TimeoutArg
+from pyxen9p.p9.session import (
+    _DEFAULT,
+    Chain,
+    ClientSession,
+    Direct,
+    Outcome,
+    Step,
+    _TimeoutArg,
+)
 from pyxen9p.p9.transport import StreamTransport, Transport
 
 __all__ = [
@@ -796,10 +804,8 @@ class Client:
                     continue
                 newfid = self._fids.acquire()
                 fids.append(newfid)
-                walk = functools.partial(
-                    c.Twalk, fid=root_fid, newfid=newfid, wnames=tuple(parts)
-                )
-                specs.append(([(walk, c.Rwalk), *after(newfid)], display, newfid))
+                walk = _walk_step(root_fid, newfid, parts)
+                specs.append(([walk, *after(newfid)], display, newfid))
             chains = iter(self._session.chain_many(specs) if specs else [])
         except BaseException:
             for fid in fids:
@@ -851,9 +857,16 @@ class Client:
         session.process_deferred()  # (chain_many checks the session is open)
         display = _display(path)
         parts = _normalize(display.split("/"))
-        (chain,) = self._start_walk_chains([(display, parts, after)])
-        if chain is None:
+        if len(parts) > c.MAXWELEM:
             return None
+        # _start_walk_chains of one path, inline (no lists of specs to go through)
+        newfid = self._fids.acquire()
+        try:
+            walk = _walk_step(session.root_fid, newfid, parts)
+            (chain,) = session.chain_many([([walk, *after(newfid)], display, newfid)])
+        except BaseException:
+            self._fids.release(newfid)  # nothing was sent
+            raise
         got = self._finish_walk_chain(chain, display, parts, follow)
         return None if got is None else (display, *got)
 
@@ -873,11 +886,9 @@ class Client:
         got = self._walk_chain(path, follow, _getattr_step)
         if got is None:
             return None
-        r = got[2][0]
-        if isinstance(r, BaseException):
-            raise r
-        assert isinstance(r, c.Rgetattr)
-        return _stat_result(r)
+        st: object = got[2][0]
+        # the fast reader's result (the common case, no call), else _step_stat
+        return st if type(st) is os.stat_result else _step_stat(st)
 
     def _stat_many(
         self, paths: Sequence[str], follow: bool
@@ -914,11 +925,7 @@ class Client:
                 if got is None:
                     results.append(one(display))
                     return
-                r = got[1][0]
-                if isinstance(r, BaseException):
-                    raise r
-                assert isinstance(r, c.Rgetattr)
-                results.append(_stat_result(r))
+                results.append(_step_stat(got[1][0]))
             except TransportError:
                 raise
             except (OSError, ValueError) as exc:
@@ -1785,10 +1792,10 @@ class Client:
             if isinstance(outcome, BaseException):
                 raise outcome
         attr, _, read = outcomes
-        assert isinstance(attr, c.Rgetattr) and isinstance(read, c.Rread)
+        assert isinstance(read, c.Rread)
         if len(read.data) > count:
             raise ProtocolError(f"Rread of {len(read.data)} bytes for a Tread of {count}")
-        st = _stat_result(attr)
+        st = _step_stat(attr)
         if self.max_read is not None and st.st_size > self.max_read:
             raise self._read_limit_error(
                 display, self.max_read, f"the file has {st.st_size} bytes:"
@@ -2783,9 +2790,81 @@ def _checked_names(entries: list[c.Dirent], path: str) -> list[c.Dirent]:
     return entries
 
 
+def _walk_step(fid: int, newfid: int, parts: list[str]) -> Step:
+    """The Twalk step of a chain: *parts* from *fid* to *newfid* (at most
+    :data:`~pyxen9p.p9.codec.MAXWELEM` names), written without a message object."""
+    names = tuple(parts)
+    return (
+        Direct(
+            (
+                functools.partial(c.Twalk, fid=fid, newfid=newfid, wnames=names),
+                functools.partial(c.encode_twalk, fid=fid, newfid=newfid, wnames=names),
+                None,
+            )
+        ),
+        c.Rwalk,
+    )  # type: ignore[return-value]  # (mypy sees no __call__ on a tuple subclass)
+
+
 def _getattr_step(fid: int) -> tuple[Step]:
-    """The Tgetattr step of a chain on *fid* (basic attributes)."""
-    return ((functools.partial(c.Tgetattr, fid=fid, request_mask=c.P9_GETATTR_BASIC), c.Rgetattr),)
+    """The Tgetattr step of a chain on *fid* (basic attributes): its
+    outcome is an :class:`os.stat_result` for a valid Rgetattr (read
+    straight from the reply), else what the generic check gives (see
+    :func:`_step_stat`)."""
+    return (
+        (
+            Direct(
+                (
+                    functools.partial(c.Tgetattr, fid=fid, request_mask=c.P9_GETATTR_BASIC),
+                    functools.partial(c.encode_tgetattr, fid=fid, request_mask=c.P9_GETATTR_BASIC),
+                    _rgetattr_stat,
+                )
+            ),
+            c.Rgetattr,
+        ),
+    )  # type: ignore[return-value]  # (mypy sees no __call__ on a tuple subclass)
+
+
+def _step_stat(outcome: object) -> os.stat_result:
+    """The :class:`os.stat_result` of a :func:`_getattr_step`'s outcome.
+
+    :raises: the step's failure; :class:`ProtocolError` for an Rgetattr
+        the fast reader refused (see :func:`_stat_result`)
+    """
+    if type(outcome) is os.stat_result:
+        return outcome
+    if isinstance(outcome, BaseException):
+        raise outcome
+    assert isinstance(outcome, c.Rgetattr)
+    return _stat_result(outcome)
+
+
+def _rgetattr_stat(raw: bytes, tag: int) -> os.stat_result | None:
+    """The :class:`os.stat_result` of *raw* if it is a valid Rgetattr to
+    *tag* (as :func:`_stat_result` of its decoding gives); ``None`` for
+    anything else (the generic check decodes and judges it)."""
+    v = c.rgetattr_values(raw, tag)
+    if v is None or v[16] >= 1_000_000_000 or v[18] >= 1_000_000_000 or v[20] >= 1_000_000_000:
+        return None
+    # (size type tag valid qtype qversion) qpath mode uid gid nlink rdev size
+    # blksize blocks atime_sec atime_nsec mtime_sec mtime_nsec ctime_sec ctime_nsec ...
+    # (_make_stat's body, inline: a frame less per stat; the property test
+    # tests/p9/test_pipeline.py compares every field with _stat_result's)
+    asec, ansec, msec, mnsec, csec, cnsec = v[15:21]
+    return os.stat_result(
+        (v[7], v[6], 0, v[10], v[8], v[9], v[12], asec, msec, csec),
+        {
+            "st_atime": asec + ansec * 1e-9,
+            "st_mtime": msec + mnsec * 1e-9,
+            "st_ctime": csec + cnsec * 1e-9,
+            "st_atime_ns": asec * 1_000_000_000 + ansec,
+            "st_mtime_ns": msec * 1_000_000_000 + mnsec,
+            "st_ctime_ns": csec * 1_000_000_000 + cnsec,
+            "st_blksize": v[13],
+            "st_blocks": v[14],
+            "st_rdev": v[11],
+        },
+    )
 
 
 def _stat_result(r: c.Rgetattr) -> os.stat_result:
@@ -2801,22 +2880,30 @@ def _stat_result(r: c.Rgetattr) -> os.stat_result:
         for name in ("atime_nsec", "mtime_nsec", "ctime_nsec"):
             if getattr(r, name) >= 1_000_000_000:
                 raise ProtocolError(f"Rgetattr: {name} {getattr(r, name)} is not below 10^9")
-    atime_ns = r.atime_sec * 1_000_000_000 + r.atime_nsec
-    mtime_ns = r.mtime_sec * 1_000_000_000 + r.mtime_nsec
-    ctime_ns = r.ctime_sec * 1_000_000_000 + r.ctime_nsec
+    return _make_stat(
+        r.mode, r.qid.path, r.nlink, r.uid, r.gid, r.size, r.atime_sec, r.atime_nsec,
+        r.mtime_sec, r.mtime_nsec, r.ctime_sec, r.ctime_nsec, r.blksize, r.blocks, r.rdev,
+    )
+
+
+def _make_stat(
+    mode: int, ino: int, nlink: int, uid: int, gid: int, size: int,
+    atime_sec: int, atime_nsec: int, mtime_sec: int, mtime_nsec: int,
+    ctime_sec: int, ctime_nsec: int, blksize: int, blocks: int, rdev: int,
+) -> os.stat_result:  # fmt: skip
+    """The :class:`os.stat_result` of checked attributes (nanoseconds below 10⁹)."""
     return os.stat_result(
-        (r.mode, r.qid.path, 0, r.nlink, r.uid, r.gid, r.size,
-         r.atime_sec, r.mtime_sec, r.ctime_sec),
+        (mode, ino, 0, nlink, uid, gid, size, atime_sec, mtime_sec, ctime_sec),
         {
-            "st_atime": r.atime_sec + r.atime_nsec * 1e-9,
-            "st_mtime": r.mtime_sec + r.mtime_nsec * 1e-9,
-            "st_ctime": r.ctime_sec + r.ctime_nsec * 1e-9,
-            "st_atime_ns": atime_ns,
-            "st_mtime_ns": mtime_ns,
-            "st_ctime_ns": ctime_ns,
-            "st_blksize": r.blksize,
-            "st_blocks": r.blocks,
-            "st_rdev": r.rdev,
+            "st_atime": atime_sec + atime_nsec * 1e-9,
+            "st_mtime": mtime_sec + mtime_nsec * 1e-9,
+            "st_ctime": ctime_sec + ctime_nsec * 1e-9,
+            "st_atime_ns": atime_sec * 1_000_000_000 + atime_nsec,
+            "st_mtime_ns": mtime_sec * 1_000_000_000 + mtime_nsec,
+            "st_ctime_ns": ctime_sec * 1_000_000_000 + ctime_nsec,
+            "st_blksize": blksize,
+            "st_blocks": blocks,
+            "st_rdev": rdev,
         },
     )
 

@@ -239,6 +239,8 @@ __all__ = [
     "decode",
     "decode_xen9pfsd_rstat",
     "encode",
+    "encode_tgetattr",
+    "encode_twalk",
     "message_class",
     "message_classes",
     "pack_dirents",
@@ -248,6 +250,7 @@ __all__ = [
     "parse_xen9pfsd_stats",
     "peek_header",
     "reply_type_for",
+    "rgetattr_values",
 ]
 
 
@@ -2094,7 +2097,15 @@ def _encode_twalk(msg: Twalk) -> bytes | None:
     """The common Twalk (a tuple of at most 16 str names) encoded directly;
     ``None`` for anything else, left to the generic path (which says what
     does not fit)."""
-    names = msg.wnames
+    return encode_twalk(msg.tag, msg.fid, msg.newfid, msg.wnames)
+
+
+def encode_twalk(tag: int, fid: int, newfid: int, wnames: Sequence[str]) -> bytes | None:
+    """``encode(Twalk(tag, fid, newfid, wnames))`` without the message
+    object, for the common case: a tuple of at most :data:`MAXWELEM` str
+    names, every field in range; ``None`` for anything else (:func:`encode`
+    then says what does not fit)."""
+    names = wnames
     if type(names) is not tuple or len(names) > MAXWELEM:
         return None
     parts = [b""]
@@ -2113,10 +2124,49 @@ def _encode_twalk(msg: Twalk) -> bytes | None:
         parts.append(raw)
         size += 2 + n
     try:
-        parts[0] = _TWALK_HEAD.pack(size, Twalk.TYPE, msg.tag, msg.fid, msg.newfid, len(names))
+        parts[0] = _TWALK_HEAD.pack(size, Twalk.TYPE, tag, fid, newfid, len(names))
     except struct.error:
         return None
     return b"".join(parts)
+
+
+#: size type tag fid request_mask: a whole Tgetattr
+_TGETATTR = struct.Struct("<IBHIQ")
+
+
+def encode_tgetattr(tag: int, fid: int, request_mask: int) -> bytes:
+    """``encode(Tgetattr(tag, fid, request_mask))`` without the message object.
+
+    :raises ProtocolError: a field does not fit
+    """
+    try:
+        return _TGETATTR.pack(_TGETATTR.size, MessageType.TGETATTR, tag, fid, request_mask)
+    except struct.error:
+        return encode(Tgetattr(tag, fid, request_mask))  # says which field
+
+
+#: A whole Rgetattr: size type tag valid qid(type version path) mode uid gid
+#: nlink rdev size blksize blocks, then (sec nsec) of atime mtime ctime btime
+#: (the seconds signed), gen, data_version
+_RGETATTR = struct.Struct("<IBHQBIQIIIQQQQQqQqQqQqQQQ")
+
+
+def rgetattr_values(raw: bytes | memoryview, tag: int) -> tuple[int, ...] | None:
+    """The fields of *raw* if it is exactly an :class:`Rgetattr` to *tag*
+    (its size field right, nothing more or less): ``(size, type, tag,
+    valid, qid.type, qid.version, qid.path, mode, ...)``, the wire's order
+    (see :class:`Rgetattr`); ``None`` for anything else (:func:`decode`
+    then says what it is, or what is wrong).
+
+    No message object is made: a caller that needs a few fields of the
+    common reply reads them straight from the tuple.
+    """
+    if len(raw) != _RGETATTR.size:
+        return None
+    values = _RGETATTR.unpack_from(raw)
+    if values[0] != _RGETATTR.size or values[1] != MessageType.RGETATTR or values[2] != tag:
+        return None
+    return values
 
 
 #: size type tag nwqid: the fixed part of Rwalk

@@ -758,6 +758,8 @@ class Wire:
         self.ordered = bool(ordered) and self.asynchronous
         waiter = getattr(transport, "result", None)
         self._result = waiter if callable(waiter) else None
+        #: the transport's result takes the caller's deadline (no clock read)
+        self._result_deadline = self._result is not None and _accepts(waiter, "deadline")
         lazy = getattr(transport, "lazy", None)
         self._lazy = lazy if callable(lazy) else None
         gather = getattr(transport, "result_all", None)
@@ -805,11 +807,20 @@ class Wire:
                 raise FutureTimeout(*exc.args) from None
         return future.result(timeout)
 
-    def result_pending(self, future: Future[bytes], timeout: float | None) -> bytes:
+    def result_pending(
+        self, future: Future[bytes], timeout: float | None, deadline: float | None = None
+    ) -> bytes:
         """:meth:`result` of a *future* the caller just saw not done (it is
-        not asked again: a call less per wait)."""
+        not asked again: a call less per wait).
+
+        :param deadline: when *timeout* runs out (``time.monotonic()``), if
+            the caller knows it: passed to a transport that takes it (the
+            Xen frontend then reads no clock for a reply in by its first poll)
+        """
         if self._result is not None:
             try:
+                if deadline is not None and self._result_deadline:
+                    return self._result(future, timeout=timeout, deadline=deadline)  # type: ignore[no-any-return]
                 return self._result(future, timeout=timeout)  # type: ignore[no-any-return]
             except TimeoutError as exc:  # one class for callers on Python 3.10 too
                 raise FutureTimeout(*exc.args) from None
@@ -892,8 +903,58 @@ class _Uncertain:
 
 #: One step of a :class:`Chain`: ``make(tag)`` and the reply type expected.
 Step = tuple[Callable[[int], c.Message], type[c.Message]]
-#: What a step of a chain gave: its checked reply, or why it has none.
+#: What a step of a chain gave: its checked reply, or why it has none (or,
+#: for a :class:`Direct` step with a *fast* reader, what that reader made of
+#: the reply).
 Outcome = c.Message | BaseException
+
+
+class Direct(
+    tuple[
+        Callable[[int], c.Message],
+        Callable[[int], "bytes | None"],
+        "Callable[[bytes, int], Any] | None",
+    ]
+):
+    """A step's *make* (see :data:`Step`) that also writes its request
+    straight to bytes, and may read the reply expected straight into what
+    the caller wants: no message objects on the way of a step that goes well.
+
+    ``Direct((make, raw, fast))``: a tuple (made without a Python frame),
+    called as *make* is:
+
+    * ``make(tag)``: the request as a message (made only where one is
+      needed: an error to name);
+    * ``raw(tag)``: what ``encode(make(tag))`` gives; or ``None`` when it
+      cannot say (:func:`~pyxen9p.p9.codec.encode` of the message is used
+      then);
+    * ``fast(reply, tag)`` (or ``None``): the step's outcome for a reply it
+      recognises whole (the type expected, *tag*, the exact size, every
+      field valid); ``None`` for anything else, which the generic check then
+      decodes and judges as for any step (an error reply, a wrong tag, type
+      or size give the same outcome with or without it).  Used in 9P2000.L
+      only.
+    """
+
+    __slots__ = ()
+
+    @property
+    def make(self) -> Callable[[int], c.Message]:
+        """``make(tag)``: the request as a message."""
+        return self[0]
+
+    @property
+    def raw(self) -> Callable[[int], bytes | None]:
+        """``raw(tag)``: the request's bytes (``None``: ask :attr:`make`)."""
+        return self[1]
+
+    @property
+    def fast(self) -> Callable[[bytes, int], Any] | None:
+        """``fast(reply, tag)``: the outcome of a reply recognised, else ``None``."""
+        return self[2]
+
+    def __call__(self, tag: int) -> c.Message:
+        return self[0](tag)
 
 
 class _Clunk:
@@ -921,7 +982,7 @@ class Chain:
         self,
         session: ClientSession,
         steps: Sequence[Step],
-        messages: list[c.Message],
+        messages: list[c.Message | None],
         tags: list[int],
         futures: list[Future[bytes]],
         failure: BaseException | _Uncertain | None,
@@ -964,14 +1025,15 @@ class Chain:
                 last = self._futures[-1]
                 if not last.done():
                     # the chain's own timeout, not what is left of its
-                    # deadline: no clock read here (the transport reads it
-                    # once for its wait).  A chain is finished right after it
+                    # deadline: no clock read here (the transport, given the
+                    # deadline, reads it only if its first poll ends empty).
+                    # A chain is finished right after it
                     # is sent (or after the chains sent before it in a batch),
                     # so this wait ends at most that long after the deadline;
                     # the steps still unanswered then are settled against the
                     # deadline itself (_settle)
                     try:
-                        session.wire.result_pending(last, self._timeout)
+                        session.wire.result_pending(last, self._timeout, self._deadline)
                     except Exception:
                         pass  # each step's outcome is settled below
             for i in range(steps):
@@ -993,10 +1055,16 @@ class Chain:
                     session.clunk_quiet(self._clunk)  # its Tclunk was never sent
         return outcomes
 
+    def _message(self, i: int) -> c.Message:
+        """Step *i*'s request as a message (made now for a :class:`Direct` step)."""
+        message = self._messages[i]
+        if message is None:
+            message = self._messages[i] = self._steps[i][0](self._tags[i])
+        return message
+
     def _settle(self, i: int) -> Outcome:
         session = self._session
         tag = self._tags[i]
-        message = self._messages[i]
         if i >= len(self._futures):
             if isinstance(self._failure, TimeoutError) and i == len(self._futures):
                 # no room on the ring in time: the server consumes nothing, as
@@ -1005,7 +1073,9 @@ class Chain:
                 why = f"no room for tag {tag} within {self._timeout or 0:g}s"
                 if session.give_up_wait(tag, why):
                     session.tags.release(tag)
-                return session.timeout_error(type(message).__name__, self._timeout, self._path)
+                return session.timeout_error(
+                    type(self._message(i)).__name__, self._timeout, self._path
+                )
             if not isinstance(self._failure, _Uncertain):
                 session.tags.release(tag)
             else:
@@ -1025,12 +1095,19 @@ class Chain:
         except FutureTimeout:
             if session.give_up_wait(tag, f"no reply to tag {tag} within {self._timeout:g}s"):
                 session.tags.release(tag)
-            return session.timeout_error(type(message).__name__, self._timeout, self._path)
+            return session.timeout_error(
+                type(self._message(i)).__name__, self._timeout, self._path
+            )
         except Exception as exc:
             session.tags.release(tag)  # the transport is done with this tag
             return exc
         self._answered.append(tag)  # released by finish
-        rtype = self._steps[i][1]
+        make, rtype = self._steps[i]
+        if type(make) is Direct and make[2] is not None and not session.dotu:
+            value = make[2](raw, tag)  # fast
+            if value is not None:  # recognised whole: no message object
+                return value  # type: ignore[no-any-return]
+            # anything else: judged below, as without the fast reader
         try:
             if len(raw) <= session.msize:
                 # check_reply's success path, inline: the reply expected, with
@@ -1040,7 +1117,7 @@ class Chain:
                 if type(reply) is rtype and reply.tag == tag:
                     return reply
             return check_reply(
-                raw, tag, message, rtype, self._path, session.msize, session.decode,
+                raw, tag, self._message(i), rtype, self._path, session.msize, session.decode,
                 dotu=session.dotu,
             )
         except (OSError, ValueError) as exc:
@@ -1392,21 +1469,27 @@ class ClientSession:
             self._expire_clunks(now=now)
         deadline = None if tmo is None else now + tmo
         groups: list[list[int]] = []
-        messages: list[list[c.Message]] = []
+        messages: list[list[c.Message | None]] = []
         datas: list[Pieces] = []
         try:
             for steps, _, clunk in specs:
                 count = len(steps) + (clunk is not None)
                 tags = self.tags.acquire_group(count, self.wire.num_rings, tmo)
                 groups.append(tags)
-                encoded: list[c.Message] = []
+                encoded: list[c.Message | None] = []
                 for tag, (make, _) in zip(tags, steps, strict=False):
-                    message = make(tag)
-                    data = c.encode(message)
+                    # a Direct step: its bytes without a message object
+                    raw = make[1](tag) if type(make) is Direct else None
+                    message: c.Message | None = None
+                    if raw is None:
+                        made = make(tag)
+                        data, message = c.encode(made), made
+                    else:
+                        data = raw
                     if len(data) > self.msize:
                         raise ProtocolError(
-                            f"{type(message).__name__} of {len(data)} bytes exceeds the msize"
-                            f" {self.msize}"
+                            f"{type(make(tag)).__name__} of {len(data)} bytes exceeds the"
+                            f" msize {self.msize}"
                         )
                     encoded.append(message)
                     datas.append(data)

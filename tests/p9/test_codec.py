@@ -632,3 +632,118 @@ def test_rwalk_fast_decoding_is_the_generic_one(
     assert got == expected
     if isinstance(got, c.Rwalk):
         assert type(got.wqids) is tuple and all(type(q) is c.Qid for q in got.wqids)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tag=st.integers(-1, 0x10000),
+    fid=st.integers(-1, 2**32),
+    newfid=st.integers(-1, 2**32),
+    names=st.one_of(
+        st.lists(st.text(max_size=12), max_size=17).map(tuple),
+        st.lists(st.text(max_size=3), max_size=3),  # a list, not a tuple
+        st.just(("a" * 0x10000,)),
+        st.just(("\udcff",)),  # a lone surrogate: encoded as surrogateescape
+        st.just(("\ud800",)),  # not encodable
+    ),
+)
+def test_encode_twalk_is_encode_of_the_message(
+    tag: int, fid: int, newfid: int, names: Any
+) -> None:
+    """encode_twalk (no message object) gives encode's bytes, or ``None``
+    where encode does something else (raises, or takes another path)."""
+    raw = c.encode_twalk(tag, fid, newfid, names)
+    try:
+        generic: bytes | None = c.encode(c.Twalk(tag, fid, newfid, names))
+    except c.ProtocolError:
+        generic = None
+    if raw is not None:
+        assert raw == generic
+    else:  # not the common case: only encode says (or fails)
+        assert (
+            type(names) is not tuple
+            or len(names) > c.MAXWELEM
+            or any(len(n.encode("utf-8", "surrogateescape")) > 0xFFFF for n in names
+                   if not _unencodable(n))
+            or any(_unencodable(n) for n in names)
+            or not (0 <= tag <= 0xFFFF and 0 <= fid < 2**32 and 0 <= newfid < 2**32)
+        )
+
+
+def _unencodable(name: str) -> bool:
+    try:
+        name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    tag=st.integers(-1, 0x10000),
+    fid=st.integers(-1, 2**32),
+    mask=st.integers(-1, 2**64),
+)
+def test_encode_tgetattr_is_encode_of_the_message(tag: int, fid: int, mask: int) -> None:
+    """encode_tgetattr gives encode's bytes, or encode's ProtocolError."""
+    try:
+        generic = c.encode(c.Tgetattr(tag, fid, mask))
+    except c.ProtocolError as exc:
+        with pytest.raises(c.ProtocolError) as info:
+            c.encode_tgetattr(tag, fid, mask)
+        assert str(info.value) == str(exc)
+    else:
+        assert c.encode_tgetattr(tag, fid, mask) == generic
+
+
+_U64 = st.integers(0, 2**64 - 1)
+_I64 = st.integers(-(2**63), 2**63 - 1)
+
+
+def _rgetattrs(tag: st.SearchStrategy[int]) -> st.SearchStrategy[c.Rgetattr]:
+    nsec = st.one_of(st.integers(0, 999_999_999), _U64)
+    return st.builds(
+        c.Rgetattr, tag, _U64,
+        st.builds(c.Qid, st.integers(0, 0xFF), st.integers(0, 2**32 - 1), _U64),
+        st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
+        _U64, _U64, _U64, _U64, _U64,
+        _I64, nsec, _I64, nsec, _I64, nsec, _I64, nsec, _U64, _U64,
+    )  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    msg=_rgetattrs(st.integers(0, 0xFFFF)),
+    expect=st.integers(0, 0xFFFF),
+    mutation=st.sampled_from(["none", "type", "size", "cut", "extra", "sizefield"]),
+    extra=st.binary(min_size=1, max_size=9),
+)
+def test_rgetattr_values_are_the_decoded_fields(
+    msg: c.Rgetattr, expect: int, mutation: str, extra: bytes
+) -> None:
+    """rgetattr_values gives the decoded message's fields, in the wire's
+    order, for a whole Rgetattr to the tag expected; ``None`` for anything
+    else (another tag, type, size, a size field that lies)."""
+    raw = c.encode(msg)
+    if mutation == "type":
+        raw = raw[:4] + bytes([c.Rlerror.TYPE]) + raw[5:]
+    elif mutation == "size":
+        raw = struct.pack("<I", len(raw) + len(extra)) + raw[4:] + extra
+    elif mutation == "cut":
+        raw = struct.pack("<I", len(raw) - 1) + raw[4:-1]
+    elif mutation == "extra":
+        raw = raw + extra
+    elif mutation == "sizefield":
+        raw = struct.pack("<I", len(raw) + 1) + raw[4:]
+    values = c.rgetattr_values(raw, expect)
+    if mutation != "none" or expect != msg.tag:
+        assert values is None
+        return
+    assert values is not None
+    q = msg.qid
+    fields = [getattr(msg, f.name) for f in dataclasses.fields(msg)]
+    flat = [len(raw), c.Rgetattr.TYPE]
+    for value in fields:
+        flat.extend((value.type, value.version, value.path) if value is q else (value,))
+    assert list(values) == flat
+    assert c.decode(raw) == msg

@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 from frontend_helpers import FE_DOMID, machine
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pyxen9p.errors import TransportClosedError
 from pyxen9p.p9 import codec as c
@@ -841,8 +843,13 @@ def _rgetattr_bytes(request: Any, honest: Callable[[], c.Message]) -> bytes:
         (lambda r, h: _resized(_rgetattr_bytes(r, h), +1), "trailing"),
         # an error reply with an impossible error number
         (lambda r, h: c.encode(c.Rlerror(r.tag, 70000)), "invalid error number"),
+        # a well-formed Rgetattr with a time's nanoseconds out of range
+        (
+            lambda r, h: c.encode(dataclasses.replace(h(), mtime_nsec=10**9)),
+            "mtime_nsec 1000000000 is not below",
+        ),
     ],
-    ids=["tag", "type", "short", "long", "errno"],
+    ids=["tag", "type", "short", "long", "errno", "nsec"],
 )
 def test_every_reply_of_a_chain_is_checked(
     root: Path, kind: str, answer: Callable[[Any, Callable[[], c.Message]], bytes], says: str
@@ -865,3 +872,63 @@ def _resized(frame: bytes, delta: int) -> bytes:
     body = frame[7:-1] if delta < 0 else frame[7:] + b"\0"
     return struct.pack("<I", 7 + len(body)) + frame[4:7] + body
 
+
+
+_U64 = st.integers(0, 2**64 - 1)
+_I64 = st.integers(-(2**63), 2**63 - 1)
+_NSEC = st.one_of(st.integers(0, 999_999_999), st.just(10**9), _U64)
+_STAT_FIELDS = (
+    "st_mode", "st_ino", "st_dev", "st_nlink", "st_uid", "st_gid", "st_size",
+    "st_atime", "st_mtime", "st_ctime", "st_atime_ns", "st_mtime_ns", "st_ctime_ns",
+    "st_blksize", "st_blocks", "st_rdev",
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    msg=st.builds(
+        c.Rgetattr, st.integers(0, 0xFFFF), _U64,
+        st.builds(c.Qid, st.integers(0, 0xFF), st.integers(0, 2**32 - 1), _U64),
+        st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1),
+        _U64, _U64, _U64, _U64, _U64,
+        _I64, _NSEC, _I64, _NSEC, _I64, _NSEC, _I64, _NSEC, _U64, _U64,
+    ),
+    other_tag=st.booleans(),
+    tail=st.binary(max_size=3),
+)  # fmt: skip
+def test_the_fast_stat_reader_is_the_generic_path(
+    msg: c.Rgetattr, other_tag: bool, tail: bytes
+) -> None:
+    """The getattr step's fast reader gives, for a valid Rgetattr to its
+    tag, the os.stat_result of the generic decoding in every field; for
+    anything else (nanoseconds out of range, another tag, another size)
+    ``None``: the generic check then judges the reply."""
+    from pyxen9p.p9.client import _rgetattr_stat, _stat_result
+
+    raw = c.encode(msg) + tail
+    tag = (msg.tag + other_tag) & 0xFFFF
+    fast = _rgetattr_stat(raw, tag)
+    if tail or other_tag:
+        assert fast is None
+        return
+    try:
+        generic = _stat_result(c.decode(raw))  # type: ignore[arg-type]
+    except c.ProtocolError:
+        assert fast is None  # (out-of-range nanoseconds: the generic path says which)
+        return
+    assert fast is not None
+    for name in _STAT_FIELDS:
+        assert getattr(fast, name) == getattr(generic, name), name
+
+
+def test_the_getattr_step_writes_what_encode_writes() -> None:
+    """The getattr step's direct bytes are encode's of its message, and the
+    walk of a chain is sent as encode would (seen by the server as such)."""
+    from pyxen9p.p9.client import _getattr_step
+    from pyxen9p.p9.session import Direct
+
+    ((make, rtype),) = _getattr_step(7)
+    assert isinstance(make, Direct) and rtype is c.Rgetattr
+    for tag in (0, 1, 0xFFFE):
+        assert make.raw(tag) == c.encode(make(tag))
+        assert make(tag) == c.Tgetattr(tag, 7, c.P9_GETATTR_BASIC)
