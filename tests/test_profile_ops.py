@@ -57,11 +57,11 @@ def test_clock_sites_name_the_locks_that_read_the_clock() -> None:
         )
         assert set(kinds) <= {"lock", "deadline", "monotonic", "other", "sim"}
         assert sum(kinds.values()) == pytest.approx(float(match[1]), abs=0.3)
-        # CPython 3.11 reads the clock on a lock acquire (no lock is left on
-        # a request's path since the rings' send locks became tokens), on a
-        # poll's deadline and in time.monotonic: some reads are counted
-        assert sum(kinds.values()) > 0
-        assert kinds.get("deadline", 0) > 0  # the poll of the event channel
+        # CPython 3.11 reads the clock on a lock acquire: pyxen9p's request
+        # path takes none any more, but the simulated Xen's event channel
+        # (standing in for the real library's system calls) still does, and
+        # the recorder tells its reads apart
+        assert kinds.get("sim", 0) > 0
         # and the sites are pyxen9p's own lines, file:line:function (the
         # interpreter's own, "other -", may be the most frequent: the GIL)
         sites = match[3].split(", ")
