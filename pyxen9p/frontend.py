@@ -310,6 +310,24 @@ class _Role:
         return not self._token
 
 
+def _polled(poll: Callable[[int], int], ms: float) -> bool:
+    """One poll of the event channel for at most *ms* milliseconds (whole
+    ones, rounded up as :meth:`select.poll.poll` does): whether it is
+    readable.  libc's ``poll`` through :func:`~pyxen9p.libs._poll.one_fd_poller`,
+    not :mod:`select`'s: no clock read for a deadline.  Interrupted by a
+    signal, it found nothing (the handler runs at the next bytecode).
+
+    :raises OSError: the poll failed otherwise
+    """
+    ready = poll(int(ms + 0.999))
+    if ready < 0:
+        failure = poll_error()
+        if failure is not None:
+            raise failure
+        return False
+    return ready > 0
+
+
 class _Ring:
     """One shared ring: interface page, data pages, event channel, and queues."""
 
@@ -504,7 +522,6 @@ class Frontend:
         self._rx_lock = _Role()
         self._rx_owner: threading.Thread | None = None
         self._leader_inside = False  # a leader may still reach the rings after close
-        self._lead_poller: select.poll | None = None
         #: a leading caller's poll of the event channel (no clock read; made once)
         self._lead_poll: Callable[[int], int] | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -1478,9 +1495,7 @@ class Frontend:
             evtchn = self._evtchn
             if evtchn is None or self._closed or self._failure is not None:
                 return
-            poll = self._lead_poll
-            if poll is None:
-                poll = self._lead_poll = one_fd_poller(evtchn.fileno())
+            poll = self._lead_poll or self._make_lead_poll(evtchn)
             # the reply may be there already
             if ring is not None:
                 self._drain(ring)
@@ -1502,20 +1517,11 @@ class Frontend:
                         return
                     wait_ms = min(_LEAD_POLL, left) * 1000
                     check = False
-                # whole milliseconds, rounded up (as select.poll does); libc's
-                # poll, not select.poll: no clock read for its deadline
-                ready = poll(int(wait_ms + 0.999))
-                if ready > 0:
+                if _polled(poll, wait_ms):
                     self._on_event(evtchn)
                     events += 1
                     check = deadline is not None and not events & 15
                 else:
-                    if ready < 0:
-                        failure = poll_error()
-                        if failure is not None:
-                            raise failure
-                        # interrupted by a signal: its handler runs now, a
-                        # poll that found nothing
                     check = deadline is not None
         except Exception as exc:  # never leave the other callers waiting
             self._receiving_failed(exc, "receiving", "in a caller")
@@ -1536,8 +1542,8 @@ class Frontend:
             evtchn = self._evtchn
             if evtchn is None or self._closed or self._failure is not None:
                 return True
-            poller = self._lead_poller or self._make_lead_poller(evtchn)
-            if poller.poll(seconds * 1000):
+            poll = self._lead_poll or self._make_lead_poll(evtchn)
+            if _polled(poll, seconds * 1000):
                 self._on_event(evtchn)
         except Exception as exc:  # never leave the other callers waiting
             self._receiving_failed(exc, "receiving", "in a sender")
@@ -1545,11 +1551,11 @@ class Frontend:
             self._leave_lead()
         return True
 
-    def _make_lead_poller(self, evtchn: EventChannelLike) -> select.poll:
-        """The poller of the event channel that a receiving caller uses (made once)."""
-        poller = self._lead_poller = select.poll()
-        poller.register(evtchn.fileno(), select.POLLIN)
-        return poller
+    def _make_lead_poll(self, evtchn: EventChannelLike) -> Callable[[int], int]:
+        """The poll of the event channel that a receiving caller (or sender)
+        uses, made once: libc's ``poll`` (see :func:`_polled`)."""
+        poll = self._lead_poll = one_fd_poller(evtchn.fileno())
+        return poll
 
     def _receiving_failed(self, exc: Exception, what: str, where: str) -> None:
         """Fail the connection for *exc*, raised while receiving (*where*:
