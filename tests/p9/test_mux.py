@@ -30,7 +30,7 @@ import pytest
 from conftest import need_tool
 
 from pyxen9p import SimulatedTransport
-from pyxen9p.errors import ProtocolError
+from pyxen9p.errors import ProtocolError, TransportError
 from pyxen9p.frontend import Frontend
 from pyxen9p.p9 import codec as c
 from pyxen9p.p9.client import Client
@@ -424,13 +424,23 @@ def test_client_hanging_up_during_a_large_read(root: Path, tmp_path: Path) -> No
     (root / "big").write_bytes(os.urandom(8_000_000))
     with mux_on_file_server(root, tmp_path / "mux.sock") as (server, mux, path):
         fs = mux_client(path, root, window=8)
-        t = threading.Thread(target=lambda: fs.read_bytes("big"), daemon=True)
+        outcome: list[int | BaseException] = []
+
+        def read() -> None:
+            try:
+                outcome.append(len(fs.read_bytes("big")))
+            except TransportError as exc:  # the expected end: the socket went away
+                outcome.append(exc)
+
+        t = threading.Thread(target=read, daemon=True)
         try:
             t.start()
             time.sleep(0.05)
         finally:
             fs.transport.close()  # the socket goes away with requests in flight
         t.join(30)
+        assert not t.is_alive(), "the read did not end when its transport closed"
+        assert outcome == [8_000_000] or isinstance(outcome[0], TransportError), outcome
         wait_for(lambda: mux.clients == 0, what="the client's release")
         assert server_fids(server) == 0
         with mux_client(path, root) as again:
