@@ -253,63 +253,6 @@ def choose_layout(
     return num_rings, chosen
 
 
-class _Role:
-    """The receiving role, held by one thread at a time: a lock without a
-    lock.  On CPython 3.11 every acquisition of a :class:`threading.Lock`
-    reads the clock (a system call in a PV domain without vDSO), and a
-    caller takes this role once per reply it waits for.
-
-    The role is one token in a list: taking it is ``list.pop()``, one C-level
-    operation, atomic under the GIL and on free-threaded builds, that exactly
-    one of the threads trying at once wins (the others get
-    :class:`IndexError`); giving it back is ``list.append``, done only by
-    the holder.  Waiting for it (only :meth:`Frontend.close` does, bounded)
-    tries again every few milliseconds.
-    """
-
-    __slots__ = ("_token",)
-
-    def __init__(self) -> None:
-        self._token: list[None] = [None]
-
-    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        """Take the role: whether it was taken (within *timeout* seconds if
-        *blocking*; a negative *timeout*: as long as it takes)."""
-        try:
-            self._token.pop()  # atomic: one taker
-            return True
-        except IndexError:
-            if not blocking:
-                return False
-        deadline = None if timeout < 0 else time.monotonic() + timeout
-        pause = 0.001
-        while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return False
-            time.sleep(pause if left is None else min(pause, left))
-            pause = min(pause * 2, 0.01)
-            try:
-                self._token.pop()
-                return True
-            except IndexError:
-                pass
-
-    def release(self) -> None:
-        """Give the role back (only its holder calls this: while it is held,
-        nobody else touches the token).
-
-        :raises RuntimeError: the role is not held
-        """
-        if self._token:
-            raise RuntimeError("release of a receiving role not held")
-        self._token.append(None)
-
-    def locked(self) -> bool:
-        """Whether a thread holds the role."""
-        return not self._token
-
-
 def _polled(poll: Callable[[int], int], ms: float) -> bool:
     """One poll of the event channel for at most *ms* milliseconds (whole
     ones, rounded up as :meth:`select.poll.poll` does): whether it is
@@ -516,10 +459,10 @@ class Frontend:
         self._handover_lock = threading.Lock()
         self._handover: list[Callable[[], None]] | None = None
         self._receiver_exited = False
-        # the receiving role: whoever holds _rx_lock (a _Role: a one-token
-        # list, no lock) polls the event channel
-        # and drains the rings (a caller of request(), or the receiver thread)
-        self._rx_lock = _Role()
+        # the receiving role: whoever holds _rx_lock (a TokenLock: no clock
+        # read while free) polls the event channel and drains the rings (a
+        # caller of request(), or the receiver thread)
+        self._rx_lock = TokenLock()
         self._rx_owner: threading.Thread | None = None
         self._leader_inside = False  # a leader may still reach the rings after close
         #: a leading caller's poll of the event channel (no clock read; made once)

@@ -31,7 +31,6 @@ from frontend_helpers import TREAD, echo, frame, machine
 from pyxen9p._requests import Reply, Request, RequestTable
 from pyxen9p._tokenlock import TokenLock
 from pyxen9p.errors import HandleClosedError, TransportClosedError, TransportError
-from pyxen9p.frontend import _Role
 from pyxen9p.libs._ctypeslib import CHandle
 
 #: a thread switch every few bytecodes (tests/conftest.py)
@@ -377,54 +376,10 @@ def _close_round() -> None:
         m.assert_clean()
 
 
-def test_receiving_role_has_one_holder_at_a_time() -> None:
-    role = _Role()
-    inside: list[int] = []
-    most: list[int] = [0]
-    taken = Counter[str]()
-    start = threading.Barrier(6)
-
-    def contender(name: str, blocking: bool) -> None:
-        start.wait()
-        for _ in range(3000 if not blocking else 100):
-            if not role.acquire(blocking=blocking, timeout=5):
-                continue
-            inside.append(1)
-            most[0] = max(most[0], len(inside))
-            time.sleep(0)  # let the others try while it is held
-            inside.pop()
-            taken.update([name])
-            role.release()
-            if blocking:
-                time.sleep(0.0005)  # out of the role for a while: the others get it
-
-    _run(
-        [threading.Thread(target=contender, args=(f"try{i}", False)) for i in range(4)]
-        + [threading.Thread(target=contender, args=(f"wait{i}", True)) for i in range(2)]
-    )
-    assert most[0] == 1, "two threads held the receiving role at once"
-    assert taken["wait0"] == taken["wait1"] == 100  # waiting takers always got it
-    assert not role.locked()
-    with pytest.raises(RuntimeError):
-        role.release()
+# --- the token lock (each ring's send lock, the receiving role, the event channel's pending) ---
 
 
-def test_receiving_role_wait_is_bounded_and_sees_a_release() -> None:
-    role = _Role()
-    assert role.acquire(blocking=False) and role.locked()
-    assert not role.acquire(blocking=False)
-    began = time.monotonic()
-    assert not role.acquire(timeout=0.1)
-    assert 0.09 <= time.monotonic() - began < 5
-    threading.Timer(0.05, role.release).start()
-    assert role.acquire(timeout=5)  # given back meanwhile: taken
-    role.release()
-
-
-# --- the send lock -----------------------------------------------------------------
-
-
-def test_send_lock_has_one_holder_and_wakes_every_waiter() -> None:
+def test_token_lock_has_one_holder_and_wakes_every_waiter() -> None:
     lock = TokenLock()
     inside: list[int] = []
     most: list[int] = [0]
@@ -454,7 +409,7 @@ def test_send_lock_has_one_holder_and_wakes_every_waiter() -> None:
         + [threading.Thread(target=contender, args=(f"wait{i}", "wait")) for i in range(2)]
         + [threading.Thread(target=contender, args=(f"timed{i}", "timed")) for i in range(2)]
     )
-    assert most[0] == 1, "two threads held a send lock at once"
+    assert most[0] == 1, "two threads held the lock at once"
     # a waiting sender is never left asleep with the lock free (no lost wake-up)
     assert taken["wait0"] == taken["wait1"] == taken["timed0"] == taken["timed1"] == 300
     assert not lock.locked() and lock._waiting == 0
@@ -462,7 +417,7 @@ def test_send_lock_has_one_holder_and_wakes_every_waiter() -> None:
         lock.release()
 
 
-def test_send_lock_wait_is_bounded_and_sees_a_release() -> None:
+def test_token_lock_wait_is_bounded_and_sees_a_release() -> None:
     lock = TokenLock()
     assert lock.acquire(blocking=False) and lock.locked()
     assert not lock.acquire(blocking=False)
