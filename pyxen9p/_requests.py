@@ -520,7 +520,10 @@ class RequestTable:
         with self.lock:
             if self.failure is not None:
                 raise self.failure
-            return self._insert(tag, mtype, into, lazy)
+            request = self._insert(tag, mtype, into, lazy)
+        if request is None:
+            raise ValueError(f"tag {tag} is already in flight")
+        return request
 
     def add(
         self, tag: int, mtype: int, into: memoryview | None = None, lazy: bool = False
@@ -532,13 +535,8 @@ class RequestTable:
         :returns: the request, or ``None`` if the tag is in flight
         :raises ~pyxen9p.errors.TransportError: the table failed (closed transport)
         """
-        request = Request(tag, mtype, into)  # _insert's steps, inline: the hot path
-        if lazy:
-            request.lazy = True
-        else:
-            self._awaited[request] = None  # before it can be taken (see the class)
-        if self.pending.setdefault(tag, request) is not request:  # atomic
-            self._awaited.pop(request, None)
+        request = self._insert(tag, mtype, into, lazy)
+        if request is None:
             return None
         failure = self.failure  # read after the insertion (see the class)
         if failure is not None:
@@ -547,7 +545,10 @@ class RequestTable:
             raise failure
         return request
 
-    def _insert(self, tag: int, mtype: int, into: memoryview | None, lazy: bool) -> Request:
+    def _insert(
+        self, tag: int, mtype: int, into: memoryview | None, lazy: bool
+    ) -> Request | None:
+        """A request for *tag* put in the table (``None``: the tag is in flight)."""
         request = Request(tag, mtype, into)
         if lazy:
             request.lazy = True
@@ -555,7 +556,7 @@ class RequestTable:
             self._awaited[request] = None  # before it can be taken (see the class)
         if self.pending.setdefault(tag, request) is not request:  # atomic
             self._awaited.pop(request, None)
-            raise ValueError(f"tag {tag} is already in flight")
+            return None
         return request
 
     def withdraw(self, request: Request) -> None:
