@@ -50,6 +50,7 @@ __all__ = [
     "base_parser",
     "comment",
     "environment",
+    "file_system",
     "measure_pair",
     "options_from",
     "report",
@@ -412,6 +413,24 @@ def environment() -> dict[str, Any]:
         "loadavg": load,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def file_system(path: Path) -> str:
+    """The type of the file system *path* is on (the mount point nearest
+    above it in ``/proc/self/mountinfo``), or ``"unknown"``."""
+    path = path.resolve()
+    best, kind = -1, "unknown"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as mounts:
+            for line in mounts:
+                fields = line.split()
+                at = fields.index("-")
+                point = Path(fields[4].replace("\\040", " "))
+                if (path == point or point in path.parents) and len(point.parts) > best:
+                    best, kind = len(point.parts), fields[at + 1]
+    except (OSError, ValueError, IndexError):
+        return "unknown"
+    return kind
 
 
 def comment(text: str, out: TextIO) -> None:

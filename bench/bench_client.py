@@ -62,6 +62,7 @@ from _common import (
     Sample,
     base_parser,
     comment,
+    file_system,
     measure_pair,
     options_from,
     report,
@@ -148,24 +149,6 @@ class Sequential:
             self.rpc(c.Tunlinkat(0, fid, name, flags))
         finally:
             self.rpc(c.Tclunk(0, fid))
-
-
-def file_system(path: Path) -> str:
-    """The type of the file system *path* is on (the mount point nearest
-    above it in ``/proc/self/mountinfo``), or ``"unknown"``."""
-    path = path.resolve()
-    best, kind = -1, "unknown"
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8") as mounts:
-            for line in mounts:
-                fields = line.split()
-                at = fields.index("-")
-                point = Path(fields[4].replace("\\040", " "))
-                if (path == point or point in path.parents) and len(point.parts) > best:
-                    best, kind = len(point.parts), fields[at + 1]
-    except (OSError, ValueError, IndexError):
-        return "unknown"
-    return kind
 
 
 def run(entries: int, rings: int, options: Options, where: str | None = None) -> list[Result]:

@@ -105,3 +105,46 @@ def test_bench_realxen_ls_l_sides_list_the_same(
         assert isinstance(client, Client)
         assert bench_realxen.pyxen9p_ls_l(client, "listing") == 30
         assert client.fid_count == 1
+
+
+def test_bench_vs_revision_quick_run_against_this_commit(tmp_path: Path) -> None:
+    """``bench/bench_vs_revision.py`` checks a revision out, runs both
+    commands on the same export and prints a line per command; its worktree
+    is gone afterwards."""
+    before = subprocess.run(["git", "-C", str(REPO), "worktree", "list"],
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_vs_revision.py"), "--quick", "--entries", "12",
+         "--repeat", "1", "--warmup", "0", "--baseline", "HEAD", "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    seen = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("#"):
+            continue
+        match = LINE.fullmatch(line)
+        assert match, line
+        assert float(match["a"]) > 0 and float(match["b"]) > 0
+        seen[match["name"]] = (match["subject"], match["reference"], match["unit"])
+    assert seen == {
+        "startup": ("current", "baseline", "run/s"),
+        **{name: ("current", "baseline", "entry/s") for name in ("ls_l", "put_r", "rm_r")},
+    }
+    after = subprocess.run(["git", "-C", str(REPO), "worktree", "list"],
+                           capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert after == before
+    assert list(tmp_path.iterdir()) == []  # its temporary tree removed
+
+
+def test_bench_vs_revision_names_a_revision_that_is_not_there(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench_vs_revision.py"), "--quick", "--baseline",
+         "no-such-revision-here", "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "no-such-revision-here" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
