@@ -44,6 +44,7 @@ __all__ = [
     "check_batch",
     "failed_future",
     "parse_header",
+    "reply_bound",
     "rread_target",
     "writable_target",
 ]
@@ -108,6 +109,62 @@ def parse_header(views: list[memoryview], total: int, msize: int) -> tuple[int, 
     if size > msize:
         raise ValueError(f"{size}-byte message exceeds the transport's msize {msize}")
     return int(size), int(mtype), int(tag)
+
+
+#: The most bytes of an error reply (Rlerror; 9P2000.u's Rerror carries
+#: ``strerror`` text, QEMU's and xen-9pfsd's far shorter) and of the fixed
+#: replies (Rgetattr, 160 bytes, is the largest; Rwalk of 16 qids, 217;
+#: Rversion names a version).
+_SMALL_REPLY = 512
+#: Request types whose reply is one of those.
+_SMALL_REPLY_TYPES = frozenset(
+    (
+        *(8, 12, 14, 16, 18, 20, 24, 26, 30, 32, 50, 52, 70, 72, 74, 76),  # 9P2000.L
+        *(100, 102, 104, 108, 110, 112, 114, 118, 120, 122, 126),  # 9P2000 and .u
+    )
+)
+#: Replies that carry a path or a file's names, each at most PATH_MAX
+#: (4096) or NAME_MAX (255) bytes on QEMU's Linux host: Rreadlink, Rstat
+#: (9P2000.u: name, uid, gid, muid and the symlink's target).
+_NAMED_REPLY = 8192
+_NAMED_REPLY_TYPES = frozenset((22, 124))
+#: Tgetlock: its reply echoes the request's client id.
+_TGETLOCK = 54
+#: Where a Tread's or Treaddir's count is: size[4] type[1] tag[2] fid[4]
+#: offset[8] count[4]
+_COUNT_AT = 19
+_U32 = struct.Struct("<I")
+
+
+def reply_bound(views: list[memoryview], mtype: int, msize: int) -> int:
+    """The most bytes the reply to a request (its pieces *views*, its type
+    *mtype*) takes on the ring from a backend such as QEMU's, never more
+    than *msize*: 11 + count for a Tread or Treaddir, :data:`_SMALL_REPLY`
+    for the requests with a short reply (and for a Tread too short to hold
+    a count, which QEMU refuses), :data:`_NAMED_REPLY` for a reply of
+    names, the request's own size plus :data:`_SMALL_REPLY` for Tgetlock,
+    *msize* for an unknown type.
+
+    A frontend on QEMU's backend keeps the replies it may get on a ring
+    below the ring's size with these (see ``Frontend``'s reply budget).
+    """
+    if mtype in _SMALL_REPLY_TYPES:
+        return _SMALL_REPLY
+    if mtype == 116 or mtype == 40:
+        first = views[0]
+        if first.nbytes >= _COUNT_AT + 4:
+            count = _U32.unpack_from(first, _COUNT_AT)[0]
+        else:
+            head = b"".join(bytes(v) for v in views)[: _COUNT_AT + 4]
+            if len(head) < _COUNT_AT + 4:
+                return min(msize, _SMALL_REPLY)  # malformed: an error at most
+            count = _U32.unpack(head[_COUNT_AT:])[0]
+        return min(msize, max(_SMALL_REPLY, RREAD_HEADER_SIZE + int(count)))
+    if mtype in _NAMED_REPLY_TYPES:
+        return min(msize, _NAMED_REPLY)
+    if mtype == _TGETLOCK:
+        return min(msize, _SMALL_REPLY + sum(v.nbytes for v in views))
+    return msize
 
 
 def writable_target(into: memoryview | bytearray | None) -> memoryview | None:
@@ -399,9 +456,11 @@ class Request:
     :ivar abandoned: the caller stopped waiting (the tag stays reserved)
     :ivar into: where an Rread's payload goes (``None``: the reply is returned whole)
     :ivar lazy: nobody waits for the reply promptly (see ``Frontend.lazy``)
+    :ivar bound: the ring bytes its reply may take, reserved while it is in
+        flight (a transport that keeps such a budget; else 0)
     """
 
-    __slots__ = ("abandoned", "future", "into", "lazy", "tag", "type")
+    __slots__ = ("abandoned", "bound", "future", "into", "lazy", "tag", "type")
 
     def __init__(self, tag: int, mtype: int, into: memoryview | None = None) -> None:
         self.tag = tag
@@ -410,6 +469,7 @@ class Request:
         self.abandoned = False
         self.into = into
         self.lazy = False
+        self.bound = 0
 
     def wrong_reply(self, mtype: int) -> ProtocolError | None:
         """The error for a reply of type *mtype* to this request, or ``None``
@@ -645,12 +705,14 @@ class RequestTable:
         if request is not None:
             request.abandoned = True
 
-    def flushed(self, tag: int) -> None:
-        """Free *tag* (Rflush came: no reply will); a waiter gets ``InterruptedError``."""
+    def flushed(self, tag: int) -> Request | None:
+        """Free *tag* (Rflush came: no reply will); a waiter gets
+        ``InterruptedError``.  :returns: the request forgotten, if any"""
         request = self.pending.pop(tag, None)  # atomic
         if request is not None:
             self._awaited.pop(request, None)
             request.reject(InterruptedError(errno.EINTR, f"tag {tag} was flushed"))
+        return request
 
     def fail(self, exc: TransportError) -> TransportError:
         """Fail every request in flight, and every later registration, with

@@ -24,6 +24,7 @@ import select
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -46,6 +47,7 @@ from pyxen9p._requests import (
     check_batch,
     failed_future,
     parse_header,
+    reply_bound,
     rread_target,
     writable_target,
 )
@@ -287,6 +289,16 @@ class _Ring:
         self.space = threading.Condition()
         #: Senders waiting on :attr:`space` (none: a drain need not wake it).
         self.space_waiters = 0
+        # The reply budget.  QEMU counts an exactly full `in` ring as empty
+        # (it compares the masked indices) and writes the next reply over
+        # unread ones, so the replies this ring may still get (the bound of
+        # each request put and not answered, see reply_bound) are kept below
+        # its size: they can never fill it.  `reserved` is changed only
+        # under the send lock; the receiver and flushed() hand bounds back
+        # through `returns` (deque appends are atomic: no lock, no clock).
+        self.reply_limit = 0
+        self.reserved = 0
+        self.returns: deque[int] = deque()
 
     def setup(
         self,
@@ -306,6 +318,7 @@ class _Ring:
         data = self.data_pages.buffer
         in_ring, out_ring = ByteRing(data[:size]), ByteRing(data[size : 2 * size])
         self.views = [in_ring, out_ring]
+        self.reply_limit = size - 1
 
         # the frontend owns out_prod and in_cons: private copies start at 0
         # (each index is one aligned 32-bit load or store, made without a
@@ -315,6 +328,14 @@ class _Ring:
         )
         self.consumer = Consumer(in_ring, intf.loader("in_prod"), intf.storer("in_cons"), barriers)
         self.port = evtchn.bind_unbound_port(backend_id)
+
+    def reply_room(self) -> int:
+        """Bytes the replies to requests not yet put may take on ``in``
+        (the send lock held)."""
+        returns = self.returns
+        while returns:
+            self.reserved -= returns.popleft()
+        return self.reply_limit - self.reserved
 
     @property
     def ref(self) -> int:
@@ -872,13 +893,17 @@ class Frontend:
                 total += entry[1]
             if total > producer.ring.size:
                 return None
-            for _views, _total, mtype, tag, target in run:
+            msize, bounds = self.msize, 0
+            for pieces, _total, mtype, tag, target in run:
                 request = table.add(tag, mtype, target, lazy)
                 if request is None:  # in flight: one by one, up to it
                     break
+                request.bound = bound = reply_bound(pieces, mtype, msize)
+                bounds += bound
                 requests.append(request)
             else:
-                if producer.put_pieces(views, total):
+                if bounds <= ring.reply_room() and producer.put_pieces(views, total):
+                    ring.reserved += bounds
                     return requests
             for request in requests:  # no room: one by one, waiting for it
                 table.withdraw(request)
@@ -924,33 +949,43 @@ class Frontend:
             if self._closed or self._failure is not None:
                 return []
             room: dict[int, int] = {}
+            reply_room: dict[int, int] = {}
             for index, ring in held.items():
                 producer = ring.producer
                 if producer is None:
                     return []
                 room[index] = producer.free()  # only grows while the lock is held
+                reply_room[index] = ring.reply_room()  # likewise
+            msize = self.msize
+            # per ring: the pieces, [bytes, reply bounds]
             shares: dict[int, tuple[list[memoryview], list[int]]] = {}
             for views, total, mtype, tag, target in batch:
                 index = tag % num_rings
-                if total > room[index]:
+                bound = reply_bound(views, mtype, msize)
+                if total > room[index] or bound > reply_room[index]:
                     break
                 request = table.add(tag, mtype, target, lazy)
                 if request is None:  # in flight: one by one, up to it
                     break
+                request.bound = bound
                 added.append(request)
                 room[index] -= total
+                reply_room[index] -= bound
                 share = shares.get(index)
                 if share is None:
-                    shares[index] = share = ([], [0])
+                    shares[index] = share = ([], [0, 0])
                 share[0].extend(views)
                 share[1][0] += total
+                share[1][1] += bound
             for index, (views, sizes) in shares.items():
-                producer = held[index].producer
+                ring = held[index]
+                producer = ring.producer
                 if producer is None or not producer.put_pieces(views, sizes[0]):
                     # the room seen above went away: the backend moved its
                     # index back (messages may be on other rings already)
                     raise RingProtocolError(f"the backend took back room on ring {index}")
-                touched.append(held[index])
+                ring.reserved += sizes[1]
+                touched.append(ring)
             requests, added = added, []
             return requests
         except TransportError as exc:
@@ -984,6 +1019,7 @@ class Frontend:
         views, total, mtype, tag, target = entry
         table = self._table
         producer = ring.producer
+        bound = reply_bound(views, mtype, self.msize)
         try:
             ring.send_lock.token.pop()  # the send lock, if free (atomic: see TokenLock)
             free = True
@@ -996,8 +1032,10 @@ class Frontend:
                     request = table.add(tag, mtype, target, lazy)
                     if request is None:
                         return None
+                    request.bound = bound
                     try:
-                        if producer.put_pieces(views, total):
+                        if bound <= ring.reply_room() and producer.put_pieces(views, total):
+                            ring.reserved += bound
                             return request
                     except RingProtocolError as exc:
                         self._fail(exc)
@@ -1045,12 +1083,16 @@ class Frontend:
                     registered = table.add(tag, mtype, target, lazy)
                     if registered is None:
                         return None
+                    registered.bound = bound
                 try:
-                    published = producer.put_pieces(views, total)
+                    # room for the message, and for its reply among those
+                    # the ring may still get (else: wait for replies)
+                    published = bound <= ring.reply_room() and producer.put_pieces(views, total)
                 except RingProtocolError as exc:
                     self._fail(exc)
                     raise
                 if published:
+                    ring.reserved += bound
                     request, registered = registered, None
                     return request
                 # replies must be read for the backend to go on: by this
@@ -1300,7 +1342,10 @@ class Frontend:
         client hands the tag back here.  A waiter still attached gets
         :class:`InterruptedError`.
         """
-        self._table.flushed(tag)
+        request = self._table.flushed(tag)
+        rings = self._rings
+        if request is not None and request.bound and rings:
+            rings[tag % len(rings)].returns.append(request.bound)
 
     def outstanding_tags(self) -> set[int]:
         """Tags sent and not yet answered (including abandoned ones)."""
@@ -1582,6 +1627,7 @@ class Frontend:
         # (type -1: the request fails with the ProtocolError given)
         answered: list[tuple[Request, int, Any]] = []
         since = consumer.cons
+        freed = 0  # the reply budget of the requests answered
         try:
             avail = consumer.available()
             while True:
@@ -1602,6 +1648,7 @@ class Frontend:
                     consumer.skip(size)
                     log.warning("dropping a reply for tag %d not in flight on ring %d", tag, index)
                     continue
+                freed += request.bound
                 if request.into is not None and mtype == RREAD and request.type + 1 == RREAD:
                     count = consumer.peek_u32(HEADER_SIZE) if size >= RREAD_HEADER_SIZE else -1
                     target = rread_target(request, mtype, size, count)
@@ -1619,6 +1666,8 @@ class Frontend:
         finally:
             if consumed:
                 consumer.publish()
+            if freed:  # handed back once the backend can see the room
+                ring.returns.append(freed)
             for request, mtype, reply in answered:
                 if mtype < 0:
                     request.reject(reply)

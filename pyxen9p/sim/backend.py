@@ -36,6 +36,13 @@ XenStore, with QEMU's observable behaviour:
   protocol error: QEMU would read its body from the other ring.  A request
   whose header is visible but whose body is not stalls the ring for good, as
   in QEMU (``qemu_partial_stall=False`` waits for the rest instead).
+  The room for a reply is computed as QEMU's
+  ``xen_9pfs_in_sg`` does, from the two indices masked to the ring (the
+  default, as QEMU; ``qemu_full_ring=False`` waits for room instead): an
+  ``in`` ring that is exactly full (masked indices equal) counts as empty,
+  and the next reply is written over the unread ones.  A frontend must
+  never let its replies fill ``in`` exactly (checked on QEMU 7.2: with two
+  replies of msize unread on a ring of 2 x msize, a third overran them).
 * **Errors.**  A malformed request, a reply that cannot fit even an empty
   ring, or a handler exception sends the backend to Closing and it stops
   serving (QEMU's "Failed to decode VirtFS request" path).
@@ -281,6 +288,8 @@ class Sim9pfsBackend:
         InitWait, verbatim (for tests of hostile values)
     :param qemu_partial_stall: stall a ring whose request is only partly
         published, as QEMU does
+    :param qemu_full_ring: count an exactly full ``in`` ring as empty, as
+        QEMU does (``False``: wait for room then too)
     :param poll_interval: seconds between checks for :meth:`stop`
     :param join_timeout: seconds to wait for each thread when stopping
     :param barriers: memory barriers (default: :func:`pyxen9p.barrier.get_barriers`)
@@ -303,6 +312,7 @@ class Sim9pfsBackend:
         max_ring_page_order: int = MAX_RING_ORDER,
         advertise: Mapping[str, str | bytes] | None = None,
         qemu_partial_stall: bool = True,
+        qemu_full_ring: bool = True,
         poll_interval: float = 0.05,
         join_timeout: float = 5.0,
         barriers: Barriers | None = None,
@@ -331,6 +341,7 @@ class Sim9pfsBackend:
         self.max_ring_page_order = max_ring_page_order
         self._advertise = dict(advertise or {})
         self._partial_stall = qemu_partial_stall
+        self._full_ring_as_empty = qemu_full_ring
         self._poll = poll_interval
         self._join_timeout = join_timeout
         self._barriers = barriers if barriers is not None else get_barriers()
@@ -816,6 +827,32 @@ class Sim9pfsBackend:
             self._warn(f"cannot write state Closing: {err}")
         self._fatal.set()
 
+    def _overrun(self, ring: _Ring, reply: bytes) -> bool:
+        """QEMU's room for *reply* (``xen_9pfs_in_sg``): from the indices
+        masked to the ring, so an exactly full ``in`` looks empty.  If that
+        room is enough, *reply* is written there and published, over unread
+        replies (``True``)."""
+        producer, in_ring, intf = ring.producer, ring.in_ring, ring.interface
+        assert producer is not None and in_ring is not None and intf is not None
+        size = ring.size
+        masked_prod = producer.prod & (size - 1)
+        masked_cons = intf.in_cons & (size - 1)
+        if masked_prod < masked_cons:
+            room = masked_cons - masked_prod
+        else:
+            room = size - masked_prod + masked_cons
+        if room < len(reply):
+            return False
+        in_ring.write(producer.prod, reply)
+        producer.prod = (producer.prod + len(reply)) & 0xFFFFFFFF
+        intf.in_prod = producer.prod
+        with self._lock:
+            self.warnings.append(
+                f"ring {ring.index}: {len(reply)}-byte reply written over unread replies"
+                " (the ring was exactly full: QEMU counts that as empty)"
+            )
+        return True
+
     def _process(self, ring: _Ring) -> None:
         """Serve requests until the ring is empty or a reply must wait for room."""
         consumer, producer, evtchn = ring.consumer, ring.producer, ring.evtchn
@@ -872,7 +909,13 @@ class Sim9pfsBackend:
                     )
                 ring.reply = bytes(reply)
             if producer.free() < len(ring.reply):
-                return  # wait for the frontend to consume and notify
+                if not (self._full_ring_as_empty and self._overrun(ring, ring.reply)):
+                    return  # wait for the frontend to consume and notify
+                consumer.publish()
+                ring.reply = None
+                ring.served += 1
+                evtchn.notify(ring.local_port)
+                continue
             consumer.publish()
             if not producer.put(ring.reply):  # pragma: no cover - only we add to `in`
                 raise _Fatal(f"ring {ring.index}: room vanished")

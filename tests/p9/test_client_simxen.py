@@ -182,10 +182,11 @@ def test_no_room_on_a_dead_backends_ring_is_an_unresponsive_server(
             f = c.open("f", "r+b", buffering=0)
             m.backend.kill()
             # fill the ring to the last byte with requests nobody will consume
-            # (tags the session does not reach)
+            # (tags the session does not reach; Twrites: a short reply each,
+            # within the ring's reply budget)
             for tag in (0x7000, 0x7001):
                 body = b"z" * (fe.msize - 7)
-                fe.submit(struct.pack("<IBH", fe.msize, 116, tag) + body, timeout=1, lazy=True)
+                fe.submit(struct.pack("<IBH", fe.msize, 118, tag) + body, timeout=1, lazy=True)
             started = time.monotonic()
             with pytest.raises(OSError, match="unresponsive"):
                 if operation == "stat":

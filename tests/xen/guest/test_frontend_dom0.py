@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -274,6 +275,39 @@ def test_other_ring_layouts(lab: ModuleLab, rings: int, order: int) -> None:
         assert not (export / "d" / "moved.bin").exists()
     assert dev.frontend_state() == XenbusState.CLOSED
     assert dev.backend_state() == XenbusState.CLOSED
+
+
+def test_replies_that_would_fill_a_ring_exactly_are_held_back(lab: ModuleLab) -> None:
+    """QEMU counts an exactly full ``in`` ring as empty and writes the next
+    reply over the unread ones.  Four Treads of msize - 11 bytes on one ring
+    of 2 x msize, nobody receiving until all are sent: without the
+    frontend's reply budget the third reply overran the first two (the
+    connection failed with "ring indices out of range"); with it the third
+    and fourth wait for room and every byte arrives."""
+    dev = lab.device("fullring", "fullring")
+    data = os.urandom(4 << 19)
+    (Path(dev.path) / "f").write_bytes(data)
+    with pyxen9p.connect(path=dev.frontend, rings=1, ring_order=7, timeout=30) as fs:
+        fe = fs.transport
+        assert fs.msize == fe.msize  # two full Rreads fill the ring exactly
+        count = fs.msize - 11
+        buffer = bytearray(4 * count)
+        view = memoryview(buffer)
+        with fs.open("f", "rb", buffering=0) as f:
+            fid = f._fid  # type: ignore[attr-defined]
+            tags = [60000 + i for i in range(4)]
+            messages = [
+                struct.pack("<IBHIQI", 23, 116, tag, fid, i * count, count)
+                for i, tag in enumerate(tags)
+            ]
+            intos = [view[i * count : (i + 1) * count] for i in range(4)]
+            futures = fe.submit_many(messages, timeout=30, into=intos, lazy=True)  # type: ignore[attr-defined]
+            for future in futures:
+                head = future.result(timeout=30)
+                assert head[4] == 117 and int.from_bytes(head[7:11], "little") == count
+        assert bytes(buffer) == data[: 4 * count]
+        assert fe.connected  # type: ignore[attr-defined]
+    assert dev.frontend_state() == XenbusState.CLOSED
 
 
 # --------------------------------------------------------------------------- command line
