@@ -32,24 +32,35 @@ LINE = re.compile(
 )
 
 
-def test_bench_client_quick_run(tmp_path: Path) -> None:
-    out = tmp_path / "r.json"
+def run_bench(
+    script: str, *args: str
+) -> tuple[subprocess.CompletedProcess[str], list[re.Match[str]]]:
+    """Run ``bench/<script> ARGS``; it must succeed and each line not a
+    ``#`` comment must be a result line with rates above 0."""
     proc = subprocess.run(
-        [sys.executable, str(BENCH / "bench_client.py"), "--quick", "--entries", "12",
-         "--json", str(out)],
+        [sys.executable, str(BENCH / script), *args],
         capture_output=True, text=True, timeout=300, check=False,
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    seen = {}
+    matches = []
     for line in proc.stdout.splitlines():
         if line.startswith("#"):
             continue
         match = LINE.fullmatch(line)
         assert match, line
+        assert float(match["a"]) > 0 and float(match["b"]) > 0, line
+        matches.append(match)
+    return proc, matches
+
+
+def test_bench_client_quick_run(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    proc, matches = run_bench("bench_client.py", "--quick", "--entries", "12", "--json", str(out))
+    seen = {}
+    for match in matches:
         a, b, ratio = float(match["a"]), float(match["b"]), float(match["ratio"])
-        assert a > 0 and b > 0
-        assert ratio == pytest.approx(a / b, rel=0.01, abs=0.002), line
+        assert ratio == pytest.approx(a / b, rel=0.01, abs=0.002), match[0]
         seen[match["name"]] = (match["subject"], match["reference"], match["unit"])
     assert seen == {
         name: ("client", "sequential", "entry/s") for name in ("ls_l", "put_r", "rm_r")
@@ -113,21 +124,11 @@ def test_bench_vs_revision_quick_run_against_this_commit(tmp_path: Path) -> None
     is gone afterwards."""
     before = subprocess.run(["git", "-C", str(REPO), "worktree", "list"],
                             capture_output=True, text=True, check=True).stdout  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "bench_vs_revision.py"), "--quick", "--entries", "12",
-         "--repeat", "1", "--warmup", "0", "--baseline", "HEAD", "--dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, check=False,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    seen = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("#"):
-            continue
-        match = LINE.fullmatch(line)
-        assert match, line
-        assert float(match["a"]) > 0 and float(match["b"]) > 0
-        seen[match["name"]] = (match["subject"], match["reference"], match["unit"])
+    _proc, matches = run_bench(
+        "bench_vs_revision.py", "--quick", "--entries", "12", "--repeat", "1", "--warmup", "0",
+        "--baseline", "HEAD", "--dir", str(tmp_path),
+    )
+    seen = {m["name"]: (m["subject"], m["reference"], m["unit"]) for m in matches}
     assert seen == {
         "startup": ("current", "baseline", "run/s"),
         **{name: ("current", "baseline", "entry/s") for name in ("ls_l", "put_r", "rm_r")},
