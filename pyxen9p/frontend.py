@@ -337,6 +337,22 @@ class _Ring:
             self.reserved -= returns.popleft()
         return self.reply_limit - self.reserved
 
+    def put(self, views: list[memoryview], total: int, bound: int) -> bool:
+        """Put a message (its pieces *views*, *total* bytes) whose reply may
+        take *bound* bytes on ``in``, if it has room on ``out`` and its reply
+        within the budget; reserve *bound* (the send lock held).
+
+        :returns: ``False`` (nothing put) if either does not fit
+        :raises RingProtocolError: the backend's index is out of range
+        """
+        producer = self.producer
+        if producer is None or bound > self.reply_room():
+            return False
+        if not producer.put_pieces(views, total):
+            return False
+        self.reserved += bound
+        return True
+
     @property
     def ref(self) -> int:
         assert self.intf_pages is not None
@@ -902,8 +918,7 @@ class Frontend:
                 bounds += bound
                 requests.append(request)
             else:
-                if bounds <= ring.reply_room() and producer.put_pieces(views, total):
-                    ring.reserved += bounds
+                if ring.put(views, total, bounds):
                     return requests
             for request in requests:  # no room: one by one, waiting for it
                 table.withdraw(request)
@@ -1034,8 +1049,7 @@ class Frontend:
                         return None
                     request.bound = bound
                     try:
-                        if bound <= ring.reply_room() and producer.put_pieces(views, total):
-                            ring.reserved += bound
+                        if ring.put(views, total, bound):
                             return request
                     except RingProtocolError as exc:
                         self._fail(exc)
@@ -1087,12 +1101,11 @@ class Frontend:
                 try:
                     # room for the message, and for its reply among those
                     # the ring may still get (else: wait for replies)
-                    published = bound <= ring.reply_room() and producer.put_pieces(views, total)
+                    published = ring.put(views, total, bound)
                 except RingProtocolError as exc:
                     self._fail(exc)
                     raise
                 if published:
-                    ring.reserved += bound
                     request, registered = registered, None
                     return request
                 # replies must be read for the backend to go on: by this
