@@ -33,13 +33,36 @@ a ctypes call, ``time.monotonic()``, an uncontended ``with lock:``,
 ``poll(0)`` and one copy
 of 1 MiB cost in this domain, and its clock source: in a PV domain whose clock has no vDSO
 path, every clock read is a system call, and CPython up to 3.12 reads the
-clock on every lock acquire.
-The kernel's frontend runs in the reading process's system calls, so its
-work is the kernel side's system time; QEMU's CPU (the same backend for
-both sides) is in neither figure.  A ``# <name>: backend CPU per <unit>``
+clock on every lock acquire.  A ``# event channel:`` line gives what a
+``notify`` and receiving one event (``poll``, ``pending``, ``unmask``) cost
+there through pyxen9p's bindings, on a loopback pair.
+The kernel's frontend sends in the reading process's system calls, so that
+part of its work is the kernel side's system time; it reads its replies in
+a kworker, which only ``--profile`` sees.  QEMU's CPU (the same backend
+for both sides) is in neither figure.  A ``# <name>: backend CPU per <unit>``
 line gives it: dom0's QEMU's CPU time during each side's timed
 repetitions, added up (``/proc/<pid>/stat``, in 10 ms ticks, so a total
 over all repetitions; the line says how many ticks the smaller side had).
+
+With ``--profile``, one more run of each side, repeated for at least 3 s,
+is watched on the whole machine (``bench/_machine_profile.py``)::
+
+    # seq_read: machine per MB (pyxen9p; 544 MB in 3.02 s): wall ... ms;
+      busy ... ms (.. % of 2 CPUs: user ..., system ..., softirq ...);
+      threads self ... (caller ...); backend ... (qemu-system-i38 ..., worker ...);
+      kernel ... (kworker ...); switches ...; interrupts ... (...)
+
+(one line per side): busy CPU time by kind, CPU time by thread (this
+process's from the inside; the backend's, kernel threads' and other
+processes' from ``/proc``), context switches and interrupts, per unit.  It
+shows work the other lines miss, such as the kernel frontend's replies read
+in a kworker, and how busy the domain's CPUs were.  During pyxen9p's run a
+sampling profiler (``bench/_cpu_sampler.py``: ``SIGPROF`` at the kernel's
+clock ticks of process CPU time) also counts the Python line the process
+was at, and a ``# <name>: pyxen9p's process by line`` line gives its CPU
+per unit by file and for the busiest lines.  A sample taken in a C call
+lands on the first Python line after it: the event channel's calls on
+``check_minus_one`` (their ``errcheck``), the poll on ``_polled``.
 
 ``cache=none`` makes every ``read``/``write``/``stat`` on the kernel's mount
 a 9P request: the transport is measured, not the page cache.  The kernel is
@@ -73,6 +96,7 @@ for extra in (str(REPO), str(REPO / "tests" / "xen" / "guest"), str(HERE)):
     if extra not in sys.path:
         sys.path.append(extra)
 
+import _machine_profile as machine_profile  # noqa: E402
 import kernel_helpers  # noqa: E402
 import xenlab  # noqa: E402
 from _common import (  # noqa: E402
@@ -88,6 +112,7 @@ from _common import (  # noqa: E402
     strace_counts,
     timed,
 )
+from _cpu_sampler import CpuSampler  # noqa: E402
 
 #: Bytes per ``read``/``write`` call on both sides.
 CHUNK = 1 << 20
@@ -205,6 +230,65 @@ def platform_costs(loops: int = 20000) -> str:
     )
 
 
+def event_costs(rounds: int = 300) -> str:
+    """What an event channel costs in this domain, through pyxen9p's own
+    bindings and poll (what the frontend does per message), µs each, medians
+    of 3 runs of *rounds*: a ``notify`` (``xenevtchn_notify``: an ioctl and
+    a hypercall), and receiving one event: ``poll`` of the handle's fd until
+    readable, ``pending`` (a ``read``) and ``unmask`` (a ``write``).  The two
+    ends are one loopback pair in this domain (an unbound port and a second
+    handle bound to it).  The kernel's own frontend takes its events in an
+    interrupt handler instead: no system call."""
+    import time
+
+    from pyxen9p.libs._poll import one_fd_poller
+    from pyxen9p.libs.xenevtchn import EventChannel
+
+    with EventChannel() as receiver, EventChannel() as sender:
+        port = receiver.bind_unbound_port(0)
+        remote = sender.bind_interdomain(0, port)
+        poll = one_fd_poller(receiver.fileno())
+
+        def notify_only() -> None:  # the port stays masked after the first event
+            for _ in range(rounds):
+                sender.notify(remote)
+
+        def drain() -> None:
+            while poll(0) > 0:
+                receiver.unmask(receiver.pending())
+
+        def without_poll() -> None:
+            for _ in range(rounds):
+                sender.notify(remote)
+                receiver.unmask(receiver.pending())
+
+        def whole() -> None:
+            for _ in range(rounds):
+                sender.notify(remote)
+                if poll(1000) <= 0:
+                    raise RuntimeError("a loopback event did not arrive within 1 s")
+                receiver.unmask(receiver.pending())
+
+        costs = {}
+        for label, work in (("notify", notify_only), ("no poll", without_poll),
+                            ("event", whole)):  # fmt: skip
+            times = []
+            for _ in range(3):
+                drain()
+                start = time.perf_counter()
+                work()
+                times.append((time.perf_counter() - start) / rounds * 1e6)
+            costs[label] = statistics.median(times)
+        drain()
+    received = costs["event"] - costs["notify"]
+    polled = costs["event"] - costs["no poll"]
+    return (
+        f"event channel: us per notify {costs['notify']:.1f}; per event received"
+        f" {received:.1f} (poll {polled:.1f}, pending + unmask {received - polled:.1f});"
+        f" loopback pair in this domain, {rounds} rounds, medians of 3"
+    )
+
+
 def kernel_ls_l(directory: Path) -> int:
     """``ls -l`` on the kernel's mount: the entries, each lstat'ed; their count."""
     count = 0
@@ -302,6 +386,16 @@ class BackendCpu:
         )
 
 
+def sampled(sampler: CpuSampler, work: Callable[[], Sample]) -> Callable[[], Sample]:
+    """*work* with *sampler* on while it runs."""
+
+    def run() -> Sample:
+        with sampler:
+            return work()
+
+    return run
+
+
 def count_syscalls(work: Callable[[], Sample]) -> tuple[float, int, list[tuple[str, int]]]:
     """Run *work* once with ``strace -f -c`` attached to this process.
 
@@ -333,6 +427,7 @@ def run(
     entries: int = 1000,
     syscalls: bool = False,
     layout: dict[str, int] | None = None,
+    profile_seconds: float = 0.0,
 ) -> list[Result]:
     """Set both frontends up on a fresh dom0 directory, measure, tear everything down.
 
@@ -341,6 +436,8 @@ def run(
     :param kernel_msize: the kernel mount's msize (``None``: pyxen9p's)
     :param entries: files in the directory of the ``ls_l`` benchmark
     :param layout: ``rings`` / ``ring_order`` for ``pyxen9p.connect`` (default: its choice)
+    :param profile_seconds: when not 0, profile the whole machine during one
+        more run of each side, repeated for at least that long (not timed)
     :returns: the five results
     """
     out = sys.stdout
@@ -367,6 +464,7 @@ def run(
                     out,
                 )
                 comment(platform_costs(), out)
+                comment(event_costs(), out)
                 comment(
                     f"file {size} bytes in {CHUNK}-byte calls; {ops} ops of each small kind;"
                     f" {entries} entries listed; {options.repeat} repetitions (median),"
@@ -477,6 +575,14 @@ def run(
                         {"pyxen9p": count_syscalls(subject), "kernel": count_syscalls(reference)}
                         if syscalls else None
                     )
+                    profiles = {}
+                    sampler = CpuSampler()
+                    if profile_seconds:
+                        for side, work in (("pyxen9p", sampled(sampler, subject)),
+                                           ("kernel", reference)):  # fmt: skip
+                            profiles[side] = machine_profile.profile(
+                                work, backend=xenlab.dom0_qemu_pid(), min_seconds=profile_seconds
+                            )
                     result = Result(
                         name, "pyxen9p", "kernel", per, sub, ref,
                         {"size": size, "chunk": CHUNK, "ops": ops, "small": SMALL,
@@ -492,6 +598,13 @@ def run(
                     backend_line = backend.line(name, per, "pyxen9p", "kernel")
                     if backend_line is not None:
                         print(backend_line, file=out, flush=True)
+                    for side, prof in profiles.items():
+                        print(machine_profile.profile_line(name, per, side, prof), file=out,
+                              flush=True)  # fmt: skip
+                    if profiles:
+                        print(f"# {name}: pyxen9p's process by line (sampled in that run):"
+                              f" {sampler.report(profiles['pyxen9p'].units, per)}", file=out,
+                              flush=True)  # fmt: skip
                     if traced is not None:
                         print(syscall_line(name, per, traced), file=out, flush=True)
                         result.params["syscalls_per_unit"] = {
@@ -536,6 +649,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--syscalls", action="store_true",
                         help="also count each side's system calls per unit: one more"
                              " repetition of each, under strace -f -c (not timed)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the whole machine (every thread's CPU and context"
+                             " switches, the CPUs' time by kind, interrupts) during one more run"
+                             " of each side, repeated for 3 s (0.2 s with --quick; not timed)")
     parser.set_defaults(repeat=None)
     args = parser.parse_args(argv)
     if args.repeat is None:
@@ -548,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     entries = args.entries or (50 if options.quick else 1000)
     layout = {k: v for k, v in (("rings", args.rings), ("ring_order", args.ring_order))
               if v is not None}  # fmt: skip
-    results = run(size, ops, args.kernel_msize, options, entries, args.syscalls, layout)
+    seconds = (0.2 if options.quick else 3.0) if args.profile else 0.0
+    results = run(size, ops, args.kernel_msize, options, entries, args.syscalls, layout, seconds)
     report(results, args.json, sys.stdout)
     return 0
 

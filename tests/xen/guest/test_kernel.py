@@ -274,7 +274,7 @@ def test_benchmark_against_the_kernel(
     """
     src = Path(os.environ.get("PYXEN9P_SRC", Path(__file__).resolve().parents[3]))
     full = xenlab.bench_requested()
-    argv = [str(src / "bench" / "bench_realxen.py"), "--syscalls"]
+    argv = [str(src / "bench" / "bench_realxen.py"), "--syscalls", "--profile"]
     if full:
         argv += xenlab.bench_args()
     else:
@@ -330,6 +330,27 @@ def test_benchmark_against_the_kernel(
         assert backend, f"no backend CPU line for {name}:\n{output}"
         # every pyxen9p operation makes system calls (at least the event channel's)
         assert float(calls[1]) > 0 and float(calls[3]) > 0, calls[0]
+        for side in ("pyxen9p", "kernel"):
+            machine = re.search(
+                rf"^# {name}: machine per {per} \({side}; [0-9.e+]+ {per} in [0-9.]+ s\):"
+                rf" wall ([0-9.]+) (?:ms|us); busy ([0-9.]+) (?:ms|us) \([0-9]+ % of [0-9]+ CPUs:"
+                rf" [^)]*\); threads (.*); switches (.*); interrupts ([0-9.]+) \(.*\)$",
+                output, re.M,
+            )
+            assert machine, f"no machine profile of {side} for {name}:\n{output}"
+            groups = dict(re.findall(r"(?:^|; )([a-z]+) ([0-9.]+) \(", machine[3]))
+            # the side's own process and the backend (dom0's QEMU) both worked,
+            # and the machine was busy at least as long as this process
+            assert float(groups.get("self", 0)) > 0, machine[0]
+            assert float(groups.get("backend", 0)) > 0, machine[0]
+            assert float(machine[2]) >= float(groups["self"]) * 0.9, machine[0]
+        by_line = re.search(
+            rf"^# {name}: pyxen9p's process by line \(sampled in that run\): [0-9.]+ (?:ms|us)"
+            rf" CPU per {per}, ([0-9]+) samples; by file: (.*); top lines: (.*)$",
+            output, re.M,
+        )
+        assert by_line, f"no sampled lines for {name}:\n{output}"
+        assert int(by_line[1]) > 0 and "pyxen9p/" in by_line[2], by_line[0]
     assert "# pyxen9p: msize=" in output
     # the interpreter's basic costs in this domain, for reading the CPU figures
     costs = re.search(
@@ -341,6 +362,15 @@ def test_benchmark_against_the_kernel(
     )
     assert costs, f"no platform line:\n{output}"
     assert all(float(costs[i]) > 0 for i in range(1, 7)), costs[0]
+    # and what an event channel costs there, through pyxen9p's bindings
+    events = re.search(
+        r"^# event channel: us per notify ([0-9.]+); per event received (-?[0-9.]+)"
+        r" \(poll (-?[0-9.]+), pending \+ unmask (-?[0-9.]+)\); loopback pair in this domain,"
+        r" [0-9]+ rounds, medians of 3$",
+        output, re.M,
+    )
+    assert events, f"no event channel line:\n{output}"
+    assert float(events[1]) > 0, events[0]
     if not full:
         with capsys.disabled():  # in every run's log: what dom0's interpreter pays
             print(f"\n{costs[0]}", flush=True)
