@@ -1641,6 +1641,9 @@ class Frontend:
         answered: list[tuple[Request, int, Any]] = []
         since = consumer.cons
         freed = 0  # the reply budget of the requests answered
+        # a reply over its request's budget, or one of no request in flight
+        # (a flushed request's, a stray one): room the budget did not count
+        unbudgeted = False
         try:
             avail = consumer.available()
             while True:
@@ -1658,10 +1661,13 @@ class Frontend:
                 if request is None:
                     if tag % num_rings != index:
                         table.dropped_replies += 1
+                    unbudgeted = True
                     consumer.skip(size)
                     log.warning("dropping a reply for tag %d not in flight on ring %d", tag, index)
                     continue
                 freed += request.bound
+                if size > request.bound:
+                    unbudgeted = True
                 if request.into is not None and mtype == RREAD and request.type + 1 == RREAD:
                     count = consumer.peek_u32(HEADER_SIZE) if size >= RREAD_HEADER_SIZE else -1
                     target = rread_target(request, mtype, size, count)
@@ -1693,11 +1699,15 @@ class Frontend:
                 with ring.space:
                     ring.space.notify_all()
             # the backend may wait for room in `in` to reply to a request still
-            # in flight on this ring (Linux notifies once the ring is drained):
-            # with none in flight it has no reply to put, and with never less
-            # than an msize of room since the last drain it never had to wait
+            # in flight on this ring (QEMU does; Linux notifies once the ring
+            # is drained): with none in flight it has no reply to put, with
+            # never less than an msize of room since the last drain it never
+            # had to wait, and while every reply read kept to its request's
+            # budget it never lacked room (the budget keeps the replies a
+            # ring may still get below its size; see _Ring.put)
             if (
                 consumed
+                and unbudgeted
                 and self._evtchn is not None
                 and ring.port is not None
                 and consumer.peer_may_wait(since, msize)

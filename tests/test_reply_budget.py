@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 from frontend_helpers import TREAD, Machine, frame, machine
 
 from pyxen9p._requests import reply_bound
+from pyxen9p.frontend import Frontend
 from pyxen9p.ring import HEADER
+
+TCLUNK = 120
 
 _TREAD_BODY = struct.Struct("<IQI")  # fid, offset, count
 _RREAD = 117
@@ -214,3 +218,68 @@ def test_the_default_ring_shape_still_keeps_two_reads_per_ring_in_flight() -> No
         msize = ring_bytes // 2
         bound = reply_bound([memoryview(tread(1, msize - 24))], TREAD, msize)
         assert 2 * bound <= ring_bytes - 1
+
+
+def _count_notifies(fe: Frontend) -> list[int]:
+    """The ports the frontend notifies from now on (its event channel's notify, wrapped)."""
+    evtchn = fe._evtchn
+    assert evtchn is not None
+    sent: list[int] = []
+    notify = evtchn.notify
+
+    def counting(port: int) -> None:
+        sent.append(port)
+        notify(port)
+
+    evtchn.notify = counting  # type: ignore[method-assign]
+    return sent
+
+
+@pytest.mark.parametrize("oversize", [False, True], ids=["within", "over"])
+def test_a_drain_notifies_only_when_a_reply_outgrew_its_budget(oversize: bool) -> None:
+    """Two Rreads drained at once bring ``in``'s room under an msize while a
+    Tclunk is still in flight: QEMU could have waited for room.  Replies
+    within their budget cannot have made it wait (the budget keeps all the
+    replies a ring may get below its size), so that drain notifies nobody;
+    replies over their budget (a backend that answers a 100-byte Tread with
+    3,500 bytes) still get the notification that lets it go on."""
+    clunk_may_go = threading.Event()
+
+    def handler(request: bytes) -> bytes:
+        _size, mtype, tag = HEADER.unpack_from(request)
+        if mtype == TCLUNK:
+            clunk_may_go.wait(10)
+            return frame(TCLUNK + 1, tag, b"")
+        count = 3500 if oversize else struct.unpack_from("<I", request, 19)[0]
+        return frame(TREAD + 1, tag, struct.pack("<I", count) + b"r" * count)
+
+    with machine(handler=handler) as m:
+        with m.connect(rings=1, ring_order=2) as fe:  # 8 KiB each way, msize 4 KiB
+            count = 100 if oversize else 3000
+            reads = [frame(TREAD, tag, struct.pack("<IQI", 1, 0, count)) for tag in (1, 2)]
+            sent = _count_notifies(fe)
+            size = 11 + (3500 if oversize else 3000)
+            consumer = fe._rings[0].consumer
+            assert consumer is not None
+            # the receiving role held here: both Rreads are queued before one drain
+            assert fe._rx_lock.acquire(timeout=5)
+            try:
+                futures = fe.submit_many([*reads, frame(TCLUNK, 3, struct.pack("<I", 1))],
+                                         timeout=5, lazy=True)  # fmt: skip
+                deadline = time.monotonic() + 5
+                while consumer.available() < 2 * size:
+                    assert time.monotonic() < deadline, consumer.available()
+                    time.sleep(0.01)
+            finally:
+                fe._rx_lock.release()
+            replies = [fe.result(f, timeout=5) for f in futures[:2]]
+            assert [len(r) for r in replies] == [size] * 2
+            want = 2 if oversize else 1  # the batch's notification, and the drain's
+            while len(sent) < want and time.monotonic() < deadline:
+                time.sleep(0.01)  # the drain notifies after it settled its replies
+            time.sleep(0.1)
+            assert not futures[2].done()  # the Tclunk was in flight during the drain
+            assert len(sent) == want, sent
+            clunk_may_go.set()
+            assert fe.result(futures[2], timeout=5)[4] == TCLUNK + 1
+        m.assert_clean()
