@@ -51,6 +51,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: The smallest msize worth negotiating, for every 9P layer and transport
+#: here (Linux refuses less than 4 KiB too): a client accepts no less from
+#: a server, a server and the multiplexer offer no less, and a ring's half
+#: must hold a message of it.
+MIN_MSIZE = 4096
 _RLERROR = 7
 _RERROR = 107
 #: The 9P type of Rread.

@@ -38,6 +38,7 @@ from typing_extensions import Self
 from pyxen9p._requests import (
     _RERROR,
     _RLERROR,
+    MIN_MSIZE,
     RREAD,
     RREAD_HEADER_SIZE,
     Message,
@@ -109,8 +110,6 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 #: gntalloc's default system-wide limit of shared grants (``xen_gntalloc.limit``).
 DEFAULT_GRANT_LIMIT = 1024
-#: The smallest msize worth negotiating (Linux refuses less than 4 KiB too).
-MIN_MSIZE = 4096
 #: Default number of rings (Linux uses 2).
 DEFAULT_RINGS = 2
 #: Most rings a backend may offer that we accept to use (QEMU offers 8).

@@ -67,6 +67,7 @@ from typing import IO, Any, BinaryIO, Literal, NamedTuple, TypeVar, cast, overlo
 
 from typing_extensions import Self
 
+from pyxen9p._requests import MIN_MSIZE
 from pyxen9p.errors import Pyxen9pError, TransportError
 from pyxen9p.p9 import _dotu
 from pyxen9p.p9 import codec as c
@@ -100,8 +101,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The smallest msize the client accepts from a server (Linux's limit too).
-MIN_MSIZE = 4096
 #: Most symbolic links followed in one lookup (Linux's ``MAXSYMLINKS``).
 MAXSYMLINKS = 40
 #: Default limit, in seconds, for each request.

@@ -129,6 +129,7 @@ from typing import Any, Protocol, TypeVar
 
 from typing_extensions import Self
 
+from pyxen9p._requests import MIN_MSIZE
 from pyxen9p.errors import ProtocolError, Pyxen9pError, TransportClosedError, TransportError
 from pyxen9p.p9 import codec as c
 from pyxen9p.p9.session import IdPool
@@ -151,8 +152,6 @@ _HEADER = struct.Struct("<IBH")
 _TAG = struct.Struct("<H")
 _UCRED = struct.Struct("3i")
 
-#: The smallest msize the multiplexer negotiates (with the backend or a client).
-MIN_MSIZE = 4096
 
 #: Seconds between checks for the hang-up of a client that is not being read.
 _HANGUP_POLL = 0.25

@@ -138,6 +138,7 @@ from typing import Literal
 
 from typing_extensions import Self
 
+from pyxen9p._requests import MIN_MSIZE
 from pyxen9p.p9 import codec as c
 
 __all__ = [
@@ -153,8 +154,6 @@ _log = logging.getLogger(__name__)
 
 #: The msize a :class:`FileServer` offers by default.
 DEFAULT_MSIZE = 512 * 1024
-#: The smallest msize the server accepts (Linux requires 4096 too).
-MIN_MSIZE = 4096
 #: f_type reported by Rstatfs (V9FS_MAGIC).
 _V9FS_MAGIC = 0x01021997
 _U64 = (1 << 64) - 1

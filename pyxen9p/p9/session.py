@@ -51,7 +51,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Literal, TypeVar
 
-from pyxen9p._requests import NotSent
+from pyxen9p._requests import MIN_MSIZE, NotSent
 from pyxen9p.errors import TransportClosedError, TransportError
 from pyxen9p.p9 import codec as c
 from pyxen9p.p9.codec import ProtocolError
@@ -74,8 +74,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The smallest msize the client accepts from a server (Linux's limit too).
-MIN_MSIZE = 4096
 #: Highest tag given to requests (NOTAG, 0xFFFF, is Tversion's).
 MAX_TAG = 0xFFFE
 _NTAGS = MAX_TAG + 1
