@@ -261,6 +261,14 @@ CPU_SPLIT = " ".join(
 )
 
 
+def _line(pattern: str, output: str, what: str) -> re.Match[str]:
+    """The line of *output* that *pattern* matches from start to end, or a
+    failure naming *what* is missing, with the whole output."""
+    found = re.search(f"^{pattern}$", output, re.M)
+    assert found, f"no {what}:\n{output}"
+    return found
+
+
 @pytest.mark.timeout(900)
 def test_benchmark_against_the_kernel(
     capsys: pytest.CaptureFixture[str], fresh_dom0_qemu: None
@@ -306,70 +314,59 @@ def test_benchmark_against_the_kernel(
         "ls_l": "entry/s",
     }  # fmt: skip
     for name in ("seq_write", "seq_read"):
-        assert re.search(rf"^# {name}: CPU per MB \(process\): {CPU_SPLIT}$", output, re.M), (
-            f"no CPU split line for {name}:\n{output}"
-        )
+        _line(rf"# {name}: CPU per MB \(process\): {CPU_SPLIT}", output, f"CPU split of {name}")
     for name, unit in lines.items():
         per = unit.split("/")[0]
-        switches = re.search(
-            rf"^# {name}: context switches per {per}: pyxen9p=([0-9.]+) .* kernel=([0-9.]+) ",
-            output, re.M,
-        )
-        assert switches, f"no context-switch line for {name}:\n{output}"
-        calls = re.search(
-            rf"^# {name}: system calls per {per} \(strace -f -c, one more repetition\):"
-            rf" pyxen9p=([0-9.]+) \((.*)\) kernel=([0-9.]+) \((.*)\)$",
-            output, re.M,
-        )
-        assert calls, f"no system-call line for {name}:\n{output}"
-        backend = re.search(
-            rf"^# {name}: backend CPU per {per} \(dom0's QEMU, all timed repetitions,"
-            rf" >= [0-9]+ ticks\): pyxen9p=([0-9.]+) (ms|us) kernel=([0-9.]+) (ms|us)$",
-            output, re.M,
-        )
-        assert backend, f"no backend CPU line for {name}:\n{output}"
+        _line(rf"# {name}: context switches per {per}: pyxen9p=([0-9.]+) .* kernel=([0-9.]+) .*",
+              output, f"context-switch line for {name}")  # fmt: skip
+        calls = _line(
+            rf"# {name}: system calls per {per} \(strace -f -c, one more repetition\):"
+            rf" pyxen9p=([0-9.]+) \((.*)\) kernel=([0-9.]+) \((.*)\)",
+            output, f"system-call line for {name}",
+        )  # fmt: skip
+        _line(
+            rf"# {name}: backend CPU per {per} \(dom0's QEMU, all timed repetitions,"
+            rf" >= [0-9]+ ticks\): pyxen9p=([0-9.]+) (ms|us) kernel=([0-9.]+) (ms|us)",
+            output, f"backend CPU line for {name}",
+        )  # fmt: skip
         # every pyxen9p operation makes system calls (at least the event channel's)
         assert float(calls[1]) > 0 and float(calls[3]) > 0, calls[0]
         for side in ("pyxen9p", "kernel"):
-            machine = re.search(
-                rf"^# {name}: machine per {per} \({side}; [0-9.e+]+ {per} in [0-9.]+ s\):"
+            machine = _line(
+                rf"# {name}: machine per {per} \({side}; [0-9.e+]+ {per} in [0-9.]+ s\):"
                 rf" wall ([0-9.]+) (?:ms|us); busy ([0-9.]+) (?:ms|us) \([0-9]+ % of [0-9]+ CPUs:"
-                rf" [^)]*\); threads (.*); switches (.*); interrupts ([0-9.]+) \(.*\)$",
-                output, re.M,
-            )
-            assert machine, f"no machine profile of {side} for {name}:\n{output}"
+                rf" [^)]*\); threads (.*); switches (.*); interrupts ([0-9.]+) \(.*\)",
+                output, f"machine profile of {side} for {name}",
+            )  # fmt: skip
             groups = dict(re.findall(r"(?:^|; )([a-z]+) ([0-9.]+) \(", machine[3]))
             # the side's own process and the backend (dom0's QEMU) both worked,
             # and the machine was busy at least as long as this process
             assert float(groups.get("self", 0)) > 0, machine[0]
             assert float(groups.get("backend", 0)) > 0, machine[0]
             assert float(machine[2]) >= float(groups["self"]) * 0.9, machine[0]
-        by_line = re.search(
-            rf"^# {name}: pyxen9p's process by line \(sampled in that run\): [0-9.]+ (?:ms|us)"
-            rf" CPU per {per}, ([0-9]+) samples; by file: (.*); top lines: (.*)$",
-            output, re.M,
-        )
-        assert by_line, f"no sampled lines for {name}:\n{output}"
+        by_line = _line(
+            rf"# {name}: pyxen9p's process by line \(sampled in that run\): [0-9.]+ (?:ms|us)"
+            rf" CPU per {per}, ([0-9]+) samples; by file: (.*); top lines: (.*)",
+            output, f"sampled lines for {name}",
+        )  # fmt: skip
         assert int(by_line[1]) > 0 and "pyxen9p/" in by_line[2], by_line[0]
     assert "# pyxen9p: msize=" in output
     # the interpreter's basic costs in this domain, for reading the CPU figures
-    costs = re.search(
-        r"^# platform: us per empty call ([0-9.]+), ctypes call ([0-9.]+),"
+    costs = _line(
+        r"# platform: us per empty call ([0-9.]+), ctypes call ([0-9.]+),"
         r" time\.monotonic\(\) ([0-9.]+),"
         r" with lock: ([0-9.]+), poll\(0\) ([0-9.]+), 1 MiB copy ([0-9]+);"
-        r" Python 3\.\S+; clocksource \S+$",
-        output, re.M,
-    )
-    assert costs, f"no platform line:\n{output}"
+        r" Python 3\.\S+; clocksource \S+",
+        output, "platform line",
+    )  # fmt: skip
     assert all(float(costs[i]) > 0 for i in range(1, 7)), costs[0]
     # and what an event channel costs there, through pyxen9p's bindings
-    events = re.search(
-        r"^# event channel: us per notify ([0-9.]+); per event received (-?[0-9.]+)"
+    events = _line(
+        r"# event channel: us per notify ([0-9.]+); per event received (-?[0-9.]+)"
         r" \(poll (-?[0-9.]+), pending \+ unmask (-?[0-9.]+)\); loopback pair in this domain,"
-        r" [0-9]+ rounds, medians of 3$",
-        output, re.M,
-    )
-    assert events, f"no event channel line:\n{output}"
+        r" [0-9]+ rounds, medians of 3",
+        output, "event channel line",
+    )  # fmt: skip
     assert float(events[1]) > 0, events[0]
     if not full:
         with capsys.disabled():  # in every run's log: what dom0's interpreter pays
