@@ -31,7 +31,7 @@ from pathlib import Path
 
 from _common import Sample
 
-__all__ = ["Profile", "Snapshot", "profile", "profile_line", "snapshot", "thread_group"]
+__all__ = ["Profile", "Snapshot", "cpu_ticks", "group_of", "profile", "profile_line", "snapshot"]
 
 #: The kinds of ``/proc/stat``'s ``cpu`` line, in its order.
 KINDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
@@ -69,7 +69,7 @@ def _kinds(proc: Path) -> tuple[dict[str, int], int]:
     return dict(zip(KINDS, (int(v) for v in first[1 : 1 + len(KINDS)]), strict=False)), cpus
 
 
-def thread_group(pid: int, tid: int, ppid: int, process: str, thread: str, own: int,
+def group_of(pid: int, tid: int, ppid: int, process: str, thread: str, own: int,
                  backend: int | None) -> str:  # fmt: skip
     """The group a thread is counted in: ``self:`` (the benchmark's process),
     ``backend:`` (*backend*'s process: ``main`` for its main thread, the
@@ -90,6 +90,13 @@ def _stat_fields(text: str) -> tuple[str, list[str]]:
     # "pid (comm) state ppid ...": comm may hold spaces and parentheses
     head, _, rest = text.rpartition(")")
     return head.partition("(")[2], rest.split()
+
+
+def cpu_ticks(stat: str) -> int:
+    """User + system clock ticks of a ``/proc/<pid>[/task/<tid>]/stat`` text
+    (fields 14 and 15, 1-based; a process's count includes its ended threads)."""
+    fields = _stat_fields(stat)[1]
+    return int(fields[11]) + int(fields[12])
 
 
 def _threads(proc: Path, own: int, backend: int | None, tick_ns: int
@@ -113,16 +120,14 @@ def _threads(proc: Path, own: int, backend: int | None, tick_ns: int
             status = _read(task / "status")
             if stat is None or status is None:
                 continue
-            name, tfields = _stat_fields(stat)
+            name = _stat_fields(stat)[0]
             sched = _read(task / "schedstat")
-            # else utime + stime (fields 14 and 15, 1-based, after "pid (comm)")
-            ns = (int(sched.split()[0]) if sched
-                  else (int(tfields[11]) + int(tfields[12])) * tick_ns)  # fmt: skip
+            ns = int(sched.split()[0]) if sched else cpu_ticks(stat) * tick_ns
             switches = dict(
                 line.split(":", 1) for line in status.splitlines() if "ctxt_switches" in line
             )
             threads[int(task.name)] = (
-                thread_group(pid, int(task.name), ppid, process, name, own, backend),
+                group_of(pid, int(task.name), ppid, process, name, own, backend),
                 ns,
                 int(switches.get("voluntary_ctxt_switches", 0)),
                 int(switches.get("nonvoluntary_ctxt_switches", 0)),

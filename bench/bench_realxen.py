@@ -49,7 +49,7 @@ is watched on the whole machine (``bench/_machine_profile.py``)::
 
     # seq_read: machine per MB (pyxen9p; 544 MB in 3.02 s): wall ... ms;
       busy ... ms (.. % of 2 CPUs: user ..., system ..., softirq ...);
-      threads self ... (caller ...); backend ... (qemu-system-i38 ..., worker ...);
+      threads self ... (caller ...); backend ... (main ..., threads ...);
       kernel ... (kworker ...); switches ...; interrupts ... (...)
 
 (one line per side): busy CPU time by kind, CPU time by thread (this
@@ -85,6 +85,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -153,6 +154,19 @@ def cpu_split_line(name: str, per: str, units: float, sides: dict[str, CpuSplit]
     return f"# {name}: CPU per {per} (process): {' '.join(parts)}"
 
 
+def median_seconds(work: Callable[[], None], runs: int = 3,
+                   before: Callable[[], None] | None = None) -> float:  # fmt: skip
+    """The median wall time of *runs* calls of *work* (*before* each, untimed)."""
+    times = []
+    for _ in range(runs):
+        if before is not None:
+            before()
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def platform_costs(loops: int = 20000) -> str:
     """What the interpreter's basic steps cost in this domain, for reading the
     CPU figures: an empty Python call, a ctypes call of a C function that
@@ -167,7 +181,6 @@ def platform_costs(loops: int = 20000) -> str:
     import ctypes
     import select
     import threading
-    import time
 
     def nothing() -> None:
         return None
@@ -203,12 +216,7 @@ def platform_costs(loops: int = 20000) -> str:
     for label, work in (("empty call", run_call), ("ctypes call", run_ctypes),
                         ("time.monotonic()", run_clock), ("with lock:", run_lock),
                         ("poll(0)", run_poll)):  # fmt: skip
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            work()
-            times.append(time.perf_counter() - start)
-        figures.append(f"{label} {statistics.median(times) / loops * 1e6:.2f}")
+        figures.append(f"{label} {median_seconds(work) / loops * 1e6:.2f}")
     # one copy of 1 MiB between two buffers (what a read or a write pays per MiB
     # for each copy it makes)
     src, dst = bytes(1 << 20), bytearray(1 << 20)
@@ -239,8 +247,6 @@ def event_costs(rounds: int = 300) -> str:
     ends are one loopback pair in this domain (an unbound port and a second
     handle bound to it).  The kernel's own frontend takes its events in an
     interrupt handler instead: no system call."""
-    import time
-
     from pyxen9p.libs._poll import one_fd_poller
     from pyxen9p.libs.xenevtchn import EventChannel
 
@@ -269,16 +275,11 @@ def event_costs(rounds: int = 300) -> str:
                     raise RuntimeError("a loopback event did not arrive within 1 s")
                 receiver.unmask(receiver.pending())
 
-        costs = {}
-        for label, work in (("notify", notify_only), ("no poll", without_poll),
-                            ("event", whole)):  # fmt: skip
-            times = []
-            for _ in range(3):
-                drain()
-                start = time.perf_counter()
-                work()
-                times.append((time.perf_counter() - start) / rounds * 1e6)
-            costs[label] = statistics.median(times)
+        costs = {
+            label: median_seconds(work, before=drain) / rounds * 1e6
+            for label, work in (("notify", notify_only), ("no poll", without_poll),
+                                ("event", whole))
+        }  # fmt: skip
         drain()
     received = costs["event"] - costs["notify"]
     polled = costs["event"] - costs["no poll"]
@@ -350,11 +351,9 @@ class BackendCpu:
         if self.pid is None:
             return None
         try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return machine_profile.cpu_ticks(Path(f"/proc/{self.pid}/stat").read_text()) * self.tick
         except (OSError, IndexError):
             return None
-        # after "pid (comm)": state is field 3, utime 14 and stime 15 (1-based)
-        return (int(fields[11]) + int(fields[12])) * self.tick
 
     def wrap(self, side: str, work: Callable[[], Sample]) -> Callable[[], Sample]:
         """*work*, adding the backend's CPU meanwhile to *side*'s total."""
@@ -581,7 +580,7 @@ def run(
                         for side, work in (("pyxen9p", sampled(sampler, subject)),
                                            ("kernel", reference)):  # fmt: skip
                             profiles[side] = machine_profile.profile(
-                                work, backend=xenlab.dom0_qemu_pid(), min_seconds=profile_seconds
+                                work, backend=backend.pid, min_seconds=profile_seconds
                             )
                     result = Result(
                         name, "pyxen9p", "kernel", per, sub, ref,

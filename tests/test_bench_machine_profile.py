@@ -89,7 +89,7 @@ def test_the_backend_and_the_own_process_are_counted(burner: subprocess.Popen[st
 
 
 def test_kernel_threads_and_processes_are_grouped_by_name() -> None:
-    group = _machine_profile.thread_group
+    group = _machine_profile.group_of
     assert group(7, 7, 2, "kworker/1:2H-kblockd", "kworker/1:2H-kblockd", 99, None) == (
         "kernel:kworker"
     )
