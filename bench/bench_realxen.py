@@ -64,6 +64,19 @@ per unit by file and for the busiest lines.  A sample taken in a C call
 lands on the first Python line after it: the event channel's calls on
 ``check_minus_one`` (their ``errcheck``), the poll on ``_polled``.
 
+With ``--floor``, ``seq_write``, ``seq_read`` and ``stat`` are measured a
+third way, against the kernel again (alternately, as every pair is): the
+*floor*, the leanest Python frontend on pyxen9p's own rings, doing only what
+the protocol cannot do without (``bench/_floor.py``)::
+
+    # seq_read: the floor (the leanest Python frontend on the same rings,
+      bench/_floor.py; open and close not timed): floor=... MB/s
+      kernel=... MB/s ratio=...; CPU per MB floor=... us kernel=... us
+
+and, with ``--profile``, the floor's process by line.  The difference
+between pyxen9p and the floor is what pyxen9p's own layers cost; a goal the
+floor misses, no Python frontend doing the same calls meets here.
+
 ``cache=none`` makes every ``read``/``write``/``stat`` on the kernel's mount
 a 9P request: the transport is measured, not the page cache.  The kernel is
 mounted with the msize pyxen9p negotiated (``--kernel-msize`` to change it).
@@ -97,6 +110,7 @@ for extra in (str(REPO), str(REPO / "tests" / "xen" / "guest"), str(HERE)):
     if extra not in sys.path:
         sys.path.append(extra)
 
+import _floor as floor  # noqa: E402
 import _machine_profile as machine_profile  # noqa: E402
 import kernel_helpers  # noqa: E402
 import xenlab  # noqa: E402
@@ -119,6 +133,8 @@ from _cpu_sampler import CpuSampler  # noqa: E402
 CHUNK = 1 << 20
 #: Size of the file of the small-operation benchmarks.
 SMALL = 4096
+#: The first fid of the floor's stats (one per ring; pyxen9p counts up from 0).
+FLOOR_FID = 0x7FFF0000
 
 
 class CpuSplit:
@@ -418,6 +434,38 @@ def syscall_line(
     )
 
 
+def floor_lines(
+    name: str,
+    per: str,
+    subject: Callable[[], Sample],
+    reference: Callable[[], Sample],
+    options: Options,
+    profile_seconds: float,
+) -> list[str]:
+    """The floor of *name* (``bench/_floor.py``: the leanest Python frontend
+    on pyxen9p's rings) against the kernel, measured alternately as every
+    pair is; with *profile_seconds*, the floor's process by line in one more
+    run, repeated for at least that long (not timed)."""
+    sub, ref = measure_pair(subject, reference, options)
+    result = Result(name, "floor", "kernel", per, sub, ref)
+    untimed = "; open and close not timed" if per == "MB" else ""
+    lines = [
+        f"# {name}: the floor (the leanest Python frontend on the same rings,"
+        f" bench/_floor.py{untimed}): {result.line().split(': ', 1)[1]};"
+        f" CPU per {per} floor={result.subject_cpu * 1e6:.1f} us"
+        f" kernel={result.reference_cpu * 1e6:.1f} us"
+    ]
+    if profile_seconds:
+        sampler = CpuSampler()
+        units = 0.0
+        began = time.monotonic()
+        with sampler:
+            while time.monotonic() - began < profile_seconds:
+                units += subject().units
+        lines.append(f"# {name}: the floor's process by line: {sampler.report(units, per)}")
+    return lines
+
+
 def run(
     args_size_mib: int,
     ops: int,
@@ -427,6 +475,7 @@ def run(
     syscalls: bool = False,
     layout: dict[str, int] | None = None,
     profile_seconds: float = 0.0,
+    with_floor: bool = False,
 ) -> list[Result]:
     """Set both frontends up on a fresh dom0 directory, measure, tear everything down.
 
@@ -437,6 +486,8 @@ def run(
     :param layout: ``rings`` / ``ring_order`` for ``pyxen9p.connect`` (default: its choice)
     :param profile_seconds: when not 0, profile the whole machine during one
         more run of each side, repeated for at least that long (not timed)
+    :param with_floor: also measure the floor (``bench/_floor.py``) of
+        seq_write, seq_read and stat against the kernel, alternately
     :returns: the five results
     """
     out = sys.stdout
@@ -558,6 +609,39 @@ def run(
                         raise RuntimeError(f"the kernel listed {n} entries of {entries}")
                     return t.sample
 
+                def f_write() -> Sample:
+                    with client.open("seq-f", "wb", buffering=0) as f:
+                        fid, count = f.fid, f.iounit
+                        with floor.LeanRings(client.transport) as lean, timed(size / MB) as t:  # type: ignore[arg-type]
+                            for at in range(0, size, CHUNK):
+                                part = data[at : at + CHUNK]
+                                if floor.write_file(lean, fid, at, part, count) != len(part):
+                                    raise RuntimeError("the floor wrote short")
+                    return t.sample
+
+                def f_read() -> Sample:
+                    total = 0
+                    view = memoryview(buf)
+                    with client.open("seq-p", "rb", buffering=0) as f:
+                        fid, count = f.fid, f.iounit
+                        with floor.LeanRings(client.transport) as lean, timed(size / MB) as t:  # type: ignore[arg-type]
+                            while n := floor.read_file(lean, fid, total, view, count):
+                                total += n
+                    if total != size:
+                        raise RuntimeError(f"the floor read {total} bytes of {size}")
+                    return t.sample
+
+                def f_stat() -> Sample:
+                    root = client._session.root_fid
+                    rings = client.transport.num_rings  # type: ignore[attr-defined]
+                    with floor.LeanRings(client.transport) as lean, timed(ops) as t:  # type: ignore[arg-type]
+                        for i in range(ops):
+                            st = floor.stat_file(lean, root, b"small", FLOOR_FID + i % rings, i)
+                    if st[9] != SMALL:
+                        raise RuntimeError(f"the floor's stat gave size {st[9]}, not {SMALL}")
+                    return t.sample
+
+                floors = {"seq_write": f_write, "seq_read": f_read, "stat": f_stat}
                 plan: list[tuple[str, str, Callable[[], Sample], Callable[[], Sample]]] = [
                     ("seq_write", "MB", p_write, k_write),
                     ("seq_read", "MB", p_read, k_read),
@@ -617,10 +701,14 @@ def run(
                             user, system = split.per_unit_ms(size / MB)
                             result.params[f"{label}_user_ms_per_mb"] = user
                             result.params[f"{label}_sys_ms_per_mb"] = system
+                    if with_floor and name in floors:
+                        for line in floor_lines(name, per, floors[name], reference, options,
+                                                profile_seconds):  # fmt: skip
+                            print(line, file=out, flush=True)
                     results.append(result)
                     if name == "seq_write":
                         # both files hold what was written (checked once, untimed)
-                        for written in ("seq-p", "seq-k"):
+                        for written in ("seq-p", "seq-k", "seq-f")[: 3 if with_floor else 2]:
                             if (share / written).read_bytes() != data:
                                 raise RuntimeError(f"{written} does not hold the data written")
     finally:
@@ -652,6 +740,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also profile the whole machine (every thread's CPU and context"
                              " switches, the CPUs' time by kind, interrupts) during one more run"
                              " of each side, repeated for 3 s (0.2 s with --quick; not timed)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure the floor of seq_write, seq_read and stat against"
+                             " the kernel: the leanest Python frontend on the same rings"
+                             " (bench/_floor.py)")
     parser.set_defaults(repeat=None)
     args = parser.parse_args(argv)
     if args.repeat is None:
@@ -665,7 +757,8 @@ def main(argv: list[str] | None = None) -> int:
     layout = {k: v for k, v in (("rings", args.rings), ("ring_order", args.ring_order))
               if v is not None}  # fmt: skip
     seconds = (0.2 if options.quick else 3.0) if args.profile else 0.0
-    results = run(size, ops, args.kernel_msize, options, entries, args.syscalls, layout, seconds)
+    results = run(size, ops, args.kernel_msize, options, entries, args.syscalls, layout, seconds,
+                  args.floor)
     report(results, args.json, sys.stdout)
     return 0
 

@@ -282,7 +282,7 @@ def test_benchmark_against_the_kernel(
     """
     src = Path(os.environ.get("PYXEN9P_SRC", Path(__file__).resolve().parents[3]))
     full = xenlab.bench_requested()
-    argv = [str(src / "bench" / "bench_realxen.py"), "--syscalls", "--profile"]
+    argv = [str(src / "bench" / "bench_realxen.py"), "--syscalls", "--profile", "--floor"]
     if full:
         argv += xenlab.bench_args()
     else:
@@ -350,6 +350,22 @@ def test_benchmark_against_the_kernel(
             output, f"sampled lines for {name}",
         )  # fmt: skip
         assert int(by_line[1]) > 0 and "pyxen9p/" in by_line[2], by_line[0]
+    # the floor: the leanest Python frontend on the same rings, against the kernel
+    for name, per in (("seq_write", "MB"), ("seq_read", "MB"), ("stat", "op")):
+        found = _line(
+            rf"# {name}: the floor \(the leanest Python frontend on the same rings,"
+            rf" bench/_floor\.py(?:; open and close not timed)?\): floor=([0-9.]+) {per}/s"
+            rf" kernel=([0-9.]+) {per}/s ratio=([0-9.]+); CPU per {per} floor=([0-9.]+) us"
+            rf" kernel=([0-9.]+) us",
+            output, f"floor of {name}",
+        )  # fmt: skip
+        assert all(float(found[i]) > 0 for i in range(1, 6)), found[0]
+        sampled = _line(
+            rf"# {name}: the floor's process by line: [0-9.]+ (?:ms|us) CPU per {per},"
+            rf" ([0-9]+) samples; by file: (.*); top lines: (.*)",
+            output, f"the floor's sampled lines for {name}",
+        )  # fmt: skip
+        assert int(sampled[1]) > 0, sampled[0]
     assert "# pyxen9p: msize=" in output
     # the interpreter's basic costs in this domain, for reading the CPU figures
     costs = _line(
