@@ -217,6 +217,26 @@ def test_ls_long(run: Run, share: Path) -> None:
     assert len({line.index(":") for line in out.splitlines()}) == 1
 
 
+def test_ls_long_reads_every_links_target(run: Run, share: Path) -> None:
+    """Many links in one directory (their targets asked for together):
+    each row names its own link's target, hidden ones left out."""
+    many = share / "links"
+    many.mkdir()
+    for i in range(70):
+        (many / f"l{i:02d}").symlink_to(f"target-{i}" + "x" * (i % 7))
+    (many / ".hidden-link").symlink_to("nowhere")
+    (many / "plain").write_bytes(b"p")
+    status, out, err = run(*sim(share, "ls", "-l", "links"))
+    assert (status, err) == (0, "")
+    rows = out.splitlines()
+    assert len(rows) == 71
+    for i in range(70):
+        assert rows[i].startswith("l") and rows[i].endswith(
+            f"l{i:02d} -> target-{i}" + "x" * (i % 7)
+        ), rows[i]
+    assert rows[70].startswith("-") and rows[70].endswith(" plain")
+
+
 def test_ls_recursive_and_several_paths(run: Run, share: Path) -> None:
     status, out, err = run(*sim(share, "ls", "-R", "sub"))
     assert (status, err) == (0, "")

@@ -187,16 +187,28 @@ def cmd_ls(ctx: _Context) -> None:
         except (OSError, ValueError) as exc:
             ctx.report(exc)
             continue
+        if not args.all:
+            entries = [entry for entry in entries if not entry.name.startswith(".")]
+        # the links' targets asked for together (pipelined: many in flight)
+        targets: dict[str, str | OSError | ValueError] = {}
+        if args.long:
+            links = [entry.path for entry in entries if _is_link(entry)]
+            targets = dict(zip(links, fs._readlink_many(links), strict=True))
         rows: list[_Row] = []
         subdirs: list[str] = []
         for entry in entries:
-            if entry.name.startswith(".") and not args.all:
-                continue
             path = _join(directory, entry.name)
             try:
                 if args.long:
                     st = entry.stat(follow_symlinks=False)
-                    target = fs.readlink(entry.path) if entry.is_symlink() else None
+                    target = None
+                    if entry.is_symlink():
+                        found = targets.get(entry.path)
+                        if found is None:  # not known a link when the targets were asked
+                            found = fs.readlink(entry.path)
+                        if isinstance(found, (OSError, ValueError)):
+                            raise found
+                        target = found
                     rows.append(_Row(entry.name, path, st, target, entry.d_type))
                 else:
                     rows.append(_Row(entry.name, path, None, None, entry.d_type))
@@ -206,6 +218,15 @@ def cmd_ls(ctx: _Context) -> None:
                 ctx.report(exc)
         _print_entries(ctx, rows)
         queue[0:0] = subdirs  # depth first, in name order, as ls -R does
+
+
+def _is_link(entry: Any) -> bool:
+    """Whether the listed *entry* is a symbolic link (``False`` if that
+    cannot be told: its own row reports why)."""
+    try:
+        return bool(entry.is_symlink())
+    except (OSError, ValueError):
+        return False
 
 
 def _ls_record(row: _Row) -> dict[str, Any]:

@@ -564,7 +564,9 @@ class Client:
     @property
     def pipelined(self) -> bool:
         """Whether compound operations are written back to back on one ring
-        (see the ``pipeline`` parameter)."""
+        (see the ``pipeline`` parameter): :meth:`stat`, :meth:`lstat`,
+        :meth:`exists`, :meth:`readlink`, :meth:`read_bytes` of a small
+        file, the attributes of a listing's entries."""
         return self._session.pipelined
 
     @property
@@ -898,18 +900,39 @@ class Client:
         flight, spread over the rings; otherwise one :meth:`stat` after
         another.  A failed transport is raised.
         """
-        results: list[os.stat_result | OSError | ValueError] = []
+        return self._each_chained(
+            paths, follow, _getattr_step, _step_stat,
+            lambda path: self.stat(path, follow_symlinks=follow),
+        )  # fmt: skip
 
-        def one(path: str) -> os.stat_result | OSError | ValueError:
-            try:
-                return self.stat(path, follow_symlinks=follow)
-            except TransportError:
-                raise
-            except (OSError, ValueError) as exc:
-                return exc
+    def _readlink_many(self, paths: Sequence[str]) -> list[str | OSError | ValueError]:
+        """The target of each of the symbolic links *paths* (or why not), in
+        order: up to :attr:`batch` walk + readlink + clunk chains in flight
+        when pipelined, otherwise one :meth:`readlink` after another.  A
+        failed transport is raised."""
+        if self._dotu is not None:  # 9P2000.u never pipelines
+            return [_or_error(self.readlink, path) for path in paths]
+        return self._each_chained(paths, False, _readlink_step, _step_target, self.readlink)
 
+    def _each_chained(
+        self,
+        paths: Sequence[str],
+        follow: bool,
+        after: Callable[[int], Sequence[Step]],
+        result: Callable[[Outcome], _T],
+        one: Callable[[str], _T],
+    ) -> list[_T | OSError | ValueError]:
+        """For each of *paths*, in order: ``result(outcome)`` of a walk +
+        ``after(fid)`` + clunk chain (one step after the walk), or why not.
+
+        Pipelined: up to :attr:`batch` chains in flight, spread over the
+        rings; a path the chain cannot take (too many names, a link on the
+        way) and every path when not pipelined go through ``one(path)``.
+        A failed transport is raised.
+        """
+        results: list[_T | OSError | ValueError] = []
         if not self._session.pipelined:
-            return [one(p) for p in paths]
+            return [_or_error(one, p) for p in paths]
         self._check_open()
         self._process_deferred()
         started: deque[tuple[str, list[str], Chain | None]] = deque()
@@ -917,14 +940,14 @@ class Client:
         def settle() -> None:
             display, parts, chain = started.popleft()
             if chain is None:
-                results.append(one(display))
+                results.append(_or_error(one, display))
                 return
             try:
                 got = self._finish_walk_chain(chain, display, parts, follow)
                 if got is None:
-                    results.append(one(display))
+                    results.append(_or_error(one, display))
                     return
-                results.append(_step_stat(got[1][0]))
+                results.append(result(got[1][0]))
             except TransportError:
                 raise
             except (OSError, ValueError) as exc:
@@ -936,7 +959,7 @@ class Client:
                 items = []
                 for path in paths[at : at + batch]:
                     display = _display(path)
-                    items.append((display, _normalize(display.split("/")), _getattr_step))
+                    items.append((display, _normalize(display.split("/")), after))
                 chains = self._start_walk_chains(items)
                 started.extend(
                     (display, parts, chain)
@@ -1470,7 +1493,16 @@ class Client:
         )
 
     def readlink(self, path: PathArg) -> str:
-        """The target of the symbolic link *path*."""
+        """The target of the symbolic link *path*.
+
+        Pipelined (see :attr:`pipelined`): walk, readlink and clunk are
+        written back to back on one ring and the call returns without
+        waiting for the clunk.
+        """
+        if self._dotu is None and self._session.pipelined:
+            got = self._walk_chain(path, False, _readlink_step)
+            if got is not None:
+                return _step_target(got[2][0])
         if self._dotu is not None:
             dotu = self._dotu
             return self._with_fid(path, lambda fid, _q, p: dotu.readlink(fid, p), follow=False)
@@ -2822,6 +2854,33 @@ def _getattr_step(fid: int) -> tuple[Step]:
             c.Rgetattr,
         ),
     )  # type: ignore[return-value]  # (mypy sees no __call__ on a tuple subclass)
+
+
+def _readlink_step(fid: int) -> tuple[Step]:
+    """The Treadlink step of a chain on *fid* (see :func:`_step_target`)."""
+    return ((functools.partial(c.Treadlink, fid=fid), c.Rreadlink),)
+
+
+def _step_target(outcome: object) -> str:
+    """The target of a :func:`_readlink_step`'s outcome.
+
+    :raises: the step's failure
+    """
+    if isinstance(outcome, BaseException):
+        raise outcome
+    assert isinstance(outcome, c.Rreadlink)
+    return outcome.target
+
+
+def _or_error(call: Callable[[str], _T], path: str) -> _T | OSError | ValueError:
+    """``call(path)``, or the :class:`OSError` / :class:`ValueError` it
+    raised (a failed transport is raised)."""
+    try:
+        return call(path)
+    except TransportError:
+        raise
+    except (OSError, ValueError) as exc:
+        return exc
 
 
 def _step_stat(outcome: object) -> os.stat_result:

@@ -396,6 +396,94 @@ def test_a_failed_walk_gives_the_walks_errno(root: Path, kind: str) -> None:
         assert client.fid_count == 1 and client.lost_fids == 0
 
 
+def test_readlink_is_one_chain_and_does_not_wait_for_the_clunk(hostile_client: Any) -> None:
+    _server, transport, client = hostile_client
+    start = len(transport.sent)
+    assert client.readlink("link") == "d/g"
+    assert sent_types(transport, start) == ["Twalk", "Treadlink", "Tclunk"]
+    walk, readlink, clunk = transport.sent[start:]
+    assert walk.tag % 2 == readlink.tag % 2 == clunk.tag % 2  # one ring
+    assert readlink.fid == clunk.fid == walk.newfid
+    assert client.fid_count == 1 and client.tags_in_use == 0
+
+
+def test_readlink_errors_and_links_on_the_way(root: Path, kind: str) -> None:
+    """The chain's errors are the sequential way's: the walk's ENOENT, the
+    server's EINVAL for a file that is no link, ENOTDIR under a file; a
+    link on the way, or more names than one Twalk takes, go the sequential
+    way and still give the target."""
+    os.symlink("d", root / "dl")
+    os.symlink("g", root / "d" / "l2")
+    deep = root.joinpath(*(f"p{i}" for i in range(20)))
+    deep.mkdir(parents=True)
+    os.symlink("far", deep / "l3")
+    script = on(
+        c.Treadlink, lambda r, h: c.Rlerror(r.tag, errno.EACCES) if r.fid == 4242 else None
+    )
+    server, _transport, client = scripted(root, kind, script)
+    with server, client:
+        with pytest.raises(FileNotFoundError):
+            client.readlink("missing")
+        with pytest.raises(OSError) as info:
+            client.readlink("f")
+        assert info.value.errno == errno.EINVAL
+        with pytest.raises(NotADirectoryError):
+            client.readlink("f/x")
+        assert client.readlink("dl/l2") == "g"  # through the link dl
+        assert client.readlink("/".join(f"p{i}" for i in range(20)) + "/l3") == "far"
+        assert client.fid_count == 1 and client.lost_fids == 0 and client.tags_in_use == 0
+
+
+def test_readlinks_of_a_listing_are_chains_in_flight_together(root: Path, kind: str) -> None:
+    """``_readlink_many`` (``ls -l``): one chain per path, a batch at a time,
+    each result in its path's place, an error where the path fails (the
+    server's, or the walk's), the others unaffected."""
+    (root / "links").mkdir()
+    for i in range(9):
+        os.symlink(f"t{i}", root / "links" / f"l{i}")
+    server, transport, client = scripted(root, kind)
+    # how many messages had been sent when the server ran each Treadlink
+    sent_by_then: list[int] = []
+
+    def record(request: c.Message, honest: Any) -> Any:
+        if isinstance(request, c.Treadlink):
+            sent_by_then.append(len(transport.sent))
+        return None
+
+    server.script = record
+    with server, client:
+        client.batch = 4
+        paths = [f"links/l{i}" for i in range(9)] + ["links/missing", "f"]
+        start = len(transport.sent)
+        got = client._readlink_many(paths)
+        assert got[:9] == [f"t{i}" for i in range(9)]
+        assert isinstance(got[9], FileNotFoundError)
+        assert isinstance(got[10], OSError) and got[10].errno == errno.EINVAL
+        # three batches of at most four chains, each chain walk, readlink, clunk
+        types = sent_types(transport, start)
+        assert types == ["Twalk", "Treadlink", "Tclunk"] * 11
+        # the chains of a batch in flight together: the server ran the first
+        # readlink after the second chain was sent (one after another: after
+        # the first's walk and readlink only, start + 2)
+        assert sent_by_then[0] >= start + 4 and sent_by_then[4] >= start + 16, sent_by_then
+        # a readlink that fails fails its own path only
+        chains: list[int] = []
+
+        def fail_the_third(request: c.Message, honest: Any) -> Any:
+            if isinstance(request, c.Treadlink):
+                chains.append(request.tag)
+                if len(chains) == 3:
+                    return c.Rlerror(request.tag, errno.EIO)
+            return None
+
+        server.script = fail_the_third
+        got = client._readlink_many(paths[:5])
+        assert [g if isinstance(g, str) else g.errno for g in got] == [
+            "t0", "t1", errno.EIO, "t3", "t4"
+        ]
+        assert client.fid_count == 1 and client.lost_fids == 0 and client.tags_in_use == 0
+
+
 def test_a_failed_getattr_gives_its_errno(root: Path, kind: str) -> None:
     script = on(c.Tgetattr, lambda r, h: c.Rlerror(r.tag, errno.EIO))
     server, _transport, client = scripted(root, kind, script)
@@ -541,6 +629,9 @@ def test_9p2000u_does_not_pipeline(root: Path, kind: str) -> None:
         assert not client.pipelined
         assert client.stat("f").st_size == 5
         assert client.read_bytes("d/g") == b"x" * 10
+        assert client.readlink("link") == "d/g"
+        got = client._readlink_many(["link", "missing"])
+        assert got[0] == "d/g" and isinstance(got[1], FileNotFoundError)
         with pytest.raises(FileNotFoundError):
             client.stat("missing")
         assert client.fid_count == 1
