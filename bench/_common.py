@@ -511,10 +511,16 @@ FE_DOMID = 7
 
 
 @contextmanager
-def simulated_client(export: Path, rings: int | None = None) -> Iterator[Client]:
+def simulated_client(
+    export: Path,
+    rings: int | None = None,
+    serve: Callable[[Any], Callable[[bytes], bytes]] | None = None,
+) -> Iterator[Client]:
     """A client over a simulated Xen frontend (*rings* rings, default: the
     frontend's choice) to a :class:`~pyxen9p.p9.server.FileServer` on
-    *export*; on the way out, the backend's errors and any leak raise."""
+    *export* (*serve*: the backend's handler is ``serve(server)`` instead of
+    the server's own, say a test's rewriter of its replies); on the way out,
+    the backend's errors and any leak raise."""
     from pyxen9p.frontend import Frontend
     from pyxen9p.p9.client import Client
     from pyxen9p.p9.server import FileServer
@@ -525,7 +531,8 @@ def simulated_client(export: Path, rings: int | None = None) -> Iterator[Client]
     xen = SimulatedXen()
     try:
         guest = xen.create_domain(FE_DOMID, "bench-guest")
-        backend = Sim9pfsBackend(xen.domain(0), FE_DOMID, handler=server.handle)
+        handler = server.handle if serve is None else serve(server)
+        backend = Sim9pfsBackend(xen.domain(0), FE_DOMID, handler=handler)
         backend.start()
         try:
             options: dict[str, Any] = {} if rings is None else {"rings": rings}

@@ -385,14 +385,28 @@ def _failure(ring: _LeanRing, cons: int, length: int, mtype: int, what: str) -> 
     return FloorError(errno.EPROTO, f"{what}: a reply of type {mtype}, {length} bytes")
 
 
+def _window(lean: LeanRings, sends: list[tuple[int, tuple[Any, ...], int, int, Handler]]) -> None:
+    """Put each ``(tag, pieces, total, bound, handler)`` on the ring its tag
+    selects (``tag % rings``, as QEMU requires), notify each ring put on
+    once, and wait for every reply."""
+    rings = lean.rings
+    touched = set()
+    for tag, pieces, total, bound, handler in sends:
+        ring = rings[tag % len(rings)]
+        if lean.send(ring, pieces, total, tag, bound, handler):
+            touched.add(ring.port)
+    for ring in rings:
+        if ring.port in touched:
+            lean.notify(ring)
+    lean.wait()
+
+
 def read_file(lean: LeanRings, fid: int, offset: int, view: memoryview, count: int) -> int:
     """One read call: Treads of *count* bytes for all of *view*, spread over
     the rings, one notify per ring, the data copied once into *view*: the
     bytes read (short at the end of the file)."""
-    rings = lean.rings
     n = view.nbytes
     got = [0]
-    short = [False]
 
     def into(target: memoryview, asked: int) -> Handler:
         def handler(ring: _LeanRing, cons: int, length: int, mtype: int) -> None:
@@ -414,23 +428,15 @@ def read_file(lean: LeanRings, fid: int, offset: int, view: memoryview, count: i
                 target[:first] = ring.inb[data:]
                 target[first:k] = ring.inb[: end - ring.size]
             got[0] += k
-            if k < asked:
-                short[0] = True
 
         return handler
 
-    touched = set()
-    for i, at in enumerate(range(0, n, count)):
-        k = min(count, n - at)
-        ring = rings[i % len(rings)]
-        tag = i  # tag % rings selects the ring, as QEMU requires
-        header = _IO.pack(23, _TREAD_T, tag, fid, offset + at, k)
-        if lean.send(ring, (header,), 23, tag, _RREAD_HEADER + k, into(view[at : at + k], k)):
-            touched.add(ring.port)
-    for ring in rings:
-        if ring.port in touched:
-            lean.notify(ring)
-    lean.wait()
+    _window(
+        lean,
+        [(i, (_IO.pack(23, _TREAD_T, i, fid, offset + at, k),), 23, _RREAD_HEADER + k,
+          into(view[at : at + k], k))
+         for i, at in enumerate(range(0, n, count)) for k in (min(count, n - at),)],
+    )  # fmt: skip
     return got[0]
 
 
@@ -438,7 +444,6 @@ def write_file(lean: LeanRings, fid: int, offset: int, data: memoryview, count: 
     """One write call: Twrites of *count* bytes (header and payload put as
     two pieces, no copy before the ring), spread over the rings: the bytes
     written."""
-    rings = lean.rings
     n = data.nbytes
     done = [0]
 
@@ -453,17 +458,12 @@ def write_file(lean: LeanRings, fid: int, offset: int, data: memoryview, count: 
 
         return handler
 
-    touched = set()
-    for i, at in enumerate(range(0, n, count)):
-        k = min(count, n - at)
-        ring = rings[i % len(rings)]
-        header = _IO.pack(23 + k, _TWRITE_T, i, fid, offset + at, k)
-        if lean.send(ring, (header, data[at : at + k]), 23 + k, i, _RREAD_HEADER, checked(k)):
-            touched.add(ring.port)
-    for ring in rings:
-        if ring.port in touched:
-            lean.notify(ring)
-    lean.wait()
+    _window(
+        lean,
+        [(i, (_IO.pack(23 + k, _TWRITE_T, i, fid, offset + at, k), data[at : at + k]), 23 + k,
+          _RREAD_HEADER, checked(k))
+         for i, at in enumerate(range(0, n, count)) for k in (min(count, n - at),)],
+    )  # fmt: skip
     return done[0]
 
 

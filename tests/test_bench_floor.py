@@ -22,53 +22,40 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
+import _common  # noqa: E402
 import _floor  # noqa: E402
 
-from pyxen9p.frontend import Frontend  # noqa: E402
 from pyxen9p.p9.client import Client  # noqa: E402
 from pyxen9p.p9.server import FileServer  # noqa: E402
-from pyxen9p.sim.backend import Sim9pfsBackend  # noqa: E402
-from pyxen9p.sim.platform import SimulatedXen  # noqa: E402
 
-FE_DOMID = 7
 FLOOR_FID = 0x7FFF0000
 
 
 class Hostile:
     """The file server's replies, one of them replaced while :attr:`rewrite` is set."""
 
-    def __init__(self, server: FileServer) -> None:
-        self.server = server
+    def __init__(self) -> None:
         self.rewrite: Callable[[bytes, bytes], bytes] | None = None
 
-    def handle(self, request: bytes) -> bytes:
-        reply = self.server.handle(request)
-        if self.rewrite is not None:
-            return self.rewrite(request, reply)
-        return reply
+    def serve(self, server: FileServer) -> Callable[[bytes], bytes]:
+        """The backend's handler: *server*'s, through :attr:`rewrite`."""
+
+        def handle(request: bytes) -> bytes:
+            reply = server.handle(request)
+            if self.rewrite is not None:
+                return self.rewrite(request, reply)
+            return reply
+
+        return handle
 
 
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[tuple[Client, Hostile, Path]]:
     export = tmp_path / "export"
     export.mkdir()
-    server = FileServer(export)
-    hostile = Hostile(server)
-    xen = SimulatedXen()
-    try:
-        guest = xen.create_domain(FE_DOMID, "floor-guest")
-        backend = Sim9pfsBackend(xen.domain(0), FE_DOMID, handler=hostile.handle)
-        backend.start()
-        try:
-            frontend = Frontend.connect(devid=0, platform=guest, timeout=10.0, rings=2)
-            with Client(frontend, aname=str(export), timeout=30) as client:
-                yield client, hostile, export
-        finally:
-            backend.stop()
-        xen.assert_no_leaks(FE_DOMID)
-    finally:
-        xen.close()
-        server.close()
+    hostile = Hostile()
+    with _common.simulated_client(export, rings=2, serve=hostile.serve) as client:
+        yield client, hostile, export
 
 
 def test_the_floor_writes_reads_and_stats_what_the_file_holds(

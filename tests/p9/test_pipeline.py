@@ -366,16 +366,23 @@ def test_a_stat_reads_the_clock_once_in_the_session(
     assert len(reads) >= 5
 
 
-def test_stat_is_one_chain_and_does_not_wait_for_the_clunk(hostile_client: Any) -> None:
+@pytest.mark.parametrize(
+    ("call", "step"),
+    [(lambda client: client.stat("d/g").st_size == 10, "Tgetattr"),
+     (lambda client: client.readlink("link") == "d/g", "Treadlink")],
+    ids=["stat", "readlink"],
+)  # fmt: skip
+def test_a_step_is_one_chain_and_does_not_wait_for_the_clunk(
+    hostile_client: Any, call: Callable[[Client], bool], step: str
+) -> None:
     _server, transport, client = hostile_client
     assert client.pipelined
     start = len(transport.sent)
-    st = client.stat("d/g")
-    assert st.st_size == 10
-    assert sent_types(transport, start) == ["Twalk", "Tgetattr", "Tclunk"]
-    walk, getattr_, clunk = transport.sent[start:]
-    assert walk.tag % 2 == getattr_.tag % 2 == clunk.tag % 2  # one ring
-    assert getattr_.fid == clunk.fid == walk.newfid
+    assert call(client)
+    assert sent_types(transport, start) == ["Twalk", step, "Tclunk"]
+    walk, middle, clunk = transport.sent[start:]
+    assert walk.tag % 2 == middle.tag % 2 == clunk.tag % 2  # one ring
+    assert middle.fid == clunk.fid == walk.newfid
     assert client.fid_count == 1 and client.tags_in_use == 0
 
 
@@ -394,17 +401,6 @@ def test_a_failed_walk_gives_the_walks_errno(root: Path, kind: str) -> None:
             client.stat("missing")  # the real ENOENT of the walk
         assert not client.exists("missing") and not client.is_dir("missing")
         assert client.fid_count == 1 and client.lost_fids == 0
-
-
-def test_readlink_is_one_chain_and_does_not_wait_for_the_clunk(hostile_client: Any) -> None:
-    _server, transport, client = hostile_client
-    start = len(transport.sent)
-    assert client.readlink("link") == "d/g"
-    assert sent_types(transport, start) == ["Twalk", "Treadlink", "Tclunk"]
-    walk, readlink, clunk = transport.sent[start:]
-    assert walk.tag % 2 == readlink.tag % 2 == clunk.tag % 2  # one ring
-    assert readlink.fid == clunk.fid == walk.newfid
-    assert client.fid_count == 1 and client.tags_in_use == 0
 
 
 def test_readlink_errors_and_links_on_the_way(root: Path, kind: str) -> None:
