@@ -901,7 +901,7 @@ class Client:
         another.  A failed transport is raised.
         """
         return self._each_chained(
-            paths, follow, _getattr_step, _step_stat,
+            paths, follow, _getattr_step, _first_stat,
             lambda path: self.stat(path, follow_symlinks=follow),
         )  # fmt: skip
 
@@ -912,18 +912,19 @@ class Client:
         failed transport is raised."""
         if self._dotu is not None:  # 9P2000.u never pipelines
             return [_or_error(self.readlink, path) for path in paths]
-        return self._each_chained(paths, False, _readlink_step, _step_target, self.readlink)
+        return self._each_chained(paths, False, _readlink_step, _first_target, self.readlink)
 
     def _each_chained(
         self,
         paths: Sequence[str],
         follow: bool,
         after: Callable[[int], Sequence[Step]],
-        result: Callable[[Outcome], _T],
+        result: Callable[[list[Outcome], str], _T],
         one: Callable[[str], _T],
     ) -> list[_T | OSError | ValueError]:
-        """For each of *paths*, in order: ``result(outcome)`` of a walk +
-        ``after(fid)`` + clunk chain (one step after the walk), or why not.
+        """For each of *paths*, in order: ``result(outcomes, display)`` of a
+        walk + ``after(fid)`` + clunk chain (the outcomes of the steps after
+        the walk, the path as displayed), or why not.
 
         Pipelined: up to :attr:`batch` chains in flight, spread over the
         rings; a path the chain cannot take (too many names, a link on the
@@ -947,7 +948,7 @@ class Client:
                 if got is None:
                     results.append(_or_error(one, display))
                     return
-                results.append(result(got[1][0]))
+                results.append(result(got[1], display))
             except TransportError:
                 raise
             except (OSError, ValueError) as exc:
@@ -1805,25 +1806,32 @@ class Client:
         """The whole of *path* in one chain, or ``None`` (larger than one
         read, not a regular file, or links on the way: the usual way)."""
         count = self.default_iounit
-
-        def after(fid: int) -> tuple[Step, ...]:
-            return (
-                *_getattr_step(fid),
-                (functools.partial(c.Tlopen, fid=fid, flags=c.L_O_RDONLY), c.Rlopen),
-                (functools.partial(c.Tread, fid=fid, offset=0, count=count), c.Rread),
-            )
-
-        got = self._walk_chain(path, True, after)
+        got = self._walk_chain(path, True, _small_steps(count))
         if got is None:
             return None
         display, qids, outcomes = got
         if (qids[-1] if qids else self.root_qid).type & c.QTDIR:
             raise _local_error(errno.EISDIR, display)
+        small = self._small_file(outcomes, display)
+        return None if small is None else small[1]
+
+    def _small_file(
+        self, outcomes: list[Outcome], display: str
+    ) -> tuple[os.stat_result, bytes] | None:
+        """The attributes and whole content of a chain of :func:`_small_steps`
+        (its outcomes after the walk), or ``None`` when it did not read the
+        whole of a regular file (larger than one read, or not a regular
+        file: the usual way).
+
+        :raises: the first failing step's error; :class:`ProtocolError` for
+            an Rread longer than asked; ``EFBIG`` beyond :attr:`max_read`
+        """
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
         attr, _, read = outcomes
         assert isinstance(read, c.Rread)
+        count = self.default_iounit
         if len(read.data) > count:
             raise ProtocolError(f"Rread of {len(read.data)} bytes for a Tread of {count}")
         st = _step_stat(attr)
@@ -1837,7 +1845,20 @@ class Client:
             or len(read.data) == count  # a full read: the end is not proven
         ):
             return None
-        return read.data
+        return st, read.data
+
+    def _read_small_many(
+        self, paths: Sequence[str]
+    ) -> list[tuple[os.stat_result, bytes] | OSError | ValueError | None]:
+        """:meth:`_small_file` of each of *paths* (or why not), in order: up
+        to :attr:`batch` chains in flight (pipelined only; else, and for a
+        path with a link on the way or too many names, ``None``: the usual
+        way).  A failed transport is raised."""
+        if not self._session.pipelined:
+            return [None] * len(paths)
+        return self._each_chained(
+            paths, True, _small_steps(self.default_iounit), self._small_file, lambda _: None
+        )
 
     def write_bytes(self, path: PathArg, data: bytes | bytearray | memoryview) -> int:
         """Create or truncate file *path* and write *data*; return its length."""
@@ -2107,7 +2128,11 @@ class Client:
 
         A directory is copied recursively (existing local directories are
         reused, files replaced, symbolic links recreated as links).  Large
-        files keep :attr:`window` Treads in flight.
+        files keep :attr:`window` Treads in flight; when :attr:`pipelined`,
+        a directory's files smaller than one read are read whole, up to
+        :attr:`batch` walk + getattr + open + read + clunk chains in flight
+        at once (one that did not read a whole regular file is copied the
+        usual way).
 
         What the server lists is not trusted.  A listing with a name that no
         directory can hold, or with a name twice, is refused
@@ -2236,13 +2261,25 @@ class Client:
                     fds.append(fd)
                     action = "fill"
                 if action == "fill":
-                    for name, rsub, lsub, _ in here.files:
-                        try:
-                            self._copy_file_out(
-                                rsub, fd, name, lsub, progress, preserve, no_clobber
-                            )
-                        except (OSError, ValueError) as exc:
-                            failed(exc)
+                    batch = max(self.batch, 1)
+                    for at in range(0, len(here.files), batch):
+                        files = here.files[at : at + batch]
+                        # small files read whole, a batch of chains at once
+                        small = self._prefetch_small(files, fd, no_clobber)
+                        for name, rsub, lsub, _ in files:
+                            try:
+                                got = small.get(name)
+                                if got is not None:
+                                    self._write_local(
+                                        fd, name, lsub, got[0], preserve, no_clobber,
+                                        functools.partial(_write_data, got[1], progress),
+                                    )  # fmt: skip
+                                    continue
+                                self._copy_file_out(
+                                    rsub, fd, name, lsub, progress, preserve, no_clobber
+                                )
+                            except (OSError, ValueError) as exc:
+                                failed(exc)
                     stack.append(("close", here, fd))
                     stack.extend(("open", sub, fd) for sub in reversed(here.subdirs))
                     continue
@@ -2261,6 +2298,59 @@ class Client:
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def _prefetch_small(
+        self,
+        files: list[tuple[str, str, str, os.stat_result]],
+        dfd: int,
+        no_clobber: bool,
+    ) -> dict[str, tuple[os.stat_result, bytes]]:
+        """The attributes and data of the files of *files* (scanned smaller
+        than one read, and not kept by *no_clobber*) that a chain read whole,
+        by name; the others, and those it could not read (an error, a size
+        that changed, not a regular file any more), are left to
+        :meth:`_copy_file_out`.  A failed transport is raised."""
+        count = self.default_iounit
+        wanted = [
+            (name, rsub)
+            for name, rsub, _, st in files
+            if st.st_size < count and not (no_clobber and _local_exists(dfd, name))
+        ]
+        if not wanted or not self._session.pipelined:
+            return {}
+        read = self._read_small_many([rsub for _, rsub in wanted])
+        return {
+            name: got for (name, _), got in zip(wanted, read, strict=True)
+            if isinstance(got, tuple)
+        }  # fmt: skip
+
+    def _write_local(
+        self,
+        dfd: int,
+        name: str,
+        lpath: str,
+        st: os.stat_result,
+        preserve: bool,
+        no_clobber: bool,
+        fill: Callable[[BinaryIO], object],
+    ) -> None:
+        """Write *name* in the local directory *dfd* (*lpath* in messages):
+        ``fill(out)`` writes the data into a new temporary file, which gets
+        *st*'s permission bits and times (*preserve*) and is renamed to
+        *name* when complete (removed after a failure; with *no_clobber*,
+        never over an existing name, checked atomically then)."""
+        tmp, fd = _local_temporary(dfd, name, lpath, 0o600 if preserve else 0o666)
+        try:
+            with open(fd, "wb", closefd=True) as out:
+                fill(cast(BinaryIO, out))
+                out.flush()
+                if preserve:
+                    _preserve_local(fd, st, lpath)
+            _local_commit(dfd, tmp, name, lpath, no_clobber)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
 
     def _copy_file_out(
         self,
@@ -2288,21 +2378,11 @@ class Client:
                 log.info("copy_out: not replacing %s", lpath)
                 return
             _, announced = self._open_existing(fid, c.L_O_RDONLY, display)
-            tmp, fd = _local_temporary(dfd, name, lpath, 0o600 if preserve else 0o666)
-            try:
-                with open(fd, "wb", closefd=True) as out:
-                    self._download(
-                        fid, self._iounit(announced), display, cast(BinaryIO, out), progress,
-                        st.st_size,
-                    )
-                    out.flush()
-                    if preserve:
-                        _preserve_local(fd, st, lpath)
-                _local_commit(dfd, tmp, name, lpath, no_clobber)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp, dir_fd=dfd)
-                raise
+            iounit = self._iounit(announced)
+            self._write_local(
+                dfd, name, lpath, st, preserve, no_clobber,
+                lambda out: self._download(fid, iounit, display, out, progress, st.st_size),
+            )  # fmt: skip
         finally:
             self._clunk_quiet(fid)
 
@@ -2854,6 +2934,37 @@ def _getattr_step(fid: int) -> tuple[Step]:
             c.Rgetattr,
         ),
     )  # type: ignore[return-value]  # (mypy sees no __call__ on a tuple subclass)
+
+
+def _small_steps(count: int) -> Callable[[int], tuple[Step, ...]]:
+    """The steps after the walk of a chain that reads a small file whole:
+    getattr, open for reading, one Tread of *count* bytes."""
+
+    def after(fid: int) -> tuple[Step, ...]:
+        return (
+            *_getattr_step(fid),
+            (functools.partial(c.Tlopen, fid=fid, flags=c.L_O_RDONLY), c.Rlopen),
+            (functools.partial(c.Tread, fid=fid, offset=0, count=count), c.Rread),
+        )
+
+    return after
+
+
+def _write_data(data: bytes, progress: _Progress, out: BinaryIO) -> None:
+    """Write *data* to *out* and count it done."""
+    out.write(data)
+    progress.add(len(data))
+
+
+def _first_stat(outcomes: list[Outcome], display: str) -> os.stat_result:
+    """The :class:`os.stat_result` of a chain of one :func:`_getattr_step`."""
+    outcome: object = outcomes[0]  # the fast reader's stat_result, usually
+    return outcome if type(outcome) is os.stat_result else _step_stat(outcome)
+
+
+def _first_target(outcomes: list[Outcome], display: str) -> str:
+    """The target of a chain of one :func:`_readlink_step`."""
+    return _step_target(outcomes[0])
 
 
 def _readlink_step(fid: int) -> tuple[Step]:

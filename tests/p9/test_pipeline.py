@@ -617,6 +617,92 @@ def test_a_small_download_sends_one_read(hostile_client: Any, root: Path, tmp_pa
     assert sent_types(transport, start).count("Tread") == 1
 
 
+def _small_tree(top: Path, n: int) -> dict[str, bytes]:
+    """*n* small files under *top* (each naming itself first), one large
+    file and a subdirectory with two small ones: ``{relative path: data}``."""
+    files = {f"s{i:02d}": f"s{i:02d}:".encode() + os.urandom(i * 37) for i in range(n)}
+    files["big"] = os.urandom(300 * 1024)  # more than one read: the usual way
+    files["sub/a"] = b"a:" + os.urandom(10)
+    files["sub/b"] = b""
+    (top / "sub").mkdir(parents=True)
+    for rel, data in files.items():
+        (top / rel).write_bytes(data)
+        os.chmod(top / rel, 0o640)
+    return files
+
+
+def test_copy_out_reads_small_files_in_chains_in_flight_together(
+    root: Path, kind: str, tmp_path: Path
+) -> None:
+    """A tree's small files come as walk + getattr + open + read + clunk
+    chains, a batch in flight at once; what lands locally is each file's
+    data with its mode and times, the large file too (the usual way)."""
+    files = _small_tree(root / "tree", 20)
+    server, transport, client = scripted(root, kind)
+    # for each Tread the server ran: whether more was sent after it by then
+    # (its chain's Tclunk; one file after another, the read is the last sent)
+    followed: list[bool] = []
+
+    def record(request: c.Message, honest: Any) -> Any:
+        if isinstance(request, c.Tread):
+            last = transport.sent[-1]
+            followed.append(not (isinstance(last, c.Tread) and last.tag == request.tag))
+        return None
+
+    server.script = record
+    with server, client:
+        client.batch = 8
+        done = client.copy_out("tree", tmp_path / "out")
+        assert done == sum(len(d) for d in files.values())
+        for rel, data in files.items():
+            local = tmp_path / "out" / rel
+            assert local.read_bytes() == data, rel
+            assert local.stat().st_mode & 0o777 == 0o640
+            assert local.stat().st_mtime_ns == (root / "tree" / rel).stat().st_mtime_ns
+        # every small file's read ran with its chain sent whole
+        assert sum(followed) >= 22, followed
+        assert client.fid_count == 1 and client.tags_in_use == 0 and client.lost_fids == 0
+
+
+def test_copy_out_falls_back_for_a_small_file_the_chain_could_not_read(
+    root: Path, kind: str, tmp_path: Path
+) -> None:
+    """A small file whose first read comes short (it shrank, or the server
+    says so) is read the usual way, to its end; one whose open fails is
+    reported and the others are copied; with no_clobber an existing local
+    file stays as it was."""
+    files = _small_tree(root / "tree", 12)
+
+    walked: dict[int, str] = {}  # fid -> the last name walked to it
+
+    def script(request: c.Message, honest: Any) -> Any:
+        if isinstance(request, c.Twalk) and request.wnames:
+            walked[request.newfid] = request.wnames[-1]
+        if isinstance(request, c.Tread) and request.offset == 0:
+            reply = honest()
+            if isinstance(reply, c.Rread) and reply.data.startswith(b"s03:"):
+                return c.Rread(request.tag, reply.data[:-1])  # one byte short
+        if isinstance(request, c.Tlopen) and walked.get(request.fid) == "s05":
+            return c.Rlerror(request.tag, errno.EIO)  # in a chain or not
+        return None
+
+    server, _transport, client = scripted(root, kind, script)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "s07").write_bytes(b"mine")
+    with server, client:
+        errors: list[OSError | ValueError] = []
+        client.copy_out("tree", out, no_clobber=True, on_error=errors.append)
+        assert len(errors) == 1 and errors[0].errno == errno.EIO, errors
+        assert (out / "s07").read_bytes() == b"mine"
+        copied = {rel for rel in files if (out / rel).exists()}
+        assert (out / "s03").read_bytes() == files["s03"]  # to its end, the usual way
+        assert len(copied) == len(files) - 1  # all but the one whose open failed
+        for rel in copied - {"s07"}:
+            assert (out / rel).read_bytes() == files[rel], rel
+        assert client.fid_count == 1 and client.tags_in_use == 0 and client.lost_fids == 0
+
+
 def test_9p2000u_does_not_pipeline(root: Path, kind: str) -> None:
     server = UServer(root, max_open_files=50)
     transport = (NewAsyncTransport if kind == "new" else AsyncTransport)(server)  # type: ignore[arg-type]
@@ -761,6 +847,9 @@ def test_pipelined_paths_end_to_end(any_client: Client, root: Path, tmp_path: Pa
     client.copy_in(local, "copied")
     for name in os.listdir(local):
         assert (root / "copied" / name).read_bytes() == (local / name).read_bytes()
+    client.copy_out("copied", tmp_path / "back")  # small files in chains, the big one not
+    for name in os.listdir(local):
+        assert (tmp_path / "back" / name).read_bytes() == (local / name).read_bytes()
     client.rmtree("copied")
     client.rmtree("many")
     assert not (root / "copied").exists() and not (root / "many").exists()
