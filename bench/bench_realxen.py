@@ -15,12 +15,18 @@ a device whose frontend is outside ``device/``, driven by pyxen9p
     stat: pyxen9p=... op/s kernel=... op/s ratio=...
     small_read: pyxen9p=... op/s kernel=... op/s ratio=...
     ls_l: pyxen9p=... entry/s kernel=... entry/s ratio=...
+    get_r: pyxen9p=... file/s kernel=... file/s ratio=...
 
 ``ls_l`` lists a directory of ``--entries`` files with the attributes of
 each, as ``ls -l`` does: on the kernel's mount :func:`os.scandir` and
 :func:`os.lstat` of each entry, with pyxen9p its
 :meth:`~pyxen9p.p9.client.Client.scandir` and
-:meth:`~pyxen9p.p9.client.DirEntry.stat` of each entry.  After each result
+:meth:`~pyxen9p.p9.client.DirEntry.stat` of each entry.  ``get_r`` copies a
+directory of ``--tree-files`` small files (0 to 4 KiB) to a new local
+directory, as ``cp -r`` or ``pyxen9p get -r`` do: from the kernel's mount
+:func:`shutil.copytree`, with pyxen9p
+:meth:`~pyxen9p.p9.client.Client.copy_out` (each copy is removed
+afterwards, outside the timing).  After each result
 line a ``#`` line gives the median process CPU time per unit of each side
 (all threads), and for the two sequential lines one more splits it into
 user and system time per MB::
@@ -476,6 +482,7 @@ def run(
     layout: dict[str, int] | None = None,
     profile_seconds: float = 0.0,
     with_floor: bool = False,
+    tree_files: int = 200,
 ) -> list[Result]:
     """Set both frontends up on a fresh dom0 directory, measure, tear everything down.
 
@@ -488,13 +495,15 @@ def run(
         more run of each side, repeated for at least that long (not timed)
     :param with_floor: also measure the floor (``bench/_floor.py``) of
         seq_write, seq_read and stat against the kernel, alternately
-    :returns: the five results
+    :param tree_files: files of the tree the ``get_r`` benchmark copies
+    :returns: the six results
     """
     out = sys.stdout
     base = Path("/srv/share")
     base.mkdir(parents=True, exist_ok=True)
     share = Path(tempfile.mkdtemp(prefix="bench-", dir=base))
     mnt = Path(tempfile.mkdtemp(prefix="bench-mnt-"))
+    copies = Path(tempfile.mkdtemp(prefix="bench-copies-"))  # get_r's local copies
     loaded = kernel_helpers.load_kernel_9p()
     size = args_size_mib << 20
     data = memoryview(os.urandom(size))
@@ -526,6 +535,10 @@ def run(
                 listing.mkdir()
                 for i in range(entries):
                     (listing / f"entry{i:05d}").write_bytes(b"x" * (i % 100))
+                tree = share / "tree"
+                tree.mkdir()
+                for i in range(tree_files):
+                    (tree / f"file{i:04d}").write_bytes(os.urandom(i * 37 % 4097))
                 cpu = {name: {"pyxen9p": CpuSplit(), "kernel": CpuSplit()}
                        for name in ("seq_write", "seq_read")}
 
@@ -641,6 +654,22 @@ def run(
                         raise RuntimeError(f"the floor's stat gave size {st[9]}, not {SMALL}")
                     return t.sample
 
+                def copied(make: Callable[[Path], object]) -> Sample:
+                    dst = Path(tempfile.mkdtemp(dir=copies)) / "tree"
+                    with timed(tree_files) as t:
+                        make(dst)
+                    n = len(os.listdir(dst))
+                    shutil.rmtree(dst.parent)
+                    if n != tree_files:
+                        raise RuntimeError(f"{n} files copied of {tree_files}")
+                    return t.sample
+
+                def p_getr() -> Sample:
+                    return copied(lambda dst: client.copy_out("tree", dst))
+
+                def k_getr() -> Sample:
+                    return copied(lambda dst: shutil.copytree(mnt / "tree", dst))
+
                 floors = {"seq_write": f_write, "seq_read": f_read, "stat": f_stat}
                 plan: list[tuple[str, str, Callable[[], Sample], Callable[[], Sample]]] = [
                     ("seq_write", "MB", p_write, k_write),
@@ -648,6 +677,7 @@ def run(
                     ("stat", "op", p_stat, k_stat),
                     ("small_read", "op", p_small, k_small),
                     ("ls_l", "entry", p_ls, k_ls),
+                    ("get_r", "file", p_getr, k_getr),
                 ]
                 for name, per, subject, reference in plan:
                     backend = BackendCpu(xenlab.dom0_qemu_pid())
@@ -715,6 +745,7 @@ def run(
         kernel_helpers.unload_modules(loaded)
         shutil.rmtree(share, ignore_errors=True)
         shutil.rmtree(mnt, ignore_errors=True)
+        shutil.rmtree(copies, ignore_errors=True)
     return results
 
 
@@ -740,6 +771,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also profile the whole machine (every thread's CPU and context"
                              " switches, the CPUs' time by kind, interrupts) during one more run"
                              " of each side, repeated for 3 s (0.2 s with --quick; not timed)")
+    parser.add_argument("--tree-files", type=int, default=None,
+                        help="files of the tree get_r copies (default 200; 20 with --quick)")
     parser.add_argument("--floor", action="store_true",
                         help="also measure the floor of seq_write, seq_read and stat against"
                              " the kernel: the leanest Python frontend on the same rings"
@@ -757,8 +790,9 @@ def main(argv: list[str] | None = None) -> int:
     layout = {k: v for k, v in (("rings", args.rings), ("ring_order", args.ring_order))
               if v is not None}  # fmt: skip
     seconds = (0.2 if options.quick else 3.0) if args.profile else 0.0
+    tree_files = args.tree_files or (20 if options.quick else 200)
     results = run(size, ops, args.kernel_msize, options, entries, args.syscalls, layout, seconds,
-                  args.floor)
+                  args.floor, tree_files)
     report(results, args.json, sys.stdout)
     return 0
 

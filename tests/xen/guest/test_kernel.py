@@ -251,7 +251,7 @@ def test_teardown_leaves_no_mount_device_or_node(tmp_path: Path, fresh_dom0_qemu
 
 
 LINE = re.compile(
-    r"(?P<name>[a-z_]+): pyxen9p=(?P<a>[0-9]+\.[0-9]) (?P<unit>MB/s|op/s|entry/s) "
+    r"(?P<name>[a-z_]+): pyxen9p=(?P<a>[0-9]+\.[0-9]) (?P<unit>MB/s|op/s|entry/s|file/s) "
     r"kernel=(?P<b>[0-9]+\.[0-9]) (?P=unit) ratio=(?P<ratio>[0-9]+\.[0-9]{3})"
 )
 #: ``pyxen9p=1.00 ms (user 0.50 + sys 0.50) kernel=...``: bench_realxen.py's CPU split
@@ -273,7 +273,7 @@ def _line(pattern: str, output: str, what: str) -> re.Match[str]:
 def test_benchmark_against_the_kernel(
     capsys: pytest.CaptureFixture[str], fresh_dom0_qemu: None
 ) -> None:
-    """``bench/bench_realxen.py`` runs and prints five well-formed ratio lines,
+    """``bench/bench_realxen.py`` runs and prints six well-formed ratio lines,
     and the user/system CPU split per MB of the two sequential ones.
 
     Tiny sizes by default (a check that it works); the full benchmark, its
@@ -287,7 +287,7 @@ def test_benchmark_against_the_kernel(
         argv += xenlab.bench_args()
     else:
         argv += ["--quick", "--repeat", "1", "--warmup", "0", "--ops", "10", "--size-mib", "1",
-                 "--entries", "20"]
+                 "--entries", "20", "--tree-files", "10"]
     res = kernel_helpers.run_python(argv, timeout=850 if full else 240)
     output = res.stdout
     if full:
@@ -311,7 +311,7 @@ def test_benchmark_against_the_kernel(
         lines[match["name"]] = match["unit"]
     assert lines == {
         "seq_write": "MB/s", "seq_read": "MB/s", "stat": "op/s", "small_read": "op/s",
-        "ls_l": "entry/s",
+        "ls_l": "entry/s", "get_r": "file/s",
     }  # fmt: skip
     for name in ("seq_write", "seq_read"):
         _line(rf"# {name}: CPU per MB \(process\): {CPU_SPLIT}", output, f"CPU split of {name}")
