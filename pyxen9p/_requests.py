@@ -45,6 +45,7 @@ __all__ = [
     "failed_future",
     "parse_header",
     "reply_bound",
+    "rread_slice",
     "rread_target",
     "writable_target",
 ]
@@ -514,13 +515,21 @@ def rread_target(
     into = request.into
     if into is None or mtype != RREAD or size < RREAD_HEADER_SIZE:
         return None
+    return rread_slice(into, request.tag, size, count)
+
+
+def rread_slice(into: memoryview, tag: int, size: int, count: int) -> memoryview | ProtocolError:
+    """The slice of *into* that an Rread of *size* bytes (at least its
+    11-byte header) announcing *count* bytes of data fills, or the
+    :class:`~pyxen9p.errors.ProtocolError` for a count other than the
+    frame's or larger than *into* (see :func:`rread_target`)."""
     if count != size - RREAD_HEADER_SIZE:
         return ProtocolError(
-            f"Rread (tag {request.tag}) announces {count} bytes in a frame of {size} bytes"
+            f"Rread (tag {tag}) announces {count} bytes in a frame of {size} bytes"
         )
     if count > into.nbytes:
         return ProtocolError(
-            f"Rread (tag {request.tag}) carries {count} bytes, more than the"
+            f"Rread (tag {tag}) carries {count} bytes, more than the"
             f" {into.nbytes}-byte buffer given"
         )
     return into[:count]

@@ -49,6 +49,7 @@ from pyxen9p._requests import (
     failed_future,
     parse_header,
     reply_bound,
+    rread_slice,
     rread_target,
     writable_target,
 )
@@ -1307,6 +1308,262 @@ class Frontend:
                 if not late.done():
                     self._abandon(late)
             return False
+
+    def exchange(
+        self,
+        messages: Sequence[Message],
+        *,
+        timeout: float | None = 60.0,
+        into: Sequence[memoryview | None] | None = None,
+    ) -> list[bytes | Future[bytes]] | None:
+        """Send *messages* and receive their replies in this thread, if the
+        caller is alone on the connection: ``None`` (nothing sent) if any
+        request is in flight or another thread sends or receives; use
+        :meth:`submit_many` and :meth:`result_all` then.
+
+        Alone, the caller holds every ring's send lock and the receiving
+        role while it puts the messages on their rings in order (as many
+        as fit; the rest as replies make room), notifies each ring once
+        per round and reads the replies on the event channel itself: no
+        future, no request table entry and no thread handoff per message.
+        A window of Treads into the caller's buffers (or Twrites of them)
+        costs the ring's work and the checks of each reply only.
+
+        Each reply is checked as the shared path checks it (its ring, its
+        tag among the exchange's, its type, an Rread's count against its
+        frame and its buffer); a reply for no request of the exchange is
+        dropped, as there.
+
+        :param timeout: how long the whole exchange may take (``None``: as
+            long as the connection lives)
+        :param into: ``None`` or one buffer (or ``None``) per message, as
+            for :meth:`submit_many`: an Rread's data goes there and its
+            entry is the reply's 11-byte header
+        :returns: one entry per message, in order: the reply's bytes; or a
+            future: failed with the :class:`~pyxen9p.errors.ProtocolError`
+            of a wrong reply, or, for a request still unanswered when the
+            *timeout* ran out, registered in the shared request table (its
+            tag stays reserved: a 9P client flushes it), or failed with
+            the connection's failure; or, for a message that could not be
+            put in time (no room on its ring; no message after it is sent
+            either), a :class:`~pyxen9p._requests.NotSent` future failed
+            with :class:`TimeoutError`
+        :raises ValueError: a malformed message, or two with one tag
+            (nothing sent)
+        :raises TransportClosedError: the transport is closed or failed
+        :raises RuntimeError: called from a thread that delivers replies
+        """
+        checked = check_batch(messages, into, self.msize)
+        self._check_usable()
+        me = threading.current_thread()
+        if me is self._receiver or me is self._rx_owner:
+            raise RuntimeError("an exchange from the frontend's own receiver thread would deadlock")
+        table = self._table
+        if table.pending or not self._rx_lock.acquire(blocking=False):
+            return None
+        held: list[_Ring] = []
+        try:
+            for ring in self._rings:
+                try:
+                    ring.send_lock.token.pop()  # atomic: see TokenLock
+                except IndexError:
+                    return None
+                held.append(ring)
+            # requests are registered only under a send lock: with all of
+            # them held, an empty table stays empty but for this exchange's
+            evtchn = self._evtchn
+            if table.pending or evtchn is None or self._closed or self._failure is not None:
+                return None
+            self._rx_owner = me
+            return self._exchange_alone(checked, timeout, evtchn)
+        finally:
+            for ring in held:
+                ring.send_lock.release()
+            self._leave_lead()  # wakes the receiver thread for requests handed over
+
+    def _exchange_alone(
+        self,
+        checked: list[tuple[list[memoryview], int, int, int, memoryview | None]],
+        timeout: float | None,
+        evtchn: EventChannelLike,
+    ) -> list[bytes | Future[bytes]]:
+        """:meth:`exchange`'s work, every send lock and the receiving role held."""
+        count = len(checked)
+        results: list[bytes | Future[bytes] | None] = [None] * count
+        # the requests on the rings: tag -> (index in checked, type, into, reply bound)
+        mine: dict[int, tuple[int, int, memoryview | None, int]] = {}
+        rings, num_rings, msize, by_port = self._rings, self.num_rings, self.msize, self._by_port
+        poll = self._lead_poll or self._make_lead_poll(evtchn)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wait_ms = _LEAD_POLL * 1000 if timeout is None else min(_LEAD_POLL, timeout) * 1000
+        at = events = 0
+        bound = -1  # the reply bound of the message at *at*, once known
+        try:
+            while True:
+                if at < count:
+                    # in order, as many as fit (a message that does not fit
+                    # waits for replies, and every message after it)
+                    touched: list[_Ring] = []
+                    while at < count:
+                        views, total, mtype, tag, target = checked[at]
+                        ring = rings[tag % num_rings]
+                        if bound < 0:
+                            bound = reply_bound(views, mtype, msize)
+                        if not ring.put(views, total, bound):
+                            break
+                        mine[tag] = (at, mtype, target, bound)
+                        if ring not in touched:
+                            touched.append(ring)
+                        at += 1
+                        bound = -1
+                    for ring in touched:
+                        self._notify(ring)
+                elif not mine:
+                    break
+                if self._closed or self._failure is not None:
+                    break
+                if _polled(poll, wait_ms):
+                    port = evtchn.pending()
+                    try:
+                        signalled = by_port.get(port)
+                        if signalled is not None:
+                            self._take_mine(signalled, mine, results)
+                    finally:  # an interruption leaves the port usable
+                        evtchn.unmask(port)
+                    events += 1
+                    if events & 15 or deadline is None:
+                        continue
+                else:  # quiet: a reply whose event was missed is read now
+                    for ring in rings:
+                        self._take_mine(ring, mine, results)
+                    if deadline is None:
+                        continue
+                left = deadline - time.monotonic()  # quiet, or 16 events since
+                if left <= 0:
+                    break
+                wait_ms = min(_LEAD_POLL, left) * 1000
+        except Exception as exc:  # the connection fails, as in any receiver
+            self._receiving_failed(exc, "receiving", "in an exchange")
+        except BaseException:  # interrupted: what is on the rings is the table's
+            if self._hand_over(mine, results) is None:
+                try:  # replies queued already: their events were consumed here
+                    for ring in rings:
+                        self._drain(ring)
+                except Exception as exc:
+                    self._receiving_failed(exc, "receiving", "in an exchange")
+            raise
+        failure = self._hand_over(mine, results)
+        if at < count:  # not put: no room in time, or the connection failed
+            why = failure or TimeoutError(errno.ETIMEDOUT, "timed out waiting for room on the ring")
+            for i in range(at, count):
+                results[i] = failed_future(why)
+        return results  # type: ignore[return-value]  # every entry is set
+
+    def _hand_over(
+        self,
+        mine: dict[int, tuple[int, int, memoryview | None, int]],
+        results: list[bytes | Future[bytes] | None],
+    ) -> TransportError | None:
+        """Register an exchange's requests still unanswered (*mine*) in the
+        shared request table, their futures put in *results* (failed
+        instead if the connection failed): their replies, their reply
+        budget and their tags are the shared path's from now on (every
+        send lock held).  :returns: the connection's failure, if any"""
+        failure = self._failure
+        table = self._table
+        for tag, (i, mtype, target, bound) in mine.items():
+            request = None
+            if failure is None:
+                try:
+                    request = table.add(tag, mtype, target)
+                except TransportError as exc:
+                    failure = exc
+            if request is None:
+                results[i] = failed_future(failure)
+            else:
+                request.bound = bound
+                results[i] = request.future
+        mine.clear()
+        return failure
+
+    def _take_mine(
+        self,
+        ring: _Ring,
+        mine: dict[int, tuple[int, int, memoryview | None, int]],
+        results: list[bytes | Future[bytes] | None],
+    ) -> None:
+        """Read every reply queued whole on *ring* into *results* (an
+        exchange's, *mine* its requests on the rings): :meth:`_drain` for
+        an exchange, the send lock of *ring* held."""
+        consumer = ring.consumer
+        if consumer is None:
+            return
+        msize, num_rings, index = self.msize, self.num_rings, ring.index
+        since = consumer.cons
+        consumed = unbudgeted = False
+        freed = 0
+        try:
+            avail = consumer.available()
+            while True:
+                header = consumer.header_within(avail, msize)
+                if header is None:
+                    fresh = consumer.available()
+                    if fresh == avail:
+                        break
+                    avail = fresh
+                    continue
+                size, mtype, tag = header
+                avail -= size
+                consumed = True
+                entry = mine.pop(tag, None) if tag % num_rings == index else None
+                if entry is None:  # a stray or late reply: room the budget did not count
+                    self._table.dropped_replies += 1
+                    unbudgeted = True
+                    consumer.skip(size)
+                    log.warning("dropping a reply for tag %d not in flight on ring %d", tag, index)
+                    continue
+                at, rtype, target, bound = entry
+                freed += bound
+                if size > bound:
+                    unbudgeted = True
+                if mtype != rtype + 1 and mtype != _RLERROR and mtype != _RERROR:
+                    consumer.skip(size)
+                    results[at] = failed_future(
+                        ProtocolError(
+                            f"reply of type {mtype} to a request of type {rtype} (tag {tag})"
+                        )
+                    )
+                    continue
+                if target is not None and mtype == RREAD:
+                    if size < RREAD_HEADER_SIZE:
+                        where: memoryview | ProtocolError = ProtocolError(
+                            f"Rread (tag {tag}) of only {size} bytes"
+                        )
+                    else:
+                        where = rread_slice(target, tag, size, consumer.peek_u32(HEADER_SIZE))
+                    if isinstance(where, ProtocolError):
+                        consumer.skip(size)
+                        results[at] = failed_future(where)
+                        continue
+                    results[at] = consumer.take(RREAD_HEADER_SIZE)
+                    consumer.take_into(where)
+                    continue
+                results[at] = consumer.take(size)
+        finally:
+            if consumed:
+                consumer.publish()
+            if freed:  # the send lock is held: the budget is given back at once
+                ring.reserved -= freed
+            # the backend may wait for room to reply to a request still on
+            # this ring (see _drain)
+            if (
+                consumed
+                and unbudgeted
+                and ring.port is not None
+                and consumer.peer_may_wait(since, msize)
+                and any(tag % num_rings == index for tag in mine)
+            ):
+                self._notify(ring)
 
     async def request_async(
         self,

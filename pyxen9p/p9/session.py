@@ -762,6 +762,10 @@ class Wire:
         self._lazy = lazy if callable(lazy) else None
         gather = getattr(transport, "result_all", None)
         self._result_all = gather if callable(gather) and self._result is not None else None
+        exchange = getattr(transport, "exchange", None)
+        #: the transport's ``exchange`` (see :meth:`exchange`), where it
+        #: takes pieces and buffers as ``submit_many`` does
+        self._exchange = exchange if callable(exchange) and self._batch_into else None
 
     def submit(
         self,
@@ -888,6 +892,38 @@ class Wire:
             except Exception as exc:
                 return futures, exc
         return futures, None
+
+
+    def exchange(
+        self,
+        messages: Sequence[Pieces],
+        *,
+        timeout: float | None,
+        into: Sequence[memoryview | None] | None = None,
+    ) -> tuple[list[bytes | Future[bytes]], BaseException | None] | None:
+        """Send *messages* and receive their replies in this thread, where
+        the transport can while the caller is alone on the connection (the
+        Xen frontend's ``exchange``: no future or thread handoff per
+        message): ``None`` if it cannot (nothing sent: use
+        :meth:`submit_many`).
+
+        :returns: as :meth:`submit_many`: an entry for each message sent,
+            the reply's bytes (an Rread's 11-byte header when its data went
+            into its buffer) or a future (a reply refused, or none in time:
+            its tag stays reserved), and why the rest were not sent
+        """
+        if self._exchange is None:
+            return None
+        try:
+            outcome = self._exchange(messages, timeout=timeout, into=into)
+        except (ValueError, TransportError, RuntimeError) as exc:
+            return [], exc  # nothing sent, by the frontend's contract
+        if outcome is None:
+            return None
+        for i, entry in enumerate(outcome):
+            if isinstance(entry, NotSent):
+                return outcome[:i], entry.exception()
+        return outcome, None
 
 
 class _Uncertain:
@@ -1709,16 +1745,27 @@ class ClientSession:
         failure is raised.  The tags answered are released together at the
         end (one call, not one per request)."""
         self.check_open()
-        sent: list[tuple[int, Future[bytes] | BaseException]] = []
+        sent: list[tuple[int, bytes | Future[bytes] | BaseException]] = []
         failure: BaseException | None = None
         try:
             tags = self.tags.acquire_many(len(spans), tmo)  # all or none
         except BaseException as exc:
             failure, tags = exc, []
+        alone = False  # exchanged alone: every reply is in, or never comes in time
         if tags:
             messages = make(tags)
             buffers = [mv for _, mv in spans[: len(tags)]] if into and self.wire.into else None
-            futures, why = self.wire.submit_many(messages, timeout=tmo, into=buffers)
+            try:
+                exchanged = self.wire.exchange(messages, timeout=tmo, into=buffers)
+            except BaseException:  # interrupted: the tags may be in flight
+                for tag in tags:
+                    self.tags.quarantine(tag)
+                raise
+            futures: Sequence[bytes | Future[bytes]]
+            if exchanged is None:
+                futures, why = self.wire.submit_many(messages, timeout=tmo, into=buffers)
+            else:
+                (futures, why), alone = exchanged, True
             for i, tag in enumerate(tags):
                 if i < len(futures):
                     sent.append((tag, futures[i]))
@@ -1742,15 +1789,22 @@ class ClientSession:
         # the whole window waited for at once (one clock read while replies
         # keep coming); what ended the wait early is each late one's failure
         stopped: BaseException | None = None
-        futures = [f for _, f in sent if not isinstance(f, BaseException)]
-        try:
-            if not self.wire.wait_all(futures, tmo):
-                stopped = TimeoutError(errno.ETIMEDOUT, "no reply")
-        except BaseException as exc:
-            stopped = exc
+        if alone:  # a request still unanswered was so when the time ran out
+            stopped = TimeoutError(errno.ETIMEDOUT, "no reply")
+        else:
+            waited = [f for _, f in sent if isinstance(f, Future)]
+            try:
+                if not self.wire.wait_all(waited, tmo):
+                    stopped = TimeoutError(errno.ETIMEDOUT, "no reply")
+            except BaseException as exc:
+                stopped = exc
         try:
             for (tag, future), (offset, mv) in zip(sent, spans, strict=False):
                 try:
+                    if isinstance(future, bytes):  # the reply, received by the exchange
+                        answered.append(tag)
+                        counts.append(settle(future, tag, offset, mv))
+                        continue
                     raw = self._await(tag, future, name, path, tmo, answered, stopped)
                     counts.append(settle(raw, tag, offset, mv))
                 except BaseException as exc:
