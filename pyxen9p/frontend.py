@@ -65,6 +65,7 @@ from pyxen9p.errors import (
 from pyxen9p.interfaces import (
     EventChannelLike,
     GrantSharerLike,
+    RawEventCalls,
     SharedPagesLike,
     WatchLike,
     XenPlatform,
@@ -504,6 +505,10 @@ class Frontend:
         self._leader_inside = False  # a leader may still reach the rings after close
         #: a leading caller's poll of the event channel (no clock read; made once)
         self._lead_poll: Callable[[int], int] | None = None
+        #: the event channel's pending and unmask (and notify, for an
+        #: exchange), bare: used only by the receiving role's holder, whom
+        #: the teardown waits for before it closes the event channel
+        self._raw_events: RawEventCalls | None = None
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.tag = None
         self.backend_versions: frozenset[int] = frozenset()
@@ -637,6 +642,7 @@ class Frontend:
         barriers = get_barriers()
         self._sharer = self._platform.open_grant_sharer()
         self._evtchn = self._platform.open_event_channel()
+        self._raw_events = self._evtchn.raw_calls()
         for index in range(self.num_rings):
             ring = _Ring(index)
             self._rings.append(ring)
@@ -1371,11 +1377,17 @@ class Frontend:
                 held.append(ring)
             # requests are registered only under a send lock: with all of
             # them held, an empty table stays empty but for this exchange's
-            evtchn = self._evtchn
-            if table.pending or evtchn is None or self._closed or self._failure is not None:
+            evtchn, raw = self._evtchn, self._raw_events
+            if (
+                table.pending
+                or evtchn is None
+                or raw is None
+                or self._closed
+                or self._failure is not None
+            ):
                 return None
             self._rx_owner = me
-            return self._exchange_alone(checked, timeout, evtchn)
+            return self._exchange_alone(checked, timeout, evtchn, raw)
         finally:
             for ring in held:
                 ring.send_lock.release()
@@ -1386,14 +1398,17 @@ class Frontend:
         checked: list[tuple[list[memoryview], int, int, int, memoryview | None]],
         timeout: float | None,
         evtchn: EventChannelLike,
+        raw: RawEventCalls,
     ) -> list[bytes | Future[bytes]]:
-        """:meth:`exchange`'s work, every send lock and the receiving role held."""
+        """:meth:`exchange`'s work, every send lock and the receiving role
+        held (so the event channel's bare calls *raw* are safe to use)."""
         count = len(checked)
         results: list[bytes | Future[bytes] | None] = [None] * count
         # the requests on the rings: tag -> (index in checked, type, into, reply bound)
         mine: dict[int, tuple[int, int, memoryview | None, int]] = {}
         rings, num_rings, msize, by_port = self._rings, self.num_rings, self.msize, self._by_port
         poll = self._lead_poll or self._make_lead_poll(evtchn)
+        pending, unmask, notify, error = raw
         deadline = None if timeout is None else time.monotonic() + timeout
         wait_ms = _LEAD_POLL * 1000 if timeout is None else min(_LEAD_POLL, timeout) * 1000
         at = events = 0
@@ -1417,19 +1432,23 @@ class Frontend:
                         at += 1
                         bound = -1
                     for ring in touched:
-                        self._notify(ring)
+                        if notify(ring.port) < 0:  # type: ignore[arg-type]  # set while connected
+                            raise error("xenevtchn_notify")
                 elif not mine:
                     break
                 if self._closed or self._failure is not None:
                     break
                 if _polled(poll, wait_ms):
-                    port = evtchn.pending()
+                    port = pending()
+                    if port < 0:
+                        raise error("xenevtchn_pending")
                     try:
                         signalled = by_port.get(port)
                         if signalled is not None:
                             self._take_mine(signalled, mine, results)
                     finally:  # an interruption leaves the port usable
-                        evtchn.unmask(port)
+                        if unmask(port) < 0:
+                            raise error("xenevtchn_unmask")
                     events += 1
                     if events & 15 or deadline is None:
                         continue
@@ -1725,12 +1744,21 @@ class Frontend:
             self._receiving_failed(exc, "receiver", "the receiver thread")
 
     def _on_event(self, evtchn: EventChannelLike) -> None:
-        """The event channel is readable: drain the signalled ring, unmask."""
-        port = evtchn.pending()
-        signalled = self._by_port.get(port)
-        if signalled is not None:
-            self._drain(signalled)
-        evtchn.unmask(port)
+        """The event channel is readable: drain the signalled ring, unmask
+        (the bare C calls: the caller holds the receiving role)."""
+        raw = self._raw_events
+        if raw is None:  # torn down
+            return
+        port = raw.pending()
+        if port < 0:
+            raise raw.error("xenevtchn_pending")
+        try:
+            signalled = self._by_port.get(port)
+            if signalled is not None:
+                self._drain(signalled)
+        finally:  # an interruption leaves the port usable
+            if raw.unmask(port) < 0:
+                raise raw.error("xenevtchn_unmask")
 
     def _lead(
         self,
@@ -2034,6 +2062,7 @@ class Frontend:
                 if self._published and not self._wait_backend_closed(store):
                     self._backend_unresponsive = True
         self._store = self._sharer = self._evtchn = None
+        self._raw_events = None
         self._backend_watch = None
         self._rings = []
         self._by_port = {}

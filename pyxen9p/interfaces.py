@@ -20,11 +20,11 @@ Conventions shared by every implementation:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import IntFlag
 from types import TracebackType
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from typing_extensions import Self
 
@@ -33,6 +33,7 @@ __all__ = [
     "GrantSharerLike",
     "Permission",
     "PermissionFlag",
+    "RawEventCalls",
     "SharedPagesLike",
     "TransactionLike",
     "WatchEvent",
@@ -219,6 +220,30 @@ class GrantSharerLike(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
 
+class RawEventCalls(NamedTuple):
+    """An event channel's per-event calls, bare (see ``raw_calls`` of
+    :class:`EventChannelLike`): each returns the C function's result, a
+    negative one meaning it failed, and ``error(name)`` then gives the
+    :class:`OSError` of that failure (from ``errno``).  They may also raise
+    (the simulated Xen's do, as its methods).
+
+    No call is counted against a close and nothing is checked: only for a
+    caller that keeps the handle open while it uses them (the frontend
+    holding its receiving role and every ring's send lock, which its
+    teardown waits for), that is the only one calling ``pending`` meanwhile,
+    and that checks every result.
+    """
+
+    #: ``pending()``: the next pending port, masked (blocks while none is)
+    pending: Callable[[], int]
+    #: ``unmask(port)``
+    unmask: Callable[[int], int]
+    #: ``notify(port)``
+    notify: Callable[[int], int]
+    #: ``error(name)``: the :class:`OSError` of the failed call *name*
+    error: Callable[[str], OSError]
+
+
 class EventChannelLike(Protocol):
     """An event-channel handle (``xenevtchn_handle``)."""
 
@@ -250,6 +275,12 @@ class EventChannelLike(Protocol):
 
     def unbind(self, port: int) -> None:
         """Release the local *port*."""
+        ...
+
+    def raw_calls(self) -> RawEventCalls:
+        """:meth:`pending`, :meth:`unmask` and :meth:`notify` without their
+        Python layers, for a caller that handles an event per message (see
+        :class:`RawEventCalls` for what it must guarantee)."""
         ...
 
     def close(self) -> None:

@@ -50,12 +50,18 @@ def test_a_window_over_the_rings_comes_back_whole() -> None:
             # small replies (Tgetattr's budget: 512 bytes each) all fit at
             # once: one notification per ring
             notified: list[int] = []
-            original = fe._notify
-            fe._notify = lambda ring: (notified.append(ring.index), original(ring))[1]  # type: ignore[method-assign,func-returns-value]
+            raw = fe._raw_events
+            assert raw is not None
+
+            def notify(port: int) -> int:
+                notified.append(port)
+                return raw.notify(port)
+
+            fe._raw_events = raw._replace(notify=notify)
             getattrs = [frame(24, tag, b"g%d" % tag) for tag in range(9)]
             assert fe.exchange(getattrs, timeout=5) == [echo(g) for g in getattrs]
-            assert sorted(notified) == [0, 1, 2]
-            fe._notify = original  # type: ignore[method-assign]
+            assert sorted(notified) == sorted(ring.port for ring in fe._rings)
+            fe._raw_events = raw
             # a reply that is not an Rread comes whole; without into too
             walk = frame(110, 1, b"walk body")
             assert fe.exchange([walk], timeout=5, into=[buffers[0]]) == [echo(walk)]
@@ -448,3 +454,49 @@ def test_a_window_unanswered_in_time_is_flushed(
     client.timeout = 10
     assert client.read_bytes("f") == b"z" * (iounit * 3)
     assert client.tags_in_use == 0 and not client.stuck_tags
+
+
+@pytest.mark.parametrize("failing", ["pending", "unmask", "notify"])
+@pytest.mark.parametrize("path", ["exchange", "request"])
+def test_a_failing_event_channel_call_fails_the_connection(failing: str, path: str) -> None:
+    """The bare event-channel calls (an exchange's, and any receiver's
+    pending and unmask): a negative result fails the connection with the
+    call's errno (a reply taken before a failing unmask is delivered), and
+    everything is still released."""
+    import errno
+
+    with machine() as m:
+        fe = m.connect(rings=2)
+        raw = fe._raw_events
+        assert raw is not None
+
+        def error(name: str) -> OSError:
+            return OSError(errno.EFAULT, f"{name} failed")
+
+        fe._raw_events = raw._replace(**{failing: lambda *args: -1}, error=error)
+        message = frame(TREAD, 0, b"m")
+        if path == "exchange":
+            outcome = fe.exchange([message], timeout=5)
+            assert outcome is not None
+            if failing != "unmask":
+                failed = outcome[0]
+                assert isinstance(failed, Future)
+                with pytest.raises(TransportError) as info:
+                    failed.result(5)
+                assert info.value.errno == errno.EFAULT
+        elif failing != "notify":  # the shared path's notify is the checked one
+            try:
+                fe.request(message, timeout=5)
+            except TransportError as exc:
+                assert exc.errno == errno.EFAULT
+        if path == "request" and failing == "notify":
+            fe._raw_events = raw
+            assert fe.request(message, timeout=5) == echo(message)
+        else:
+            with pytest.raises(TransportError) as info:
+                fe.request(frame(TREAD, 1, b"m"), timeout=5)
+            assert info.value.errno == errno.EFAULT and "failed" in str(info.value)
+        fe._raw_events = raw
+        fe.close()
+        m.backend.stop()
+        m.assert_clean()

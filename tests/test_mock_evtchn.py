@@ -484,3 +484,35 @@ def test_close_in_a_fork_child_leaves_the_parent_alone(
         ch0.notify(p0)
         assert ch1.wait(2) == p1
         assert status == 0
+
+
+def test_raw_calls_are_the_c_functions_bare(lib: str, xen_dir: Path, mockxen: MockXen) -> None:
+    """``raw_calls``: pending, unmask and notify on the handle's pointer,
+    returning the C result; a failure is a negative result, and ``error``
+    names the function and its errno as the checked call would."""
+    ch0, p0, ch1, p1 = connect(lib)
+    with ch0, ch1:
+        raw0, raw1 = ch0.raw_calls(), ch1.raw_calls()
+        assert raw0.notify(p0) == 0
+        assert readable(ch1, 2)
+        assert raw1.pending() == p1
+        assert not readable(ch1)
+        raw0.notify(p0)  # masked: held until the unmask
+        assert not readable(ch1, 0.05)
+        assert raw1.unmask(p1) == 0
+        assert readable(ch1, 2) and raw1.pending() == p1 and raw1.unmask(p1) == 0
+        for name, call in (
+            ("xenevtchn_notify", lambda: raw0.notify(p0)),
+            ("xenevtchn_unmask", lambda: raw1.unmask(p1)),
+        ):
+            mockxen.reset()
+            mockxen.fail(name, 1, errno.EFAULT)
+            assert call() < 0
+            failure = raw1.error(name)
+            assert isinstance(failure, XenLibraryError)
+            assert failure.function == name and failure.errno == errno.EFAULT
+        mockxen.reset()
+        assert raw0.notify(p0 + 50) < 0  # not a port of this handle: ENOTCONN
+        assert raw0.error("xenevtchn_notify").errno == errno.ENOTCONN
+    with pytest.raises(HandleClosedError):
+        ch0.raw_calls()

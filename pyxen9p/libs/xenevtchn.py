@@ -14,12 +14,17 @@ descriptor also works with :mod:`select`, :mod:`selectors` and
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import select
 import time
 from collections.abc import Callable
 from ctypes import c_int, c_uint, c_uint16, c_uint32, c_void_p
+from functools import partial
 
 from pyxen9p._tokenlock import TokenLock
+from pyxen9p.errors import xen_error
+from pyxen9p.interfaces import RawEventCalls
 from pyxen9p.libs._ctypeslib import (
     CHandle,
     LibraryArg,
@@ -158,6 +163,37 @@ class EventChannel(CHandle):
         """``xenevtchn_unmask``: allow further events on *port*."""
         self._call(self._lib.xenevtchn_unmask, port)
 
+    def raw_calls(self) -> RawEventCalls:
+        """``xenevtchn_pending``, ``xenevtchn_unmask`` and
+        ``xenevtchn_notify`` bound to this handle's pointer, bare: C function
+        objects of their own (no ``errcheck``), each a :func:`functools.partial`
+        of the pointer, so a call runs no Python frame.  A negative result is
+        a failure; ``error(name)`` turns ``errno`` into the exception the
+        checked call raises.
+
+        Nothing keeps the handle open while they run, and ``pending`` here
+        skips :meth:`pending`'s one-taker lock: see
+        :class:`~pyxen9p.interfaces.RawEventCalls` for what the caller
+        guarantees.  A call after :meth:`close` uses a freed handle.
+
+        :raises HandleClosedError: the handle is closed
+        """
+        pointer = self._handle()
+        cdll = self._lib.cdll
+
+        def bare(name: str, *argtypes: type) -> Callable[..., int]:
+            fn = cdll[name]  # a private function object: its own argtypes
+            fn.argtypes = [_H, *argtypes]
+            fn.restype = c_int
+            return partial(fn, pointer)
+
+        return RawEventCalls(
+            bare("xenevtchn_pending"),
+            bare("xenevtchn_unmask", c_uint32),
+            bare("xenevtchn_notify", c_uint32),
+            _raw_error,
+        )
+
     def restrict(self, domid: int) -> None:
         """``xenevtchn_restrict``: limit this handle to ports of *domid*."""
         self._call(self._lib.xenevtchn_restrict, domid)
@@ -191,3 +227,11 @@ class EventChannel(CHandle):
                         return int(self._lib.xenevtchn_pending(handle))
                 if left == 0.0:
                     return None
+
+
+def _raw_error(name: str) -> OSError:
+    """The exception of the failed bare call *name* (see :meth:`EventChannel.raw_calls`)."""
+    err = ctypes.get_errno()
+    if err == 0:
+        return xen_error(errno.EIO, name, "the C function reported failure without setting errno")
+    return xen_error(err, name)

@@ -69,6 +69,7 @@ from typing_extensions import Self
 from pyxen9p.errors import HandleClosedError, xen_error
 from pyxen9p.interfaces import (
     Permission,
+    RawEventCalls,
     TransactionLike,
     WatchLike,
 )
@@ -924,6 +925,29 @@ class SimEventChannel(_Handle):
             self._check_open()
             xen._maybe_fail("unbind", self._domid)
             xen._free_port(self._port(port, "xenevtchn_unbind"))
+
+    def raw_calls(self) -> RawEventCalls:
+        """:meth:`pending`, :meth:`unmask` and :meth:`notify` as
+        :class:`~pyxen9p.interfaces.RawEventCalls`: the same methods (they
+        raise rather than return a negative result), the last two returning 0.
+
+        :raises HandleClosedError: if the handle is closed
+        """
+        with self._xen._lock:
+            self._check_open()
+
+        def unmask(port: int) -> int:
+            self.unmask(port)
+            return 0
+
+        def notify(port: int) -> int:
+            self.notify(port)
+            return 0
+
+        def error(name: str) -> OSError:  # never asked: nothing returns a negative result
+            return xen_error(_errno.EIO, name, "the simulated call reported failure")
+
+        return RawEventCalls(self.pending, unmask, notify, error)
 
     def port_info(self, port: int) -> tuple[str, int, int | None]:
         """Describe local *port* (for tests).
