@@ -893,7 +893,6 @@ class Wire:
                 return futures, exc
         return futures, None
 
-
     def exchange(
         self,
         messages: Sequence[Pieces],
