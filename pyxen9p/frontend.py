@@ -1523,16 +1523,8 @@ class Frontend:
         freed = 0
         try:
             avail = consumer.available()
-            while True:
-                header = consumer.header_within(avail, msize)
-                if header is None:
-                    fresh = consumer.available()
-                    if fresh == avail:
-                        break
-                    avail = fresh
-                    continue
-                size, mtype, tag = header
-                avail -= size
+            while (found := consumer.next_within(avail, msize)) is not None:
+                size, mtype, tag, avail = found
                 consumed = True
                 entry = mine.pop(tag, None) if tag % num_rings == index else None
                 if entry is None:  # a stray or late reply: room the budget did not count
@@ -1930,16 +1922,8 @@ class Frontend:
         unbudgeted = False
         try:
             avail = consumer.available()
-            while True:
-                header = consumer.header_within(avail, msize)
-                if header is None:
-                    fresh = consumer.available()
-                    if fresh == avail:
-                        break
-                    avail = fresh
-                    continue
-                size, mtype, tag = header
-                avail -= size
+            while (found := consumer.next_within(avail, msize)) is not None:
+                size, mtype, tag, avail = found
                 consumed = True
                 request = table.take(tag) if tag % num_rings == index else None
                 if request is None:

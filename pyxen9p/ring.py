@@ -419,6 +419,38 @@ class Consumer:
             f" {min(max_size, ring_size)} (type {mtype}, tag {tag})",
         )
 
+    def next_within(self, avail: int, max_size: int) -> tuple[int, int, int, int] | None:
+        """The next message queued whole, when *avail* bytes were queued
+        (a value :meth:`available` returned, less the messages found since):
+        ``(size, type, tag, avail - size)``, or ``None`` when none is, the
+        peer's index then loaded once more for messages that came meanwhile.
+
+        A drain's loop: ``avail = available()``, then ``while (found :=
+        next_within(avail, msize)) is not None: size, mtype, tag, avail =
+        found`` and take or skip ``size`` bytes.
+
+        :raises FramingError: as :meth:`header_within`
+        :raises RingProtocolError: the peer's index is out of range
+        """
+        ring_size = self._size
+        start = self.cons & self._mask
+        if avail >= HEADER_SIZE and self._buffer is not None and start + HEADER_SIZE <= ring_size:
+            # header_within's common case, inline (one frame per message)
+            size, mtype, tag = HEADER.unpack_from(self._buffer, start)
+            if HEADER_SIZE <= size <= max_size and size <= ring_size and avail >= size:
+                return size, mtype, tag, avail - size
+        header = self.header_within(avail, max_size)  # raises for an impossible size
+        if header is None:
+            fresh = self.available()
+            if fresh == avail:
+                return None
+            avail = fresh
+            header = self.header_within(avail, max_size)
+            if header is None:
+                return None
+        size, mtype, tag = header
+        return size, mtype, tag, avail - size
+
     def take(self, n: int) -> bytes:
         """Read *n* already-validated bytes and advance the private index.
 

@@ -427,6 +427,36 @@ def test_peer_may_wait_bound() -> None:
     assert consumer.peer_may_wait(0, 4096)
 
 
+@pytest.mark.parametrize("start", [0, 8192 - 3, 8192 - 20])
+def test_next_within_finds_each_whole_message_once(start: int) -> None:
+    """Consumer.next_within, a drain's step: each message queued whole
+    (a header that wraps included), the rest of *avail* after it; a message
+    still being written is left, the peer's index loaded once more; an
+    impossible size fails the framing."""
+    from pyxen9p.barrier import get_barriers
+    from pyxen9p.errors import FramingError
+    from pyxen9p.ring import ByteRing, Consumer
+
+    shared = {"prod": start}
+    ring = ByteRing(memoryview(bytearray(8192)))
+    consumer = Consumer(ring, lambda: shared["prod"], lambda v: None, get_barriers(), cons=start)
+    first, second = frame(RREAD, 1, b"a" * 30), frame(RREAD, 2, b"b" * 10)
+    ring.write(start, first + second)
+    shared["prod"] = start + len(first) + 5  # the second only begun
+    avail = consumer.available()
+    found = consumer.next_within(avail, 4096)
+    assert found == (len(first), RREAD, 1, 5)
+    consumer.skip(len(first))
+    assert consumer.next_within(5, 4096) is None  # loaded again: still not whole
+    shared["prod"] = start + len(first) + len(second)  # finished meanwhile
+    assert consumer.next_within(5, 4096) == (len(second), RREAD, 2, 0)
+    assert consumer.take(len(second)) == second
+    ring.write(consumer.cons, struct.pack("<IBH", 5000, RREAD, 3))
+    shared["prod"] = consumer.cons + 7
+    with pytest.raises(FramingError):
+        consumer.next_within(7, 4096)
+
+
 def test_many_threads_lead_and_follow() -> None:
     with machine() as m:
         with m.connect(rings=3) as fe:

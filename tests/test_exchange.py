@@ -14,7 +14,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -23,13 +23,13 @@ import pytest
 from frontend_helpers import FE_DOMID, TREAD, echo, frame, machine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_bench_floor import Hostile
 from test_data_path import RREAD, _lying_rreads, pieces, rread, tread
 from test_frontend_hostile import CLEAR, Script, actions
 
 from pyxen9p._requests import NotSent
 from pyxen9p.errors import ProtocolError, TransportError
 from pyxen9p.p9.client import Client
-from pyxen9p.p9.server import FileServer
 from pyxen9p.ring import HEADER
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -346,26 +346,11 @@ def test_a_hostile_backend_against_an_exchange(steps: list[tuple[object, ...]], 
 # --- the client's windows go through the exchange --------------------------------
 
 
-class _Hostile:
-    """The file server's replies, one kind of them rewritten while :attr:`rewrite` is set."""
-
-    def __init__(self) -> None:
-        self.rewrite: Callable[[bytes, bytes], bytes] | None = None
-
-    def serve(self, server: FileServer) -> Callable[[bytes], bytes]:
-        def handle(request: bytes) -> bytes:
-            reply = server.handle(request)
-            rewrite = self.rewrite
-            return reply if rewrite is None else rewrite(request, reply)
-
-        return handle
-
-
 @pytest.fixture
-def client_setup(tmp_path: Path) -> Iterator[tuple[Client, _Hostile, Path, list[object]]]:
+def client_setup(tmp_path: Path) -> Iterator[tuple[Client, Hostile, Path, list[object]]]:
     export = tmp_path / "export"
     export.mkdir()
-    hostile = _Hostile()
+    hostile = Hostile()
     with _common.simulated_client(export, rings=2, serve=hostile.serve) as client:
         wire = client._session.wire
         outcomes: list[object] = []
@@ -382,7 +367,7 @@ def client_setup(tmp_path: Path) -> Iterator[tuple[Client, _Hostile, Path, list[
 
 
 def test_the_clients_reads_and_writes_are_exchanges(
-    client_setup: tuple[Client, _Hostile, Path, list[object]],
+    client_setup: tuple[Client, Hostile, Path, list[object]],
 ) -> None:
     client, _hostile, export, outcomes = client_setup
     data = os.urandom(client.default_iounit * 3 + 100)
@@ -401,7 +386,7 @@ def test_the_clients_reads_and_writes_are_exchanges(
 
 
 def test_a_hostile_rread_in_a_window_fails_the_read_not_the_client(
-    client_setup: tuple[Client, _Hostile, Path, list[object]],
+    client_setup: tuple[Client, Hostile, Path, list[object]],
 ) -> None:
     client, hostile, export, _outcomes = client_setup
     iounit = client.default_iounit
@@ -428,7 +413,7 @@ def test_a_hostile_rread_in_a_window_fails_the_read_not_the_client(
 
 
 def test_a_window_unanswered_in_time_is_flushed(
-    client_setup: tuple[Client, _Hostile, Path, list[object]],
+    client_setup: tuple[Client, Hostile, Path, list[object]],
 ) -> None:
     client, hostile, export, outcomes = client_setup
     iounit = client.default_iounit
