@@ -910,8 +910,6 @@ class Client:
         order: up to :attr:`batch` walk + readlink + clunk chains in flight
         when pipelined, otherwise one :meth:`readlink` after another.  A
         failed transport is raised."""
-        if self._dotu is not None:  # 9P2000.u never pipelines
-            return [_or_error(self.readlink, path) for path in paths]
         return self._each_chained(paths, False, _readlink_step, _first_target, self.readlink)
 
     def _each_chained(
@@ -1854,8 +1852,6 @@ class Client:
         to :attr:`batch` chains in flight (pipelined only; else, and for a
         path with a link on the way or too many names, ``None``: the usual
         way).  A failed transport is raised."""
-        if not self._session.pipelined:
-            return [None] * len(paths)
         return self._each_chained(
             paths, True, _small_steps(self.default_iounit), self._small_file, lambda _: None
         )
