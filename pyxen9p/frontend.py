@@ -50,7 +50,6 @@ from pyxen9p._requests import (
     parse_header,
     reply_bound,
     rread_slice,
-    rread_target,
     writable_target,
 )
 from pyxen9p._tokenlock import TokenLock
@@ -274,6 +273,18 @@ def _polled(poll: Callable[[int], int], ms: float) -> bool:
     return ready > 0
 
 
+def _bad_rread(consumer: Consumer, into: memoryview, tag: int, size: int) -> ProtocolError:
+    """Why the Rread of *size* bytes at *consumer*'s index, for a request
+    reading into *into*, was refused (:meth:`Consumer.take_rread` took
+    nothing): too short, or a count of another frame or buffer."""
+    if size < RREAD_HEADER_SIZE:
+        return ProtocolError(f"Rread (tag {tag}) of only {size} bytes")
+    why = rread_slice(into, tag, size, consumer.peek_u32(HEADER_SIZE))
+    if isinstance(why, ProtocolError):
+        return why
+    raise AssertionError(f"an Rread of {size} bytes refused, yet it fits its frame and buffer")
+
+
 class _Ring:
     """One shared ring: interface page, data pages, event channel, and queues."""
 
@@ -347,7 +358,12 @@ class _Ring:
         :raises RingProtocolError: the backend's index is out of range
         """
         producer = self.producer
-        if producer is None or bound > self.reply_room():
+        if producer is None:
+            return False
+        returns = self.returns
+        while returns:  # reply_room(), inline
+            self.reserved -= returns.popleft()
+        if bound > self.reply_limit - self.reserved:
             return False
         if not producer.put_pieces(views, total):
             return False
@@ -1438,7 +1454,10 @@ class Frontend:
                     break
                 if self._closed or self._failure is not None:
                     break
-                if _polled(poll, wait_ms):
+                ready = poll(int(wait_ms + 0.999))  # _polled(), inline
+                if ready < 0 and (failed := poll_error()) is not None:
+                    raise failed
+                if ready > 0:
                     port = pending()
                     if port < 0:
                         raise error("xenevtchn_pending")
@@ -1546,18 +1565,12 @@ class Frontend:
                     )
                     continue
                 if target is not None and mtype == RREAD:
-                    if size < RREAD_HEADER_SIZE:
-                        where: memoryview | ProtocolError = ProtocolError(
-                            f"Rread (tag {tag}) of only {size} bytes"
-                        )
-                    else:
-                        where = rread_slice(target, tag, size, consumer.peek_u32(HEADER_SIZE))
-                    if isinstance(where, ProtocolError):
+                    head = consumer.take_rread(size, target) if size >= RREAD_HEADER_SIZE else None
+                    if head is None:  # a count of another frame or buffer, or too short
+                        results[at] = failed_future(_bad_rread(consumer, target, tag, size))
                         consumer.skip(size)
-                        results[at] = failed_future(where)
                         continue
-                    results[at] = consumer.take(RREAD_HEADER_SIZE)
-                    consumer.take_into(where)
+                    results[at] = head
                     continue
                 results[at] = consumer.take(size)
         finally:
@@ -1936,17 +1949,13 @@ class Frontend:
                 freed += request.bound
                 if size > request.bound:
                     unbudgeted = True
-                if request.into is not None and mtype == RREAD and request.type + 1 == RREAD:
-                    count = consumer.peek_u32(HEADER_SIZE) if size >= RREAD_HEADER_SIZE else -1
-                    target = rread_target(request, mtype, size, count)
-                    if target is None:  # too short to be an Rread
-                        target = ProtocolError(f"Rread (tag {tag}) of only {size} bytes")
-                    if isinstance(target, ProtocolError):
+                into = request.into
+                if into is not None and mtype == RREAD and request.type + 1 == RREAD:
+                    head = consumer.take_rread(size, into) if size >= RREAD_HEADER_SIZE else None
+                    if head is None:  # a count of another frame or buffer, or too short
+                        answered.append((request, -1, _bad_rread(consumer, into, tag, size)))
                         consumer.skip(size)
-                        answered.append((request, -1, target))
                         continue
-                    head = consumer.take(RREAD_HEADER_SIZE)
-                    consumer.take_into(target)
                     answered.append((request, mtype, head))
                     continue
                 answered.append((request, mtype, consumer.take(size)))

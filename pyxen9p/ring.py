@@ -53,6 +53,8 @@ XEN_PAGE_SIZE = 1 << XEN_PAGE_SHIFT
 HEADER = struct.Struct("<IBH")
 HEADER_SIZE = HEADER.size
 _U32 = struct.Struct("<I")
+#: ``size[4] type[1] tag[2] count[4]``: what precedes an Rread's data
+RREAD_HEADER_SIZE = 11
 #: Smallest order the spec allows ("must be at least 1").
 MIN_RING_ORDER = 1
 #: Largest order whose ``ref[]`` fits the interface page as a power of two.
@@ -332,6 +334,18 @@ class Producer:
         return True
 
 
+def _copy_out(buffer: memoryview, size: int, start: int, target: memoryview, n: int) -> None:
+    """Copy the *n* bytes at *start* of a ring's *buffer* (of *size*
+    bytes; they may wrap to its start) into *target* (of *n* bytes)."""
+    end = start + n
+    if end <= size:
+        target[:] = buffer[start:end]
+    else:  # the head at the end of the ring, the tail at its start
+        first = size - start
+        target[:first] = buffer[start:]
+        target[first:] = buffer[: end - size]
+
+
 class Consumer:
     """The reading side of one :class:`ByteRing`.
 
@@ -432,6 +446,11 @@ class Consumer:
         :raises FramingError: as :meth:`header_within`
         :raises RingProtocolError: the peer's index is out of range
         """
+        if avail < HEADER_SIZE:  # used up (the common end of a drain): load the index again
+            fresh = self.available()
+            if fresh == avail:
+                return None
+            avail = fresh
         ring_size = self._size
         start = self.cons & self._mask
         if avail >= HEADER_SIZE and self._buffer is not None and start + HEADER_SIZE <= ring_size:
@@ -471,19 +490,43 @@ class Consumer:
         cons = self.cons
         n = target.nbytes
         if buffer is not None:
-            start = cons & self._mask
-            end = start + n
-            if end <= self._size:
-                target[:] = buffer[start:end]
-            else:  # ByteRing.readinto's wrap, inline
-                first = self._size - start
-                target[:first] = buffer[start:]
-                target[first:] = buffer[: end - self._size]
+            _copy_out(buffer, self._size, cons & self._mask, target, n)
         elif self._readinto is not None:
             self._readinto(cons, target)
         else:  # a ring-like with only read() (a test's guard, say)
             target[:] = self.ring.read(cons, n)
         self.cons = (cons + n) & _MASK32
+
+    def take_rread(self, size: int, target: memoryview) -> bytes | None:
+        """Take the Rread of *size* bytes at the private index (queued whole,
+        at least its 11-byte header): its data copied to the start of
+        *target*, its header returned as bytes.  ``None``, and nothing
+        taken, if the count it announces is not ``size - 11`` or is more
+        than *target* holds.  (:meth:`peek_u32`, :meth:`take` and
+        :meth:`take_into` in one frame.)"""
+        buffer = self._buffer
+        cons = self.cons
+        ring_size = self._size
+        start = cons & self._mask
+        if buffer is None or start + RREAD_HEADER_SIZE > ring_size:
+            count = self.peek_u32(HEADER_SIZE)
+            if count != size - RREAD_HEADER_SIZE or count > target.nbytes:
+                return None
+            head = self.take(RREAD_HEADER_SIZE)
+            self.take_into(target[:count])
+            return head
+        count = _U32.unpack_from(buffer, start + HEADER_SIZE)[0]
+        if count != size - RREAD_HEADER_SIZE or count > target.nbytes:
+            return None
+        head = buffer[start : start + RREAD_HEADER_SIZE].tobytes()
+        start += RREAD_HEADER_SIZE
+        end = start + count
+        if end <= ring_size:
+            target[:count] = buffer[start:end]
+        else:
+            _copy_out(buffer, ring_size, start & self._mask, target[:count], count)
+        self.cons = (cons + size) & _MASK32
+        return head
 
     def skip(self, n: int) -> None:
         """Pass over *n* already-validated bytes without reading them."""

@@ -457,6 +457,36 @@ def test_next_within_finds_each_whole_message_once(start: int) -> None:
         consumer.next_within(7, 4096)
 
 
+@pytest.mark.parametrize("start", [0, 8192 - 3, 8192 - 11, 8192 - 20])
+def test_take_rread_copies_the_data_once_or_takes_nothing(start: int) -> None:
+    """Consumer.take_rread: an Rread's header as bytes and its data in the
+    buffer's start (a header or data that wraps included); a count other
+    than the frame's, or larger than the buffer, takes nothing."""
+    from pyxen9p.barrier import get_barriers
+    from pyxen9p.ring import ByteRing, Consumer
+
+    ring = ByteRing(memoryview(bytearray(8192)))
+    consumer = Consumer(ring, lambda: start + 4096, lambda v: None, get_barriers(), cons=start)
+    data = bytes(range(256)) * 2
+    good = rread(1, data)
+    ring.write(start, good)
+    buffer = bytearray(600)
+    assert consumer.take_rread(len(good), memoryview(buffer)) == good[:11]
+    assert buffer[: len(data)] == data and buffer[len(data) :] == bytes(600 - len(data))
+    assert consumer.cons == (start + len(good)) & 0xFFFFFFFF
+    for bad, room in (
+        (rread(2, data, count=len(data) + 1), 600),  # more than the frame
+        (rread(3, data, count=len(data) - 1), 600),  # less than the frame
+        (rread(4, data), len(data) - 1),  # more than the buffer
+    ):
+        at = consumer.cons
+        ring.write(at, bad)
+        before = bytearray(room)
+        assert consumer.take_rread(len(bad), memoryview(before)) is None
+        assert consumer.cons == at and before == bytearray(room)  # nothing taken or copied
+        consumer.skip(len(bad))
+
+
 def test_many_threads_lead_and_follow() -> None:
     with machine() as m:
         with m.connect(rings=3) as fe:
