@@ -205,9 +205,22 @@ def check_batch(
     seen: set[int] = set()
     for i, message in enumerate(messages):
         if type(message) is bytes and len(message) >= _HEADER.size:
-            # the common case, checked here (parse_header says what is wrong)
+            # the common cases, checked here (parse_header says what is wrong)
             views, total = [memoryview(message)], len(message)
             size, mtype, tag = _HEADER.unpack_from(message)
+            if size != total or size > msize:
+                parse_header(views, total, msize)
+        elif (
+            type(message) is tuple
+            and len(message) == 2
+            and type(head := message[0]) is bytes
+            and len(head) >= _HEADER.size
+            and type(body := message[1]) is memoryview
+            and body.ndim == 1
+            and body.format == "B"
+        ):  # a header and the caller's bytes (a Twrite)
+            views, total = [memoryview(head), body], len(head) + body.nbytes
+            size, mtype, tag = _HEADER.unpack_from(head)
             if size != total or size > msize:
                 parse_header(views, total, msize)
         else:
@@ -216,7 +229,15 @@ def check_batch(
         if tag in seen:
             raise ValueError(f"tag {tag} appears twice in one batch")
         seen.add(tag)
-        checked.append((views, total, mtype, tag, writable_target(into[i]) if into else None))
+        target = into[i] if into else None
+        if target is not None and (
+            type(target) is not memoryview
+            or target.readonly
+            or target.ndim != 1
+            or target.format != "B"
+        ):
+            target = writable_target(target)  # a view made, or why it cannot be
+        checked.append((views, total, mtype, tag, target))
     return checked
 
 

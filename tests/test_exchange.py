@@ -412,6 +412,89 @@ def test_a_hostile_rread_in_a_window_fails_the_read_not_the_client(
     assert client.tags_in_use == 0 and not client.stuck_tags
 
 
+@pytest.mark.parametrize("lie", ["count", "tag", "size", "error"])
+def test_a_hostile_rwrite_in_a_window_fails_the_write_not_the_client(
+    client_setup: tuple[Client, Hostile, Path, list[object]], lie: str
+) -> None:
+    """An Rwrite read in place (no message objects) is still checked: a
+    count over what was sent, another tag, a size other than the frame's;
+    an Rlerror is the server's error."""
+    client, hostile, export, _outcomes = client_setup
+    iounit = client.default_iounit
+    twrite, rwrite = 118, 119
+
+    def lying(request: bytes, reply: bytes) -> bytes:
+        if request[4] != twrite or reply[4] != rwrite:
+            return reply
+        tag = HEADER.unpack_from(reply)[2]
+        count = struct.unpack_from("<I", reply, 7)[0]
+        if lie == "count":
+            return frame(rwrite, tag, struct.pack("<I", count + 1))
+        if lie == "tag":
+            return frame(rwrite, tag ^ 0x100, struct.pack("<I", count))
+        if lie == "size":  # a byte more than an Rwrite has
+            return frame(rwrite, tag, struct.pack("<I", count) + b"!")
+        return frame(7, tag, struct.pack("<I", 28))  # Rlerror ENOSPC
+
+    data = b"w" * (iounit * 2)
+    client.timeout = 2  # a reply of another tag is dropped: its request times out
+    with client.open("f", "wb", buffering=0) as f:
+        hostile.rewrite = lying
+        try:
+            with pytest.raises(OSError) as failed:
+                f.write(data)
+        finally:
+            hostile.rewrite = None
+    if lie == "error":
+        assert failed.value.errno == 28 and not isinstance(failed.value, ProtocolError)
+    elif lie == "tag":
+        assert isinstance(failed.value, TimeoutError)
+    else:
+        assert isinstance(failed.value, ProtocolError)
+    client.write_bytes("g", data)  # the client goes on
+    assert export.joinpath("g").read_bytes() == data
+    assert client.tags_in_use == 0
+
+
+def test_a_read_at_the_end_of_a_file_asks_for_one_io_unit_first(
+    client_setup: tuple[Client, Hostile, Path, list[object]],
+) -> None:
+    """After a short read, the next read from there is one Tread (the
+    kernel's way), not a window; a file that grew meanwhile is read on."""
+    client, hostile, export, _outcomes = client_setup
+    iounit = client.default_iounit
+    path = export.joinpath("f")
+    path.write_bytes(b"a" * (iounit * 2 + 5))
+    treads: list[int] = []
+
+    def count(request: bytes, reply: bytes) -> bytes:
+        if request[4] == TREAD:
+            treads.append(struct.unpack_from("<Q", request, 11)[0])
+        return reply
+
+    buffer = bytearray(iounit * 4)
+    with client.open("f", "rb", buffering=0) as f:
+        hostile.rewrite = count
+        try:
+            assert f.readinto(buffer) == iounit * 2 + 5  # short: the end, most likely
+            assert len(treads) == 4
+            treads.clear()
+            assert f.readinto(buffer) == 0
+            assert treads == [iounit * 2 + 5]  # one Tread, not four
+            treads.clear()
+            with path.open("ab") as grow:
+                grow.write(b"b" * (iounit * 2))
+            assert f.readinto(buffer) == iounit * 2
+            assert bytes(buffer[: iounit * 2]) == b"b" * (iounit * 2)
+            assert treads[0] == iounit * 2 + 5 and len(treads) == 4  # one, then the rest
+            treads.clear()
+            f.seek(0)
+            assert f.readinto(buffer) == iounit * 4 and len(treads) == 4  # a window again
+        finally:
+            hostile.rewrite = None
+    assert client.tags_in_use == 0
+
+
 def test_a_window_unanswered_in_time_is_flushed(
     client_setup: tuple[Client, Hostile, Path, list[object]],
 ) -> None:

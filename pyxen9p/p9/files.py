@@ -133,6 +133,9 @@ class RemoteFileIO(io.RawIOBase):
         self._client = client
         self._fid = fid
         self._pos = position
+        # where the last read came back short (the end of the file, most
+        # likely): the next read from there asks for one I/O unit first
+        self._short_at = -1
         self._mode = mode
         self.name = name
         self.mode = mode.raw_mode
@@ -193,11 +196,25 @@ class RemoteFileIO(io.RawIOBase):
         """Read at the current position into *buffer*; return the byte count (0 at EOF).
 
         Reads larger than :attr:`iounit` keep several Treads in flight.
+        A read from where the last one came back short (the end of the
+        file, most likely) first asks for one I/O unit, as the kernel's
+        client does at every read: the reply to it says whether the file
+        grew, and a window of Treads at the end of a file costs only one.
         """
         self._check_readable()
+        client, fid, pos, iounit = self._client, self._fid, self._pos, self.iounit
         with memoryview(buffer) as view, view.cast("B") as mv:
-            got = self._client._pread_into(self._fid, self._pos, mv, self.iounit, self.name)
-        self._pos += got
+            n = mv.nbytes
+            asked = min(n, iounit * client.window)
+            if pos == self._short_at and n > iounit:
+                got = client._pread_into(fid, pos, mv[:iounit], iounit, self.name)
+                if got == iounit:  # it grew: the rest as usual
+                    asked = iounit + min(n - iounit, iounit * client.window)
+                    got += client._pread_into(fid, pos + got, mv[iounit:], iounit, self.name)
+            else:
+                got = client._pread_into(fid, pos, mv, iounit, self.name)
+        self._pos = pos + got
+        self._short_at = pos + got if got < asked else -1
         return got
 
     def readall(self) -> bytes:

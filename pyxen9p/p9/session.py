@@ -90,6 +90,9 @@ _RREAD = struct.Struct("<IBHI")
 _TREAD_TYPE = int(c.MessageType.TREAD)
 _RREAD_TYPE = int(c.MessageType.RREAD)
 _TWRITE_TYPE = int(c.MessageType.TWRITE)
+_RWRITE_TYPE = int(c.MessageType.RWRITE)
+#: ``size[4] type[1] tag[2] count[4]``: an Rwrite, whole
+_RWRITE = _RREAD
 #: size type tag fid: Tclunk
 _TCLUNK = struct.Struct("<IBHI")
 _TCLUNK_TYPE = int(c.MessageType.TCLUNK)
@@ -1880,6 +1883,11 @@ class ClientSession:
             ]
 
         def settle(raw: bytes, tag: int, offset: int, mv: memoryview) -> int:
+            if len(raw) == _RWRITE.size and raw[4] == _RWRITE_TYPE:
+                # the common reply, read in place: no message objects
+                size, _, rtag, count = _RWRITE.unpack(raw)
+                if size == _RWRITE.size and rtag == tag and count <= mv.nbytes:
+                    return int(count)
             message = c.Twrite(tag, fid, offset, b"")
             reply = check_reply(
                 raw, tag, message, c.Rwrite, path, self.msize, self.decode, dotu=self.dotu
