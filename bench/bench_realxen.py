@@ -76,10 +76,12 @@ third way, against the kernel again (alternately, as every pair is): the
 the protocol cannot do without (``bench/_floor.py``)::
 
     # seq_read: the floor (the leanest Python frontend on the same rings,
-      bench/_floor.py; open and close not timed): floor=... MB/s
+      bench/_floor.py; the client's open and close): floor=... MB/s
       kernel=... MB/s ratio=...; CPU per MB floor=... us kernel=... us
 
-and, with ``--profile``, the floor's process by line.  The difference
+and, with ``--profile``, the floor's process by line; with ``--syscalls``,
+its system calls per unit.  A sequential line's floor opens and closes the
+file through pyxen9p's client, timed, as pyxen9p's and the kernel's are.  The difference
 between pyxen9p and the floor is what pyxen9p's own layers cost; a goal the
 floor misses, no Python frontend doing the same calls meets here.
 
@@ -447,14 +449,16 @@ def floor_lines(
     reference: Callable[[], Sample],
     options: Options,
     profile_seconds: float,
+    syscalls: bool = False,
 ) -> list[str]:
     """The floor of *name* (``bench/_floor.py``: the leanest Python frontend
     on pyxen9p's rings) against the kernel, measured alternately as every
     pair is; with *profile_seconds*, the floor's process by line in one more
-    run, repeated for at least that long (not timed)."""
+    run, repeated for at least that long (not timed); with *syscalls*, its
+    system calls in one more run (not timed)."""
     sub, ref = measure_pair(subject, reference, options)
     result = Result(name, "floor", "kernel", per, sub, ref)
-    untimed = "; open and close not timed" if per == "MB" else ""
+    untimed = "; the client's open and close" if per == "MB" else ""
     lines = [
         f"# {name}: the floor (the leanest Python frontend on the same rings,"
         f" bench/_floor.py{untimed}): {result.line().split(': ', 1)[1]};"
@@ -469,6 +473,13 @@ def floor_lines(
             while time.monotonic() - began < profile_seconds:
                 units += subject().units
         lines.append(f"# {name}: the floor's process by line: {sampler.report(units, per)}")
+    if syscalls:
+        units, total, top = count_syscalls(subject)
+        most = ", ".join(f"{call} {count / units:.1f}" for call, count in top)
+        lines.append(
+            f"# {name}: the floor's system calls per {per} (strace -f -c, one more"
+            f" repetition): floor={total / units:.1f} ({most})"
+        )
     return lines
 
 
@@ -622,10 +633,12 @@ def run(
                         raise RuntimeError(f"the kernel listed {n} entries of {entries}")
                     return t.sample
 
+                # the floor's data path, the file opened and closed by the
+                # client (timed: pyxen9p's and the kernel's are)
                 def f_write() -> Sample:
-                    with client.open("seq-f", "wb", buffering=0) as f:
+                    with timed(size / MB) as t, client.open("seq-f", "wb", buffering=0) as f:
                         fid, count = f.fid, f.iounit
-                        with floor.LeanRings(client.transport) as lean, timed(size / MB) as t:  # type: ignore[arg-type]
+                        with floor.LeanRings(client.transport) as lean:  # type: ignore[arg-type]
                             for at in range(0, size, CHUNK):
                                 part = data[at : at + CHUNK]
                                 if floor.write_file(lean, fid, at, part, count) != len(part):
@@ -635,9 +648,9 @@ def run(
                 def f_read() -> Sample:
                     total = 0
                     view = memoryview(buf)
-                    with client.open("seq-p", "rb", buffering=0) as f:
+                    with timed(size / MB) as t, client.open("seq-p", "rb", buffering=0) as f:
                         fid, count = f.fid, f.iounit
-                        with floor.LeanRings(client.transport) as lean, timed(size / MB) as t:  # type: ignore[arg-type]
+                        with floor.LeanRings(client.transport) as lean:  # type: ignore[arg-type]
                             while n := floor.read_file(lean, fid, total, view, count):
                                 total += n
                     if total != size:
@@ -733,7 +746,7 @@ def run(
                             result.params[f"{label}_sys_ms_per_mb"] = system
                     if with_floor and name in floors:
                         for line in floor_lines(name, per, floors[name], reference, options,
-                                                profile_seconds):  # fmt: skip
+                                                profile_seconds, syscalls):  # fmt: skip
                             print(line, file=out, flush=True)
                     results.append(result)
                     if name == "seq_write":

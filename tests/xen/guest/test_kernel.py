@@ -354,7 +354,7 @@ def test_benchmark_against_the_kernel(
     for name, per in (("seq_write", "MB"), ("seq_read", "MB"), ("stat", "op")):
         found = _line(
             rf"# {name}: the floor \(the leanest Python frontend on the same rings,"
-            rf" bench/_floor\.py(?:; open and close not timed)?\): floor=([0-9.]+) {per}/s"
+            rf" bench/_floor\.py(?:; the client's open and close)?\): floor=([0-9.]+) {per}/s"
             rf" kernel=([0-9.]+) {per}/s ratio=([0-9.]+); CPU per {per} floor=([0-9.]+) us"
             rf" kernel=([0-9.]+) us",
             output, f"floor of {name}",
@@ -366,6 +366,12 @@ def test_benchmark_against_the_kernel(
             output, f"the floor's sampled lines for {name}",
         )  # fmt: skip
         assert int(sampled[1]) > 0, sampled[0]
+        floor_calls = _line(
+            rf"# {name}: the floor's system calls per {per} \(strace -f -c, one more"
+            rf" repetition\): floor=([0-9.]+) \((.*)\)",
+            output, f"the floor's system calls for {name}",
+        )  # fmt: skip
+        assert float(floor_calls[1]) > 0, floor_calls[0]  # the event channel's at least
     assert "# pyxen9p: msize=" in output
     # the interpreter's basic costs in this domain, for reading the CPU figures
     costs = _line(
