@@ -1429,57 +1429,66 @@ class Frontend:
         wait_ms = _LEAD_POLL * 1000 if timeout is None else min(_LEAD_POLL, timeout) * 1000
         at = events = 0
         bound = -1  # the reply bound of the message at *at*, once known
+        # the port of the last event taken: unmasked once the requests that
+        # its replies made room for are out (the backend has them one
+        # system call sooner), and however the loop ends
+        masked = -1
         try:
-            while True:
-                if at < count:
-                    # in order, as many as fit (a message that does not fit
-                    # waits for replies, and every message after it)
-                    touched: list[_Ring] = []
-                    while at < count:
-                        views, total, mtype, tag, target = checked[at]
-                        ring = rings[tag % num_rings]
-                        if bound < 0:
-                            bound = reply_bound(views, mtype, msize)
-                        if not ring.put(views, total, bound):
-                            break
-                        mine[tag] = (at, mtype, target, bound)
-                        if ring not in touched:
-                            touched.append(ring)
-                        at += 1
-                        bound = -1
-                    for ring in touched:
-                        if notify(ring.port) < 0:  # type: ignore[arg-type]  # set while connected
-                            raise error("xenevtchn_notify")
-                elif not mine:
-                    break
-                if self._closed or self._failure is not None:
-                    break
-                ready = poll(int(wait_ms + 0.999))  # _polled(), inline
-                if ready < 0 and (failed := poll_error()) is not None:
-                    raise failed
-                if ready > 0:
-                    port = pending()
-                    if port < 0:
-                        raise error("xenevtchn_pending")
-                    try:
+            try:
+                while True:
+                    if at < count:
+                        # in order, as many as fit (a message that does not
+                        # fit waits for replies, and every message after it)
+                        touched: list[_Ring] = []
+                        while at < count:
+                            views, total, mtype, tag, target = checked[at]
+                            ring = rings[tag % num_rings]
+                            if bound < 0:
+                                bound = reply_bound(views, mtype, msize)
+                            if not ring.put(views, total, bound):
+                                break
+                            mine[tag] = (at, mtype, target, bound)
+                            if ring not in touched:
+                                touched.append(ring)
+                            at += 1
+                            bound = -1
+                        for ring in touched:
+                            if notify(ring.port) < 0:  # type: ignore[arg-type]  # set while connected
+                                raise error("xenevtchn_notify")
+                    elif not mine:
+                        break
+                    if masked >= 0:
+                        port, masked = masked, -1
+                        if unmask(port) < 0:
+                            raise error("xenevtchn_unmask")
+                    if self._closed or self._failure is not None:
+                        break
+                    ready = poll(int(wait_ms + 0.999))  # _polled(), inline
+                    if ready < 0 and (failed := poll_error()) is not None:
+                        raise failed
+                    if ready > 0:
+                        port = pending()
+                        if port < 0:
+                            raise error("xenevtchn_pending")
+                        masked = port
                         signalled = by_port.get(port)
                         if signalled is not None:
                             self._take_mine(signalled, mine, results)
-                    finally:  # an interruption leaves the port usable
-                        if unmask(port) < 0:
-                            raise error("xenevtchn_unmask")
-                    events += 1
-                    if events & 15 or deadline is None:
-                        continue
-                else:  # quiet: a reply whose event was missed is read now
-                    for ring in rings:
-                        self._take_mine(ring, mine, results)
-                    if deadline is None:
-                        continue
-                left = deadline - time.monotonic()  # quiet, or 16 events since
-                if left <= 0:
-                    break
-                wait_ms = min(_LEAD_POLL, left) * 1000
+                        events += 1
+                        if events & 15 or deadline is None:
+                            continue
+                    else:  # quiet: a reply whose event was missed is read now
+                        for ring in rings:
+                            self._take_mine(ring, mine, results)
+                        if deadline is None:
+                            continue
+                    left = deadline - time.monotonic()  # quiet, or 16 events since
+                    if left <= 0:
+                        break
+                    wait_ms = min(_LEAD_POLL, left) * 1000
+            finally:  # an interruption, a failure or the end leaves the port usable
+                if masked >= 0 and unmask(masked) < 0:
+                    raise error("xenevtchn_unmask")
         except Exception as exc:  # the connection fails, as in any receiver
             self._receiving_failed(exc, "receiving", "in an exchange")
         except BaseException:  # interrupted: what is on the rings is the table's

@@ -70,6 +70,59 @@ def test_a_window_over_the_rings_comes_back_whole() -> None:
         m.assert_clean()
 
 
+def test_the_requests_a_reply_made_room_for_go_out_before_its_port_is_unmasked() -> None:
+    """A window larger than the reply budget: after each event, the
+    requests put in the room its replies made are notified before its
+    port is unmasked (the backend has them a system call sooner); every
+    port taken is unmasked once, the last one too."""
+    with machine() as m:
+        with m.connect(rings=1, ring_order=2) as fe:
+            raw = fe._raw_events
+            assert raw is not None
+            calls: list[tuple[str, int]] = []
+
+            def logged(name: str, fn: Any) -> Any:
+                def call(*args: int) -> int:
+                    result = int(fn(*args))
+                    calls.append((name, args[0] if args else result))
+                    return result
+
+                return call
+
+            fe._raw_events = raw._replace(
+                pending=logged("pending", raw.pending),
+                unmask=logged("unmask", raw.unmask),
+                notify=logged("notify", raw.notify),
+            )
+            datas = [bytes([65 + tag]) * 2000 for tag in range(12)]  # 4 replies fit at once
+            buffers = [memoryview(bytearray(2000)) for _ in datas]
+            try:
+                outcome = fe.exchange([tread(t, d) for t, d in enumerate(datas)], timeout=5,
+                                      into=buffers)  # fmt: skip
+            finally:
+                fe._raw_events = raw
+            assert outcome is not None and all(isinstance(r, bytes) for r in outcome)
+            assert [bytes(b) for b in buffers] == datas
+            names = [name for name, _ in calls]
+            assert names.count("pending") == names.count("unmask") >= 2
+            taken = -1
+            for i, (name, port) in enumerate(calls):
+                if name == "pending":
+                    assert taken < 0, calls  # the last one taken was unmasked first
+                    taken = i
+                elif name == "unmask":
+                    assert taken >= 0 and port == calls[taken][1], calls
+                    taken = -1
+            assert taken < 0  # the last port taken is unmasked too
+            # some event's replies made room: its notify came before its unmask
+            assert any(
+                name == "notify" and 0 < i and any(n == "pending" for n, _ in calls[:i])
+                and calls[i + 1 :] and next(n for n, _ in calls[i + 1 :]) == "unmask"
+                for i, (name, _) in enumerate(calls)
+            ), calls  # fmt: skip
+        m.assert_clean()
+
+
 def test_not_alone_means_nothing_sent() -> None:
     """A request in flight, or another thread receiving: ``None``, and the
     shared path does the work."""
