@@ -116,7 +116,7 @@ def test_the_requests_a_reply_made_room_for_go_out_before_its_port_is_unmasked()
             assert taken < 0  # the last port taken is unmasked too
             # some event's replies made room: its notify came before its unmask
             assert any(
-                name == "notify" and 0 < i and any(n == "pending" for n, _ in calls[:i])
+                name == "notify" and i > 0 and any(n == "pending" for n, _ in calls[:i])
                 and calls[i + 1 :] and next(n for n, _ in calls[i + 1 :]) == "unmask"
                 for i, (name, _) in enumerate(calls)
             ), calls  # fmt: skip
