@@ -43,6 +43,7 @@ __all__ = [
     "as_pieces",
     "check_batch",
     "failed_future",
+    "io_batch",
     "parse_header",
     "reply_bound",
     "rread_slice",
@@ -239,6 +240,60 @@ def check_batch(
             target = writable_target(target)  # a view made, or why it cannot be
         checked.append((views, total, mtype, tag, target))
     return checked
+
+
+#: Tread and Twrite: size[4] type[1] tag[2] fid[4] offset[8] count[4]
+_IO_HEADER = struct.Struct("<IBHIQI")
+_TREAD, _TWRITE = 116, 118
+
+
+def io_batch(
+    fid: int,
+    spans: Sequence[tuple[int, memoryview]],
+    tags: Sequence[int],
+    write: bool,
+    msize: int,
+) -> tuple[list[tuple[list[memoryview], int, int, int, memoryview | None]], list[int]]:
+    """A window of Treads (or, if *write*, Twrites) on *fid*, one per tag
+    of *tags* for the ``(offset, buffer)`` of *spans* at the same place,
+    made and checked here (no message objects): what :func:`check_batch`
+    returns for them (a read's buffer its *into*, a write's buffer its
+    second piece), and the reply bound of each (see :func:`reply_bound`).
+
+    :raises ValueError: fewer spans than tags, two equal tags, a buffer
+        that is not a flat byte view (or, to read into, is read-only), a
+        Twrite over *msize*, or a fid, offset or tag out of range
+    """
+    if len(spans) < len(tags):
+        raise ValueError(f"{len(tags)} tags for {len(spans)} spans")
+    if len(set(tags)) != len(tags):
+        raise ValueError("a tag appears twice in one window")
+    pack = _IO_HEADER.pack
+    size = _IO_HEADER.size
+    checked: list[tuple[list[memoryview], int, int, int, memoryview | None]] = []
+    bounds: list[int] = []
+    small = min(msize, _SMALL_REPLY)
+    try:
+        for tag, (offset, mv) in zip(tags, spans, strict=False):
+            if type(mv) is not memoryview or mv.ndim != 1 or mv.format != "B":
+                raise ValueError("a window's buffers must be flat byte memoryviews")
+            count = mv.nbytes
+            if write:
+                total = size + count
+                if total > msize:
+                    raise ValueError(f"Twrite of {total} bytes exceeds the msize {msize}")
+                head = memoryview(pack(total, _TWRITE, tag, fid, offset, count))
+                checked.append(([head, mv], total, _TWRITE, tag, None))
+                bounds.append(small)
+            else:
+                if mv.readonly:
+                    raise ValueError("into must be a writable buffer")
+                head = memoryview(pack(size, _TREAD, tag, fid, offset, count))
+                checked.append(([head], size, _TREAD, tag, mv))
+                bounds.append(min(msize, max(_SMALL_REPLY, RREAD_HEADER_SIZE + count)))
+    except struct.error as exc:
+        raise ValueError(f"a fid, offset, count or tag out of range: {exc}") from None
+    return checked, bounds
 
 
 class NotSent(Future[bytes]):

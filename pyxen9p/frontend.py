@@ -47,6 +47,7 @@ from pyxen9p._requests import (
     as_pieces,
     check_batch,
     failed_future,
+    io_batch,
     parse_header,
     reply_bound,
     rread_slice,
@@ -121,6 +122,7 @@ _RECEIVER_STOP_TIMEOUT = 10.0
 #: Seconds a caller receiving its own reply polls the event channel at most
 #: before looking whether the connection ended.
 _LEAD_POLL = 0.05
+_RWRITE = 119
 
 
 class DeviceNotFoundError(TransportError):
@@ -1375,7 +1377,49 @@ class Frontend:
         :raises TransportClosedError: the transport is closed or failed
         :raises RuntimeError: called from a thread that delivers replies
         """
-        checked = check_batch(messages, into, self.msize)
+        return self._exchange(check_batch(messages, into, self.msize), None, timeout, False)
+
+    def exchange_io(
+        self,
+        fid: int,
+        spans: Sequence[tuple[int, memoryview]],
+        tags: Sequence[int],
+        *,
+        write: bool = False,
+        timeout: float | None = 60.0,
+    ) -> list[int | bytes | Future[bytes]] | None:
+        """:meth:`exchange` of a window of reads or writes on *fid*, made
+        here: a Tread of ``buffer.nbytes`` bytes at each ``(offset,
+        buffer)`` of *spans*, its data into the buffer (or, if *write*, a
+        Twrite of the buffer, put from it), tagged with the tag at the same
+        place of *tags* (one tag each; spans past the last tag are left).
+
+        The same work as :meth:`exchange` without the message objects, and
+        the reply that went well comes back as its count alone.
+
+        :returns: ``None`` (nothing sent) as :meth:`exchange`; else one
+            entry per tag, in order: the byte count (an ``int``) of an
+            Rread whose data is in its buffer, or of an Rwrite (11 bytes,
+            its count not checked against the buffer: the caller's part);
+            or, as :meth:`exchange` returns them, the bytes of any other
+            reply (an error, say) or a future
+        :raises ValueError: see :func:`~pyxen9p._requests.io_batch` (nothing sent)
+        :raises TransportClosedError: the transport is closed or failed
+        :raises RuntimeError: called from a thread that delivers replies
+        """
+        checked, bounds = io_batch(fid, spans, tags, write, self.msize)
+        return self._exchange(checked, bounds, timeout, True)  # type: ignore[return-value]  # ints when counted
+
+    def _exchange(
+        self,
+        checked: list[tuple[list[memoryview], int, int, int, memoryview | None]],
+        bounds: list[int] | None,
+        timeout: float | None,
+        counted: bool,
+    ) -> list[bytes | Future[bytes]] | None:
+        """:meth:`exchange` and :meth:`exchange_io` once their messages
+        are checked (*bounds*: the reply bound of each, else computed
+        here; *counted*: a right Rread or Rwrite comes back as its count)."""
         self._check_usable()
         me = threading.current_thread()
         if me is self._receiver or me is self._rx_owner:
@@ -1403,7 +1447,7 @@ class Frontend:
             ):
                 return None
             self._rx_owner = me
-            return self._exchange_alone(checked, timeout, evtchn, raw)
+            return self._exchange_alone(checked, bounds, timeout, evtchn, raw, counted)
         finally:
             for ring in held:
                 ring.send_lock.release()
@@ -1412,14 +1456,16 @@ class Frontend:
     def _exchange_alone(
         self,
         checked: list[tuple[list[memoryview], int, int, int, memoryview | None]],
+        bounds: list[int] | None,
         timeout: float | None,
         evtchn: EventChannelLike,
         raw: RawEventCalls,
+        counted: bool,
     ) -> list[bytes | Future[bytes]]:
         """:meth:`exchange`'s work, every send lock and the receiving role
         held (so the event channel's bare calls *raw* are safe to use)."""
         count = len(checked)
-        results: list[bytes | Future[bytes] | None] = [None] * count
+        results: list[bytes | Future[bytes] | int | None] = [None] * count
         # the requests on the rings: tag -> (index in checked, type, into, reply bound)
         mine: dict[int, tuple[int, int, memoryview | None, int]] = {}
         rings, num_rings, msize, by_port = self._rings, self.num_rings, self.msize, self._by_port
@@ -1444,7 +1490,11 @@ class Frontend:
                             views, total, mtype, tag, target = checked[at]
                             ring = rings[tag % num_rings]
                             if bound < 0:
-                                bound = reply_bound(views, mtype, msize)
+                                bound = (
+                                    reply_bound(views, mtype, msize)
+                                    if bounds is None
+                                    else bounds[at]
+                                )
                             if not ring.put(views, total, bound):
                                 break
                             mine[tag] = (at, mtype, target, bound)
@@ -1473,13 +1523,13 @@ class Frontend:
                         masked = port
                         signalled = by_port.get(port)
                         if signalled is not None:
-                            self._take_mine(signalled, mine, results)
+                            self._take_mine(signalled, mine, results, counted)
                         events += 1
                         if events & 15 or deadline is None:
                             continue
                     else:  # quiet: a reply whose event was missed is read now
                         for ring in rings:
-                            self._take_mine(ring, mine, results)
+                            self._take_mine(ring, mine, results, counted)
                         if deadline is None:
                             continue
                     left = deadline - time.monotonic()  # quiet, or 16 events since
@@ -1509,7 +1559,7 @@ class Frontend:
     def _hand_over(
         self,
         mine: dict[int, tuple[int, int, memoryview | None, int]],
-        results: list[bytes | Future[bytes] | None],
+        results: list[bytes | Future[bytes] | int | None],
     ) -> TransportError | None:
         """Register an exchange's requests still unanswered (*mine*) in the
         shared request table, their futures put in *results* (failed
@@ -1537,11 +1587,13 @@ class Frontend:
         self,
         ring: _Ring,
         mine: dict[int, tuple[int, int, memoryview | None, int]],
-        results: list[bytes | Future[bytes] | None],
+        results: list[bytes | Future[bytes] | int | None],
+        counted: bool = False,
     ) -> None:
         """Read every reply queued whole on *ring* into *results* (an
         exchange's, *mine* its requests on the rings): :meth:`_drain` for
-        an exchange, the send lock of *ring* held."""
+        an exchange, the send lock of *ring* held.  *counted*: a right
+        Rread (its data in its buffer) or Rwrite is put there as its count."""
         consumer = ring.consumer
         if consumer is None:
             return
@@ -1579,7 +1631,11 @@ class Frontend:
                         results[at] = failed_future(_bad_rread(consumer, target, tag, size))
                         consumer.skip(size)
                         continue
-                    results[at] = head
+                    results[at] = size - RREAD_HEADER_SIZE if counted else head
+                    continue
+                if counted and mtype == _RWRITE and size == RREAD_HEADER_SIZE:
+                    results[at] = consumer.peek_u32(HEADER_SIZE)  # Rwrite: count[4]
+                    consumer.skip(size)
                     continue
                 results[at] = consumer.take(size)
         finally:

@@ -14,7 +14,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,75 @@ def test_a_window_over_the_rings_comes_back_whole() -> None:
             walk = frame(110, 1, b"walk body")
             assert fe.exchange([walk], timeout=5, into=[buffers[0]]) == [echo(walk)]
             assert fe.exchange([walk, frame(24, 2)], timeout=5) == [echo(walk), echo(frame(24, 2))]
+            assert fe.outstanding_tags() == set()
+        m.assert_clean()
+
+
+def test_a_window_of_reads_or_writes_made_by_the_frontend_comes_back_as_counts() -> None:
+    """exchange_io: the frontend makes the Treads (or Twrites) itself, an
+    Rread's data lands in its buffer and a reply that went well is its
+    count; any other reply comes as bytes (the caller decodes it); a bad
+    window raises before anything is sent."""
+    files: dict[int, bytearray] = {7: bytearray(os.urandom(5000))}
+    seen: list[bytes] = []
+
+    def server(request: bytes) -> bytes:
+        seen.append(request)
+        size, mtype, tag, fid, offset, count = struct.unpack_from("<IBHIQI", request)
+        data = files[fid]
+        if mtype == TREAD:
+            if offset == 4000:  # a hostile count: more than the frame holds
+                return frame(RREAD, tag, struct.pack("<I", 500) + bytes(data[offset : offset + 10]))
+            chunk = bytes(data[offset : offset + count])
+            return frame(RREAD, tag, struct.pack("<I", len(chunk)) + chunk)
+        assert mtype == 118 and size == 23 + count
+        if offset == 999:
+            return frame(7, tag, struct.pack("<I", 28))  # Rlerror ENOSPC
+        if offset == 998:
+            return frame(119, tag, struct.pack("<I", count) + b"x")  # an Rwrite a byte long
+        data[offset : offset + count] = request[23:size]
+        return frame(119, tag, struct.pack("<I", count))
+
+    with machine(handler=server) as m:
+        with m.connect(rings=2) as fe:
+            buffers = [memoryview(bytearray(1000)) for _ in range(6)]
+            spans = [(o * 1000, b) for o, b in enumerate(buffers)]
+            outcome = fe.exchange_io(7, spans, [10, 11, 12, 13, 14, 15], timeout=5)
+            assert outcome is not None
+            assert outcome[:4] == [1000, 1000, 1000, 1000] and outcome[5] == 0  # past the end
+            assert isinstance(outcome[4], Future)  # the lying Rread
+            with pytest.raises(ProtocolError, match="announces 500 bytes in a frame of 21"):
+                outcome[4].result(0)
+            assert b"".join(bytes(b) for b in buffers[:4]) == files[7][:4000]
+            # a window of writes, from the caller's buffers
+            payload = memoryview(os.urandom(3000))
+            spans = [(100, payload[:1000]), (1100, payload[1000:2500]), (999, payload[:5]),
+                     (998, payload[:7])]  # fmt: skip
+            outcome = fe.exchange_io(7, spans, [20, 21, 22, 23], write=True, timeout=5)
+            assert outcome is not None
+            assert outcome[:2] == [1000, 1500]
+            assert files[7][100:2600] == payload[:2500]
+            assert outcome[2] == frame(7, 22, struct.pack("<I", 28))  # the error, whole
+            assert outcome[3] == frame(119, 23, struct.pack("<I", 7) + b"x")
+            # spans past the last tag are left
+            outcome = fe.exchange_io(7, [(0, buffers[0]), (0, buffers[1])], [30], timeout=5)
+            assert outcome == [1000]
+            # a bad window sends nothing
+            sent = len(seen)
+            read_only = memoryview(b"x" * 10)
+            with pytest.raises(ValueError, match="twice"):
+                fe.exchange_io(7, [(0, buffers[0]), (0, buffers[1])], [1, 1], timeout=5)
+            with pytest.raises(ValueError, match="writable"):
+                fe.exchange_io(7, [(0, buffers[0]), (0, read_only)], [1, 2], timeout=5)
+            with pytest.raises(ValueError, match="msize"):
+                fe.exchange_io(7, [(0, memoryview(bytes(fe.msize)))], [1], write=True, timeout=5)
+            with pytest.raises(ValueError, match="out of range"):
+                fe.exchange_io(7, [(-1, buffers[0])], [1], timeout=5)
+            with pytest.raises(ValueError, match="flat"):
+                fe.exchange_io(7, [(0, memoryview(bytearray(8)).cast("I"))], [1], timeout=5)
+            with pytest.raises(ValueError, match="spans"):
+                fe.exchange_io(7, [(0, buffers[0])], [1, 2], timeout=5)
+            assert len(seen) == sent
             assert fe.outstanding_tags() == set()
         m.assert_clean()
 
@@ -148,7 +217,15 @@ def test_not_alone_means_nothing_sent() -> None:
             finally:
                 fe._rings[0].send_lock.release()
             assert [HEADER.unpack_from(r)[2] for r in seen] == [9]  # tag 1 never went out
-            assert fe.exchange([frame(TREAD, 1, b"x")], timeout=5) == [echo(frame(TREAD, 1, b"x"))]
+            # alone again once the receiver thread, which delivered tag 9's
+            # reply, has given the receiving role back (None meanwhile:
+            # nothing sent, so trying again is safe)
+            deadline = time.monotonic() + 5
+            while (outcome := fe.exchange([frame(TREAD, 1, b"x")], timeout=5)) is None:
+                assert time.monotonic() < deadline, "the receiving role was never free"
+                time.sleep(0.01)
+            assert outcome == [echo(frame(TREAD, 1, b"x"))]
+            assert [HEADER.unpack_from(r)[2] for r in seen] == [9, 1]
         m.assert_clean()
 
 
@@ -407,15 +484,19 @@ def client_setup(tmp_path: Path) -> Iterator[tuple[Client, Hostile, Path, list[o
     with _common.simulated_client(export, rings=2, serve=hostile.serve) as client:
         wire = client._session.wire
         outcomes: list[object] = []
-        real = wire._exchange
-        assert real is not None  # the frontend's
+        # the frontend's: exchange (any batch) and exchange_io (a window)
+        assert wire._exchange is not None and wire._exchange_io is not None
 
-        def spy(*args: Any, **kwargs: Any) -> Any:
-            outcome = real(*args, **kwargs)
-            outcomes.append(outcome)
-            return outcome
+        def spy(real: Callable[..., Any]) -> Callable[..., Any]:
+            def spied(*args: Any, **kwargs: Any) -> Any:
+                outcome = real(*args, **kwargs)
+                outcomes.append(outcome)
+                return outcome
 
-        wire._exchange = spy
+            return spied
+
+        wire._exchange = spy(wire._exchange)
+        wire._exchange_io = spy(wire._exchange_io)
         yield client, hostile, export, outcomes
 
 

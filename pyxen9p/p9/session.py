@@ -769,6 +769,13 @@ class Wire:
         #: the transport's ``exchange`` (see :meth:`exchange`), where it
         #: takes pieces and buffers as ``submit_many`` does
         self._exchange = exchange if callable(exchange) and self._batch_into else None
+        exchange_io = getattr(transport, "exchange_io", None)
+        #: the transport's ``exchange_io`` (see :meth:`exchange_io`)
+        self._exchange_io = (
+            exchange_io if callable(exchange_io) and self._exchange is not None else None
+        )
+        #: the transport makes a window of reads or writes itself (:meth:`exchange_io`)
+        self.io = self._exchange_io is not None
 
     def submit(
         self,
@@ -925,6 +932,38 @@ class Wire:
         for i, entry in enumerate(outcome):
             if isinstance(entry, NotSent):
                 return outcome[:i], entry.exception()
+        return outcome, None
+
+
+    def exchange_io(
+        self,
+        fid: int,
+        spans: Sequence[tuple[int, memoryview]],
+        tags: Sequence[int],
+        *,
+        write: bool,
+        timeout: float | None,
+    ) -> tuple[list[int | bytes | Future[bytes]], BaseException | None] | None:
+        """:meth:`exchange` of a window of Treads into the buffers of
+        *spans* (or Twrites of them) on *fid*, the messages made by the
+        transport (the Xen frontend's ``exchange_io``; only where
+        :attr:`io`): ``None`` if it cannot now (nothing sent).
+
+        :returns: as :meth:`exchange`, but a reply that went well is its
+            byte count (an ``int``; an Rwrite's not yet checked against
+            its buffer)
+        """
+        assert self._exchange_io is not None, "exchange_io where the wire has no io"
+        try:
+            outcome = self._exchange_io(fid, spans, tags, write=write, timeout=timeout)
+        except (ValueError, TransportError, RuntimeError) as exc:
+            return [], exc  # nothing sent, by the frontend's contract
+        if outcome is None:
+            return None
+        if outcome and isinstance(outcome[-1], NotSent):  # those not sent are the last
+            for i, entry in enumerate(outcome):
+                if isinstance(entry, NotSent):
+                    return outcome[:i], entry.exception()
         return outcome, None
 
 
@@ -1724,7 +1763,7 @@ class ClientSession:
         # a partial, not a closure: no Python frame of its own per reply
         settle = functools.partial(self._rread, fid, path)
         tmo = self.timeout if timeout is _DEFAULT else timeout
-        return self._in_flight(spans, make, settle, "Tread", path, tmo, into=True)
+        return self._in_flight(spans, make, settle, "Tread", path, tmo, into=True, io=(fid, False))
 
     def _in_flight(
         self,
@@ -1736,18 +1775,22 @@ class ClientSession:
         tmo: float | None,
         *,
         into: bool = False,
+        io: tuple[int, bool] | None = None,
     ) -> list[int]:
         """One request per ``(offset, buffer)`` of *spans* (``make(tags)``:
         the messages of the first ``len(tags)`` spans, with those tags), all
         sent from this thread in one batch (one notification per ring), then
         each reply awaited in order and turned into a count
         (``settle(raw, tag, offset, buffer)``); *into*: an Rread's data goes
-        straight into the span's buffer where the transport can.  Every
-        request sent is waited for, even after one failed; then the first
-        failure is raised.  The tags answered are released together at the
-        end (one call, not one per request)."""
+        straight into the span's buffer where the transport can; *io*:
+        ``(fid, write)`` of a window of Treads or Twrites the transport may
+        make itself (:meth:`Wire.exchange_io`: a reply that went well is
+        then its count, checked here against its buffer).  Every request
+        sent is waited for, even after one failed; then the first failure
+        is raised.  The tags answered are released together at the end
+        (one call, not one per request)."""
         self.check_open()
-        sent: list[tuple[int, bytes | Future[bytes] | BaseException]] = []
+        sent: list[tuple[int, int | bytes | Future[bytes] | BaseException]] = []
         failure: BaseException | None = None
         try:
             tags = self.tags.acquire_many(len(spans), tmo)  # all or none
@@ -1755,17 +1798,25 @@ class ClientSession:
             failure, tags = exc, []
         alone = False  # exchanged alone: every reply is in, or never comes in time
         if tags:
-            messages = make(tags)
-            buffers = [mv for _, mv in spans[: len(tags)]] if into and self.wire.into else None
+            wire = self.wire
+            messages = None
+            buffers = [mv for _, mv in spans[: len(tags)]] if into and wire.into else None
+            exchanged: tuple[Sequence[int | bytes | Future[bytes]], BaseException | None] | None
             try:
-                exchanged = self.wire.exchange(messages, timeout=tmo, into=buffers)
+                if io is not None and wire.io:
+                    exchanged = wire.exchange_io(io[0], spans, tags, write=io[1], timeout=tmo)
+                else:
+                    messages = make(tags)
+                    exchanged = wire.exchange(messages, timeout=tmo, into=buffers)
             except BaseException:  # interrupted: the tags may be in flight
                 for tag in tags:
                     self.tags.quarantine(tag)
                 raise
-            futures: Sequence[bytes | Future[bytes]]
+            futures: Sequence[int | bytes | Future[bytes]]
             if exchanged is None:
-                futures, why = self.wire.submit_many(messages, timeout=tmo, into=buffers)
+                if messages is None:
+                    messages = make(tags)
+                futures, why = wire.submit_many(messages, timeout=tmo, into=buffers)
             else:
                 (futures, why), alone = exchanged, True
             for i, tag in enumerate(tags):
@@ -1803,6 +1854,14 @@ class ClientSession:
         try:
             for (tag, future), (offset, mv) in zip(sent, spans, strict=False):
                 try:
+                    if isinstance(future, int):  # a reply that went well (exchange_io)
+                        answered.append(tag)
+                        if future > mv.nbytes:
+                            raise ProtocolError(
+                                f"R{name[1:]} of {future} bytes for a {name} of {mv.nbytes}"
+                            )
+                        counts.append(future)
+                        continue
                     if isinstance(future, bytes):  # the reply, received by the exchange
                         answered.append(tag)
                         counts.append(settle(future, tag, offset, mv))
@@ -1897,7 +1956,7 @@ class ClientSession:
             return int(reply.count)
 
         tmo = self.timeout if timeout is _DEFAULT else timeout
-        return self._in_flight(spans, make, settle, "Twrite", path, tmo)
+        return self._in_flight(spans, make, settle, "Twrite", path, tmo, io=(fid, True))
 
     def _await(
         self,
