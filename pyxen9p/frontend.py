@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import select
+import struct
 import sys
 import threading
 import time
@@ -123,6 +124,9 @@ _RECEIVER_STOP_TIMEOUT = 10.0
 #: before looking whether the connection ended.
 _LEAD_POLL = 0.05
 _RWRITE = 119
+#: An Rwrite: size[4] type[1] tag[2] count[4]; its count
+_RWRITE_SIZE = 11
+_RWRITE_COUNT = struct.Struct("<7xI")
 
 
 class DeviceNotFoundError(TransportError):
@@ -1633,9 +1637,8 @@ class Frontend:
                         continue
                     results[at] = size - RREAD_HEADER_SIZE if counted else head
                     continue
-                if counted and mtype == _RWRITE and size == RREAD_HEADER_SIZE:
-                    results[at] = consumer.peek_u32(HEADER_SIZE)  # Rwrite: count[4]
-                    consumer.skip(size)
+                if counted and mtype == _RWRITE and size == _RWRITE_SIZE:
+                    results[at] = _RWRITE_COUNT.unpack_from(consumer.take(size))[0]
                     continue
                 results[at] = consumer.take(size)
         finally:
