@@ -205,12 +205,11 @@ def check_batch(
     checked = []
     seen: set[int] = set()
     for i, message in enumerate(messages):
+        # the common cases, checked here (parse_header says what is wrong)
+        head: Piece | None
         if type(message) is bytes and len(message) >= _HEADER.size:
-            # the common cases, checked here (parse_header says what is wrong)
+            head = message
             views, total = [memoryview(message)], len(message)
-            size, mtype, tag = _HEADER.unpack_from(message)
-            if size != total or size > msize:
-                parse_header(views, total, msize)
         elif (
             type(message) is tuple
             and len(message) == 2
@@ -221,12 +220,15 @@ def check_batch(
             and body.format == "B"
         ):  # a header and the caller's bytes (a Twrite)
             views, total = [memoryview(head), body], len(head) + body.nbytes
+        else:
+            views, total = as_pieces(message)
+            head = None
+        if head is None:
+            _size, mtype, tag = parse_header(views, total, msize)
+        else:
             size, mtype, tag = _HEADER.unpack_from(head)
             if size != total or size > msize:
                 parse_header(views, total, msize)
-        else:
-            views, total = as_pieces(message)
-            _size, mtype, tag = parse_header(views, total, msize)
         if tag in seen:
             raise ValueError(f"tag {tag} appears twice in one batch")
         seen.add(tag)
