@@ -35,6 +35,7 @@ __all__ = [
     "RREAD",
     "RREAD_HEADER",
     "RREAD_HEADER_SIZE",
+    "Checked",
     "Message",
     "NotSent",
     "Reply",
@@ -189,11 +190,16 @@ def writable_target(into: memoryview | bytearray | None) -> memoryview | None:
     return view
 
 
+#: A message of a batch, checked: ``(views, total, type, tag, into)``
+#: (see :func:`check_batch`).
+Checked = tuple[list[memoryview], int, int, int, memoryview | None]
+
+
 def check_batch(
     messages: Sequence[Message],
     into: Sequence[memoryview | None] | None,
     msize: int,
-) -> list[tuple[list[memoryview], int, int, int, memoryview | None]]:
+) -> list[Checked]:
     """Check every message of a batch before any is sent:
     ``(views, total, type, tag, into)`` for each.
 
@@ -255,7 +261,7 @@ def io_batch(
     tags: Sequence[int],
     write: bool,
     msize: int,
-) -> tuple[list[tuple[list[memoryview], int, int, int, memoryview | None]], list[int]]:
+) -> tuple[list[Checked], list[int]]:
     """A window of Treads (or, if *write*, Twrites) on *fid*, one per tag
     of *tags* for the ``(offset, buffer)`` of *spans* at the same place,
     made and checked here (no message objects): what :func:`check_batch`
@@ -272,7 +278,7 @@ def io_batch(
         raise ValueError("a tag appears twice in one window")
     pack = _IO_HEADER.pack
     size = _IO_HEADER.size
-    checked: list[tuple[list[memoryview], int, int, int, memoryview | None]] = []
+    checked: list[Checked] = []
     bounds: list[int] = []
     small = min(msize, _SMALL_REPLY)
     try:

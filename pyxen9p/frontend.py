@@ -42,6 +42,7 @@ from pyxen9p._requests import (
     MIN_MSIZE,
     RREAD,
     RREAD_HEADER_SIZE,
+    Checked,
     Message,
     Request,
     RequestTable,
@@ -911,7 +912,7 @@ class Frontend:
     def _put_run(
         self,
         ring: _Ring,
-        run: Sequence[tuple[list[memoryview], int, int, int, memoryview | None]],
+        run: Sequence[Checked],
         lazy: bool,
     ) -> list[Request] | None:
         """Register the messages of *run* and put them on *ring* at once, if
@@ -963,7 +964,7 @@ class Frontend:
 
     def _put_rings(
         self,
-        batch: Sequence[tuple[list[memoryview], int, int, int, memoryview | None]],
+        batch: Sequence[Checked],
         lazy: bool,
         touched: list[_Ring],
     ) -> list[Request]:
@@ -1044,7 +1045,7 @@ class Frontend:
     def _send(
         self,
         ring: _Ring,
-        entry: tuple[list[memoryview], int, int, int, memoryview | None],
+        entry: Checked,
         timeout: float | None,
         lazy: bool = False,
         unnotified: list[_Ring] | None = None,
@@ -1416,7 +1417,7 @@ class Frontend:
 
     def _exchange(
         self,
-        checked: list[tuple[list[memoryview], int, int, int, memoryview | None]],
+        checked: list[Checked],
         bounds: list[int] | None,
         timeout: float | None,
         counted: bool,
@@ -1459,7 +1460,7 @@ class Frontend:
 
     def _exchange_alone(
         self,
-        checked: list[tuple[list[memoryview], int, int, int, memoryview | None]],
+        checked: list[Checked],
         bounds: list[int] | None,
         timeout: float | None,
         evtchn: EventChannelLike,
