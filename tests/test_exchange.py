@@ -9,6 +9,7 @@ cleanly, and nothing is left behind.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import sys
@@ -27,7 +28,7 @@ from test_bench_floor import Hostile
 from test_data_path import RREAD, _lying_rreads, pieces, rread, tread
 from test_frontend_hostile import CLEAR, Script, actions
 
-from pyxen9p._requests import NotSent
+from pyxen9p._requests import NotSent, failed_future
 from pyxen9p.errors import ProtocolError, TransportError
 from pyxen9p.p9.client import Client
 from pyxen9p.ring import HEADER
@@ -702,3 +703,27 @@ def test_a_failing_event_channel_call_fails_the_connection(failing: str, path: s
         fe.close()
         m.backend.stop()
         m.assert_clean()
+
+
+def test_only_the_not_sent_at_the_end_of_an_exchange_are_not_sent() -> None:
+    """The session's reading of an exchange's outcome: the NotSent futures
+    at the end are the messages not put (why: the first one's failure); a
+    NotSent before an entry that is not one (a reply refused) was sent, and
+    stays that entry's outcome; an error raised means nothing was sent."""
+    from pyxen9p.p9.session import _exchanged
+
+    refused = failed_future(ProtocolError("Rread of 9 bytes for a Tread of 4"))
+    late: Future[bytes] = Future()
+    assert _exchanged(lambda: [5, refused, late]) == ([5, refused, late], None)
+    no_room = TimeoutError(errno.ETIMEDOUT, "no room")
+    outcome = _exchanged(lambda: [5, refused, 7, failed_future(no_room), failed_future(no_room)])
+    assert outcome == ([5, refused, 7], no_room)
+    assert _exchanged(lambda: [failed_future(no_room)]) == ([], no_room)
+    assert _exchanged(lambda: [b"reply", 3]) == ([b"reply", 3], None)
+    assert _exchanged(lambda: None) is None
+    bad = ValueError("a tag appears twice in one window")
+
+    def refuse() -> list[int]:
+        raise bad
+
+    assert _exchanged(refuse) == ([], bad)

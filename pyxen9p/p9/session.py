@@ -923,17 +923,7 @@ class Wire:
         """
         if self._exchange is None:
             return None
-        try:
-            outcome = self._exchange(messages, timeout=timeout, into=into)
-        except (ValueError, TransportError, RuntimeError) as exc:
-            return [], exc  # nothing sent, by the frontend's contract
-        if outcome is None:
-            return None
-        for i, entry in enumerate(outcome):
-            if isinstance(entry, NotSent):
-                return outcome[:i], entry.exception()
-        return outcome, None
-
+        return _exchanged(self._exchange, messages, timeout=timeout, into=into)
 
     def exchange_io(
         self,
@@ -954,17 +944,32 @@ class Wire:
             its buffer)
         """
         assert self._exchange_io is not None, "exchange_io where the wire has no io"
-        try:
-            outcome = self._exchange_io(fid, spans, tags, write=write, timeout=timeout)
-        except (ValueError, TransportError, RuntimeError) as exc:
-            return [], exc  # nothing sent, by the frontend's contract
-        if outcome is None:
-            return None
-        if outcome and isinstance(outcome[-1], NotSent):  # those not sent are the last
-            for i, entry in enumerate(outcome):
-                if isinstance(entry, NotSent):
-                    return outcome[:i], entry.exception()
-        return outcome, None
+        return _exchanged(self._exchange_io, fid, spans, tags, write=write, timeout=timeout)
+
+
+def _exchanged(exchange: Callable[..., list[_T] | None], *args: Any, **kwargs: Any) -> (
+    tuple[list[_T], BaseException | None] | None
+):
+    """Call the frontend's *exchange* (or ``exchange_io``): ``None`` as it
+    returns; else the entries of the messages sent, and why the rest (the
+    :class:`NotSent` futures at the end, or the error it raised before
+    sending anything) were not.  A :class:`NotSent` before the last entry
+    that is not one (a reply refused, or the connection's failure) stays
+    that entry's outcome: its request was sent."""
+    try:
+        outcome = exchange(*args, **kwargs)
+    except (ValueError, TransportError, RuntimeError) as exc:
+        return [], exc  # nothing sent, by the frontend's contract
+    if outcome is None:
+        return None
+    end = len(outcome)
+    while end and isinstance(outcome[end - 1], NotSent):
+        end -= 1
+    if end < len(outcome):
+        first = outcome[end]
+        assert isinstance(first, NotSent)
+        return outcome[:end], first.exception()
+    return outcome, None
 
 
 class _Uncertain:
